@@ -1,0 +1,57 @@
+//! Command-line parsing and dispatch: one module per subcommand.
+
+mod gvfs;
+mod run;
+mod vnet;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// The VM host agent: boots guests on KVM, switches their networks,
+/// serves their files and disks.
+#[derive(Debug, Parser)]
+#[command(name = "vmplant", version, about)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot one guest with its serial console on standard output.
+    Run(run::RunArgs),
+    /// Run a VNET switch with no VMs (TAP and tunnel ports only).
+    Vnet(vnet::VnetArgs),
+    /// GVFS: serve a directory, or mount a served one with FUSE.
+    #[command(subcommand)]
+    Gvfs(gvfs::GvfsCommand),
+}
+
+/// Any error a subcommand returns; printed as one line by `main`.
+pub type CliResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn dispatch(command: Command) -> CliResult {
+    match command {
+        Command::Run(args) => run::run(args),
+        Command::Vnet(args) => vnet::run(args),
+        Command::Gvfs(cmd) => gvfs::run(cmd),
+    }
+}
+
+/// Logs go to standard error so that the guest console keeps standard output.
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
