@@ -1,1 +1,4 @@
-//! gvfs
+//! GVFS: a remote file server, its wire protocol, and a caching client
+//! that the host FUSE mount and the virtio-fs device both sit on.
+
+pub mod proto;
