@@ -13,6 +13,7 @@ pub mod counters;
 pub mod frame;
 pub mod matrix;
 pub mod switch;
+pub mod tap;
 
 pub use counters::{CounterSnapshot, DropReason};
 pub use frame::{Frame, Mac};

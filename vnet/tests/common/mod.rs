@@ -1,0 +1,155 @@
+//! Network namespaces for tests, removed on drop even when a test fails.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (or test process) uses: prefix, pid, sequence.
+pub fn unique(prefix: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+pub fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    out
+}
+
+pub fn must(args: &[&str]) {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace; deleted (with an iperf3 server in it) on drop.
+pub struct NetNs {
+    pub name: String,
+    pidfile: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        let name = unique("vnt");
+        must(&["ip", "netns", "add", &name]);
+        let ns = NetNs {
+            pidfile: format!("/tmp/{name}.iperf.pid"),
+            name,
+        };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        run(&v)
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "in {}: {args:?} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Moves host interface `dev` here and gives it `addr` (CIDR).
+    pub fn adopt(&self, dev: &str, addr: &str) {
+        must(&["ip", "link", "set", dev, "netns", &self.name]);
+        self.exec_ok(&["ip", "addr", "add", addr, "dev", dev]);
+        self.exec_ok(&["ip", "link", "set", dev, "up"]);
+    }
+
+    /// `ping -c n` to `addr`; returns the average RTT in ms.
+    pub fn ping(&self, addr: &str, n: u32) -> f64 {
+        let out = self.exec_ok(&[
+            "timeout",
+            "20",
+            "ping",
+            "-c",
+            &n.to_string(),
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            addr,
+        ]);
+        assert!(
+            out.contains(&format!("{n} received")),
+            "ping lost packets: {out}"
+        );
+        // rtt min/avg/max/mdev = 0.040/0.052/0.066/0.010 ms
+        let line = out
+            .lines()
+            .find(|l| l.contains("min/avg/max"))
+            .expect("rtt line");
+        let nums = line.split('=').nth(1).unwrap().trim();
+        nums.split('/').nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Starts a one-shot iperf3 server here.
+    pub fn iperf_server(&self) {
+        let _ = std::fs::remove_file(&self.pidfile);
+        self.exec_ok(&["iperf3", "-s", "-D", "-1", "-I", &self.pidfile]);
+        // Wait until it listens.
+        for _ in 0..50 {
+            let out = self.exec(&["ss", "-ltn"]);
+            if String::from_utf8_lossy(&out.stdout).contains(":5201") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("iperf3 server did not start");
+    }
+
+    /// Runs an iperf3 client to `addr` for `secs`; returns received bits/s.
+    pub fn iperf_client(&self, addr: &str, secs: u32) -> f64 {
+        let out = self.exec_ok(&[
+            "timeout",
+            "30",
+            "iperf3",
+            "-c",
+            addr,
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .expect("throughput")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
+            let _ = run(&["kill", pid.trim()]);
+            let _ = std::fs::remove_file(&self.pidfile);
+        }
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A host interface deleted on drop if it still exists (in the host
+/// namespace; moved ones go with their namespace).
+pub struct LinkGuard(pub String);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "link", "del", &self.0]);
+    }
+}
