@@ -14,11 +14,10 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    let out = Command::new(args[0])
+    Command::new(args[0])
         .args(&args[1..])
         .output()
-        .expect("spawn");
-    out
+        .expect("spawn")
 }
 
 pub fn must(args: &[&str]) {
