@@ -1,0 +1,92 @@
+//! TSC frequency: from CPUID (hypervisor leaf 0x40000010, leaves 0x15 and
+//! 0x16) or, failing that, calibrated against PIT channel 2 for 10 ms.
+
+use crate::hw::{cpuid, inb, outb, rdtsc};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// 0: not yet known; `UNKNOWN`: no source worked; else kHz.
+static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+const UNKNOWN: u64 = u64::MAX;
+/// Frequency assumed for timeouts when the real one is unknown.
+const ASSUMED_KHZ: u64 = 3_000_000;
+
+/// The TSC frequency in kHz, if some source gave it.
+pub fn tsc_khz() -> Option<u64> {
+    let mut khz = TSC_KHZ.load(Ordering::Relaxed);
+    if khz == 0 {
+        khz = probe_khz().unwrap_or(UNKNOWN);
+        TSC_KHZ.store(khz, Ordering::Relaxed);
+    }
+    (khz != UNKNOWN).then_some(khz)
+}
+
+/// TSC ticks in `ms` milliseconds (assuming 3 GHz if unknown).
+pub fn ticks_ms(ms: u64) -> u64 {
+    tsc_khz().unwrap_or(ASSUMED_KHZ).saturating_mul(ms)
+}
+
+/// Spins for about `us` microseconds.
+pub fn delay_us(us: u64) {
+    let ticks = tsc_khz().unwrap_or(ASSUMED_KHZ).saturating_mul(us) / 1000;
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < ticks {
+        core::hint::spin_loop();
+    }
+}
+
+/// Nanoseconds in `cycles` TSC ticks, if the frequency is known.
+pub fn cycles_to_ns(cycles: u64) -> Option<u64> {
+    let khz = tsc_khz()?;
+    Some((u128::from(cycles) * 1_000_000 / u128::from(khz)) as u64)
+}
+
+fn probe_khz() -> Option<u64> {
+    let (hv_max, ..) = cpuid(0x4000_0000, 0);
+    if (0x4000_0010..0x4001_0000).contains(&hv_max) {
+        let (khz, ..) = cpuid(0x4000_0010, 0);
+        if khz != 0 {
+            return Some(u64::from(khz));
+        }
+    }
+    let (max, ..) = cpuid(0, 0);
+    if max >= 0x15 {
+        let (den, num, hz, _) = cpuid(0x15, 0);
+        if den != 0 && num != 0 && hz != 0 {
+            return Some(u64::from(hz) * u64::from(num) / u64::from(den) / 1000);
+        }
+    }
+    if max >= 0x16 {
+        let (mhz, ..) = cpuid(0x16, 0);
+        if mhz != 0 {
+            return Some(u64::from(mhz) * 1000);
+        }
+    }
+    pit_calibrate()
+}
+
+/// Counts TSC ticks while PIT channel 2 counts down 10 ms (as Linux's
+/// `pit_calibrate_tsc`); `None` without a working PIT.
+fn pit_calibrate() -> Option<u64> {
+    const LATCH: u16 = 11_932; // 1193182 Hz / 100
+    const SPEAKER: u16 = 0x61;
+    let gate = inb(SPEAKER);
+    outb(SPEAKER, (gate & !0x02) | 0x01);
+    outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0
+    outb(0x42, (LATCH & 0xff) as u8);
+    outb(0x42, (LATCH >> 8) as u8);
+    let t0 = rdtsc();
+    let limit = ASSUMED_KHZ * 100; // 100 ms at 3 GHz
+    let mut polls = 0u32;
+    while inb(SPEAKER) & 0x20 == 0 {
+        polls += 1;
+        if rdtsc().wrapping_sub(t0) > limit {
+            return None;
+        }
+    }
+    let ticks = rdtsc().wrapping_sub(t0);
+    outb(SPEAKER, gate);
+    // A missing PIT reads as all ones (done at once): require some polls and
+    // a plausible 100 MHz .. 20 GHz.
+    let khz = ticks / 10;
+    (polls > 2 && (100_000..20_000_000).contains(&khz)).then_some(khz)
+}

@@ -1,0 +1,73 @@
+//! Polled 8250 UART at 0x3f8: one JSON line per event, whole lines only.
+
+use crate::hw::{inb, outb};
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+const COM1: u16 = 0x3f8;
+const LSR: u16 = COM1 + 5;
+const LSR_THR_EMPTY: u8 = 0x20;
+/// How many LSR reads to wait for THR-empty before writing anyway.
+const LSR_SPINS: u32 = 1000;
+/// How long to wait for another vCPU's line before writing anyway.
+const LOCK_SPINS: u64 = 200_000_000;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+struct Uart;
+
+impl Write for Uart {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            put(b);
+        }
+        Ok(())
+    }
+}
+
+fn put(b: u8) {
+    for _ in 0..LSR_SPINS {
+        if inb(LSR) & LSR_THR_EMPTY != 0 {
+            break;
+        }
+    }
+    outb(COM1, b);
+}
+
+/// Writes one line (the text plus `\n`) without interleaving with other
+/// vCPUs. A vCPU that died holding the lock delays others by a bounded time.
+pub fn line(args: fmt::Arguments<'_>) {
+    let mut locked = false;
+    for _ in 0..LOCK_SPINS {
+        if LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            locked = true;
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let _ = Uart.write_fmt(args);
+    put(b'\n');
+    if locked {
+        LOCK.store(false, Ordering::Release);
+    }
+}
+
+/// Displays a string as JSON string contents (without the quotes).
+pub struct Json<'a>(pub &'a str);
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}

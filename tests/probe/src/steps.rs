@@ -1,0 +1,156 @@
+//! The `probe=` command-line parameter: steps separated by `+`, each
+//! `name[:arg[:arg...]]`, run in order on vCPU 0.
+
+use crate::serial::{self, Json};
+use crate::{boot, clock, hw, smp};
+use core::arch::asm;
+
+/// One parsed step.
+#[derive(Clone, Copy)]
+enum Step {
+    Ready,
+    Smp(Option<u32>),
+    Count { n: u64, every: u64 },
+    Shutdown,
+    Fault,
+}
+
+/// A step that cannot run, with the message for the error line.
+enum StepError<'a> {
+    Unknown(&'a str),
+    BadArg(&'a str, &'a str),
+}
+
+/// The value of the `probe=` parameter ("ready" without one).
+pub fn program(cmdline: &str) -> &str {
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("probe="))
+        .unwrap_or("ready")
+}
+
+/// Checks every step, then runs them in order. Returns after the last one
+/// (the caller prints "done"); halts on a bad step.
+pub fn run(program: &str, rsdp_hint: u64) {
+    for text in steps(program) {
+        if let Err(e) = parse(text) {
+            match e {
+                StepError::Unknown(name) => serial::line(format_args!(
+                    r#"{{"probe":"error","msg":"unknown step {}"}}"#,
+                    Json(name)
+                )),
+                StepError::BadArg(name, arg) => serial::line(format_args!(
+                    r#"{{"probe":"error","msg":"bad argument '{}' for step {}"}}"#,
+                    Json(arg),
+                    Json(name)
+                )),
+            }
+            boot::halt();
+        }
+    }
+    for text in steps(program) {
+        if let Ok(step) = parse(text) {
+            exec(step, rsdp_hint);
+        }
+    }
+}
+
+fn steps(program: &str) -> impl Iterator<Item = &str> {
+    program.split('+').filter(|s| !s.is_empty())
+}
+
+fn parse(text: &str) -> Result<Step, StepError<'_>> {
+    let mut parts = text.split(':');
+    let name = parts.next().unwrap_or("");
+    let mut arg = |min: u64| -> Result<Option<u64>, StepError<'_>> {
+        match parts.next() {
+            None => Ok(None),
+            Some(a) => match a.parse::<u64>() {
+                Ok(v) if v >= min => Ok(Some(v)),
+                _ => Err(StepError::BadArg(name, a)),
+            },
+        }
+    };
+    let step = match name {
+        "ready" => Step::Ready,
+        "smp" => Step::Smp(arg(1)?.map(|n| n.min(u64::from(u32::MAX)) as u32)),
+        "count" => Step::Count {
+            n: arg(0)?.unwrap_or(0),
+            every: arg(1)?.unwrap_or(0),
+        },
+        "shutdown" => Step::Shutdown,
+        "fault" => Step::Fault,
+        _ => return Err(StepError::Unknown(name)),
+    };
+    match parts.next() {
+        Some(extra) => Err(StepError::BadArg(name, extra)),
+        None => Ok(step),
+    }
+}
+
+fn exec(step: Step, rsdp_hint: u64) {
+    match step {
+        Step::Ready => {}
+        Step::Smp(want) => smp::start_all(want, rsdp_hint),
+        Step::Count { n, every } => count(n, every),
+        Step::Shutdown => shutdown(),
+        Step::Fault => {
+            serial::line(format_args!(r#"{{"probe":"fault"}}"#));
+            boot::triple_fault();
+        }
+    }
+}
+
+/// Counts to `n` at native speed, one line every `every` (0: none).
+fn count(n: u64, every: u64) {
+    let t0 = hw::rdtsc();
+    let mut done = 0u64;
+    while done < n {
+        let chunk = if every == 0 { n - done } else { every.min(n - done) };
+        spin(chunk);
+        done += chunk;
+        if every != 0 && done < n {
+            serial::line(format_args!(
+                r#"{{"probe":"count","vcpu":0,"at":{},"cycles":{}}}"#,
+                done,
+                hw::rdtsc().wrapping_sub(t0)
+            ));
+        }
+    }
+    let cycles = hw::rdtsc().wrapping_sub(t0);
+    match clock::cycles_to_ns(cycles) {
+        Some(ns) => serial::line(format_args!(
+            r#"{{"probe":"count","vcpu":0,"n":{},"cycles":{},"ns":{}}}"#,
+            n, cycles, ns
+        )),
+        None => serial::line(format_args!(
+            r#"{{"probe":"count","vcpu":0,"n":{},"cycles":{}}}"#,
+            n, cycles
+        )),
+    }
+}
+
+/// A loop of `n` iterations the compiler cannot remove.
+fn spin(n: u64) {
+    if n == 0 {
+        return;
+    }
+    // SAFETY: a register-only countdown loop; no memory, no stack.
+    unsafe {
+        asm!(
+            "2:",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) n => _,
+            options(nomem, nostack),
+        )
+    };
+}
+
+/// Reset through the i8042 (Firecracker and vmplant end the VM on it).
+fn shutdown() {
+    serial::line(format_args!(r#"{{"probe":"shutdown"}}"#));
+    hw::outb(0x64, 0xfe);
+    clock::delay_us(100_000);
+    boot::halt();
+}
