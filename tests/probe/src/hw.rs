@@ -7,7 +7,9 @@ use core::arch::asm;
 pub fn outb(port: u16, value: u8) {
     // SAFETY: the probe runs with IOPL=3, so `out` is allowed at CPL3; it
     // touches no memory the compiler knows about.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads a byte from an I/O port.
@@ -15,7 +17,9 @@ pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: the probe runs with IOPL=3, so `in` is allowed at CPL3; it
     // touches no memory the compiler knows about.
-    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     value
 }
 
@@ -93,6 +97,8 @@ pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: RDTSC is allowed at CPL3 (CR4.TSD = 0) and has no memory
     // effects.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }

@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod boot;
 mod clock;
 mod hw;
@@ -44,7 +45,10 @@ extern "C" fn bsp_main(info: u64, proto: u64) -> ! {
         Err(e) => core::str::from_utf8(&buf[..e.valid_up_to()]).unwrap_or(""),
     };
 
-    serial::line(format_args!(r#"{{"probe":"ready","vcpu":{}}}"#, smp::apic_id()));
+    serial::line(format_args!(
+        r#"{{"probe":"ready","vcpu":{}}}"#,
+        smp::apic_id()
+    ));
     hw::mmio_write_u8(BOOT_DONE_ADDR, BOOT_DONE_VALUE);
     steps::run(steps::program(cmdline), boot.rsdp);
     serial::line(format_args!(r#"{{"probe":"done"}}"#));

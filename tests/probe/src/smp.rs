@@ -2,9 +2,10 @@
 //! real-mode trampoline below 1 MiB, send INIT / SIPI / SIPI to "all
 //! excluding self" through the xAPIC, and wait (bounded) for check-ins.
 
+use crate::acpi::{self, ebda, find_sig};
 use crate::boot::{self, MAX_CPUS, TRAMPOLINE, TRAMPOLINE_LEN, TRAMPOLINE_TEMPLATE};
 use crate::clock;
-use crate::hw::{self, read_u8, read_u16, read_u32, read_u64};
+use crate::hw::{self, read_u8, read_u16, read_u32};
 use crate::serial;
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -26,7 +27,7 @@ static ONLINE: AtomicU32 = AtomicU32::new(0);
 
 /// Runs the `smp` step; `want` is the `smp:N` override.
 pub fn start_all(want: Option<u32>, rsdp_hint: u64) {
-    let found = mp_cpu_count().or_else(|| madt_cpu_count(rsdp_hint));
+    let found = mp_cpu_count().or_else(|| acpi::madt_cpu_count(rsdp_hint));
     let expected = want.or(found).map(|n| n.clamp(1, MAX_CPUS as u32));
     if expected != Some(1) {
         copy_trampoline();
@@ -93,22 +94,6 @@ fn send_ipi(icr: u32) {
     }
 }
 
-fn checksum_ok(addr: u64, len: u64) -> bool {
-    (0..len).fold(0u8, |s, i| s.wrapping_add(read_u8(addr + i))) == 0
-}
-
-fn find_sig(start: u64, end: u64, sig: &[u8], len: u64) -> Option<u64> {
-    (start..end).step_by(16).find(|&a| {
-        sig.iter().enumerate().all(|(i, &b)| read_u8(a + i as u64) == b) && checksum_ok(a, len)
-    })
-}
-
-/// The EBDA, as given by the BIOS data area word at 0x40e (if plausible).
-fn ebda() -> Option<u64> {
-    let ebda = u64::from(read_u16(0x40e)) << 4;
-    (0x8_0000..0xa_0000).contains(&ebda).then_some(ebda)
-}
-
 /// Enabled processors in the MP table, if there is one.
 fn mp_cpu_count() -> Option<u32> {
     let fp = ebda()
@@ -135,51 +120,6 @@ fn mp_cpu_count() -> Option<u32> {
         } else {
             at += 8;
         }
-    }
-    (cpus > 0).then_some(cpus)
-}
-
-/// Enabled local APICs in the ACPI MADT, if there is one.
-fn madt_cpu_count(rsdp_hint: u64) -> Option<u32> {
-    let rsdp = Some(rsdp_hint)
-        .filter(|&a| hw::mapped(a, 36) && read_u64(a) == u64::from_le_bytes(*b"RSD PTR "))
-        .or_else(|| ebda().and_then(|e| find_sig(e, e + 1024, b"RSD PTR ", 20)))
-        .or_else(|| find_sig(0xe_0000, 0x10_0000, b"RSD PTR ", 20))?;
-    let (root, width) = match read_u64(rsdp + 24) {
-        x if read_u8(rsdp + 15) >= 2 && x != 0 => (x, 8),
-        _ => (u64::from(read_u32(rsdp + 16)), 4),
-    };
-    if !hw::mapped(root, 36) {
-        return None;
-    }
-    let root_len = u64::from(read_u32(root + 4)).min(4096);
-    let madt = (36..root_len)
-        .step_by(width)
-        .map(|off| {
-            if width == 8 {
-                read_u64(root + off)
-            } else {
-                u64::from(read_u32(root + off))
-            }
-        })
-        .find(|&t| read_u32(t) == u32::from_le_bytes(*b"APIC"))?;
-    let len = u64::from(read_u32(madt + 4)).min(64 * 1024);
-    let mut at = madt + 44;
-    let mut cpus = 0;
-    while at + 2 <= madt + len {
-        let (kind, elen) = (read_u8(at), u64::from(read_u8(at + 1)));
-        if elen < 2 {
-            break;
-        }
-        let flags = match kind {
-            0 => read_u32(at + 4),
-            9 => read_u32(at + 8),
-            _ => 0,
-        };
-        if flags & 1 != 0 {
-            cpus += 1;
-        }
-        at += elen;
     }
     (cpus > 0).then_some(cpus)
 }

@@ -93,7 +93,7 @@ fn exec(step: Step, rsdp_hint: u64) {
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want, rsdp_hint),
         Step::Count { n, every } => count(n, every),
-        Step::Shutdown => shutdown(),
+        Step::Shutdown => shutdown(rsdp_hint),
         Step::Fault => {
             serial::line(format_args!(r#"{{"probe":"fault"}}"#));
             boot::triple_fault();
@@ -106,7 +106,11 @@ fn count(n: u64, every: u64) {
     let t0 = hw::rdtsc();
     let mut done = 0u64;
     while done < n {
-        let chunk = if every == 0 { n - done } else { every.min(n - done) };
+        let chunk = if every == 0 {
+            n - done
+        } else {
+            every.min(n - done)
+        };
         spin(chunk);
         done += chunk;
         if every != 0 && done < n {
@@ -147,9 +151,14 @@ fn spin(n: u64) {
     };
 }
 
-/// Reset through the i8042 (Firecracker and vmplant end the VM on it).
-fn shutdown() {
+/// Ends the VM: ACPI S5 through the FADT sleep control register if there
+/// is one (Cloud Hypervisor reboots on an i8042 reset, QEMU microvm has no
+/// i8042), then a reset through the i8042 (Firecracker and vmplant end the
+/// VM on it), then halt.
+fn shutdown(rsdp_hint: u64) {
     serial::line(format_args!(r#"{{"probe":"shutdown"}}"#));
+    crate::acpi::power_off(rsdp_hint);
+    clock::delay_us(10_000);
     hw::outb(0x64, 0xfe);
     clock::delay_us(100_000);
     boot::halt();
