@@ -14,6 +14,7 @@ pub mod frame;
 pub mod matrix;
 pub mod switch;
 pub mod tap;
+pub mod tunnel;
 
 pub use counters::{CounterSnapshot, DropReason};
 pub use frame::{Frame, Mac};

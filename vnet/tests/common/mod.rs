@@ -152,3 +152,43 @@ impl Drop for LinkGuard {
         let _ = run(&["ip", "link", "del", &self.0]);
     }
 }
+
+/// PEM certificate, key, and CA for one switch.
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+/// A CA and `n` switch certificates it signs (names "vnet", 127.0.0.1).
+pub fn pki(n: usize) -> Vec<Pem> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut p = CertificateParams::new(vec![]).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap();
+    (0..n)
+        .map(|_| {
+            let key = KeyPair::generate().unwrap();
+            let cp =
+                CertificateParams::new(vec!["vnet".to_string(), "127.0.0.1".to_string()]).unwrap();
+            let cert = cp.signed_by(&key, &ca).unwrap();
+            Pem {
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+                ca: ca.pem(),
+            }
+        })
+        .collect()
+}
+
+/// Polls `f` every 20 ms for up to `secs`; true once it holds.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
