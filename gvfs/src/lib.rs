@@ -1,4 +1,9 @@
 //! GVFS: a remote file server, its wire protocol, and a caching client
 //! that the host FUSE mount and the virtio-fs device both sit on.
 
+pub mod client;
+pub mod fuse;
 pub mod proto;
+pub mod server;
+mod sys;
+pub mod transport;

@@ -1,0 +1,9 @@
+//! The caching client: connection, block cache and file-system core.
+
+pub mod cache;
+pub mod conn;
+pub mod fs;
+
+pub use cache::{BLOCK_SIZE, CacheStats};
+pub use conn::{ClientError, ConnectConfig};
+pub use fs::{DirItem, Entry, Fs, FsOptions, OnDisconnect, Opened, ROOT_INO};

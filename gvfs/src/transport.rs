@@ -1,0 +1,239 @@
+//! Byte streams under the protocol: plain TCP or TLS (rustls), split into
+//! a read half and a write half that two threads can use at once.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// What can go wrong while setting up a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read {path}")]
+    Pem {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no certificate in {0}")]
+    NoCert(String),
+    #[error("TLS configuration refused")]
+    Tls(#[from] rustls::Error),
+    #[error("TLS handshake failed")]
+    Handshake(#[source] io::Error),
+    #[error("bad server name {0}")]
+    ServerName(String),
+    #[error("socket failed")]
+    Io(#[from] io::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server TLS configuration from PEM files: a certificate chain and its key.
+pub fn server_tls_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let pem = |path: &Path| {
+        let p = path.display().to_string();
+        move |source| TransportError::Pem { path: p, source }
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(pem(cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem(cert))?;
+    if certs.is_empty() {
+        return Err(TransportError::NoCert(cert.display().to_string()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// A client TLS configuration that trusts the CA certificates in a PEM file.
+pub fn client_tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let p = ca.display().to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|source| TransportError::Pem {
+        path: p.clone(),
+        source,
+    })? {
+        let cert = cert.map_err(|source| TransportError::Pem {
+            path: p.clone(),
+            source,
+        })?;
+        roots.add(cert)?;
+    }
+    if roots.is_empty() {
+        return Err(TransportError::NoCert(p));
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The two halves of a connected stream, and the socket to shut it down.
+pub struct Split {
+    pub reader: Box<dyn Read + Send>,
+    pub writer: Box<dyn Write + Send>,
+    pub socket: TcpStream,
+}
+
+impl Split {
+    /// Plain TCP.
+    pub fn plain(sock: TcpStream) -> Result<Split, TransportError> {
+        Ok(Split {
+            reader: Box::new(sock.try_clone()?),
+            writer: Box::new(sock.try_clone()?),
+            socket: sock,
+        })
+    }
+
+    /// TLS as a server: runs the handshake (bounded by `timeout`) first.
+    pub fn tls_server(
+        sock: TcpStream,
+        cfg: Arc<rustls::ServerConfig>,
+        timeout: Duration,
+    ) -> Result<Split, TransportError> {
+        let conn = rustls::ServerConnection::new(cfg)?;
+        Self::tls(sock, conn.into(), timeout)
+    }
+
+    /// TLS as a client: `name` is the host name (or IP address) the
+    /// server's certificate must carry.
+    pub fn tls_client(
+        sock: TcpStream,
+        cfg: Arc<rustls::ClientConfig>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Split, TransportError> {
+        let name = ServerName::try_from(name.to_string())
+            .map_err(|_| TransportError::ServerName(name.to_string()))?;
+        let conn = rustls::ClientConnection::new(cfg, name)?;
+        Self::tls(sock, conn.into(), timeout)
+    }
+
+    fn tls(
+        mut sock: TcpStream,
+        mut conn: rustls::Connection,
+        timeout: Duration,
+    ) -> Result<Split, TransportError> {
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)
+                .map_err(TransportError::Handshake)?;
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut sock)?;
+        }
+        sock.set_read_timeout(None)?;
+        sock.set_write_timeout(None)?;
+        let shared = Arc::new(TlsShared {
+            conn: Mutex::new(conn),
+            write_lock: Mutex::new(sock.try_clone()?),
+        });
+        Ok(Split {
+            reader: Box::new(TlsReader {
+                shared: shared.clone(),
+                sock: sock.try_clone()?,
+                pending: Vec::new(),
+            }),
+            writer: Box::new(TlsWriter { shared }),
+            socket: sock,
+        })
+    }
+}
+
+/// Shuts a socket down both ways, waking any thread blocked on it.
+pub fn shutdown(sock: &TcpStream) {
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+struct TlsShared {
+    /// Held only briefly, never across socket I/O, so that the reader
+    /// never waits on a writer blocked by a full socket.
+    conn: Mutex<rustls::Connection>,
+    /// Serialises writers and keeps TLS records in order on the socket.
+    write_lock: Mutex<TcpStream>,
+}
+
+struct TlsReader {
+    shared: Arc<TlsShared>,
+    sock: TcpStream,
+    /// Bytes read from the socket that rustls has not taken yet.
+    pending: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Read for TlsReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut conn = lock(&self.shared.conn);
+                // Feed rustls all it takes; it refuses more while its
+                // plaintext buffer is full, and then the plaintext is read
+                // first and the rest stays pending.
+                while !self.pending.is_empty() {
+                    let mut slice = &self.pending[..];
+                    match conn.read_tls(&mut slice) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            self.pending.drain(..n);
+                            conn.process_new_packets()
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        }
+                    }
+                }
+                match conn.reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut buf = [0u8; 32 * 1024];
+            let n = self.sock.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+struct TlsWriter {
+    shared: Arc<TlsShared>,
+}
+
+impl Write for TlsWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut sock = lock(&self.shared.write_lock);
+        let mut out = Vec::with_capacity(data.len() + 256);
+        {
+            let mut conn = lock(&self.shared.conn);
+            conn.writer().write_all(data)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut out)?;
+            }
+        }
+        sock.write_all(&out)?;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

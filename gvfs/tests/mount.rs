@@ -1,0 +1,312 @@
+//! The FUSE mount of a served directory, driven with ordinary shell tools.
+
+mod common;
+
+use common::*;
+use gvfs::client::FsOptions;
+use std::fs;
+use std::time::Duration;
+
+#[test]
+fn shell_tools_on_mount_match_the_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(export.join("sub")).unwrap();
+    fs::write(export.join("small.txt"), b"hello gvfs\n").unwrap();
+    fs::write(export.join("big.bin"), data(3 * 1024 * 1024 + 777, 1)).unwrap();
+    fs::write(export.join("sub/inner.txt"), b"inner").unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let fs_ = client(server.local_addr(), FsOptions::default());
+    let m = mnt.clone();
+    bounded(120, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        let m = m.display().to_string();
+        let e = export.display().to_string();
+
+        // ls and stat.
+        let ls = sh_ok(&format!("ls -1 {m}"));
+        assert_eq!(
+            ls.lines().collect::<Vec<_>>(),
+            ["big.bin", "small.txt", "sub"]
+        );
+        assert_eq!(sh_ok(&format!("stat -c %s {m}/big.bin")).trim(), "3146505");
+        assert_eq!(sh_ok(&format!("stat -c %F {m}/sub")).trim(), "directory");
+        // cat: content and checksums equal the export's.
+        assert_eq!(sh_ok(&format!("cat {m}/small.txt")), "hello gvfs\n");
+        assert_eq!(sh_ok(&format!("cat {m}/sub/inner.txt")), "inner");
+        assert_eq!(
+            sha256(&mnt_path(&m, "big.bin")),
+            sha256(&export.join("big.bin"))
+        );
+        // cp onto the mount: the server has the same bytes.
+        sh_ok(&format!("cp {e}/big.bin {m}/copy.bin"));
+        assert_eq!(
+            sha256(&export.join("copy.bin")),
+            sha256(&export.join("big.bin"))
+        );
+        assert_eq!(
+            sha256(&mnt_path(&m, "copy.bin")),
+            sha256(&export.join("big.bin"))
+        );
+        // mv and rm.
+        sh_ok(&format!("mv {m}/copy.bin {m}/sub/moved.bin"));
+        assert!(!export.join("copy.bin").exists());
+        assert_eq!(
+            sha256(&export.join("sub/moved.bin")),
+            sha256(&export.join("big.bin"))
+        );
+        sh_ok(&format!("rm {m}/sub/moved.bin"));
+        assert!(!export.join("sub/moved.bin").exists());
+        // mkdir and rmdir.
+        sh_ok(&format!("mkdir {m}/newdir"));
+        assert!(export.join("newdir").is_dir());
+        sh_ok(&format!("echo x > {m}/newdir/f && test -f {e}/newdir/f"));
+        let (ok, _, _) = sh(&format!("rmdir {m}/newdir"));
+        assert!(!ok, "rmdir of a non-empty directory must fail");
+        sh_ok(&format!("rm {m}/newdir/f && rmdir {m}/newdir"));
+        assert!(!export.join("newdir").exists());
+        // ln -s: the server has the link, reading through it works.
+        sh_ok(&format!("ln -s small.txt {m}/link"));
+        assert_eq!(
+            fs::read_link(export.join("link"))
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "small.txt"
+        );
+        assert_eq!(sh_ok(&format!("readlink {m}/link")).trim(), "small.txt");
+        assert_eq!(sh_ok(&format!("cat {m}/link")), "hello gvfs\n");
+        // Hard link.
+        sh_ok(&format!("ln {m}/small.txt {m}/hard"));
+        assert_eq!(fs::read(export.join("hard")).unwrap(), b"hello gvfs\n");
+        // truncate, both ways.
+        sh_ok(&format!("truncate -s 5 {m}/small.txt"));
+        assert_eq!(fs::read(export.join("small.txt")).unwrap(), b"hello");
+        sh_ok(&format!("truncate -s 8 {m}/small.txt"));
+        assert_eq!(fs::read(export.join("small.txt")).unwrap(), b"hello\0\0\0");
+        assert_eq!(sh_ok(&format!("stat -c %s {m}/small.txt")).trim(), "8");
+        // dd: write into the middle of a file without truncating it.
+        sh_ok(&format!(
+            "dd if=/dev/zero of={m}/big.bin bs=4096 count=3 seek=100 conv=notrunc status=none"
+        ));
+        let mut expect = data(3 * 1024 * 1024 + 777, 1);
+        expect[409600..409600 + 12288].fill(0);
+        assert_eq!(fs::read(export.join("big.bin")).unwrap(), expect);
+        assert_eq!(
+            sha256(&mnt_path(&m, "big.bin")),
+            sha256(&export.join("big.bin"))
+        );
+        // dd reading a range.
+        let out = sh_ok(&format!(
+            "dd if={m}/big.bin bs=1 skip=409599 count=2 status=none | od -An -tu1"
+        ));
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            [expect[409599].to_string(), "0".to_string()]
+        );
+        // chmod shows on the server.
+        sh_ok(&format!("chmod 600 {m}/sub/inner.txt"));
+        assert_eq!(
+            sh_ok(&format!("stat -c %a {e}/sub/inner.txt")).trim(),
+            "600"
+        );
+        // df works (statfs).
+        sh_ok(&format!("df {m}"));
+        guard.unmount();
+    });
+    server.shutdown();
+}
+
+fn mnt_path(m: &str, name: &str) -> std::path::PathBuf {
+    std::path::Path::new(m).join(name)
+}
+
+#[test]
+fn second_read_is_cached_and_disk_cache_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    let cache = tmp.path().join("cache");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("f.bin"), data(2 * 1024 * 1024 + 5, 2)).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let addr = server.local_addr();
+    let opts = FsOptions {
+        cache_dir: Some(cache.clone()),
+        ..FsOptions::default()
+    };
+    let server = std::sync::Arc::new(server);
+    let srv = server.clone();
+    let m = mnt.clone();
+    bounded(120, Some(mnt.clone()), move || {
+        let want = sha256(&export.join("f.bin"));
+        let f = m.join("f.bin");
+        {
+            let guard = MountGuard::mount(client(addr, opts.clone()), &m);
+            assert_eq!(sha256(&f), want);
+            let first = read_ops(&srv);
+            assert!(first.1 >= 2 * 1024 * 1024, "first read fetched {first:?}");
+            assert_eq!(sha256(&f), want);
+            assert_eq!(
+                read_ops(&srv),
+                first,
+                "second read must not reach the server"
+            );
+            guard.unmount();
+        }
+        // A new client (a restart) with the same cache directory.
+        let before = read_ops(&srv);
+        let fs2 = client(addr, opts.clone());
+        let guard = MountGuard::mount(fs2.clone(), &m);
+        assert_eq!(sha256(&f), want);
+        assert_eq!(
+            read_ops(&srv),
+            before,
+            "restarted client must read from its disk cache"
+        );
+        assert!(fs2.cache_stats().disk_hits >= 16);
+        guard.unmount();
+        // Corrupt one cached block: it is detected and fetched again.
+        let entry = fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut raw = fs::read(&entry).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 0x55;
+        fs::write(&entry, raw).unwrap();
+        let fs3 = client(addr, opts.clone());
+        let guard = MountGuard::mount(fs3.clone(), &m);
+        assert_eq!(sha256(&f), want);
+        assert_eq!(fs3.cache_stats().corrupt, 1);
+        assert_eq!(
+            read_ops(&srv).0,
+            before.0 + 1,
+            "exactly the corrupt block is fetched"
+        );
+        guard.unmount();
+    });
+}
+
+#[test]
+fn change_on_server_is_seen_after_attr_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("f.txt"), b"version one\n").unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let opts = FsOptions {
+        attr_timeout: Duration::from_secs(1),
+        ..FsOptions::default()
+    };
+    let fs_ = client(server.local_addr(), opts);
+    let m = mnt.clone();
+    bounded(60, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        let f = m.join("f.txt").display().to_string();
+        assert_eq!(sh_ok(&format!("cat {f}")), "version one\n");
+        assert_eq!(sh_ok(&format!("ls {}", m.display())), "f.txt\n");
+        // Changed behind the client's back, same size and a new name beside it.
+        fs::write(export.join("f.txt"), b"version TWO\n").unwrap();
+        fs::write(export.join("g.txt"), b"new").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(sh_ok(&format!("cat {f}")), "version TWO\n");
+        assert_eq!(sh_ok(&format!("ls {}", m.display())), "f.txt\ng.txt\n");
+        // And a longer version, read through the same path.
+        fs::write(export.join("f.txt"), b"version three, longer\n").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(sh_ok(&format!("cat {f}")), "version three, longer\n");
+        guard.unmount();
+    });
+    server.shutdown();
+}
+
+#[test]
+fn identity_mapping_shows_mapped_owner_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("theirs"), b"x").unwrap();
+    sh_ok(&format!("chown 1234:2345 {}/theirs", export.display()));
+    // The export root is owned by a mapped uid too, so root can create in it.
+    let mut cfg = server_config(&export);
+    // remote 4242 <-> local 1234; remote 0 (the client's root) <-> local 1235.
+    cfg.uid_map.pairs = vec![(4242, 1234), (0, 1235)];
+    cfg.gid_map.pairs = vec![(5353, 2345)];
+    let server = start(cfg, "127.0.0.1:0");
+    let fs_ = client(server.local_addr(), FsOptions::default());
+    let m = mnt.clone();
+    bounded(60, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        let md = m.display();
+        assert_eq!(
+            sh_ok(&format!("stat -c %u:%g {md}/theirs")).trim(),
+            "4242:5353"
+        );
+        sh_ok(&format!("touch {md}/mine"));
+        // Created by the client's root: owned by local 1235 on the server,
+        // shown as 0 on the client.
+        assert_eq!(
+            sh_ok(&format!("stat -c %u {}/mine", export.display())).trim(),
+            "1235"
+        );
+        assert_eq!(sh_ok(&format!("stat -c %u {md}/mine")).trim(), "0");
+        // chown to a remote id lands as the mapped local id.
+        sh_ok(&format!("chown 4242 {md}/mine"));
+        assert_eq!(
+            sh_ok(&format!("stat -c %u {}/mine", export.display())).trim(),
+            "1234"
+        );
+        guard.unmount();
+    });
+    server.shutdown();
+}
+
+#[test]
+fn server_killed_mid_read_gives_eio_then_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    let content = data(4 * 1024 * 1024, 3);
+    fs::write(export.join("f.bin"), &content).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let addr = server.local_addr();
+    let fs_ = client(addr, FsOptions::default());
+    let m = mnt.clone();
+    bounded(90, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        let f = m.join("f.bin").display().to_string();
+        // Read the first MiB, then the server dies.
+        let head = sh_ok(&format!("dd if={f} bs=1M count=1 status=none | sha256sum"));
+        assert_eq!(
+            head.split_whitespace().next(),
+            Some(&*sha_of(&content[..1 << 20]))
+        );
+        server.shutdown();
+        let (ok, _, err) = sh(&format!(
+            "dd if={f} bs=1M skip=3 count=1 status=none | wc -c && dd if={f} of=/dev/null bs=1M skip=3 count=1 status=none"
+        ));
+        assert!(!ok, "read with the server down must fail");
+        assert!(err.contains("Input/output error"), "stderr: {err}");
+        // The server comes back on the same address: reads work again.
+        let server = start(server_config(&export), &addr.to_string());
+        assert_eq!(sha256(&m.join("f.bin")), sha_of(&content));
+        // A write acknowledged after the restart is on the server.
+        sh_ok(&format!("echo written > {}/after", m.display()));
+        assert_eq!(fs::read(export.join("after")).unwrap(), b"written\n");
+        guard.unmount();
+        server.shutdown();
+    });
+}
+
+fn sha_of(bytes: &[u8]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    fs::write(tmp.path(), bytes).unwrap();
+    sha256(tmp.path())
+}
