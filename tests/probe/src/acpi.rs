@@ -2,6 +2,15 @@
 //! MADT, and power off through the FADT's sleep control register.
 
 use crate::hw::{self, read_u8, read_u16, read_u32, read_u64};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The RSDP address the VMM gave at boot (0 if none).
+static RSDP_HINT: AtomicU64 = AtomicU64::new(0);
+
+/// Remembers the RSDP address from the boot protocol.
+pub fn set_rsdp_hint(addr: u64) {
+    RSDP_HINT.store(addr, Ordering::Relaxed);
+}
 
 fn checksum_ok(addr: u64, len: u64) -> bool {
     (0..len).fold(0u8, |s, i| s.wrapping_add(read_u8(addr + i))) == 0
@@ -24,16 +33,16 @@ pub fn ebda() -> Option<u64> {
 
 /// The RSDP: the VMM's hint if valid, else searched in the EBDA and
 /// 0xE0000..0xFFFFF.
-fn rsdp(hint: u64) -> Option<u64> {
-    Some(hint)
+fn rsdp() -> Option<u64> {
+    Some(RSDP_HINT.load(Ordering::Relaxed))
         .filter(|&a| hw::mapped(a, 36) && read_u64(a) == u64::from_le_bytes(*b"RSD PTR "))
         .or_else(|| ebda().and_then(|e| find_sig(e, e + 1024, b"RSD PTR ", 20)))
         .or_else(|| find_sig(0xe_0000, 0x10_0000, b"RSD PTR ", 20))
 }
 
 /// The first table with signature `sig` listed in the XSDT (or RSDT).
-fn find_table(rsdp_hint: u64, sig: &[u8; 4]) -> Option<u64> {
-    let rsdp = rsdp(rsdp_hint)?;
+fn find_table(sig: &[u8; 4]) -> Option<u64> {
+    let rsdp = rsdp()?;
     let (root, width) = match read_u64(rsdp + 24) {
         x if read_u8(rsdp + 15) >= 2 && x != 0 => (x, 8),
         _ => (u64::from(read_u32(rsdp + 16)), 4),
@@ -55,8 +64,8 @@ fn find_table(rsdp_hint: u64, sig: &[u8; 4]) -> Option<u64> {
 }
 
 /// Enabled local APICs in the ACPI MADT, if there is one.
-pub fn madt_cpu_count(rsdp_hint: u64) -> Option<u32> {
-    let madt = find_table(rsdp_hint, b"APIC")?;
+pub fn madt_cpu_count() -> Option<u32> {
+    let madt = find_table(b"APIC")?;
     let len = u64::from(read_u32(madt + 4)).min(64 * 1024);
     let mut at = madt + 44;
     let mut cpus = 0;
@@ -78,11 +87,23 @@ pub fn madt_cpu_count(rsdp_hint: u64) -> Option<u32> {
     (cpus > 0).then_some(cpus)
 }
 
+/// The ACPI PM timer's I/O port, from the FADT (X_PM_TMR_BLK, else
+/// PM_TMR_BLK).
+pub fn pm_timer_port() -> Option<u16> {
+    let fadt = find_table(b"FACP")?;
+    let len = read_u32(fadt + 4);
+    let port = match (len >= 220, read_u8(fadt + 208), read_u64(fadt + 212)) {
+        (true, 1, x) if x != 0 => x,
+        _ => u64::from(read_u32(fadt + 76)),
+    };
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
 /// Requests S5 (power off) through the FADT's sleep control register (the
 /// hardware-reduced ACPI way: Cloud Hypervisor, QEMU microvm). Returns if
 /// there is no such register (or the write did nothing).
-pub fn power_off(rsdp_hint: u64) {
-    let Some(fadt) = find_table(rsdp_hint, b"FACP") else {
+pub fn power_off() {
+    let Some(fadt) = find_table(b"FACP") else {
         return;
     };
     if read_u32(fadt + 4) < 256 {

@@ -26,6 +26,7 @@
 //! | 0x190000..0x1d0000 | user stacks, 8 x 32 KiB                       |
 
 use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 /// Where the `.boot` section (and so the image) starts.
 pub const BOOT_BASE: u64 = 0x10_0000;
@@ -430,6 +431,27 @@ global_asm!(
     .text
     "#
 );
+
+/// Makes the AP slots (index, TSS, stacks) reusable, so that a second `smp`
+/// step can restart the APs: the next AP gets index 1 again, and the TSS
+/// descriptors that `ltr` marked busy are marked available. Only while every
+/// AP is halted (or not started).
+pub fn reset_ap_slots() {
+    // SAFETY: AP_NEXT is the 4-byte counter in `.boot` that only the APs'
+    // CPL0 entry touches (all halted now); the identity map makes it
+    // user-writable; an atomic view of it is sound as no Rust reference to
+    // it exists.
+    let next = unsafe { AtomicU32::from_ptr(AP_NEXT as *mut u32) };
+    next.store(1, Ordering::SeqCst);
+    for cpu in 1..MAX_CPUS {
+        // The type byte (offset 5) of TSS descriptor `cpu`: 0x8b busy, 0x89
+        // available.
+        let ty = GDT + 0x30 + 16 * cpu + 5;
+        if crate::hw::read_u8(ty) == 0x8b {
+            crate::hw::mmio_write_u8(ty, 0x89);
+        }
+    }
+}
 
 /// Halts this vCPU for good: `hlt` at CPL3 raises #GP, whose CPL0 handler
 /// sees the `hlt` and enters a `cli; hlt` loop, so the vCPU sleeps in the

@@ -1,5 +1,9 @@
 //! TSC frequency: from CPUID (hypervisor leaf 0x40000010, leaves 0x15 and
-//! 0x16) or, failing that, calibrated against PIT channel 2 for 10 ms.
+//! 0x16) or, failing that, calibrated for 10 ms against PIT channel 2
+//! (Firecracker) or the ACPI PM timer (Cloud Hypervisor).
+//!
+//! Note that on a PVM host CPUID at CPL3 is not intercepted: it reports the
+//! host's leaves, whose TSC frequency is still the guest's.
 
 use crate::hw::{cpuid, inb, outb, rdtsc};
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +65,12 @@ fn probe_khz() -> Option<u64> {
             return Some(u64::from(mhz) * 1000);
         }
     }
-    pit_calibrate()
+    pit_calibrate().or_else(pm_timer_calibrate)
+}
+
+/// Whether `khz` is a plausible TSC frequency (100 MHz .. 20 GHz).
+fn plausible(khz: u64) -> bool {
+    (100_000..20_000_000).contains(&khz)
 }
 
 /// Counts TSC ticks while PIT channel 2 counts down 10 ms (as Linux's
@@ -75,18 +84,53 @@ fn pit_calibrate() -> Option<u64> {
     outb(0x42, (LATCH & 0xff) as u8);
     outb(0x42, (LATCH >> 8) as u8);
     let t0 = rdtsc();
+    // A PIT is there if its counter reads back below the latch and moves.
+    let read = || {
+        outb(0x43, 0x80); // latch channel 2
+        let lo = u16::from(inb(0x42));
+        u16::from_le_bytes([lo as u8, inb(0x42)])
+    };
+    let c1 = read();
+    let mut c2 = read();
+    for _ in 0..1000 {
+        if c2 != c1 {
+            break;
+        }
+        c2 = read();
+    }
+    if c1 > LATCH || c2 >= c1 {
+        outb(SPEAKER, gate);
+        return None;
+    }
     let limit = ASSUMED_KHZ * 100; // 100 ms at 3 GHz
-    let mut polls = 0u32;
     while inb(SPEAKER) & 0x20 == 0 {
-        polls += 1;
         if rdtsc().wrapping_sub(t0) > limit {
+            outb(SPEAKER, gate);
             return None;
         }
     }
     let ticks = rdtsc().wrapping_sub(t0);
     outb(SPEAKER, gate);
-    // A missing PIT reads as all ones (done at once): require some polls and
-    // a plausible 100 MHz .. 20 GHz.
-    let khz = ticks / 10;
-    (polls > 2 && (100_000..20_000_000).contains(&khz)).then_some(khz)
+    Some(ticks / 10).filter(|&k| plausible(k))
+}
+
+/// Counts TSC ticks during 10 ms of the ACPI PM timer (3.579545 MHz, 24
+/// bits); `None` without one.
+fn pm_timer_calibrate() -> Option<u64> {
+    const TICKS_10MS: u32 = 35_795;
+    let port = crate::acpi::pm_timer_port()?;
+    let read = || crate::hw::inl(port) & 0x00ff_ffff;
+    let p0 = read();
+    let t0 = rdtsc();
+    let limit = ASSUMED_KHZ * 100;
+    loop {
+        let p = read();
+        if p.wrapping_sub(p0) & 0x00ff_ffff >= TICKS_10MS {
+            let ticks = rdtsc().wrapping_sub(t0);
+            return Some(ticks / 10).filter(|&k| plausible(k));
+        }
+        if rdtsc().wrapping_sub(t0) > limit {
+            return None;
+        }
+    }
 }

@@ -23,6 +23,16 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Reads a 32-bit value from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
 /// Whether `addr..addr+len` lies inside the identity map (0..4 GiB) and
 /// does not start at 0.
 pub fn mapped(addr: u64, len: u64) -> bool {
@@ -51,7 +61,7 @@ phys_reader!(read_u64, u64);
 
 /// Writes a 32-bit MMIO register through the identity map.
 pub fn mmio_write_u32(addr: u64, value: u32) {
-    assert!(mapped(addr, 4) && addr % 4 == 0);
+    assert!(mapped(addr, 4) && addr.is_multiple_of(4));
     // SAFETY: aligned, inside the identity map, and an MMIO register (or
     // RAM no Rust object lives in), so no Rust reference is invalidated.
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) };
@@ -59,7 +69,7 @@ pub fn mmio_write_u32(addr: u64, value: u32) {
 
 /// Reads a 32-bit MMIO register through the identity map.
 pub fn mmio_read_u32(addr: u64) -> u32 {
-    assert!(mapped(addr, 4) && addr % 4 == 0);
+    assert!(mapped(addr, 4) && addr.is_multiple_of(4));
     // SAFETY: aligned and inside the identity map; see `mmio_write_u32`.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }

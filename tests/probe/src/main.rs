@@ -50,7 +50,8 @@ extern "C" fn bsp_main(info: u64, proto: u64) -> ! {
         smp::apic_id()
     ));
     hw::mmio_write_u8(BOOT_DONE_ADDR, BOOT_DONE_VALUE);
-    steps::run(steps::program(cmdline), boot.rsdp);
+    acpi::set_rsdp_hint(boot.rsdp);
+    steps::run(steps::program(cmdline));
     serial::line(format_args!(r#"{{"probe":"done"}}"#));
     boot::halt()
 }

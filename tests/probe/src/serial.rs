@@ -10,7 +10,7 @@ const LSR_THR_EMPTY: u8 = 0x20;
 /// How many LSR reads to wait for THR-empty before writing anyway.
 const LSR_SPINS: u32 = 1000;
 /// How long to wait for another vCPU's line before writing anyway.
-const LOCK_SPINS: u64 = 200_000_000;
+const LOCK_SPINS: u64 = 20_000_000;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 

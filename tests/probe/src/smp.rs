@@ -26,10 +26,12 @@ const WAIT_MS: u64 = 2000;
 static ONLINE: AtomicU32 = AtomicU32::new(0);
 
 /// Runs the `smp` step; `want` is the `smp:N` override.
-pub fn start_all(want: Option<u32>, rsdp_hint: u64) {
-    let found = mp_cpu_count().or_else(|| acpi::madt_cpu_count(rsdp_hint));
+pub fn start_all(want: Option<u32>) {
+    let found = mp_cpu_count().or_else(acpi::madt_cpu_count);
     let expected = want.or(found).map(|n| n.clamp(1, MAX_CPUS as u32));
     if expected != Some(1) {
+        boot::reset_ap_slots();
+        ONLINE.store(0, Ordering::SeqCst);
         copy_trampoline();
         send_init_sipi();
         let target = expected.unwrap_or(MAX_CPUS as u32) - 1;

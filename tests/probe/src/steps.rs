@@ -31,7 +31,7 @@ pub fn program(cmdline: &str) -> &str {
 
 /// Checks every step, then runs them in order. Returns after the last one
 /// (the caller prints "done"); halts on a bad step.
-pub fn run(program: &str, rsdp_hint: u64) {
+pub fn run(program: &str) {
     for text in steps(program) {
         if let Err(e) = parse(text) {
             match e {
@@ -50,7 +50,7 @@ pub fn run(program: &str, rsdp_hint: u64) {
     }
     for text in steps(program) {
         if let Ok(step) = parse(text) {
-            exec(step, rsdp_hint);
+            exec(step);
         }
     }
 }
@@ -88,12 +88,12 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
     }
 }
 
-fn exec(step: Step, rsdp_hint: u64) {
+fn exec(step: Step) {
     match step {
         Step::Ready => {}
-        Step::Smp(want) => smp::start_all(want, rsdp_hint),
+        Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),
-        Step::Shutdown => shutdown(rsdp_hint),
+        Step::Shutdown => shutdown(),
         Step::Fault => {
             serial::line(format_args!(r#"{{"probe":"fault"}}"#));
             boot::triple_fault();
@@ -155,9 +155,9 @@ fn spin(n: u64) {
 /// is one (Cloud Hypervisor reboots on an i8042 reset, QEMU microvm has no
 /// i8042), then a reset through the i8042 (Firecracker and vmplant end the
 /// VM on it), then halt.
-fn shutdown(rsdp_hint: u64) {
+fn shutdown() {
     serial::line(format_args!(r#"{{"probe":"shutdown"}}"#));
-    crate::acpi::power_off(rsdp_hint);
+    crate::acpi::power_off();
     clock::delay_us(10_000);
     hw::outb(0x64, 0xfe);
     clock::delay_us(100_000);
