@@ -12,10 +12,12 @@
 pub mod counters;
 pub mod frame;
 pub mod matrix;
+pub mod node;
 pub mod switch;
 pub mod tap;
 pub mod tunnel;
 
 pub use counters::{CounterSnapshot, DropReason};
 pub use frame::{Frame, Mac};
+pub use node::{Vnet, VnetConfig, VnetError, VnetStatus};
 pub use switch::{PortId, PortInfo, PortKind, PortSink, Rule, Switch, SwitchConfig, SwitchError};

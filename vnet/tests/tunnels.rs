@@ -206,3 +206,164 @@ fn jumbo_frames_cross_a_udp_tunnel_in_fragments() {
     assert!(swa.port(port).unwrap().counters.tx_bytes >= 3 * 8042);
     assert_eq!(swa.info().counters.dropped(DropReason::PathMtu), 0);
 }
+
+fn vnet() -> vnet::Vnet {
+    vnet::Vnet::new(vnet::VnetConfig::default()).unwrap()
+}
+
+fn tap_of(v: &vnet::Vnet, ns: &NetNs, addr: &str) -> (vnet::PortId, String) {
+    let name = unique("vt");
+    let id = v.add_tap(&name).unwrap();
+    ns.adopt(&name, addr);
+    (id, name)
+}
+
+#[test]
+fn a_rule_change_moves_a_running_stream_to_another_port() {
+    let v = vnet();
+    let (a, b, c) = (NetNs::new(), NetNs::new(), NetNs::new());
+    let _pa = tap_of(&v, &a, "10.99.20.1/24");
+    // B and C are the same host (MAC and IP), as after a fail-over.
+    let mac: vnet::Mac = "02:99:00:00:00:02".parse().unwrap();
+    let (pb, nb) = tap_of(&v, &b, "10.99.20.2/24");
+    let (pc, nc) = tap_of(&v, &c, "10.99.20.2/24");
+    b.exec_ok(&["ip", "link", "set", &nb, "address", &mac.to_string()]);
+    c.exec_ok(&["ip", "link", "set", &nc, "address", &mac.to_string()]);
+    v.add_rule(vnet::Rule {
+        dst: mac,
+        vlan: None,
+        port: pb,
+    })
+    .unwrap();
+    let tx = |p| v.switch().port(p).unwrap().counters.tx_frames;
+    let (out, at_switch, took) = std::thread::scope(|s| {
+        let ping = s.spawn(|| a.exec(&["ping", "-c", "60", "-i", "0.05", "-W", "1", "10.99.20.2"]));
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let t0 = std::time::Instant::now();
+        v.add_rule(vnet::Rule {
+            dst: mac,
+            vlan: None,
+            port: pc,
+        })
+        .unwrap();
+        let took = t0.elapsed();
+        let at_switch = (tx(pb), tx(pc));
+        (ping.join().unwrap(), at_switch, took)
+    });
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let received: u32 = out
+        .split(" received")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "rule change took {took:?}; B/C tx at the change {at_switch:?}; {received}/60 replies"
+    );
+    assert!(received >= 54, "{out}");
+    assert!(
+        at_switch.0 >= 10,
+        "B carried the stream first: {at_switch:?}"
+    );
+    assert!(tx(pb) <= at_switch.0 + 2, "B stopped getting it");
+    assert!(tx(pc) >= at_switch.1 + 20, "C got it after the change");
+    assert!(took < std::time::Duration::from_millis(1));
+}
+
+#[test]
+fn removing_a_tunnel_mid_stream_leaves_the_other_ports_working() {
+    let (v0, v1) = (vnet(), vnet());
+    let (_, l) = v1.listen("udp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let tid = v0.connect(format!("udp:{l}").parse().unwrap()).unwrap();
+    assert!(eventually(5, || v0.tunnels()[0].state == TunnelState::Up));
+    let (a, b, c) = (NetNs::new(), NetNs::new(), NetNs::new());
+    let _pa = tap_of(&v0, &a, "10.99.21.1/24");
+    let _pb = tap_of(&v0, &b, "10.99.21.2/24");
+    let _pc = tap_of(&v1, &c, "10.99.21.3/24");
+    a.ping("10.99.21.3", 1);
+    b.iperf_server();
+    let (bps, took) = std::thread::scope(|s| {
+        let iperf = s.spawn(|| a.iperf_client("10.99.21.2", 3));
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let t0 = std::time::Instant::now();
+        v0.remove_tunnel(tid).unwrap();
+        let took = t0.elapsed();
+        (iperf.join().unwrap(), took)
+    });
+    eprintln!("tunnel removal took {took:?}; A->B {:.0} Mbit/s", bps / 1e6);
+    assert!(bps > 50e6, "{bps}");
+    assert!(v0.tunnels().is_empty());
+    assert_eq!(v0.status().ports.len(), 2);
+    a.ping("10.99.21.2", 2);
+    let out = a.exec(&["ping", "-c", "1", "-W", "1", "10.99.21.3"]);
+    assert!(!out.status.success(), "C is gone with the tunnel");
+    assert!(eventually(8, || v1.status().listeners[0]
+        .tunnels
+        .is_empty()));
+    let json = serde_json::to_value(v0.status()).unwrap();
+    assert_eq!(json["ports"][0]["kind"], "tap");
+}
+
+struct Null;
+impl vnet::PortSink for Null {
+    fn send(&self, _: &dyn vnet::Frame) -> Result<(), DropReason> {
+        Ok(())
+    }
+}
+
+#[test]
+fn switches_exchange_matrices_and_both_infer_the_ring_of_four() {
+    use vnet::matrix::Window;
+    // Star: B is the hub; A and C are spokes. Talkers 1, 2 on A, 3 on B,
+    // 4 on C; they talk in a ring 1-2-3-4-1.
+    let (a, b, c) = (vnet(), vnet(), vnet());
+    b.switch().set_hub(true);
+    let (_, l) = b.listen("tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    a.connect(format!("tcp:{l}").parse().unwrap()).unwrap();
+    c.connect(format!("tcp:{l}").parse().unwrap()).unwrap();
+    assert!(eventually(5, || a.tunnels()[0].state == TunnelState::Up
+        && c.tunnels()[0].state == TunnelState::Up));
+    let macs: Vec<vnet::Mac> = (1..=4).map(vnet::Mac::local).collect();
+    let home = [&a, &a, &b, &c];
+    let ports: Vec<vnet::PortId> = home
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.add_port(&format!("t{i}"), vnet::PortKind::Other, Arc::new(Null)))
+        .collect();
+    for _ in 0..50 {
+        for i in 0..4 {
+            let j = (i + 1) % 4;
+            let f = vnet::frame::build_frame(macs[j], macs[i], 0x0800, &[0; 1000]);
+            home[i].switch().ingress_bytes(ports[i], &f);
+            let back = vnet::frame::build_frame(macs[i], macs[j], 0x0800, &[0; 100]);
+            home[j].switch().ingress_bytes(ports[j], &back);
+        }
+    }
+    // A little chatter across the ring, and ARP, below the cut.
+    let f = vnet::frame::build_frame(macs[2], macs[0], 0x0800, &[0; 100]);
+    a.switch().ingress_bytes(ports[0], &f);
+    for (i, v) in home.iter().enumerate() {
+        let arp = vnet::frame::build_frame(vnet::Mac::BROADCAST, macs[i], 0x0806, &[0; 28]);
+        for _ in 0..500 {
+            v.switch().ingress_bytes(ports[i], &arp);
+        }
+    }
+    for v in [&a, &b, &c] {
+        assert!(
+            eventually(6, || v.switch().matrix().remote_origins().len() == 2),
+            "each switch hears of the two others"
+        );
+        let t = v.topology(Window::S60, 0.1);
+        assert!(t.is_ring(), "{t:?}");
+        assert_eq!(t.nodes.len(), 4);
+        let g = v.matrix();
+        let e = g
+            .iter()
+            .find(|e| e.src == macs[3] && e.dst == macs[0])
+            .unwrap();
+        assert_eq!(
+            e.last_60s.frames, 50,
+            "each frame counted once, by its first switch"
+        );
+    }
+}

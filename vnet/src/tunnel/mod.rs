@@ -179,6 +179,8 @@ pub(crate) struct Status {
     cv: Condvar,
     /// The live stream, to shut it down on stop.
     pub(crate) sock: Mutex<Option<TcpStream>>,
+    /// The live UDP socket, to wake its receiver on stop.
+    pub(crate) udp: Mutex<Option<Arc<std::net::UdpSocket>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +204,7 @@ impl Status {
             stop: Mutex::new(false),
             cv: Condvar::new(),
             sock: Mutex::new(None),
+            udp: Mutex::new(None),
         }
     }
 
@@ -255,6 +258,12 @@ impl Status {
         self.cv.notify_all();
         if let Some(s) = lock(&self.sock).as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(s) = lock(&self.udp).as_ref() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: shutdown(2) on a socket we own; it only wakes the
+            // blocked receiver, the descriptor stays valid.
+            unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_RDWR) };
         }
     }
 
@@ -472,6 +481,7 @@ impl Listener {
             Proto::Udp => {
                 let s = udp::bind(&endpoint)?;
                 let local = s.local_addr()?;
+                *lock(&stop.udp) = Some(s.clone());
                 let t = std::thread::Builder::new()
                     .name(name)
                     .spawn(move || udp::listen_loop(sw, st, s, udp_mtu, ss))?;

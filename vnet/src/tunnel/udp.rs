@@ -198,6 +198,10 @@ fn session(
     set_bufs(&sock);
     sock.set_read_timeout(Some(POLL))?;
     let sock = Arc::new(sock);
+    *lock(&status.udp) = Some(sock.clone());
+    if status.stopped() {
+        return Ok(());
+    }
     let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu));
     let hello = wire::hello(switch.matrix().origin());
     let started = Instant::now();
@@ -283,22 +287,21 @@ struct Peer {
     last_rx: Instant,
 }
 
-pub(crate) fn bind(ep: &Endpoint) -> Result<UdpSocket, TunnelError> {
+pub(crate) fn bind(ep: &Endpoint) -> Result<Arc<UdpSocket>, TunnelError> {
     let s = UdpSocket::bind(ep.resolve()?)?;
     set_bufs(&s);
     s.set_read_timeout(Some(POLL))?;
-    Ok(s)
+    Ok(Arc::new(s))
 }
 
 /// The thread of a UDP listener: every peer that says hello becomes a port.
 pub(crate) fn listen_loop(
     switch: Arc<Switch>,
     stop: Arc<Status>,
-    sock: UdpSocket,
+    sock: Arc<UdpSocket>,
     mtu: usize,
     sessions: Sessions,
 ) {
-    let sock = Arc::new(sock);
     let mut peers: HashMap<SocketAddr, Peer> = HashMap::new();
     let hello = wire::hello(switch.matrix().origin());
     let mut buf = vec![0u8; 65536];

@@ -44,6 +44,9 @@ impl NetNs {
             name,
         };
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        // No IPv6 chatter (router and neighbour solicitations) in counts.
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
         ns
     }
 
