@@ -13,6 +13,9 @@ const LSR_SPINS: u32 = 1000;
 const LOCK_SPINS: u64 = 20_000_000;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
+/// Set once a wait for THR-empty timed out: the UART never reports it, so
+/// stop polling (each poll is a VM exit).
+static LSR_STUCK: AtomicBool = AtomicBool::new(false);
 
 struct Uart;
 
@@ -26,9 +29,10 @@ impl Write for Uart {
 }
 
 fn put(b: u8) {
-    for _ in 0..LSR_SPINS {
-        if inb(LSR) & LSR_THR_EMPTY != 0 {
-            break;
+    if !LSR_STUCK.load(Ordering::Relaxed) {
+        let ready = (0..LSR_SPINS).any(|_| inb(LSR) & LSR_THR_EMPTY != 0);
+        if !ready {
+            LSR_STUCK.store(true, Ordering::Relaxed);
         }
     }
     outb(COM1, b);
