@@ -33,9 +33,9 @@ pub enum Command {
 /// Any error a subcommand returns; printed as one line by `main`.
 pub type CliResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
 
-pub fn dispatch(command: Command) -> CliResult {
+pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResult {
     match command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(args, process_start),
         Command::Vnet(args) => vnet::run(args),
         Command::Gvfs(cmd) => gvfs::run(cmd),
     }
@@ -45,7 +45,7 @@ pub fn dispatch(command: Command) -> CliResult {
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        0 => "warn",
+        0 => "info",
         1 => "debug",
         _ => "trace",
     };

@@ -1,0 +1,10 @@
+//! The x86_64 boot path: descriptor tables, page tables, boot parameters,
+//! CPUID, MSRs, the MP table and the registers a kernel expects at entry.
+
+pub mod boot_params;
+pub mod cpuid;
+pub mod gdt;
+pub mod mptable;
+pub mod msr;
+pub mod paging;
+pub mod regs;
