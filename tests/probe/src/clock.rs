@@ -73,64 +73,121 @@ fn plausible(khz: u64) -> bool {
     (100_000..20_000_000).contains(&khz)
 }
 
-/// Counts TSC ticks while PIT channel 2 counts down 10 ms (as Linux's
-/// `pit_calibrate_tsc`); `None` without a working PIT.
-fn pit_calibrate() -> Option<u64> {
-    const LATCH: u16 = 11_932; // 1193182 Hz / 100
-    const SPEAKER: u16 = 0x61;
-    let gate = inb(SPEAKER);
-    outb(SPEAKER, (gate & !0x02) | 0x01);
-    outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0
-    outb(0x42, (LATCH & 0xff) as u8);
-    outb(0x42, (LATCH >> 8) as u8);
-    let t0 = rdtsc();
-    // A PIT is there if its counter reads back below the latch and moves.
-    let read = || {
-        outb(0x43, 0x80); // latch channel 2
-        let lo = u16::from(inb(0x42));
-        u16::from_le_bytes([lo as u8, inb(0x42)])
-    };
-    let c1 = read();
-    let mut c2 = read();
-    for _ in 0..1000 {
-        if c2 != c1 {
-            break;
-        }
-        c2 = read();
-    }
-    if c1 > LATCH || c2 >= c1 {
-        outb(SPEAKER, gate);
-        return None;
-    }
-    let limit = ASSUMED_KHZ * 100; // 100 ms at 3 GHz
-    while inb(SPEAKER) & 0x20 == 0 {
-        if rdtsc().wrapping_sub(t0) > limit {
-            outb(SPEAKER, gate);
-            return None;
-        }
-    }
-    let ticks = rdtsc().wrapping_sub(t0);
-    outb(SPEAKER, gate);
-    Some(ticks / 10).filter(|&k| plausible(k))
+/// A reading of a slow clock bracketed by two TSC reads.
+#[derive(Clone, Copy)]
+struct Stamp {
+    before: u64,
+    after: u64,
 }
 
-/// Counts TSC ticks during 10 ms of the ACPI PM timer (3.579545 MHz, 24
-/// bits); `None` without one.
-fn pm_timer_calibrate() -> Option<u64> {
-    const TICKS_10MS: u32 = 35_795;
-    let port = crate::acpi::pm_timer_port()?;
-    let read = || crate::hw::inl(port) & 0x00ff_ffff;
-    let p0 = read();
-    let t0 = rdtsc();
-    let limit = ASSUMED_KHZ * 100;
-    loop {
-        let p = read();
-        if p.wrapping_sub(p0) & 0x00ff_ffff >= TICKS_10MS {
-            let ticks = rdtsc().wrapping_sub(t0);
-            return Some(ticks / 10).filter(|&k| plausible(k));
-        }
-        if rdtsc().wrapping_sub(t0) > limit {
-            return None;
+impl Stamp {
+    fn take<T>(read: impl FnOnce() -> T) -> (Self, T) {
+        let before = rdtsc();
+        let value = read();
+        (
+            Stamp {
+                before,
+                after: rdtsc(),
+            },
+            value,
+        )
+    }
+}
+
+/// TSC kHz from two stamps `us` microseconds apart on the reference clock,
+/// if the stamps are tight (their widths under 1% of the interval: a vCPU
+/// preempted at an end point gives a loose stamp, so try again).
+fn khz_between(start: Stamp, end: Stamp, us: u64) -> Option<u64> {
+    let total = end.before.wrapping_sub(start.after);
+    let slack = (start.after - start.before) + (end.after - end.before);
+    if us == 0 || slack > total / 100 {
+        return None;
+    }
+    let mid = |s: Stamp| s.before / 2 + s.after / 2;
+    let khz = mid(end).wrapping_sub(mid(start)) * 1000 / us;
+    plausible(khz).then_some(khz)
+}
+
+/// Tries `f` a few times (a calibration can be spoiled by preemption).
+fn retry(f: impl Fn() -> Result<Option<u64>, ()>) -> Option<u64> {
+    for _ in 0..5 {
+        match f() {
+            Ok(Some(khz)) => return Some(khz),
+            Ok(None) => {}
+            Err(()) => return None,
         }
     }
+    None
+}
+
+/// TSC kHz from PIT channel 2 counting down 20 ms (gate on port 0x61, as
+/// Linux's `pit_calibrate_tsc`); `None` without a working PIT.
+fn pit_calibrate() -> Option<u64> {
+    const LATCH: u16 = 23_864; // 1193182 Hz * 20 ms
+    const US: u64 = 20_000;
+    const SPEAKER: u16 = 0x61;
+    let gate = inb(SPEAKER);
+    let latched = || {
+        outb(0x43, 0x80); // latch channel 2
+        let lo = inb(0x42);
+        u16::from_le_bytes([lo, inb(0x42)])
+    };
+    let once = || {
+        outb(SPEAKER, (gate & !0x02) | 0x01);
+        outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0
+        outb(0x42, (LATCH & 0xff) as u8);
+        let (start, ()) = Stamp::take(|| outb(0x42, (LATCH >> 8) as u8));
+        // A PIT is there if its counter reads back below the latch and moves.
+        let c1 = latched();
+        let c2 = (0..1000)
+            .map(|_| latched())
+            .find(|&c| c != c1)
+            .unwrap_or(c1);
+        if c1 > LATCH || c2 >= c1 {
+            return Err(());
+        }
+        let limit = ASSUMED_KHZ * 200; // 200 ms at 3 GHz
+        let mut prev = start;
+        loop {
+            let (now, v) = Stamp::take(|| inb(SPEAKER));
+            if v & 0x20 != 0 {
+                // OUT2 rose between the previous poll and this one.
+                let end = Stamp {
+                    before: prev.before,
+                    after: now.after,
+                };
+                return Ok(khz_between(start, end, US));
+            }
+            if now.after.wrapping_sub(start.after) > limit {
+                return Err(());
+            }
+            prev = now;
+        }
+    };
+    let khz = retry(once);
+    outb(SPEAKER, gate);
+    khz
+}
+
+/// TSC kHz over 20 ms of the ACPI PM timer (3.579545 MHz, 24 bits); `None`
+/// without one.
+fn pm_timer_calibrate() -> Option<u64> {
+    const HZ: u64 = 3_579_545;
+    const TICKS: u32 = 71_591; // 20 ms
+    let port = crate::acpi::pm_timer_port()?;
+    let read = || crate::hw::inl(port) & 0x00ff_ffff;
+    retry(|| {
+        let (start, p0) = Stamp::take(read);
+        let limit = ASSUMED_KHZ * 200;
+        loop {
+            let (now, p) = Stamp::take(read);
+            let ticks = p.wrapping_sub(p0) & 0x00ff_ffff;
+            if ticks >= TICKS {
+                return Ok(khz_between(start, now, u64::from(ticks) * 1_000_000 / HZ));
+            }
+            if now.after.wrapping_sub(start.after) > limit {
+                return Err(());
+            }
+        }
+    })
 }
