@@ -1,6 +1,6 @@
 //! TSC frequency: from CPUID (hypervisor leaf 0x40000010, leaves 0x15 and
-//! 0x16) or, failing that, calibrated for 10 ms against PIT channel 2
-//! (Firecracker) or the ACPI PM timer (Cloud Hypervisor).
+//! 0x16) or, failing that, calibrated for 20 ms against PIT channel 0
+//! (Firecracker, QEMU) or the ACPI PM timer (Cloud Hypervisor).
 //!
 //! Note that on a PVM host CPUID at CPL3 is not intercepted: it reports the
 //! host's leaves, whose TSC frequency is still the guest's.
@@ -120,53 +120,39 @@ fn retry(f: impl Fn() -> Result<Option<u64>, ()>) -> Option<u64> {
     None
 }
 
-/// TSC kHz from PIT channel 2 counting down 20 ms (gate on port 0x61, as
-/// Linux's `pit_calibrate_tsc`); `None` without a working PIT.
+/// TSC kHz from PIT channel 0 counting down for 20 ms (its counter read
+/// back with latch commands; channel 2 needs the speaker port 0x61 for its
+/// gate, which QEMU microvm lacks). Interrupts are off, so the channel 0
+/// interrupt does not matter. `None` without a working PIT.
 fn pit_calibrate() -> Option<u64> {
-    const LATCH: u16 = 23_864; // 1193182 Hz * 20 ms
-    const US: u64 = 20_000;
-    const SPEAKER: u16 = 0x61;
-    let gate = inb(SPEAKER);
+    const HZ: u64 = 1_193_182;
+    const TICKS: u16 = 23_864; // 20 ms
     let latched = || {
-        outb(0x43, 0x80); // latch channel 2
-        let lo = inb(0x42);
-        u16::from_le_bytes([lo, inb(0x42)])
+        outb(0x43, 0x00); // latch channel 0
+        let lo = inb(0x40);
+        u16::from_le_bytes([lo, inb(0x40)])
     };
-    let once = || {
-        outb(SPEAKER, (gate & !0x02) | 0x01);
-        outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0
-        outb(0x42, (LATCH & 0xff) as u8);
-        let (start, ()) = Stamp::take(|| outb(0x42, (LATCH >> 8) as u8));
-        // A PIT is there if its counter reads back below the latch and moves.
+    retry(|| {
+        outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0
+        outb(0x40, 0xff);
+        let (start, ()) = Stamp::take(|| outb(0x40, 0xff));
+        // A PIT is there if its counter moves (absent, it reads constant).
         let c1 = latched();
-        let c2 = (0..1000)
-            .map(|_| latched())
-            .find(|&c| c != c1)
-            .unwrap_or(c1);
-        if c1 > LATCH || c2 >= c1 {
+        if !(0..1000).any(|_| latched() != c1) {
             return Err(());
         }
         let limit = ASSUMED_KHZ * 200; // 200 ms at 3 GHz
-        let mut prev = start;
         loop {
-            let (now, v) = Stamp::take(|| inb(SPEAKER));
-            if v & 0x20 != 0 {
-                // OUT2 rose between the previous poll and this one.
-                let end = Stamp {
-                    before: prev.before,
-                    after: now.after,
-                };
-                return Ok(khz_between(start, end, US));
+            let (now, count) = Stamp::take(latched);
+            let ticks = 0xffff - count;
+            if ticks >= TICKS {
+                return Ok(khz_between(start, now, u64::from(ticks) * 1_000_000 / HZ));
             }
             if now.after.wrapping_sub(start.after) > limit {
                 return Err(());
             }
-            prev = now;
         }
-    };
-    let khz = retry(once);
-    outb(SPEAKER, gate);
-    khz
+    })
 }
 
 /// TSC kHz over 20 ms of the ACPI PM timer (3.579545 MHz, 24 bits); `None`
