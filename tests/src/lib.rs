@@ -1,1 +1,217 @@
-//! Shared helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: find the `vmplant` binary and the
+//! test guest, start a VM as a child process, and read its serial console
+//! line by line with time limits.
+//!
+//! The binary is built by the test command (`cargo build -p agent` in
+//! `scripts/test`), the guest by `tests/probe/build.sh`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// The `vmplant` binary under test: `$VMPLANT_BIN`, else the debug build.
+pub fn vmplant() -> PathBuf {
+    let path = std::env::var_os("VMPLANT_BIN")
+        .map_or_else(|| target_dir().join("debug/vmplant"), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "{path:?} is missing: build it first (cargo build -p agent), or run scripts/test"
+    );
+    path
+}
+
+/// The test guest, built by tests/probe/build.sh.
+pub fn probe_elf() -> PathBuf {
+    let path = root().join("target/probe/probe.elf");
+    assert!(
+        path.is_file(),
+        "{path:?} is missing: run tests/probe/build.sh"
+    );
+    path
+}
+
+/// A running `vmplant` child with its console read on a thread.
+pub struct Vmm {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// How a VMM process ended and what it said.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    /// Every console line, in order.
+    pub lines: Vec<String>,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The JSON lines the probe printed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("probe").is_some())
+            .collect()
+    }
+}
+
+impl Vmm {
+    /// Starts `vmplant ARGS...` with standard input closed.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vmm {
+        let mut child = Command::new(vmplant())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start vmplant");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Vmm {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Boots the probe with `probe=STEPS` and extra `vmplant run` flags.
+    pub fn probe(steps: &str, extra: &[&str]) -> Vmm {
+        let probe = probe_elf();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--kernel".into(),
+            probe.display().to_string(),
+            "--cmdline".into(),
+            format!("console=ttyS0 probe={steps}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Vmm::start(&args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line that satisfies `pred`, and returns it.
+    pub fn expect_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no {what} within {timeout:?}; console so far:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.child.wait();
+                    panic!(
+                        "the VMM ended before {what}; console:\n{}\nstderr:\n{}",
+                        self.seen.join("\n"),
+                        self.take_stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends a signal to the VMM process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(r, 0, "cannot signal the VMM");
+    }
+
+    /// Waits for the process to end by itself (killing it after `timeout`).
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait failed") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the VMM did not exit within {timeout:?}; console:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The reader thread ends at end of file.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        Finished {
+            status,
+            lines: std::mem::take(&mut self.seen),
+            stderr: self.take_stderr(),
+        }
+    }
+
+    fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+
+    /// Kills the process and collects what it said.
+    pub fn kill(mut self) -> Finished {
+        let _ = self.child.kill();
+        self.wait(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

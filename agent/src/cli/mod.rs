@@ -1,6 +1,8 @@
 //! Command-line parsing and dispatch: one module per subcommand.
 
+mod bench;
 mod gvfs;
+mod host;
 mod run;
 mod vnet;
 
@@ -28,6 +30,11 @@ pub enum Command {
     /// GVFS: serve a directory, or mount a served one with FUSE.
     #[command(subcommand)]
     Gvfs(gvfs::GvfsCommand),
+    /// Print what this host's KVM offers (kind of virtualization, limits).
+    Host,
+    /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Any error a subcommand returns; printed as one line by `main`.
@@ -38,6 +45,8 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Run(args) => run::run(args, process_start),
         Command::Vnet(args) => vnet::run(args),
         Command::Gvfs(cmd) => gvfs::run(cmd),
+        Command::Host => host::run(),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
