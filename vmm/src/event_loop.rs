@@ -21,6 +21,8 @@ pub enum ExitEvent {
     Vcpu(VcpuStop),
     /// The host asked the VMM to stop with this signal.
     Signal(i32),
+    /// The VMM's owner asked the VM to stop.
+    HostStop,
 }
 
 /// Shared slot where the loop leaves the first exit event.
@@ -53,6 +55,7 @@ pub fn route_stop_signals(evt: &EventFd) -> std::io::Result<()> {
 /// Watches the events that end a VM.
 pub struct ExitWatcher {
     pub reset_evt: EventFd,
+    pub host_stop_evt: EventFd,
     pub stop_evt: EventFd,
     pub signal_evt: EventFd,
     pub stops: Receiver<VcpuStop>,
@@ -82,11 +85,19 @@ impl MutEventSubscriber for ExitWatcher {
         } else if fd == self.signal_evt.as_raw_fd() {
             let _ = self.signal_evt.read();
             self.record(ExitEvent::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
+        } else if fd == self.host_stop_evt.as_raw_fd() {
+            let _ = self.host_stop_evt.read();
+            self.record(ExitEvent::HostStop);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in [&self.reset_evt, &self.stop_evt, &self.signal_evt] {
+        for evt in [
+            &self.reset_evt,
+            &self.stop_evt,
+            &self.signal_evt,
+            &self.host_stop_evt,
+        ] {
             if let Err(e) = ops.add(event_manager::Events::new(evt, EventSet::IN)) {
                 tracing::error!("cannot watch a VM exit event: {e}");
             }

@@ -17,4 +17,4 @@ pub mod x86_64;
 
 pub use config::{BootProtocol, ConfigError, SerialOutput, VmConfig};
 pub use host::{HostInfo, Virtualization};
-pub use vm::{Vm, VmError, VmExit};
+pub use vm::{RunningVm, Vm, VmError, VmExit};

@@ -107,6 +107,8 @@ pub enum VmExit {
     GuestCrash { vcpu: u8 },
     /// The host sent the VMM a stop signal.
     Signal(i32),
+    /// The VM's owner stopped it.
+    Stopped,
     /// The VMM itself failed while the guest ran.
     VmmError(String),
 }
@@ -120,6 +122,7 @@ impl VmExit {
             VmExit::KvmInternalError { .. } | VmExit::FailEntry { .. } => 3,
             VmExit::VmmError(_) => 4,
             VmExit::Signal(sig) => 128u8.saturating_add(*sig as u8),
+            VmExit::Stopped => 0,
         }
     }
 
@@ -127,6 +130,7 @@ impl VmExit {
         match event {
             ExitEvent::GuestReset => VmExit::GuestShutdown,
             ExitEvent::Signal(sig) => VmExit::Signal(sig),
+            ExitEvent::HostStop => VmExit::Stopped,
             ExitEvent::Vcpu(stop) => {
                 let vcpu = stop.vcpu;
                 match stop.reason {
@@ -188,6 +192,7 @@ impl std::fmt::Display for VmExit {
             }
             VmExit::GuestCrash { vcpu } => write!(f, "the guest reported a crash on vCPU {vcpu}"),
             VmExit::Signal(sig) => write!(f, "stopped by signal {sig}"),
+            VmExit::Stopped => write!(f, "stopped by its owner"),
             VmExit::VmmError(msg) => write!(f, "the VMM failed: {msg}"),
         }
     }
@@ -209,8 +214,11 @@ pub struct Vm {
     exit: ExitSlot,
     stops_tx: mpsc::Sender<crate::vcpu::VcpuStop>,
     stop_evt: EventFd,
+    host_stop_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
-    virtio_count: u32,
+    config: VmConfig,
+    /// `virtio_mmio.device=` parameters for the devices added so far.
+    virtio_params: Vec<String>,
 }
 
 impl Vm {
@@ -257,6 +265,7 @@ impl Vm {
         let stop_evt = new_evt()?;
         let reset_evt = new_evt()?;
         let signal_evt = new_evt()?;
+        let host_stop_evt = new_evt()?;
 
         // Legacy devices.
         let mut pio = Bus::new("pio");
@@ -289,6 +298,7 @@ impl Vm {
         let exit: ExitSlot = Arc::new(Mutex::new(None));
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             reset_evt,
+            host_stop_evt: host_stop_evt.try_clone().map_err(VmError::Event)?,
             stop_evt: stop_evt.try_clone().map_err(VmError::Event)?,
             signal_evt,
             stops: stops_rx,
@@ -301,7 +311,7 @@ impl Vm {
             })));
         }
 
-        let vm = Vm {
+        Ok(Vm {
             _kvm: kvm,
             fd,
             mem,
@@ -313,14 +323,27 @@ impl Vm {
             exit,
             stops_tx,
             stop_evt,
+            host_stop_evt,
             boot_time,
-            virtio_count: 0,
-        };
-        vm.finish_boot_setup(config)
+            config: config.clone(),
+            virtio_params: Vec::new(),
+        })
+    }
+
+    /// The command line the guest gets: the configured one, then one
+    /// parameter per virtio device.
+    pub fn cmdline(&self) -> String {
+        let mut c = self.config.cmdline().to_string();
+        for p in &self.virtio_params {
+            c.push(' ');
+            c.push_str(p);
+        }
+        c
     }
 
     /// Loads the guest, creates the vCPUs and sets their registers.
-    fn finish_boot_setup(mut self, config: &VmConfig) -> Result<Vm, VmError> {
+    fn load_guest(&mut self) -> Result<(), VmError> {
+        let config = &self.config;
         let mem = &self.mem;
         let kernel = loader::load_kernel(mem, &config.kernel, config.boot)?;
         let initrd = match &config.initrd {
@@ -333,7 +356,7 @@ impl Vm {
             }
             None => None,
         };
-        let cmdline_size = loader::load_cmdline(mem, config.cmdline())?;
+        let cmdline_size = loader::load_cmdline(mem, &self.cmdline())?;
         mptable::write(mem, usize::from(config.vcpus))?;
         let mode = match kernel.entry {
             Entry::Linux64(entry) => {
@@ -404,18 +427,18 @@ impl Vm {
             }
             self.vcpu_fds.push(vcpu);
         }
-        Ok(self)
+        Ok(())
     }
 
-    /// Adds a virtio device behind a virtio-mmio transport; returns the
-    /// `virtio_mmio.device=` parameter that announces it to a Linux guest.
-    /// Devices must be added before [`Vm::run`].
+    /// Adds a virtio device behind a virtio-mmio transport, announced to
+    /// the guest on its command line (`virtio_mmio.device=4K@ADDR:IRQ`).
+    /// Devices are added before the VM starts.
     pub fn add_virtio_device(
         &mut self,
         device: Box<dyn devices::virtio::VirtioDevice>,
         subscriber: Option<Subscriber>,
-    ) -> Result<String, VmError> {
-        let index = self.virtio_count;
+    ) -> Result<(), VmError> {
+        let index = self.virtio_params.len() as u32;
         let base = VIRTIO_MMIO_START + u64::from(index) * MMIO_LEN;
         let gsi = VIRTIO_IRQ_START + index;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Event)?;
@@ -433,8 +456,9 @@ impl Vm {
         if let Some(s) = subscriber {
             self.events.add_subscriber(s);
         }
-        self.virtio_count += 1;
-        Ok(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"))
+        self.virtio_params
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        Ok(())
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -445,14 +469,16 @@ impl Vm {
         &self.host
     }
 
-    /// The time from process start to the guest's boot-complete marker.
-    pub fn boot_time(&self) -> Arc<OnceLock<Duration>> {
-        self.boot_time.clone()
+    /// Runs the guest until it stops or the host stops it.
+    pub fn run(self) -> Result<VmExit, VmError> {
+        self.start()?.wait()
     }
 
-    /// Runs the guest until it stops or the host stops it.
-    pub fn run(mut self) -> Result<VmExit, VmError> {
-        let mut handles = Vec::with_capacity(self.vcpu_fds.len());
+    /// Loads the guest and starts its vCPUs; the event loop runs on a
+    /// thread of its own until the VM ends.
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
+        self.load_guest()?;
+        let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (id, fd) in self.vcpu_fds.drain(..).enumerate() {
             let vcpu = Vcpu {
                 id: id as u8,
@@ -462,12 +488,30 @@ impl Vm {
                 stops: self.stops_tx.clone(),
                 stop_evt: self.stop_evt.try_clone().map_err(VmError::Event)?,
             };
-            handles.push(VcpuHandle::spawn(vcpu)?);
+            vcpus.push(VcpuHandle::spawn(vcpu)?);
         }
-        for h in &handles {
-            h.send(VcpuCommand::Resume)?;
-            h.wait_for(VcpuState::Running, VCPU_ACK_TIMEOUT)?;
-        }
+        let host_stop_evt = self.host_stop_evt.try_clone().map_err(VmError::Event)?;
+        let boot_time = self.boot_time.clone();
+        let mem = self.mem.clone();
+        let running = RunningVm {
+            vcpus,
+            host_stop_evt,
+            boot_time,
+            mem,
+            events: None,
+        };
+        running.resume()?;
+        let events = std::thread::Builder::new()
+            .name("vm-events".into())
+            .spawn(move || self.event_loop())
+            .map_err(VmError::Event)?;
+        Ok(RunningVm {
+            events: Some(events),
+            ..running
+        })
+    }
+
+    fn event_loop(mut self) -> Result<VmExit, VmError> {
         let exit = loop {
             self.events.run().map_err(VmError::EventLoop)?;
             let taken = self.exit.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -475,9 +519,6 @@ impl Vm {
                 break VmExit::from_event(event);
             }
         };
-        for h in handles {
-            h.stop();
-        }
         let (reads, writes) = self.pio.unmapped();
         let (mreads, mwrites) = self.mmio.unmapped();
         tracing::debug!(
@@ -488,6 +529,65 @@ impl Vm {
             "accesses to no device"
         );
         Ok(exit)
+    }
+}
+
+/// A VM whose vCPUs have started: pause, resume, stop, or wait for it.
+pub struct RunningVm {
+    vcpus: Vec<VcpuHandle>,
+    host_stop_evt: EventFd,
+    boot_time: Arc<OnceLock<Duration>>,
+    mem: GuestMemoryMmap,
+    events: Option<std::thread::JoinHandle<Result<VmExit, VmError>>>,
+}
+
+impl RunningVm {
+    /// Stops every vCPU at its next exit and waits until all have.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.command_all(VcpuCommand::Pause, VcpuState::Paused)
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.command_all(VcpuCommand::Resume, VcpuState::Running)
+    }
+
+    fn command_all(&self, cmd: VcpuCommand, state: VcpuState) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.send(cmd)?;
+        }
+        for v in &self.vcpus {
+            v.wait_for(state, VCPU_ACK_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Asks the VM to stop; [`RunningVm::wait`] then returns
+    /// [`VmExit::Stopped`].
+    pub fn stop(&self) -> Result<(), VmError> {
+        self.host_stop_evt.write(1).map_err(VmError::Event)
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The time from process start to the guest's boot-complete marker.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_time.get().copied()
+    }
+
+    /// Waits until the VM ends, then stops and joins its vCPU threads.
+    pub fn wait(mut self) -> Result<VmExit, VmError> {
+        let result = match self.events.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Ok(VmExit::VmmError("the event loop panicked".into())),
+            None => Ok(VmExit::VmmError("the VM has no event loop".into())),
+        };
+        for v in self.vcpus.drain(..) {
+            v.stop();
+        }
+        result
     }
 }
 
