@@ -6,4 +6,6 @@ pub mod fuse;
 pub mod proto;
 pub mod server;
 mod sys;
+
+pub use sys::{block_termination_signals, wait_termination};
 pub mod transport;

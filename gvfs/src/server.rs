@@ -383,6 +383,7 @@ fn serve_conn(
         writer,
         socket,
     } = split;
+    let socket = Arc::new(socket);
     // Handshake, bounded in time.
     socket
         .set_read_timeout(Some(timeout))
@@ -435,6 +436,7 @@ fn serve_conn(
         };
         let conn = conn.clone();
         let writer = writer.clone();
+        let sock = socket.clone();
         let job: Job = Box::new(move || {
             let (op, resp) = match req {
                 Ok(req) => {
@@ -448,7 +450,11 @@ fn serve_conn(
             };
             let out = proto::encode_response(id, &resp);
             conn.shared.counters.add(op, out.len() + 4);
-            let _ = proto::write_frame(&mut *lock(&writer), &out);
+            if proto::write_frame(&mut *lock(&writer), &out).is_err() {
+                // The client would wait for this answer forever: end the
+                // connection so that it sees the loss and reconnects.
+                transport::shutdown(&sock);
+            }
         });
         if jobs.send(job).is_err() {
             break;

@@ -264,11 +264,43 @@ pub fn raise_nofile_limit() {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: `lim` is a valid rlimit to fill and then to read.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
+}
+
+fn termination_set() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: initialised by sigemptyset just above.
+    let mut set = unsafe { set.assume_init() };
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: `set` is a valid, initialised signal set.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and the threads
+/// it starts afterwards, so that [`wait_termination`] receives them.
+pub fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: `set` is a valid signal set; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits up to `timeout` for a blocked termination signal; returns it.
+pub fn wait_termination(timeout: std::time::Duration) -> Option<i32> {
+    let set = termination_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as i64,
+    };
+    // SAFETY: `set` and `ts` are valid; no siginfo is requested.
+    let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
 }

@@ -140,6 +140,7 @@ impl Split {
         }
         sock.set_read_timeout(None)?;
         sock.set_write_timeout(None)?;
+        conn.set_buffer_limit(None);
         let shared = Arc::new(TlsShared {
             conn: Mutex::new(conn),
             write_lock: Mutex::new(sock.try_clone()?),
@@ -225,9 +226,18 @@ impl Write for TlsWriter {
         let mut out = Vec::with_capacity(data.len() + 256);
         {
             let mut conn = lock(&self.shared.conn);
-            conn.writer().write_all(data)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut out)?;
+            // rustls buffers a bounded amount of plaintext: encrypt in
+            // pieces, draining the records after each.
+            let mut done = 0;
+            while done < data.len() {
+                let n = conn.writer().write(&data[done..])?;
+                while conn.wants_write() {
+                    conn.write_tls(&mut out)?;
+                }
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                done += n;
             }
         }
         sock.write_all(&out)?;

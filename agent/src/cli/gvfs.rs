@@ -1,11 +1,196 @@
 //! `vmplant gvfs`: serve or mount a GVFS file system.
 
 use super::CliResult;
-use clap::Subcommand;
+use clap::{Args, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gvfs::client::{ConnectConfig, Fs, FsOptions, OnDisconnect};
+use gvfs::server::{IdMap, Server, ServerConfig};
 
 #[derive(Debug, Subcommand)]
-pub enum GvfsCommand {}
+pub enum GvfsCommand {
+    /// Export a directory to GVFS clients.
+    Serve(ServeArgs),
+    /// Mount a served directory on this host with FUSE (until Ctrl-C or SIGTERM).
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The directory to export; nothing outside it is reachable.
+    #[arg(long, value_name = "DIR")]
+    export: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// File holding the token clients must present.
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// Refuse every change (EROFS).
+    #[arg(long)]
+    read_only: bool,
+    /// TLS certificate chain (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "plaintext"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Plain TCP, allowed only on a loopback address.
+    #[arg(long)]
+    plaintext: bool,
+    /// Client uid REMOTE is local uid LOCAL on this host (repeatable).
+    #[arg(long, value_name = "REMOTE:LOCAL")]
+    map_uid: Vec<String>,
+    /// Client gid REMOTE is local gid LOCAL on this host (repeatable).
+    #[arg(long, value_name = "REMOTE:LOCAL")]
+    map_gid: Vec<String>,
+    /// Threads executing requests.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Disconnect {
+    /// Fail calls with EIO while the server is unreachable.
+    Eio,
+    /// Block calls until the server is back.
+    Wait,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Server address, host:port (the host is checked against its certificate).
+    #[arg(long, value_name = "ADDR")]
+    server: String,
+    /// File holding the token.
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// CA certificate(s) to trust for the server (PEM).
+    #[arg(long, value_name = "FILE", conflicts_with = "plaintext")]
+    tls_ca: Option<PathBuf>,
+    /// Plain TCP (the server must allow it).
+    #[arg(long)]
+    plaintext: bool,
+    /// Persistent block cache directory (default: memory only).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Size bound of the persistent cache, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    cache_size_mib: u64,
+    /// Size of the memory block cache, in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_cache_mib: u64,
+    /// What calls do while the server is unreachable.
+    #[arg(long, value_enum, default_value = "eio")]
+    on_disconnect: Disconnect,
+    /// Seconds attributes and directory listings are trusted.
+    #[arg(long, default_value_t = 1.0)]
+    attr_timeout: f64,
+    /// Where to mount.
+    mountpoint: PathBuf,
+}
 
 pub fn run(cmd: GvfsCommand) -> CliResult {
-    match cmd {}
+    match cmd {
+        GvfsCommand::Serve(a) => serve(a),
+        GvfsCommand::Mount(a) => mount(a),
+    }
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = raw.trim_ascii().to_vec();
+    if token.is_empty() {
+        return Err(format!("{} holds no token", path.display()));
+    }
+    Ok(token)
+}
+
+fn id_map(pairs: &[String]) -> Result<IdMap, String> {
+    let pairs = pairs
+        .iter()
+        .map(|p| {
+            IdMap::parse_pair(p).ok_or_else(|| format!("bad mapping {p:?}, want REMOTE:LOCAL"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(IdMap { pairs })
+}
+
+fn serve(a: ServeArgs) -> CliResult {
+    let tls = match (&a.tls_cert, &a.tls_key, a.plaintext) {
+        (Some(c), Some(k), false) => Some(gvfs::transport::server_tls_config(c, k)?),
+        (None, None, true) => None,
+        _ => return Err("give --tls-cert and --tls-key, or --plaintext".into()),
+    };
+    let cfg = ServerConfig {
+        export: a.export,
+        token: read_token(&a.token_file)?,
+        read_only: a.read_only,
+        tls,
+        uid_map: id_map(&a.map_uid)?,
+        gid_map: id_map(&a.map_gid)?,
+        workers: a.workers,
+    };
+    let server = Server::bind(cfg, a.listen)?;
+    eprintln!("gvfs: serving on {}", server.local_addr());
+    server.run();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mount(a: MountArgs) -> CliResult {
+    let tls = match (&a.tls_ca, a.plaintext) {
+        (Some(ca), false) => Some(gvfs::transport::client_tls_config(ca)?),
+        (None, true) => None,
+        _ => return Err("give --tls-ca, or --plaintext".into()),
+    };
+    if !(a.attr_timeout >= 0.0 && a.attr_timeout < 1e6) {
+        return Err("--attr-timeout must be between 0 and 1e6 seconds".into());
+    }
+    let connect = ConnectConfig {
+        addr: a.server.clone(),
+        token: read_token(&a.token_file)?,
+        tls,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let opts = FsOptions {
+        attr_timeout: Duration::from_secs_f64(a.attr_timeout),
+        on_disconnect: match a.on_disconnect {
+            Disconnect::Eio => OnDisconnect::Eio,
+            Disconnect::Wait => OnDisconnect::Wait,
+        },
+        cache_dir: a.cache_dir,
+        mem_cache_bytes: a.mem_cache_mib << 20,
+        disk_cache_bytes: a.cache_size_mib << 20,
+        ..FsOptions::default()
+    };
+    // Signals go to the wait below, not to the threads started from here on.
+    gvfs::block_termination_signals();
+    let fs = Arc::new(Fs::new(connect, opts)?);
+    fs.connect()?;
+    let read_only = fs.read_only()?;
+    let session = gvfs::fuse::mount(fs, &a.mountpoint, read_only)
+        .map_err(|e| format!("cannot mount on {}: {e}", a.mountpoint.display()))?;
+    eprintln!("gvfs: {} mounted on {}", a.server, a.mountpoint.display());
+    loop {
+        if let Some(sig) = gvfs::wait_termination(Duration::from_millis(500)) {
+            tracing::info!(sig, "unmounting");
+            break;
+        }
+        if session.guard.is_finished() {
+            // Unmounted from outside (fusermount3 -u / umount).
+            break;
+        }
+    }
+    session.umount_and_join()?;
+    eprintln!("gvfs: unmounted {}", a.mountpoint.display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -111,6 +111,9 @@ impl<K: Ord + Copy + std::hash::Hash, V> Lru<K, V> {
     }
 }
 
+/// A block in memory: the file version it was read at, and its bytes.
+type MemBlock = (u64, Arc<Vec<u8>>);
+
 struct Disk {
     dir: PathBuf,
     index: Mutex<Lru<BlockKey, ()>>,
@@ -118,7 +121,7 @@ struct Disk {
 
 /// Memory plus optional disk block cache.
 pub struct BlockCache {
-    mem: Mutex<Lru<BlockKey, (u64, Arc<Vec<u8>>)>>,
+    mem: Mutex<Lru<BlockKey, MemBlock>>,
     disk: Option<Disk>,
     counters: Counters,
 }
@@ -258,10 +261,10 @@ impl BlockCache {
         for block in first..=last {
             let key = BlockKey { dev, ino, block };
             lock(&self.mem).remove(&key);
-            if let Some(d) = &self.disk {
-                if lock(&d.index).remove(&key).is_some() {
-                    let _ = fs::remove_file(d.dir.join(file_name(&key)));
-                }
+            if let Some(d) = &self.disk
+                && lock(&d.index).remove(&key).is_some()
+            {
+                let _ = fs::remove_file(d.dir.join(file_name(&key)));
             }
         }
     }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,9 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
+/// A directory's entries: names and inode numbers.
+type Listing = Arc<Vec<(Vec<u8>, u64)>>;
+
 struct Inode {
     parent: u64,
     name: Vec<u8>,
@@ -85,7 +88,7 @@ struct Inode {
     node: Option<(u64, u64)>,
     attr: Option<(Attr, Instant)>,
     /// A directory's listing: names and inodes, and when it was fetched.
-    listing: Option<(Arc<Vec<(Vec<u8>, u64)>>, Instant)>,
+    listing: Option<(Listing, Instant)>,
 }
 
 struct Inodes {
@@ -111,6 +114,33 @@ pub struct Fs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     cache: BlockCache,
+    /// Blocks being fetched right now, and who to wait on for them.
+    inflight: Mutex<HashMap<BlockKey, Arc<Flight>>>,
+}
+
+/// One batch of blocks being fetched; readers wanting one of them wait.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            // Bounded so that a lost wake-up cannot hang a reader.
+            done = self
+                .cv
+                .wait_timeout(done, Duration::from_secs(1))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+    fn finish(&self) {
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+    }
 }
 
 /// What [`Fs::new`] can fail with.
@@ -179,6 +209,7 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cache,
+            inflight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -233,12 +264,12 @@ impl Fs {
         let mut t = lock(&self.inodes);
         let key = (parent, name.to_vec());
         let now = Instant::now();
-        if let Some(&ino) = t.names.get(&key) {
-            if let Some(i) = t.map.get_mut(&ino) {
-                i.node = Some((epoch, attr.node));
-                i.attr = Some((attr, now));
-                return ino;
-            }
+        if let Some(&ino) = t.names.get(&key)
+            && let Some(i) = t.map.get_mut(&ino)
+        {
+            i.node = Some((epoch, attr.node));
+            i.attr = Some((attr, now));
+            return ino;
         }
         let ino = t.next;
         t.next += 1;
@@ -275,11 +306,11 @@ impl Fs {
 
     fn forget_name(&self, parent: u64, name: &[u8]) {
         let mut t = lock(&self.inodes);
-        if let Some(ino) = t.names.remove(&(parent, name.to_vec())) {
-            if let Some(i) = t.map.get_mut(&ino) {
-                i.node = None;
-                i.attr = None;
-            }
+        if let Some(ino) = t.names.remove(&(parent, name.to_vec()))
+            && let Some(i) = t.map.get_mut(&ino)
+        {
+            i.node = None;
+            i.attr = None;
         }
         if let Some(p) = t.map.get_mut(&parent) {
             p.listing = None;
@@ -292,10 +323,10 @@ impl Fs {
         let (parent, name) = {
             let t = lock(&self.inodes);
             let i = t.map.get(&ino).ok_or(ClientError::Remote(libc::ESTALE))?;
-            if let Some((epoch, node)) = i.node {
-                if epoch == s.epoch {
-                    return Ok(node);
-                }
+            if let Some((epoch, node)) = i.node
+                && epoch == s.epoch
+            {
+                return Ok(node);
             }
             (i.parent, i.name.clone())
         };
@@ -341,16 +372,16 @@ impl Fs {
         // A fresh listing answers both hits and misses.
         {
             let t = lock(&self.inodes);
-            if let Some((list, at)) = t.map.get(&parent).and_then(|p| p.listing.clone()) {
-                if at.elapsed() < self.opts.attr_timeout {
-                    match list.iter().find(|(n, _)| n == name) {
-                        None => return Err(ClientError::Remote(libc::ENOENT)),
-                        Some((_, ino)) => {
-                            if let Some((a, at)) = t.map.get(ino).and_then(|i| i.attr) {
-                                if at.elapsed() < self.opts.attr_timeout {
-                                    return Ok(Entry { ino: *ino, attr: a });
-                                }
-                            }
+            if let Some((list, at)) = t.map.get(&parent).and_then(|p| p.listing.clone())
+                && at.elapsed() < self.opts.attr_timeout
+            {
+                match list.iter().find(|(n, _)| n == name) {
+                    None => return Err(ClientError::Remote(libc::ENOENT)),
+                    Some((_, ino)) => {
+                        if let Some((a, at)) = t.map.get(ino).and_then(|i| i.attr)
+                            && at.elapsed() < self.opts.attr_timeout
+                        {
+                            return Ok(Entry { ino: *ino, attr: a });
                         }
                     }
                 }
@@ -418,22 +449,22 @@ impl Fs {
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirItem>, ClientError> {
         {
             let t = lock(&self.inodes);
-            if let Some((list, at)) = t.map.get(&ino).and_then(|i| i.listing.clone()) {
-                if at.elapsed() < self.opts.attr_timeout {
-                    let items: Option<Vec<DirItem>> = list
-                        .iter()
-                        .map(|(name, child)| {
-                            let a = t.map.get(child)?.attr?.0;
-                            Some(DirItem {
-                                name: name.clone(),
-                                ino: *child,
-                                attr: a,
-                            })
+            if let Some((list, at)) = t.map.get(&ino).and_then(|i| i.listing.clone())
+                && at.elapsed() < self.opts.attr_timeout
+            {
+                let items: Option<Vec<DirItem>> = list
+                    .iter()
+                    .map(|(name, child)| {
+                        let a = t.map.get(child)?.attr?.0;
+                        Some(DirItem {
+                            name: name.clone(),
+                            ino: *child,
+                            attr: a,
                         })
-                        .collect();
-                    if let Some(items) = items {
-                        return Ok(items);
-                    }
+                    })
+                    .collect();
+                if let Some(items) = items {
+                    return Ok(items);
                 }
             }
         }
@@ -619,11 +650,11 @@ impl Fs {
         let mut t = lock(&self.inodes);
         if r.is_ok() {
             // The target name now means the moved inode.
-            if let Some(old) = t.names.remove(&(new_parent, new_name.to_vec())) {
-                if let Some(i) = t.map.get_mut(&old) {
-                    i.node = None;
-                    i.attr = None;
-                }
+            if let Some(old) = t.names.remove(&(new_parent, new_name.to_vec()))
+                && let Some(i) = t.map.get_mut(&old)
+            {
+                i.node = None;
+                i.attr = None;
             }
             if let Some(ino) = t.names.remove(&(parent, name.to_vec())) {
                 t.names.insert((new_parent, new_name.to_vec()), ino);
@@ -668,10 +699,10 @@ impl Fs {
     /// The server handle of an open file in session `s`, reopened after a
     /// reconnect.
     fn handle(&self, s: &Session, f: &OpenFile) -> Result<u64, ClientError> {
-        if let Some((epoch, h)) = *lock(&f.remote) {
-            if epoch == s.epoch {
-                return Ok(h);
-            }
+        if let Some((epoch, h)) = *lock(&f.remote)
+            && epoch == s.epoch
+        {
+            return Ok(h);
         }
         let node = self.node(s, f.ino)?;
         let flags = f.flags & !((libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL) as u32);
@@ -754,7 +785,10 @@ impl Fs {
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         let nblocks = attr.size.div_ceil(BLOCK_SIZE);
-        let sequential = f.last_end.swap(end, Ordering::Relaxed) == offset || offset == 0;
+        // Sequential: near where the last read ended (the kernel sends
+        // read-ahead requests in parallel, so not always exactly there).
+        let prev = f.last_end.swap(end, Ordering::Relaxed);
+        let sequential = offset == 0 || offset.abs_diff(prev) <= 2 * BLOCK_SIZE * 8;
         let version = attr.version();
         let key = |block| BlockKey {
             dev: attr.dev,
@@ -763,35 +797,62 @@ impl Fs {
         };
         let mut blocks: Vec<Arc<Vec<u8>>> = Vec::new();
         let mut fetched: HashMap<u64, Arc<Vec<u8>>> = HashMap::new();
-        for b in first..=last {
+        'blocks: for b in first..=last {
             if let Some(data) = fetched.remove(&b) {
-                blocks.push(data);
-                continue;
-            }
-            if let Some(data) = self.cache.get(&key(b), version) {
                 blocks.push(data);
                 continue;
             }
             // A miss: fetch it together with the other missing blocks of
             // the request and, for a sequential reader, the blocks after
-            // it, all pipelined on the one connection.
-            let upto = if sequential {
-                (b + self.opts.readahead_blocks.max(1))
-                    .max(last + 1)
-                    .min(nblocks)
-            } else {
-                last + 1
+            // it, all pipelined on the one connection. A block another
+            // reader is already fetching is waited for, not fetched twice.
+            let (want, flight) = loop {
+                if let Some(data) = self.cache.get(&key(b), version) {
+                    blocks.push(data);
+                    continue 'blocks;
+                }
+                let mut inflight = lock(&self.inflight);
+                if let Some(other) = inflight.get(&key(b)).cloned() {
+                    drop(inflight);
+                    other.wait();
+                    continue;
+                }
+                let upto = if sequential {
+                    (b + self.opts.readahead_blocks.max(1))
+                        .max(last + 1)
+                        .min(nblocks)
+                } else {
+                    last + 1
+                };
+                let want: Vec<u64> = std::iter::once(b)
+                    .chain((b + 1..upto).filter(|nb| {
+                        !inflight.contains_key(&key(*nb))
+                            && !self.cache.contains(&key(*nb), version)
+                    }))
+                    .collect();
+                let flight = Arc::new(Flight::default());
+                for nb in &want {
+                    inflight.insert(key(*nb), flight.clone());
+                }
+                break (want, flight);
             };
-            let want: Vec<u64> = std::iter::once(b)
-                .chain((b + 1..upto).filter(|nb| !self.cache.contains(&key(*nb), version)))
-                .collect();
-            for (nb, data) in want.iter().zip(self.fetch(&f, &want)?) {
-                let data = Arc::new(data);
-                self.cache.put(key(*nb), version, data.clone());
-                if *nb <= last {
-                    fetched.insert(*nb, data);
+            let res = self.fetch(&f, &want).map(|datas| {
+                for (nb, data) in want.iter().zip(datas) {
+                    let data = Arc::new(data);
+                    self.cache.put(key(*nb), version, data.clone());
+                    if *nb <= last {
+                        fetched.insert(*nb, data);
+                    }
+                }
+            });
+            {
+                let mut inflight = lock(&self.inflight);
+                for nb in &want {
+                    inflight.remove(&key(*nb));
                 }
             }
+            flight.finish();
+            res?;
             blocks.push(fetched.remove(&b).ok_or(ClientError::Unexpected)?);
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
@@ -878,10 +939,10 @@ impl Fs {
             return Err(ClientError::Remote(libc::EBADF));
         };
         let remote = *lock(&f.remote);
-        if let (Some((epoch, handle)), Ok(s)) = (remote, self.remote.session()) {
-            if s.epoch == epoch {
-                let _ = s.conn.send(&Request::Release { handle });
-            }
+        if let (Some((epoch, handle)), Ok(s)) = (remote, self.remote.session())
+            && s.epoch == epoch
+        {
+            let _ = s.conn.send(&Request::Release { handle });
         }
         Ok(())
     }

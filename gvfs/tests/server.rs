@@ -1,0 +1,382 @@
+//! The server's boundaries: the export root, authentication, TLS,
+//! read-only exports, and clients that lose and regain the server.
+
+mod common;
+
+use common::*;
+use gvfs::client::conn::{Conn, ConnectConfig};
+use gvfs::client::{ClientError, FsOptions, OnDisconnect, ROOT_INO};
+use gvfs::proto::{self, HelloStatus, Request, Response};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn raw(addr: std::net::SocketAddr) -> Conn {
+    Conn::connect(&connect_config(addr)).unwrap()
+}
+
+fn lookup(c: &Conn, parent: u64, name: &[u8]) -> Response {
+    c.call(&Request::Lookup {
+        parent,
+        name: name.to_vec(),
+    })
+    .unwrap()
+}
+
+fn node(r: Response) -> u64 {
+    match r {
+        Response::Attr(a) => a.node,
+        r => panic!("expected attributes, got {r:?}"),
+    }
+}
+
+fn errno(r: Response) -> i32 {
+    match r {
+        Response::Error(e) => e,
+        r => panic!("expected an error, got {r:?}"),
+    }
+}
+
+#[test]
+fn paths_that_leave_the_export_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    fs::create_dir_all(export.join("dir")).unwrap();
+    fs::write(tmp.path().join("secret"), b"outside").unwrap();
+    fs::write(export.join("dir/ok"), b"inside").unwrap();
+    symlink("/etc", export.join("abs")).unwrap();
+    symlink("../..", export.join("dir/up")).unwrap();
+    symlink(tmp.path().join("secret"), export.join("abs_file")).unwrap();
+    symlink("/nonexistent/x", export.join("dangling")).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let c = raw(server.local_addr());
+        let root = proto::ROOT_NODE;
+        // Names are single components: `..`, `.`, slashes are refused.
+        assert_eq!(errno(lookup(&c, root, b"..")), libc::EACCES);
+        assert_eq!(errno(lookup(&c, root, b".")), libc::EACCES);
+        assert_eq!(errno(lookup(&c, root, b"dir/../../secret")), libc::EACCES);
+        assert_eq!(errno(lookup(&c, root, b"/etc")), libc::EACCES);
+        assert_eq!(errno(lookup(&c, root, b"")), libc::EINVAL);
+        // Symlinks are links, never followed by the server.
+        let abs = node(lookup(&c, root, b"abs"));
+        assert_ne!(errno(lookup(&c, abs, b"passwd")), 0);
+        let r = c
+            .call(&Request::Readdir {
+                node: abs,
+                cookie: 0,
+            })
+            .unwrap();
+        assert!(
+            matches!(r, Response::Error(_)),
+            "readdir through /etc: {r:?}"
+        );
+        let dir = node(lookup(&c, root, b"dir"));
+        let up = node(lookup(&c, dir, b"up"));
+        assert_ne!(errno(lookup(&c, up, b"secret")), 0);
+        let r = c
+            .call(&Request::Readdir {
+                node: up,
+                cookie: 0,
+            })
+            .unwrap();
+        assert!(
+            matches!(r, Response::Error(_)),
+            "readdir through ../..: {r:?}"
+        );
+        for name in [&b"abs_file"[..], b"dangling", b"abs"] {
+            let n = node(lookup(&c, root, name));
+            let r = c.call(&Request::Open { node: n, flags: 0 }).unwrap();
+            assert_eq!(errno(r), libc::ELOOP, "open of symlink {name:?}");
+            let r = c
+                .call(&Request::Setattr {
+                    node: n,
+                    set: proto::SetAttr {
+                        mode: Some(0o777),
+                        ..Default::default()
+                    },
+                })
+                .unwrap();
+            assert!(matches!(r, Response::Error(_)));
+        }
+        // Creating through a symlinked directory is refused too.
+        let r = c
+            .call(&Request::Create {
+                parent: abs,
+                name: b"owned".to_vec(),
+                mode: 0o644,
+                flags: libc::O_WRONLY as u32,
+                uid: 0,
+                gid: 0,
+            })
+            .unwrap();
+        assert!(matches!(r, Response::Error(_)));
+        assert!(!Path::new("/etc/owned").exists());
+        // Unknown node ids and handles are errors, not panics.
+        assert_eq!(
+            errno(c.call(&Request::Getattr { node: 999_999 }).unwrap()),
+            libc::ESTALE
+        );
+        let r = c
+            .call(&Request::Read {
+                handle: 77,
+                offset: 0,
+                len: 10,
+            })
+            .unwrap();
+        assert_eq!(errno(r), libc::EBADF);
+        // The outside file is untouched and inside files are readable.
+        assert_eq!(fs::read(tmp_secret(&export)).unwrap(), b"outside");
+        let ok = node(lookup(&c, dir, b"ok"));
+        match c.call(&Request::Open { node: ok, flags: 0 }).unwrap() {
+            Response::Opened { handle, .. } => {
+                let r = c
+                    .call(&Request::Read {
+                        handle,
+                        offset: 0,
+                        len: 100,
+                    })
+                    .unwrap();
+                assert_eq!(r, Response::Data(b"inside".to_vec()));
+            }
+            r => panic!("{r:?}"),
+        }
+        server.shutdown();
+    });
+}
+
+fn tmp_secret(export: &Path) -> std::path::PathBuf {
+    export.parent().unwrap().join("secret")
+}
+
+#[test]
+fn read_only_export_refuses_writes_with_erofs() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), b"data").unwrap();
+    let mut cfg = server_config(tmp.path());
+    cfg.read_only = true;
+    let server = start(cfg, "127.0.0.1:0");
+    bounded(30, None, move || {
+        let fs_ = client(server.local_addr(), FsOptions::default());
+        assert!(fs_.read_only().unwrap());
+        let f = fs_.lookup(ROOT_INO, b"f").unwrap();
+        let o = fs_.open(f.ino, libc::O_RDONLY as u32).unwrap();
+        assert_eq!(fs_.read(o.fh, 0, 100).unwrap(), b"data");
+        let e = fs_.open(f.ino, libc::O_WRONLY as u32).unwrap_err();
+        assert_eq!(e.errno(), libc::EROFS);
+        let e = fs_.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap_err();
+        assert_eq!(e.errno(), libc::EROFS);
+        let e = fs_.unlink(ROOT_INO, b"f").unwrap_err();
+        assert_eq!(e.errno(), libc::EROFS);
+        let e = fs_
+            .create(ROOT_INO, b"n", 0o644, libc::O_WRONLY as u32, 0, 0)
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EROFS);
+        server.shutdown();
+    });
+}
+
+struct Pki {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let pki = Pki {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        ca: dir.join("ca.pem"),
+    };
+    fs::write(&pki.cert, cert.pem()).unwrap();
+    fs::write(&pki.key, key.serialize_pem()).unwrap();
+    fs::write(&pki.ca, ca_cert.pem()).unwrap();
+    pki
+}
+
+#[test]
+fn tls_with_token_works_and_bad_clients_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("f"), data(300_000, 9)).unwrap();
+    let pki = make_pki(tmp.path());
+    let mut cfg = server_config(&export);
+    cfg.tls = Some(gvfs::transport::server_tls_config(&pki.cert, &pki.key).unwrap());
+    let server = start(cfg, "127.0.0.1:0");
+    let ca = pki.ca.clone();
+    bounded(30, None, move || {
+        let addr = server.local_addr();
+        let tls = gvfs::transport::client_tls_config(&ca).unwrap();
+        let good = ConnectConfig {
+            tls: Some(tls.clone()),
+            ..connect_config(addr)
+        };
+        // The right token over TLS: a whole file comes back intact.
+        let fs_ = Arc::new(gvfs::client::Fs::new(good.clone(), FsOptions::default()).unwrap());
+        let f = fs_.lookup(ROOT_INO, b"f").unwrap();
+        let o = fs_.open(f.ino, 0).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 300_000 {
+            let d = fs_.read(o.fh, got.len() as u64, 65536).unwrap();
+            assert!(!d.is_empty());
+            got.extend(d);
+        }
+        assert_eq!(got, data(300_000, 9));
+        // A bad token is refused at the handshake.
+        let bad = ConnectConfig {
+            token: b"wrong".to_vec(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            Conn::connect(&bad),
+            Err(ClientError::Refused(HelloStatus::BadToken))
+        ));
+        let fs_bad = gvfs::client::Fs::new(bad, FsOptions::default()).unwrap();
+        assert_eq!(fs_bad.getattr(ROOT_INO).unwrap_err().errno(), libc::EACCES);
+        // A plain-text client to the TLS server gets nothing.
+        let plain = connect_config(addr);
+        let t = Instant::now();
+        assert!(Conn::connect(&plain).is_err());
+        assert!(t.elapsed() < Duration::from_secs(15));
+        // A client that does not trust the server's CA is refused.
+        let other = make_pki(&tempfile::tempdir().unwrap().keep());
+        let untrusting = ConnectConfig {
+            tls: Some(gvfs::transport::client_tls_config(&other.ca).unwrap()),
+            ..good
+        };
+        assert!(matches!(
+            Conn::connect(&untrusting),
+            Err(ClientError::Transport(_))
+        ));
+        server.shutdown();
+    });
+}
+
+#[test]
+fn plaintext_is_only_allowed_on_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = server_config(tmp.path());
+    let r = gvfs::server::Server::bind(cfg, "0.0.0.0:0".parse().unwrap());
+    assert!(matches!(
+        r,
+        Err(gvfs::server::ServerError::PlaintextNotLoopback(_))
+    ));
+}
+
+#[test]
+fn wait_mode_blocks_until_the_server_returns_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    fs::create_dir_all(export.join("d")).unwrap();
+    let content = data(1024 * 1024, 5);
+    fs::write(export.join("d/f"), &content).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let addr = server.local_addr();
+    bounded(60, None, move || {
+        let opts = FsOptions {
+            on_disconnect: OnDisconnect::Wait,
+            ..FsOptions::default()
+        };
+        let fs_ = client(addr, opts);
+        let d = fs_.lookup(ROOT_INO, b"d").unwrap();
+        let f = fs_.lookup(d.ino, b"f").unwrap();
+        let o = fs_.open(f.ino, libc::O_RDWR as u32).unwrap();
+        assert_eq!(fs_.read(o.fh, 0, 4096).unwrap(), &content[..4096]);
+        assert_eq!(fs_.write(o.fh, 10, b"ACKED").unwrap(), 5);
+        server.shutdown();
+        // The server is gone: the read waits, and finishes once it is back.
+        let export2 = export.clone();
+        let restart = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            start(server_config(&export), &addr.to_string())
+        });
+        let t = Instant::now();
+        let got = fs_.read(o.fh, 900_000, 4096).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(1000),
+            "read did not wait"
+        );
+        assert_eq!(got, &content[900_000..904_096]);
+        let server = restart.join().unwrap();
+        // The acknowledged write survived; the handle was reopened.
+        let mut expect = content.clone();
+        expect[10..15].copy_from_slice(b"ACKED");
+        assert_eq!(fs::read(export2.join("d/f")).unwrap()[..32], expect[..32]);
+        let o2 = fs_.open(f.ino, 0).unwrap();
+        assert_eq!(fs_.read(o2.fh, 0, 32).unwrap(), &expect[..32]);
+        assert_eq!(fs_.write(o.fh, 20, b"again").unwrap(), 5);
+        server.shutdown();
+    });
+}
+
+#[test]
+fn eio_mode_fails_fast_and_reconnects() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), data(4 << 20, 6)).unwrap();
+    let export = tmp.path().to_path_buf();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let addr = server.local_addr();
+    bounded(30, None, move || {
+        let fs_ = client(addr, FsOptions::default());
+        let f = fs_.lookup(ROOT_INO, b"f").unwrap();
+        let o = fs_.open(f.ino, 0).unwrap();
+        assert_eq!(fs_.read(o.fh, 0, 10).unwrap(), &data(4 << 20, 6)[..10]);
+        server.shutdown();
+        let e = fs_.read(o.fh, 3_800_000, 10).unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let server = start(server_config(&export), &addr.to_string());
+        assert_eq!(
+            fs_.read(o.fh, 3_800_000, 10).unwrap(),
+            &data(4 << 20, 6)[3_800_000..3_800_010]
+        );
+        server.shutdown();
+    });
+}
+
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        fs::write(tmp.path().join(format!("f{i}")), data(10_000, i)).unwrap();
+    }
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let c = Arc::new(raw(server.local_addr()));
+        // Send all lookups before waiting for any answer.
+        let pending: Vec<_> = (0..20)
+            .map(|i| {
+                c.send(&Request::Lookup {
+                    parent: proto::ROOT_NODE,
+                    name: format!("f{i}").into_bytes(),
+                })
+                .unwrap()
+            })
+            .collect();
+        for p in pending {
+            assert!(matches!(p.wait().unwrap(), Response::Attr(a) if a.size == 10_000));
+        }
+        // Stats count what was sent.
+        match c.call(&Request::Stats).unwrap() {
+            Response::Stats(v) => {
+                let l = v.iter().find(|o| o.op == proto::op::LOOKUP).unwrap();
+                assert_eq!(l.count, 20);
+                assert!(l.bytes >= 20 * proto::ATTR_LEN as u64);
+            }
+            r => panic!("{r:?}"),
+        }
+        server.shutdown();
+    });
+}
