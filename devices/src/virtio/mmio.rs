@@ -120,8 +120,8 @@ impl MmioTransport {
     ) -> Result<Self, MmioError> {
         let queues = device
             .queue_max_sizes()
-            .iter()
-            .map(|&n| Queue::new(n).map_err(|_| MmioError::Queue(n)))
+            .into_iter()
+            .map(|n| Queue::new(n).map_err(|_| MmioError::Queue(n)))
             .collect::<Result<Vec<_>, _>>()?;
         let queue_events = queues
             .iter()
@@ -424,8 +424,8 @@ mod tests {
         fn device_type(&self) -> u32 {
             42
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
         }
         fn features(&self) -> u64 {
             (1 << VIRTIO_F_VERSION_1) | 0b101

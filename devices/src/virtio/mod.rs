@@ -6,9 +6,10 @@
 //! owns the register state machine that gets it there.
 
 pub mod mmio;
+pub mod net;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -97,7 +98,7 @@ pub trait VirtioDevice: Send {
     /// The virtio device ID (1 net, 2 block, 26 fs, ...).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; its length is the queue count.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> Vec<u16>;
     /// The feature bits the device offers.
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of [`Self::features`]).
@@ -122,5 +123,42 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(avail) = src.get(start..) {
         let n = avail.len().min(data.len());
         data[..n].copy_from_slice(&avail[..n]);
+    }
+}
+
+/// A device shared with another owner (typically the event loop, which
+/// runs its queues) is still a device.
+impl<T: VirtioDevice> VirtioDevice for Arc<Mutex<T>> {
+    fn device_type(&self) -> u32 {
+        self.lock().unwrap_or_else(|p| p.into_inner()).device_type()
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        self.lock().unwrap_or_else(|p| p.into_inner()).features()
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ack_features(features)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_config(offset, data)
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).activate(ctx)
+    }
+    fn reset(&mut self) {
+        self.lock().unwrap_or_else(|p| p.into_inner()).reset()
     }
 }
