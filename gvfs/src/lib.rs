@@ -1,6 +1,7 @@
 //! GVFS: a remote file server, its wire protocol, and a caching client
 //! that the host FUSE mount and the virtio-fs device both sit on.
 
+pub mod bench;
 pub mod client;
 pub mod fuse;
 pub mod proto;

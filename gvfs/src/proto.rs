@@ -591,6 +591,31 @@ impl<'a> Dec<'a> {
 /// Encodes a request body.
 pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
     let mut e = Enc::default();
+    encode_request_into(&mut e, id, req);
+    e.buf
+}
+
+/// A whole request frame (length prefix and body) in one buffer.
+pub fn request_frame(id: u64, req: &Request) -> Vec<u8> {
+    let hint = match req {
+        Request::Write { data, .. } => data.len() + 64,
+        _ => 128,
+    };
+    let mut e = Enc {
+        buf: Vec::with_capacity(hint),
+    };
+    e.buf.extend_from_slice(&[0; 4]);
+    encode_request_into(&mut e, id, req);
+    finish_frame(e.buf)
+}
+
+fn finish_frame(mut buf: Vec<u8>) -> Vec<u8> {
+    let n = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&n.to_le_bytes());
+    buf
+}
+
+fn encode_request_into(e: &mut Enc, id: u64, req: &Request) {
     e.u64(id);
     e.u8(req.op());
     match req {
@@ -712,7 +737,6 @@ pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
         }
         Request::Release { handle } => e.u64(*handle),
     }
-    e.buf
 }
 
 /// Decodes a request body into its id and request.
@@ -829,6 +853,25 @@ fn decode_request_rest(d: &mut Dec<'_>) -> Result<Request, ProtoError> {
 /// Encodes a response body.
 pub fn encode_response(id: u64, resp: &Response) -> Vec<u8> {
     let mut e = Enc::default();
+    encode_response_into(&mut e, id, resp);
+    e.buf
+}
+
+/// A whole response frame (length prefix and body) in one buffer.
+pub fn response_frame(id: u64, resp: &Response) -> Vec<u8> {
+    let hint = match resp {
+        Response::Data(d) => d.len() + 64,
+        _ => 256,
+    };
+    let mut e = Enc {
+        buf: Vec::with_capacity(hint),
+    };
+    e.buf.extend_from_slice(&[0; 4]);
+    encode_response_into(&mut e, id, resp);
+    finish_frame(e.buf)
+}
+
+fn encode_response_into(e: &mut Enc, id: u64, resp: &Response) {
     e.u64(id);
     match resp {
         Response::Error(errno) => {
@@ -894,7 +937,6 @@ pub fn encode_response(id: u64, resp: &Response) -> Vec<u8> {
             }
         }
     }
-    e.buf
 }
 
 /// Decodes a response body into the id it answers and the response.
@@ -1029,6 +1071,16 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), ProtoError> {
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
     buf.extend_from_slice(body);
     w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Writes a frame built by [`request_frame`] or [`response_frame`].
+pub fn write_whole_frame(w: &mut impl Write, frame: &[u8]) -> Result<(), ProtoError> {
+    if frame.len() < 4 || frame.len() - 4 > MAX_FRAME {
+        return Err(ProtoError::FrameTooLarge(frame.len()));
+    }
+    w.write_all(frame)?;
     w.flush()?;
     Ok(())
 }
@@ -1391,6 +1443,24 @@ mod tests {
             token: vec![0; MAX_TOKEN + 1],
         };
         assert!(decode_hello(&encode_hello(&big)).is_err());
+    }
+
+    #[test]
+    fn whole_frames_equal_length_plus_body() {
+        for (i, req) in all_requests().into_iter().enumerate() {
+            let frame = request_frame(i as u64, &req);
+            let mut r = &frame[..];
+            let body = read_frame(&mut r).unwrap().unwrap();
+            assert_eq!(body, encode_request(i as u64, &req));
+            assert!(r.is_empty());
+        }
+        for (i, resp) in all_responses().into_iter().enumerate() {
+            let frame = response_frame(i as u64, &resp);
+            let mut out = Vec::new();
+            write_whole_frame(&mut out, &frame).unwrap();
+            let body = read_frame(&mut &out[..]).unwrap().unwrap();
+            assert_eq!(decode_response(&body).unwrap(), (i as u64, resp));
+        }
     }
 
     #[test]

@@ -448,9 +448,10 @@ fn serve_conn(
                     (0, Response::Error(libc::EINVAL))
                 }
             };
-            let out = proto::encode_response(id, &resp);
-            conn.shared.counters.add(op, out.len() + 4);
-            if proto::write_frame(&mut *lock(&writer), &out).is_err() {
+            let out = proto::response_frame(id, &resp);
+            drop(resp);
+            conn.shared.counters.add(op, out.len());
+            if proto::write_whole_frame(&mut *lock(&writer), &out).is_err() {
                 // The client would wait for this answer forever: end the
                 // connection so that it sees the loss and reconnects.
                 transport::shutdown(&sock);

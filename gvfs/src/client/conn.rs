@@ -203,8 +203,8 @@ impl Conn {
             }
             p.1.insert(id, tx);
         }
-        let body = proto::encode_request(id, req);
-        let res = proto::write_frame(&mut *lock(&self.writer), &body);
+        let frame = proto::request_frame(id, req);
+        let res = proto::write_whole_frame(&mut *lock(&self.writer), &frame);
         if res.is_err() {
             lock(&self.pending).1.remove(&id);
             self.close();

@@ -57,7 +57,7 @@ impl Default for FsOptions {
             cache_dir: None,
             mem_cache_bytes: 256 << 20,
             disk_cache_bytes: 4 << 30,
-            readahead_blocks: 8,
+            readahead_blocks: 16,
         }
     }
 }
