@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod client;
 pub mod fuse;
+pub mod fuse_proto;
 pub mod proto;
 pub mod server;
 mod sys;

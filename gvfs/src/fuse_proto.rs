@@ -1,0 +1,512 @@
+//! A handler of raw FUSE protocol messages over the client core, for the
+//! virtio-fs device: it gets one request as the guest wrote it
+//! (`fuse_in_header` and body, already gathered from the descriptor
+//! chain) and returns the reply bytes (`fuse_out_header` and body).
+//!
+//! Every length and offset in the request is checked: a malformed request
+//! gets an EINVAL reply (or, with no readable header, an error), never a
+//! panic. Layouts follow `include/uapi/linux/fuse.h`, protocol 7.31.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::client::{ClientError, DirItem, Fs};
+use crate::proto::{Attr, Kind, SetAttr, SetTime, Time};
+
+/// Raised only when a request is too short to carry a header to answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseProtoError {
+    #[error("request of {0} bytes has no complete header")]
+    ShortHeader(usize),
+}
+
+/// Size of `fuse_in_header`.
+pub const IN_HEADER: usize = 40;
+/// Size of `fuse_out_header`.
+pub const OUT_HEADER: usize = 16;
+/// The largest write payload we announce in INIT.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+mod opcode {
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
+    pub const SYMLINK: u32 = 6;
+    pub const MKDIR: u32 = 9;
+    pub const UNLINK: u32 = 10;
+    pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const STATFS: u32 = 17;
+    pub const RELEASE: u32 = 18;
+    pub const FSYNC: u32 = 20;
+    pub const FLUSH: u32 = 25;
+    pub const INIT: u32 = 26;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASEDIR: u32 = 29;
+    pub const FSYNCDIR: u32 = 30;
+    pub const ACCESS: u32 = 34;
+    pub const CREATE: u32 = 35;
+    pub const INTERRUPT: u32 = 36;
+    pub const DESTROY: u32 = 38;
+    pub const BATCH_FORGET: u32 = 42;
+    pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
+}
+
+// INIT flags.
+const FUSE_ASYNC_READ: u32 = 1 << 0;
+const FUSE_BIG_WRITES: u32 = 1 << 5;
+const FUSE_AUTO_INVAL_DATA: u32 = 1 << 12;
+const FUSE_DO_READDIRPLUS: u32 = 1 << 13;
+const FUSE_PARALLEL_DIROPS: u32 = 1 << 18;
+const FUSE_MAX_PAGES: u32 = 1 << 22;
+
+// SETATTR valid bits.
+const FATTR_MODE: u32 = 1 << 0;
+const FATTR_UID: u32 = 1 << 1;
+const FATTR_GID: u32 = 1 << 2;
+const FATTR_SIZE: u32 = 1 << 3;
+const FATTR_ATIME: u32 = 1 << 4;
+const FATTR_MTIME: u32 = 1 << 5;
+const FATTR_ATIME_NOW: u32 = 1 << 7;
+const FATTR_MTIME_NOW: u32 = 1 << 8;
+
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+
+/// The request header.
+#[derive(Debug, Clone, Copy)]
+pub struct InHeader {
+    pub len: u32,
+    pub opcode: u32,
+    pub unique: u64,
+    pub nodeid: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// Bounds-checked little-endian reader over a request body.
+struct Body<'a>(&'a [u8]);
+
+impl<'a> Body<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], i32> {
+        if self.0.len() < n {
+            return Err(libc::EINVAL);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, i32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, i32> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn skip(&mut self, n: usize) -> Result<(), i32> {
+        self.take(n).map(drop)
+    }
+    /// A NUL-terminated name.
+    fn name(&mut self) -> Result<&'a [u8], i32> {
+        let end = self.0.iter().position(|&c| c == 0).ok_or(libc::EINVAL)?;
+        let name = &self.0[..end];
+        self.0 = &self.0[end + 1..];
+        if name.is_empty() || name.len() > 4096 {
+            return Err(libc::EINVAL);
+        }
+        Ok(name)
+    }
+}
+
+fn parse_header(req: &[u8]) -> Result<InHeader, FuseProtoError> {
+    if req.len() < IN_HEADER {
+        return Err(FuseProtoError::ShortHeader(req.len()));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([req[o], req[o + 1], req[o + 2], req[o + 3]]);
+    let u64_at = |o: usize| (u32_at(o) as u64) | ((u32_at(o + 4) as u64) << 32);
+    Ok(InHeader {
+        len: u32_at(0),
+        opcode: u32_at(4),
+        unique: u64_at(8),
+        nodeid: u64_at(16),
+        uid: u32_at(24),
+        gid: u32_at(28),
+        pid: u32_at(32),
+    })
+}
+
+/// Little-endian writer of a reply body.
+#[derive(Default)]
+struct Out(Vec<u8>);
+
+impl Out {
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn zeros(&mut self, n: usize) {
+        self.0.resize(self.0.len() + n, 0);
+    }
+}
+
+fn mode_of(a: &Attr) -> u32 {
+    let t = match a.kind {
+        Kind::File => libc::S_IFREG,
+        Kind::Dir => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+        Kind::CharDev => libc::S_IFCHR,
+        Kind::BlockDev => libc::S_IFBLK,
+    };
+    t | (a.perm & 0o7777)
+}
+
+fn dtype(k: Kind) -> u32 {
+    (match k {
+        Kind::File => libc::DT_REG,
+        Kind::Dir => libc::DT_DIR,
+        Kind::Symlink => libc::DT_LNK,
+        Kind::Fifo => libc::DT_FIFO,
+        Kind::Socket => libc::DT_SOCK,
+        Kind::CharDev => libc::DT_CHR,
+        Kind::BlockDev => libc::DT_BLK,
+    }) as u32
+}
+
+/// Serves raw FUSE requests from [`Fs`].
+pub struct FuseHandler {
+    fs: Arc<Fs>,
+    ttl: Duration,
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    next_dir: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn err(e: ClientError) -> i32 {
+    e.errno()
+}
+
+impl FuseHandler {
+    pub fn new(fs: Arc<Fs>) -> FuseHandler {
+        let ttl = fs.options().attr_timeout;
+        FuseHandler {
+            fs,
+            ttl,
+            dirs: Mutex::new(HashMap::new()),
+            next_dir: AtomicU64::new(1),
+        }
+    }
+
+    fn attr(&self, o: &mut Out, ino: u64, a: &Attr) {
+        o.u64(ino);
+        o.u64(a.size);
+        o.u64(a.blocks);
+        o.u64(a.atime.sec as u64);
+        o.u64(a.mtime.sec as u64);
+        o.u64(a.ctime.sec as u64);
+        o.u32(a.atime.nsec);
+        o.u32(a.mtime.nsec);
+        o.u32(a.ctime.nsec);
+        o.u32(mode_of(a));
+        o.u32(a.nlink);
+        o.u32(a.uid);
+        o.u32(a.gid);
+        o.u32(a.rdev as u32);
+        o.u32(a.blksize);
+        o.u32(0);
+    }
+
+    fn entry(&self, o: &mut Out, ino: u64, a: &Attr) {
+        o.u64(ino);
+        o.u64(0); // generation
+        o.u64(self.ttl.as_secs());
+        o.u64(self.ttl.as_secs());
+        o.u32(self.ttl.subsec_nanos());
+        o.u32(self.ttl.subsec_nanos());
+        self.attr(o, ino, a);
+    }
+
+    fn attr_out(&self, o: &mut Out, ino: u64, a: &Attr) {
+        o.u64(self.ttl.as_secs());
+        o.u32(self.ttl.subsec_nanos());
+        o.u32(0);
+        self.attr(o, ino, a);
+    }
+
+    /// Handles one request. `Ok(None)`: the op takes no reply (FORGET,
+    /// BATCH_FORGET, INTERRUPT).
+    pub fn handle(&self, req: &[u8]) -> Result<Option<Vec<u8>>, FuseProtoError> {
+        let h = parse_header(req)?;
+        let body = if (h.len as usize) < IN_HEADER || (h.len as usize) > req.len() {
+            Err(libc::EINVAL)
+        } else {
+            Ok(&req[IN_HEADER..h.len as usize])
+        };
+        if matches!(
+            h.opcode,
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
+        ) {
+            return Ok(None);
+        }
+        let res = body.and_then(|b| self.dispatch(&h, Body(b)));
+        let (errno, payload) = match res {
+            Ok(out) => (0, out.0),
+            Err(e) => (e, Vec::new()),
+        };
+        let mut reply = Vec::with_capacity(OUT_HEADER + payload.len());
+        reply.extend_from_slice(&((OUT_HEADER + payload.len()) as u32).to_le_bytes());
+        reply.extend_from_slice(&(-errno).to_le_bytes());
+        reply.extend_from_slice(&h.unique.to_le_bytes());
+        reply.extend_from_slice(&payload);
+        Ok(Some(reply))
+    }
+
+    fn dispatch(&self, h: &InHeader, mut b: Body<'_>) -> Result<Out, i32> {
+        let fs = &self.fs;
+        let ino = h.nodeid;
+        let mut o = Out::default();
+        match h.opcode {
+            opcode::INIT => {
+                let major = b.u32()?;
+                let minor = b.u32()?;
+                let max_readahead = b.u32()?;
+                let flags = b.u32()?;
+                if major != 7 {
+                    // Tell the kernel which major we speak; it retries or gives up.
+                    o.u32(7);
+                    o.u32(31);
+                    o.zeros(56);
+                    return Ok(o);
+                }
+                let ours = FUSE_ASYNC_READ
+                    | FUSE_BIG_WRITES
+                    | FUSE_AUTO_INVAL_DATA
+                    | FUSE_DO_READDIRPLUS
+                    | FUSE_PARALLEL_DIROPS
+                    | FUSE_MAX_PAGES;
+                o.u32(7);
+                o.u32(minor.min(31));
+                o.u32(max_readahead);
+                o.u32(flags & ours);
+                o.u16(16); // max_background
+                o.u16(12); // congestion_threshold
+                o.u32(MAX_WRITE);
+                o.u32(1); // time_gran
+                o.u16((MAX_WRITE / 4096) as u16); // max_pages
+                o.u16(0); // map_alignment
+                o.u32(0); // flags2
+                o.zeros(28);
+            }
+            opcode::DESTROY => {}
+            opcode::LOOKUP => {
+                let name = b.name()?;
+                let e = fs.lookup(ino, name).map_err(err)?;
+                self.entry(&mut o, e.ino, &e.attr);
+            }
+            opcode::GETATTR => {
+                let a = fs.getattr(ino).map_err(err)?;
+                self.attr_out(&mut o, ino, &a);
+            }
+            opcode::SETATTR => {
+                let valid = b.u32()?;
+                b.skip(4 + 8)?; // padding, fh
+                let size = b.u64()?;
+                b.skip(8)?; // lock_owner
+                let atime = b.u64()?;
+                let mtime = b.u64()?;
+                b.skip(8)?; // ctime
+                let atimensec = b.u32()?;
+                let mtimensec = b.u32()?;
+                b.skip(4)?; // ctimensec
+                let mode = b.u32()?;
+                b.skip(4)?;
+                let uid = b.u32()?;
+                let gid = b.u32()?;
+                let t = |sec: u64, nsec: u32, now: bool| {
+                    if now {
+                        SetTime::Now
+                    } else {
+                        SetTime::At(Time {
+                            sec: sec as i64,
+                            nsec: nsec.min(999_999_999),
+                        })
+                    }
+                };
+                let set = SetAttr {
+                    mode: (valid & FATTR_MODE != 0).then_some(mode),
+                    uid: (valid & FATTR_UID != 0).then_some(uid),
+                    gid: (valid & FATTR_GID != 0).then_some(gid),
+                    size: (valid & FATTR_SIZE != 0).then_some(size),
+                    atime: (valid & FATTR_ATIME != 0)
+                        .then(|| t(atime, atimensec, valid & FATTR_ATIME_NOW != 0)),
+                    mtime: (valid & FATTR_MTIME != 0)
+                        .then(|| t(mtime, mtimensec, valid & FATTR_MTIME_NOW != 0)),
+                };
+                let a = fs.setattr(ino, set).map_err(err)?;
+                self.attr_out(&mut o, ino, &a);
+            }
+            opcode::READLINK => {
+                o.0 = fs.readlink(ino).map_err(err)?;
+            }
+            opcode::SYMLINK => {
+                let name = b.name()?;
+                let target = b.name()?;
+                let e = fs.symlink(ino, name, target, h.uid, h.gid).map_err(err)?;
+                self.entry(&mut o, e.ino, &e.attr);
+            }
+            opcode::MKDIR => {
+                let mode = b.u32()?;
+                let umask = b.u32()?;
+                let name = b.name()?;
+                let e = fs
+                    .mkdir(ino, name, mode & !umask & 0o7777, h.uid, h.gid)
+                    .map_err(err)?;
+                self.entry(&mut o, e.ino, &e.attr);
+            }
+            opcode::UNLINK => fs.unlink(ino, b.name()?).map_err(err)?,
+            opcode::RMDIR => fs.rmdir(ino, b.name()?).map_err(err)?,
+            opcode::RENAME | opcode::RENAME2 => {
+                let newdir = b.u64()?;
+                let flags = if h.opcode == opcode::RENAME2 {
+                    let f = b.u32()?;
+                    b.skip(4)?;
+                    f
+                } else {
+                    0
+                };
+                let old = b.name()?;
+                let new = b.name()?;
+                fs.rename(ino, old, newdir, new, flags).map_err(err)?;
+            }
+            opcode::LINK => {
+                let old = b.u64()?;
+                let name = b.name()?;
+                let e = fs.link(old, ino, name).map_err(err)?;
+                self.entry(&mut o, e.ino, &e.attr);
+            }
+            opcode::OPEN => {
+                let flags = b.u32()?;
+                let op = fs.open(ino, flags).map_err(err)?;
+                o.u64(op.fh);
+                o.u32(if op.keep_cache { FOPEN_KEEP_CACHE } else { 0 });
+                o.u32(0);
+            }
+            opcode::CREATE => {
+                let flags = b.u32()?;
+                let mode = b.u32()?;
+                let umask = b.u32()?;
+                b.skip(4)?;
+                let name = b.name()?;
+                let (e, fh) = fs
+                    .create(ino, name, mode & !umask & 0o7777, flags, h.uid, h.gid)
+                    .map_err(err)?;
+                self.entry(&mut o, e.ino, &e.attr);
+                o.u64(fh);
+                o.u32(0);
+                o.u32(0);
+            }
+            opcode::READ => {
+                let fh = b.u64()?;
+                let offset = b.u64()?;
+                let size = b.u32()?;
+                if size > MAX_WRITE {
+                    return Err(libc::EINVAL);
+                }
+                o.0 = fs.read(fh, offset, size).map_err(err)?;
+            }
+            opcode::WRITE => {
+                let fh = b.u64()?;
+                let offset = b.u64()?;
+                let size = b.u32()?;
+                b.skip(4 + 8 + 4 + 4)?;
+                let data = b.take(size as usize)?;
+                let n = fs.write(fh, offset, data).map_err(err)?;
+                o.u32(n);
+                o.u32(0);
+            }
+            opcode::STATFS => {
+                let s = fs.statfs().map_err(err)?;
+                o.u64(s.blocks);
+                o.u64(s.bfree);
+                o.u64(s.bavail);
+                o.u64(s.files);
+                o.u64(s.ffree);
+                o.u32(s.bsize);
+                o.u32(s.namelen);
+                o.u32(s.frsize);
+                o.zeros(4 + 24);
+            }
+            opcode::RELEASE => {
+                let fh = b.u64()?;
+                let _ = fs.release(fh);
+            }
+            opcode::FLUSH | opcode::ACCESS | opcode::FSYNCDIR => {}
+            opcode::FSYNC => {
+                let fh = b.u64()?;
+                let flags = b.u32()?;
+                fs.fsync(fh, flags & 1 != 0).map_err(err)?;
+            }
+            opcode::OPENDIR => {
+                let items = fs.readdir(ino).map_err(err)?;
+                let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dirs).insert(fh, Arc::new(items));
+                o.u64(fh);
+                o.u32(0);
+                o.u32(0);
+            }
+            opcode::READDIR | opcode::READDIRPLUS => {
+                let fh = b.u64()?;
+                let offset = b.u64()?;
+                let size = b.u32()? as usize;
+                let items = lock(&self.dirs).get(&fh).cloned().ok_or(libc::EBADF)?;
+                let plus = h.opcode == opcode::READDIRPLUS;
+                for (i, it) in items.iter().enumerate().skip(offset as usize) {
+                    let namelen = it.name.len();
+                    let dirent = (24 + namelen).div_ceil(8) * 8;
+                    let need = dirent + if plus { 128 } else { 0 };
+                    if o.0.len() + need > size {
+                        break;
+                    }
+                    if plus {
+                        self.entry(&mut o, it.ino, &it.attr);
+                    }
+                    let start = o.0.len();
+                    o.u64(it.ino);
+                    o.u64(i as u64 + 1);
+                    o.u32(namelen as u32);
+                    o.u32(dtype(it.attr.kind));
+                    o.0.extend_from_slice(&it.name);
+                    o.0.resize(start + dirent, 0);
+                }
+            }
+            opcode::RELEASEDIR => {
+                let fh = b.u64()?;
+                lock(&self.dirs).remove(&fh);
+            }
+            _ => return Err(libc::ENOSYS),
+        }
+        Ok(o)
+    }
+}
