@@ -4,6 +4,7 @@
 # Usage: two-processes.sh VMPLANT_BINARY [udp|tcp|tls]... (root; needs
 # ip, ping, iperf3, openssl for tls). Cleans up on exit.
 set -euo pipefail
+export RUST_LOG=${RUST_LOG:-info}
 BIN=${1:?usage: $0 VMPLANT [udp|tcp|tls]...}; shift
 PROTOS=${*:-udp tcp tls}
 ID=$$

@@ -121,8 +121,17 @@ fn tls_with_a_certificate_from_another_ca_is_refused() {
     assert!(Tunnel::connect(&swa, ep(Proto::Tls, l.local_addr()), None, 1472).is_err());
 }
 
+static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[test]
 fn tunnels_reconnect_with_backoff_and_report_state() {
+    // A tunnel or listener thread that panics (they are joined quietly)
+    // fails this test.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |i| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        hook(i)
+    }));
     for proto in [Proto::Udp, Proto::Tcp] {
         let (swa, swb) = (
             Switch::new(SwitchConfig::default()).unwrap(),
@@ -164,7 +173,13 @@ fn tunnels_reconnect_with_backoff_and_report_state() {
             t.info()
         );
         assert_eq!(t.info().ups, 2);
+        drop(t);
     }
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a thread panicked"
+    );
 }
 
 #[test]

@@ -179,7 +179,9 @@ pub(crate) struct Status {
     cv: Condvar,
     /// The live stream, to shut it down on stop.
     pub(crate) sock: Mutex<Option<TcpStream>>,
-    /// The live UDP socket, to wake its receiver on stop.
+    /// The live connected UDP socket, to wake its receiver on stop (not
+    /// for sockets read with `recv_from`: std panics on the empty
+    /// address a shut-down socket returns).
     pub(crate) udp: Mutex<Option<Arc<std::net::UdpSocket>>>,
 }
 
@@ -481,7 +483,6 @@ impl Listener {
             Proto::Udp => {
                 let s = udp::bind(&endpoint)?;
                 let local = s.local_addr()?;
-                *lock(&stop.udp) = Some(s.clone());
                 let t = std::thread::Builder::new()
                     .name(name)
                     .spawn(move || udp::listen_loop(sw, st, s, udp_mtu, ss))?;
