@@ -13,6 +13,7 @@ mod acpi;
 mod boot;
 mod clock;
 mod hw;
+mod net;
 mod serial;
 mod smp;
 mod steps;
@@ -51,7 +52,7 @@ extern "C" fn bsp_main(info: u64, proto: u64) -> ! {
     ));
     hw::mmio_write_u8(BOOT_DONE_ADDR, BOOT_DONE_VALUE);
     acpi::set_rsdp_hint(boot.rsdp);
-    steps::run(steps::program(cmdline));
+    steps::run(steps::program(cmdline), cmdline);
     serial::line(format_args!(r#"{{"probe":"done"}}"#));
     boot::halt()
 }

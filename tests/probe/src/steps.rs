@@ -2,7 +2,7 @@
 //! `name[:arg[:arg...]]`, run in order on vCPU 0.
 
 use crate::serial::{self, Json};
-use crate::{boot, clock, hw, smp};
+use crate::{boot, clock, hw, net, smp};
 use core::arch::asm;
 
 /// One parsed step.
@@ -13,6 +13,7 @@ enum Step {
     Count { n: u64, every: u64 },
     Shutdown,
     Fault,
+    Net(net::Cmd),
 }
 
 /// A step that cannot run, with the message for the error line.
@@ -30,8 +31,9 @@ pub fn program(cmdline: &str) -> &str {
 }
 
 /// Checks every step, then runs them in order. Returns after the last one
-/// (the caller prints "done"); halts on a bad step.
-pub fn run(program: &str) {
+/// (the caller prints "done"); halts on a bad step. `cmdline` is the whole
+/// command line (the network steps find their devices there).
+pub fn run(program: &str, cmdline: &str) {
     for text in steps(program) {
         if let Err(e) = parse(text) {
             match e {
@@ -48,9 +50,10 @@ pub fn run(program: &str) {
             boot::halt();
         }
     }
+    let mut net = net::Ctx::new(cmdline);
     for text in steps(program) {
         if let Ok(step) = parse(text) {
-            exec(step);
+            exec(step, &mut net);
         }
     }
 }
@@ -62,6 +65,13 @@ fn steps(program: &str) -> impl Iterator<Item = &str> {
 fn parse(text: &str) -> Result<Step, StepError<'_>> {
     let mut parts = text.split(':');
     let name = parts.next().unwrap_or("");
+    if let Some(cmd) = net::parse(name, &mut parts) {
+        let cmd = cmd.map_err(|arg| StepError::BadArg(name, arg))?;
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Net(cmd)),
+        };
+    }
     let mut arg = |min: u64| -> Result<Option<u64>, StepError<'_>> {
         match parts.next() {
             None => Ok(None),
@@ -88,8 +98,9 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
     }
 }
 
-fn exec(step: Step) {
+fn exec(step: Step, net: &mut net::Ctx<'_>) {
     match step {
+        Step::Net(cmd) => net.exec(cmd),
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),

@@ -1,0 +1,79 @@
+//! Virtio-mmio devices announced on the kernel command line, as Linux reads
+//! them: `virtio_mmio.device=<size>@<base>:<irq>[:<id>]`, sizes and bases
+//! with an optional `0x` and a K/M/G suffix (Linux's `memparse`), possibly
+//! several entries.
+
+use crate::hw;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+/// Virtio device id of a network card.
+pub const DEVICE_NET: u32 = 1;
+
+/// One announced device.
+#[derive(Clone, Copy)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+impl MmioDevice {
+    /// The device id register (0 if there is no virtio-mmio header there).
+    pub fn device_id(&self) -> u32 {
+        if !hw::mapped(self.base, 0x100) || hw::mmio_read_u32(self.base) != MAGIC {
+            return 0;
+        }
+        hw::mmio_read_u32(self.base + 8)
+    }
+
+    /// Device feature bits 0..31 (before the driver touches the device).
+    pub fn features_lo(&self) -> u32 {
+        hw::mmio_write_u32(self.base + 0x14, 0);
+        hw::mmio_read_u32(self.base + 0x10)
+    }
+}
+
+/// The devices on `cmdline`, in order.
+pub fn devices(cmdline: &str) -> impl Iterator<Item = MmioDevice> + '_ {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("virtio_mmio.device="))
+        .filter_map(parse)
+}
+
+/// The `index`-th network device on `cmdline`.
+pub fn net_device(cmdline: &str, index: u32) -> Option<MmioDevice> {
+    devices(cmdline)
+        .filter(|d| d.device_id() == DEVICE_NET)
+        .nth(index as usize)
+}
+
+fn parse(spec: &str) -> Option<MmioDevice> {
+    let (size, rest) = spec.split_once('@')?;
+    let mut parts = rest.split(':');
+    let base = memparse(parts.next()?)?;
+    let irq = parts.next()?.parse().ok()?;
+    Some(MmioDevice {
+        base,
+        size: memparse(size)?,
+        irq,
+    })
+}
+
+/// A number (decimal, or hex after `0x`) with an optional K/M/G suffix.
+fn memparse(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let value = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse().ok()?,
+    };
+    value.checked_mul(1 << shift)
+}
