@@ -30,10 +30,13 @@ pub enum DropReason {
     Malformed,
     /// Fragments that never completed.
     Reassembly,
+    /// An offload (checksum, segmentation) the switch could not do for a
+    /// port without offloads (not TCP, bad headers).
+    Offload,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::BadSource,
@@ -45,6 +48,7 @@ impl DropReason {
         DropReason::PathMtu,
         DropReason::Malformed,
         DropReason::Reassembly,
+        DropReason::Offload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +64,7 @@ impl DropReason {
             DropReason::PathMtu => "path_mtu",
             DropReason::Malformed => "malformed",
             DropReason::Reassembly => "reassembly",
+            DropReason::Offload => "offload",
         }
     }
 }

@@ -115,6 +115,13 @@ pub trait Frame {
     fn as_contiguous(&self) -> Option<&[u8]> {
         None
     }
+    /// Offload metadata (a virtio-net header) when the frame needs a
+    /// checksum completed or is a TCP segmentation-offload super-frame.
+    /// Ports whose sink does not take offloads get plain frames: the
+    /// switch completes the checksum or segments for them.
+    fn net_hdr(&self) -> Option<NetHdr> {
+        None
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -150,6 +157,85 @@ impl Frame for Bytes<'_> {
     }
     fn as_contiguous(&self) -> Option<&[u8]> {
         Some(self.0)
+    }
+}
+
+/// The legacy virtio-net header (10 bytes, little endian), as TAPs with
+/// `IFF_VNET_HDR` and virtio-net devices carry it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl NetHdr {
+    pub const LEN: usize = 10;
+    pub const F_NEEDS_CSUM: u8 = 1;
+    pub const F_DATA_VALID: u8 = 2;
+    pub const GSO_NONE: u8 = 0;
+    pub const GSO_TCPV4: u8 = 1;
+    pub const GSO_UDP: u8 = 3;
+    pub const GSO_TCPV6: u8 = 4;
+    pub const GSO_ECN: u8 = 0x80;
+
+    pub fn from_bytes(b: &[u8; 10]) -> NetHdr {
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        NetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; 10] {
+        let mut b = [0u8; 10];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b
+    }
+
+    /// A segmentation-offload super-frame.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !Self::GSO_ECN != Self::GSO_NONE
+    }
+
+    /// Nothing to do: no partial checksum, no segmentation.
+    pub fn is_plain(&self) -> bool {
+        self.flags & Self::F_NEEDS_CSUM == 0 && !self.is_gso()
+    }
+}
+
+/// A frame in one buffer with a virtio-net header (from a TAP or a
+/// tunnel that carries offloads).
+#[derive(Clone, Copy, Debug)]
+pub struct HdrFrame<'a> {
+    pub hdr: NetHdr,
+    pub data: &'a [u8],
+}
+
+impl Frame for HdrFrame<'_> {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
+        self.data.read_at(offset, buf)
+    }
+    fn as_contiguous(&self) -> Option<&[u8]> {
+        Some(self.data)
+    }
+    fn net_hdr(&self) -> Option<NetHdr> {
+        (!self.hdr.is_plain()).then_some(self.hdr)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod counters;
 pub mod frame;
 pub mod matrix;
 pub mod node;
+pub mod offload;
 pub mod switch;
 pub mod tap;
 pub mod tunnel;

@@ -10,9 +10,11 @@
 
 use crate::counters::{CounterSnapshot, Counters, DropReason};
 use crate::frame::{
-    Bytes, ETH_HEADER_LEN, ETHERTYPE_ARP, EthHeader, Frame, MAX_MTU, MIN_MTU, Mac, VLAN_TAG_LEN,
+    Bytes, ETH_HEADER_LEN, ETHERTYPE_ARP, EthHeader, Frame, MAX_MTU, MIN_MTU, Mac, NetHdr,
+    VLAN_TAG_LEN, copy_frame,
 };
 use crate::matrix::{TrafficClass, TrafficMatrix};
+use crate::offload::for_each_plain;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -58,6 +60,17 @@ pub enum PortKind {
 /// returns why if it could not.
 pub trait PortSink: Send + Sync {
     fn send(&self, frame: &dyn Frame) -> Result<(), DropReason>;
+    /// True if `send` takes frames with a [`NetHdr`] (partial checksums,
+    /// TCP super-frames) and passes it on; otherwise the switch gives it
+    /// plain frames only (completing checksums, segmenting).
+    fn offloads(&self) -> bool {
+        false
+    }
+}
+
+thread_local! {
+    /// Buffers for software offloads, per ingress thread.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Settings of a switch.
@@ -405,7 +418,12 @@ impl Switch {
             self.counters.drop(r);
             inp.counters.drop(r);
         };
-        if len > self.max_frame_len() {
+        let hdr = frame.net_hdr();
+        let max = match hdr {
+            Some(h) if h.is_gso() => MAX_GSO_FRAME,
+            _ => self.max_frame_len(),
+        };
+        if len > max {
             return drop(DropReason::Oversize);
         }
         let Some(h) = EthHeader::read(frame) else {
@@ -449,7 +467,11 @@ impl Switch {
     }
 
     fn deliver(&self, p: &PortEntry, frame: &dyn Frame, len: usize) {
-        match p.sink.send(frame) {
+        let res = match frame.net_hdr() {
+            Some(h) if !p.sink.offloads() => self.deliver_plain(p, frame, &h),
+            _ => p.sink.send(frame),
+        };
+        match res {
             Ok(()) => {
                 p.counters.tx(len);
                 self.counters.tx(len);
@@ -461,6 +483,37 @@ impl Switch {
         }
     }
 }
+
+impl Switch {
+    /// Software offloads for a sink that takes plain frames only.
+    fn deliver_plain(
+        &self,
+        p: &PortEntry,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) -> Result<(), DropReason> {
+        let max = self.max_frame_len();
+        SCRATCH.with(|s| {
+            let Ok(mut s) = s.try_borrow_mut() else {
+                return Err(DropReason::Offload);
+            };
+            let (whole, seg) = &mut *s;
+            let data = match frame.as_contiguous() {
+                Some(d) => d,
+                None => {
+                    if !copy_frame(frame, whole) {
+                        return Err(DropReason::TxError);
+                    }
+                    &whole[..]
+                }
+            };
+            for_each_plain(data, hdr, max, seg, |f| p.sink.send(&Bytes(f)))
+        })
+    }
+}
+
+/// Largest frame with segmentation offload: a 64 KiB IP packet.
+pub const MAX_GSO_FRAME: usize = 65535 + ETH_HEADER_LEN + VLAN_TAG_LEN;
 
 fn check_mtu(mtu: usize) -> Result<(), SwitchError> {
     if (MIN_MTU..=MAX_MTU).contains(&mtu) {

@@ -438,3 +438,69 @@ fn matrix_counts_local_traffic_only() {
     assert_eq!(m.entries.len(), 1);
     assert_eq!((m.entries[0].src, m.entries[0].dst), (A, B));
 }
+
+/// Records frames with their offload header.
+#[derive(Default)]
+struct OffloadSink {
+    frames: Mutex<Vec<(Option<crate::frame::NetHdr>, Vec<u8>)>>,
+}
+
+impl PortSink for OffloadSink {
+    fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
+        let mut v = Vec::new();
+        crate::frame::copy_frame(frame, &mut v);
+        self.frames.lock().unwrap().push((frame.net_hdr(), v));
+        Ok(())
+    }
+    fn offloads(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn super_frames_pass_to_offload_ports_and_are_segmented_for_others() {
+    use crate::frame::{HdrFrame, NetHdr};
+    let s = sw(SwitchConfig::default());
+    let p = ports(&s, &[PortKind::Tap, PortKind::Guest]);
+    let off = Arc::new(OffloadSink::default());
+    let po = s.add_port("off", PortKind::Tap, off.clone());
+    // IPv4/TCP, 20 + 20 header bytes, 4000 bytes of payload.
+    let mut ip = vec![
+        0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    ip.extend_from_slice(&[
+        0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x18, 1, 0, 0, 0, 0, 0,
+    ]);
+    ip.extend(std::iter::repeat_n(7u8, 4000));
+    let data = build_frame(Mac::BROADCAST, A, 0x0800, &ip);
+    let f = HdrFrame {
+        hdr: NetHdr {
+            flags: NetHdr::F_NEEDS_CSUM,
+            gso_type: NetHdr::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        },
+        data: &data,
+    };
+    s.ingress(p[0].0, &f);
+    let got = off.frames.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, Some(f.hdr));
+    assert_eq!(got[0].1, data);
+    let segs = p[1].1.take();
+    assert_eq!(segs.len(), 3, "4000 bytes in 1448-byte segments");
+    assert!(segs.iter().all(|s| s.len() <= 1514));
+    assert_eq!(segs.iter().map(|s| s.len() - 54).sum::<usize>(), 4000);
+    assert_eq!(s.port(po).unwrap().counters.tx_frames, 1);
+    // Too big without offload metadata: oversize.
+    s.ingress_bytes(p[0].0, &data);
+    assert_eq!(
+        s.port(p[0].0)
+            .unwrap()
+            .counters
+            .dropped(DropReason::Oversize),
+        1
+    );
+}
