@@ -321,6 +321,16 @@ impl TxQueue {
     }
 
     pub(crate) fn push(&self, ty: u8, frame: &dyn Frame) -> Result<(), DropReason> {
+        self.push_with(ty, &[], frame)
+    }
+
+    /// Queues `prefix` then the frame as one message.
+    pub(crate) fn push_with(
+        &self,
+        ty: u8,
+        prefix: &[u8],
+        frame: &dyn Frame,
+    ) -> Result<(), DropReason> {
         let mut q = lock(&self.inner);
         if q.closed {
             return Err(DropReason::TxError);
@@ -329,7 +339,7 @@ impl TxQueue {
             return Err(DropReason::QueueFull);
         }
         let mut buf = q.free.pop().unwrap_or_default();
-        if !crate::frame::copy_frame(frame, &mut buf) {
+        if !append_frame(frame, prefix, &mut buf) {
             q.free.push(buf);
             return Err(DropReason::TxError);
         }
@@ -366,6 +376,37 @@ impl TxQueue {
     pub(crate) fn close(&self) {
         lock(&self.inner).closed = true;
         self.cv.notify_all();
+    }
+}
+
+/// `out` = `prefix` + the frame; false if the frame could not be read.
+pub(crate) fn append_frame(frame: &dyn Frame, prefix: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    out.extend_from_slice(prefix);
+    match frame.as_contiguous() {
+        Some(b) => out.extend_from_slice(b),
+        None => {
+            let len = frame.len();
+            out.resize(prefix.len() + len, 0);
+            if frame.read_at(0, &mut out[prefix.len()..]) != len {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Hands a received FRAME or FRAME_HDR message body to the switch.
+pub(crate) fn ingress_msg(switch: &Switch, port: PortId, ty: u8, body: &[u8]) {
+    if ty == wire::MSG_FRAME {
+        return switch.ingress_bytes(port, body);
+    }
+    match body.split_first_chunk::<{ crate::frame::NetHdr::LEN }>() {
+        Some((h, data)) => {
+            let hdr = crate::frame::NetHdr::from_bytes(h);
+            switch.ingress(port, &crate::frame::HdrFrame { hdr, data })
+        }
+        None => switch.count_drop(port, DropReason::Malformed),
     }
 }
 

@@ -2,7 +2,7 @@
 //! reader thread feeds the switch; a writer thread drains the port's
 //! queue in batches (one write per batch).
 
-use super::wire::{self, MSG_FRAME, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX};
+use super::wire::{self, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX};
 use super::{
     BACKOFF_MIN, DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TlsConfig, TunnelError, TxQueue,
     lock, next_backoff,
@@ -101,7 +101,14 @@ struct StreamSink {
 
 impl PortSink for StreamSink {
     fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
-        self.q.push(MSG_FRAME, frame)
+        match frame.net_hdr() {
+            Some(h) => self.q.push_with(MSG_FRAME_HDR, &h.to_bytes(), frame),
+            None => self.q.push(MSG_FRAME, frame),
+        }
+    }
+
+    fn offloads(&self) -> bool {
+        true
     }
 }
 
@@ -212,7 +219,7 @@ fn reader_loop(
             Err(e) => return Err(e),
         };
         match m[0] {
-            MSG_FRAME => switch.ingress_bytes(port, &m[1..]),
+            MSG_FRAME | MSG_FRAME_HDR => super::ingress_msg(switch, port, m[0], &m[1..]),
             MSG_MATRIX => match serde_json::from_slice::<Vec<MatrixReport>>(&m[1..]) {
                 Ok(v) => switch.matrix().merge(v),
                 Err(_) => switch.count_drop(port, DropReason::Malformed),

@@ -3,13 +3,15 @@
 //! the receiving, the hellos, keepalives and matrix reports; frames are
 //! sent straight from the switch's threads.
 
-use super::wire::{self, MSG_FRAG, MSG_FRAME, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX, Reassembler};
+use super::wire::{
+    self, MSG_FRAG, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX, Reassembler,
+};
 use super::{
     BACKOFF_MIN, DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TunnelError, lock, next_backoff,
     stream::Sessions,
 };
 use crate::counters::DropReason;
-use crate::frame::Frame;
+use crate::frame::{Frame, NetHdr};
 use crate::matrix::MatrixReport;
 use crate::switch::{PortId, PortKind, PortSink, Switch};
 use std::collections::HashMap;
@@ -85,19 +87,29 @@ impl UdpSink {
 
     /// Sends one message of type `ty`, fragmenting it if needed.
     fn send_msg(&self, ty: u8, payload: &dyn Frame) -> Result<(), DropReason> {
+        self.send_msg_with(ty, None, payload)
+    }
+
+    /// Sends type, the virtio-net header if any, payload as one message.
+    fn send_msg_with(
+        &self,
+        ty: u8,
+        hdr: Option<&[u8; NetHdr::LEN]>,
+        payload: &dyn Frame,
+    ) -> Result<(), DropReason> {
         let mut g = lock(&self.scratch);
         let Scratch { msg, dgram } = &mut *g;
-        msg.clear();
-        msg.push(ty);
-        let len = payload.len();
-        match payload.as_contiguous() {
-            Some(b) => msg.extend_from_slice(b),
-            None => {
-                msg.resize(1 + len, 0);
-                if payload.read_at(0, &mut msg[1..]) != len {
-                    return Err(DropReason::TxError);
-                }
+        let mut head = [0u8; 1 + NetHdr::LEN];
+        head[0] = ty;
+        let hl = match hdr {
+            Some(h) => {
+                head[1..].copy_from_slice(h);
+                head.len()
             }
+            None => 1,
+        };
+        if !super::append_frame(payload, &head[..hl], msg) {
+            return Err(DropReason::TxError);
         }
         if msg.len() <= self.mtu {
             return self.send_dgram(msg);
@@ -123,7 +135,14 @@ impl UdpSink {
 
 impl PortSink for UdpSink {
     fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
-        self.send_msg(MSG_FRAME, frame)
+        match frame.net_hdr() {
+            Some(h) => self.send_msg_with(MSG_FRAME_HDR, Some(&h.to_bytes()), frame),
+            None => self.send_msg(MSG_FRAME, frame),
+        }
+    }
+
+    fn offloads(&self) -> bool {
+        true
     }
 }
 
@@ -139,7 +158,7 @@ fn decode<'a>(d: &'a [u8], r: &'a mut Reassembler) -> Result<Option<&'a [u8]>, w
 /// Handles a message of a peer that is up.
 fn deliver(switch: &Switch, port: PortId, m: &[u8]) {
     match m[0] {
-        MSG_FRAME => switch.ingress_bytes(port, &m[1..]),
+        MSG_FRAME | MSG_FRAME_HDR => super::ingress_msg(switch, port, m[0], &m[1..]),
         MSG_MATRIX => match serde_json::from_slice::<Vec<MatrixReport>>(&m[1..]) {
             Ok(v) => switch.matrix().merge(v),
             Err(_) => switch.count_drop(port, DropReason::Malformed),

@@ -4,7 +4,9 @@
 //! is preceded by its length (u32, big endian, counting the type byte).
 //! Over UDP a datagram is one message, or a fragment of one:
 //! `[FRAG][id u32][index u8][count u8][offset u32][total u32][bytes]`, so
-//! that frames bigger than the path MTU are carried, not lost.
+//! that frames bigger than the path MTU are carried, not lost. Frames
+//! with offload metadata (TCP super-frames from a TAP) travel whole as
+//! `FRAME_HDR` messages with their virtio-net header.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,8 @@ pub const MSG_FRAME: u8 = 2;
 pub const MSG_MATRIX: u8 = 3;
 pub const MSG_KEEPALIVE: u8 = 4;
 pub const MSG_FRAG: u8 = 5;
+/// A frame with offloads: a 10-byte virtio-net header, then the frame.
+pub const MSG_FRAME_HDR: u8 = 6;
 
 /// Largest message over a stream (type byte included).
 pub const MAX_STREAM_MSG: usize = 1 << 20;
