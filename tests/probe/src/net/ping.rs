@@ -37,6 +37,7 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
     }
     let caps = ChecksumCapabilities::default();
     let (mut received, mut min, mut max, mut sum) = (0u32, u64::MAX, 0u64, 0u64);
+    let mut first = None;
     let mut sent = 0u32;
     for seq in 0..count {
         let socket = sockets.get_mut::<icmp::Socket>(handle);
@@ -68,6 +69,7 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
                 {
                     let rtt = time::ns(t1.wrapping_sub(t0)) / 1000;
                     received += 1;
+                    first.get_or_insert(rtt);
                     min = min.min(rtt);
                     max = max.max(rtt);
                     sum += rtt;
@@ -83,13 +85,14 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
         ));
     } else {
         serial::line(format_args!(
-            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{}}}"#,
+            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{},"rtt_us_first":{}}}"#,
             to,
             sent,
             received,
             min,
             sum / u64::from(received),
-            max
+            max,
+            first.unwrap_or(0)
         ));
     }
 }
