@@ -3,8 +3,10 @@
 
 use super::CliResult;
 use clap::{Args, ValueEnum};
+use devices::virtio::net::Net;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 
@@ -35,6 +37,10 @@ pub struct RunArgs {
     /// Do not feed standard input to the serial console.
     #[arg(long)]
     pub no_stdin: bool,
+    /// Give the guest a virtio-net NIC with this MAC address on the
+    /// process's VNET switch (repeatable).
+    #[arg(long = "net", value_name = "MAC")]
+    pub nets: Vec<vnet::Mac>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -62,10 +68,21 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         vcpus: args.vcpus,
         mem_mib: args.mem,
         boot: args.boot.into(),
-        serial: args.serial_file.map_or(SerialOutput::Stdout, SerialOutput::File),
+        serial: args
+            .serial_file
+            .map_or(SerialOutput::Stdout, SerialOutput::File),
         serial_input: !args.no_stdin,
     };
-    let vm = Vm::build(&config, process_start)?;
+    let mut vm = Vm::build(&config, process_start)?;
+    let switch = vnet::Switch::new(vnet::SwitchConfig::default())?;
+    for (i, mac) in args.nets.iter().enumerate() {
+        let nic = Arc::new(Mutex::new(Net::new(
+            switch.clone(),
+            &format!("net{i}"),
+            *mac,
+        )?));
+        vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
+    }
     let exit = vm.run()?;
     match &exit {
         VmExit::GuestShutdown => tracing::info!("{exit}"),
