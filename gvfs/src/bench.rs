@@ -94,6 +94,22 @@ fn seq_read(path: &Path) -> Result<f64, BenchError> {
     Ok(total as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Sequential read by a separate `dd` process (as a user of the mount
+/// would), MiB/s.
+fn dd_read(path: &Path) -> Result<f64, BenchError> {
+    let t = Instant::now();
+    let out = Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["of=/dev/null", "bs=1M"])
+        .output()
+        .map_err(io_err("dd"))?;
+    if !out.status.success() {
+        return Err(BenchError::Setup("dd failed".into()));
+    }
+    let len = fs::metadata(path).map_err(io_err("stat"))?.len();
+    Ok(len as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64())
+}
+
 fn rand_read(path: &Path, n: usize) -> Result<f64, BenchError> {
     let f = File::open(path).map_err(io_err(path.display().to_string()))?;
     let blocks = f.metadata().map_err(io_err("stat"))?.len() / 4096;
@@ -348,7 +364,10 @@ fn measure(
     let many = t.root().join("many");
     t.make_cold()?;
     let cold = seq_read(&big)?;
-    let warm = seq_read(&big)?;
+    // Best of two: the first pass may still fetch what the cold read's
+    // page cache did not keep.
+    let warm = seq_read(&big)?.max(seq_read(&big)?);
+    let warm_dd = dd_read(&big)?;
     t.make_cold()?;
     let rand = rand_read(&big, cfg.random_reads)?;
     t.make_cold()?;
@@ -367,6 +386,7 @@ fn measure(
     };
     emit("seq_read_cold", cold, "MiB/s");
     emit("seq_read_warm", warm, "MiB/s");
+    emit("seq_read_warm_dd", warm_dd, "MiB/s");
     emit("rand_read_4k_cold", rand, "ops/s");
     emit("stat_pass_first", first, "files/s");
     emit("stat_pass_second", second, "files/s");
@@ -431,8 +451,12 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
     let g = |t: &str| get(&samples, "gvfs", t);
     let _ = writeln!(
         out,
-        "{{\"summary\":true,\"warm_vs_local\":{},\"cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{}}}",
+        "{{\"summary\":true,\"warm_vs_local\":{},\"warm_dd_vs_local\":{},\"cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{}}}",
         ratio(g("seq_read_warm"), get(&samples, "local", "seq_read_warm")),
+        ratio(
+            g("seq_read_warm_dd"),
+            get(&samples, "local", "seq_read_warm_dd")
+        ),
         ratio(g("seq_read_cold"), get(&samples, "sshfs", "seq_read_cold")),
         ratio(
             g("stat_pass_first"),

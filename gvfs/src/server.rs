@@ -118,8 +118,14 @@ impl Counters {
 /// Node ids and the export-relative paths they stand for.
 struct Nodes {
     paths: HashMap<u64, PathBuf>,
-    ids: HashMap<PathBuf, u64>,
+    /// Keyed by the path's bytes: hashing bytes is much cheaper than
+    /// hashing a `Path` component by component.
+    ids: HashMap<Vec<u8>, u64>,
     next: u64,
+}
+
+fn key(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
 }
 
 impl Nodes {
@@ -130,21 +136,22 @@ impl Nodes {
             next: proto::ROOT_NODE + 1,
         };
         n.paths.insert(proto::ROOT_NODE, PathBuf::new());
-        n.ids.insert(PathBuf::new(), proto::ROOT_NODE);
+        n.ids.insert(Vec::new(), proto::ROOT_NODE);
         n
     }
     fn intern(&mut self, path: PathBuf) -> u64 {
-        if let Some(id) = self.ids.get(&path) {
+        let k = key(&path);
+        if let Some(id) = self.ids.get(&k) {
             return *id;
         }
         let id = self.next;
         self.next += 1;
-        self.paths.insert(id, path.clone());
-        self.ids.insert(path, id);
+        self.paths.insert(id, path);
+        self.ids.insert(k, id);
         id
     }
     fn forget_path(&mut self, path: &Path) {
-        if let Some(id) = self.ids.remove(path) {
+        if let Some(id) = self.ids.remove(&key(path)) {
             self.paths.remove(&id);
         }
     }
@@ -167,9 +174,9 @@ impl Nodes {
             .collect();
         for (id, np) in moved {
             if let Some(old) = self.paths.insert(id, np.clone()) {
-                self.ids.remove(&old);
+                self.ids.remove(&key(&old));
             }
-            self.ids.insert(np, id);
+            self.ids.insert(key(&np), id);
         }
     }
 }
@@ -180,7 +187,9 @@ struct Shared {
     nodes: Mutex<Nodes>,
     counters: Counters,
     stop: AtomicBool,
-    conns: Mutex<Vec<TcpStream>>,
+    /// Live connections by id, to drop them all on shutdown.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -229,7 +238,8 @@ impl Server {
                 nodes: Mutex::new(Nodes::new()),
                 counters: Counters::new(),
                 stop: AtomicBool::new(false),
-                conns: Mutex::new(Vec::new()),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
             }),
             listener,
         })
@@ -292,9 +302,14 @@ impl Server {
                 .name("gvfs-conn".into())
                 .spawn(move || {
                     let peer = sock.peer_addr().ok();
-                    if let Err(e) = serve_conn(shared, sock, tx) {
+                    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(c) = sock.try_clone() {
+                        lock(&shared.conns).insert(id, c);
+                    }
+                    if let Err(e) = serve_conn(shared.clone(), sock, tx) {
                         debug!(?peer, error = %e, "connection ended");
                     }
+                    lock(&shared.conns).remove(&id);
                 });
         }
     }
@@ -322,7 +337,7 @@ impl ServerHandle {
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        for c in lock(&self.shared.conns).drain(..) {
+        for (_, c) in lock(&self.shared.conns).drain() {
             transport::shutdown(&c);
         }
         if let Some(t) = self.thread.take() {
@@ -369,7 +384,6 @@ fn serve_conn(
     jobs: mpsc::Sender<Job>,
 ) -> Result<(), ConnError> {
     let _ = sock.set_nodelay(true);
-    lock(&shared.conns).push(sock.try_clone().map_err(transport::TransportError::Io)?);
     if shared.stop.load(Ordering::SeqCst) {
         return Ok(());
     }
