@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +42,126 @@ fn set_bufs(s: &UdpSocket) {
     }
 }
 
+/// Turns on UDP segmentation offload (sends of up to 64 KiB are cut
+/// into `mtu`-byte datagrams by the kernel) and GRO on receive. Returns
+/// whether segmentation offload is on.
+fn set_offloads(s: &UdpSocket, mtu: usize) -> bool {
+    let on: libc::c_int = 1;
+    let seg = mtu as libc::c_int;
+    // SAFETY: passes a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&seg as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
+fn clear_segment(s: &UdpSocket) {
+    let zero: libc::c_int = 0;
+    // SAFETY: passes a pointer to a live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&zero as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// recvmsg(2) that also returns the source and the GRO segment size
+/// (0 when the buffer holds a single datagram).
+fn recv_gro(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Option<SocketAddr>, usize)> {
+    // SAFETY: sockaddr_storage and msghdr are plain old data; zeroes are
+    // valid values.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&cbuf);
+    // SAFETY: every pointer in `msg` points to a live buffer of the size
+    // given next to it, for the duration of the call.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut seg = 0;
+    // SAFETY: `msg` was filled in by recvmsg; the CMSG macros walk the
+    // control buffer within msg_controllen.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a non-null header inside the control buffer.
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_UDP && h.cmsg_type == libc::UDP_GRO {
+            // SAFETY: `c` is a valid header; CMSG_DATA only computes an
+            // address inside the control buffer.
+            let data = unsafe { libc::CMSG_DATA(c) };
+            // SAFETY: a UDP_GRO message carries one int after its header,
+            // possibly unaligned.
+            let v = unsafe { std::ptr::read_unaligned(data.cast::<libc::c_int>()) };
+            seg = v.max(0) as usize;
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    let src = match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::from((
+                a.sin6_addr.s6_addr,
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        _ => None,
+    };
+    Ok((n as usize, src, seg))
+}
+
+/// The datagrams in a receive buffer (one, or several coalesced by GRO).
+fn datagrams(b: &[u8], seg: usize) -> std::slice::Chunks<'_, u8> {
+    b.chunks(if seg == 0 { b.len().max(1) } else { seg })
+}
+
 struct Scratch {
     msg: Vec<u8>,
     dgram: Vec<u8>,
+    batch: Vec<u8>,
 }
 
 /// Sends messages to one peer (on a connected socket, or to `dest`).
@@ -53,36 +170,62 @@ pub(crate) struct UdpSink {
     dest: Option<SocketAddr>,
     mtu: usize,
     next_id: AtomicU32,
+    /// The socket cuts big sends into `mtu` datagrams (UDP_SEGMENT).
+    gso: AtomicBool,
     scratch: Mutex<Scratch>,
 }
 
 impl UdpSink {
-    fn new(sock: Arc<UdpSocket>, dest: Option<SocketAddr>, mtu: usize) -> UdpSink {
+    fn new(sock: Arc<UdpSocket>, dest: Option<SocketAddr>, mtu: usize, gso: bool) -> UdpSink {
         UdpSink {
             sock,
             dest,
             mtu,
             next_id: AtomicU32::new(0),
+            gso: AtomicBool::new(gso),
             scratch: Mutex::new(Scratch {
                 msg: Vec::with_capacity(16 * 1024),
                 dgram: Vec::with_capacity(mtu),
+                batch: Vec::with_capacity(64 * 1024),
             }),
         }
     }
 
-    fn send_dgram(&self, b: &[u8]) -> Result<(), DropReason> {
-        let r = match self.dest {
+    fn send_raw(&self, b: &[u8]) -> std::io::Result<usize> {
+        match self.dest {
             Some(a) => self.sock.send_to(b, a),
             None => self.sock.send(b),
-        };
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => Err(match e.raw_os_error() {
+        }
+    }
+
+    fn send_dgram(&self, b: &[u8]) -> Result<(), DropReason> {
+        self.send_raw(b)
+            .map(|_| ())
+            .map_err(|e| match e.raw_os_error() {
                 Some(libc::EAGAIN) | Some(libc::ENOBUFS) => DropReason::QueueFull,
                 Some(libc::EMSGSIZE) => DropReason::PathMtu,
                 _ => DropReason::TxError,
-            }),
+            })
+    }
+
+    /// Sends back-to-back `mtu`-byte datagrams (the last may be shorter)
+    /// in one system call if the socket segments, else one by one.
+    fn send_batch(&self, b: &[u8]) -> Result<(), DropReason> {
+        if self.gso.load(Relaxed) {
+            match self.send_raw(b) {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                    tracing::debug!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    self.gso.store(false, Relaxed);
+                    clear_segment(&self.sock);
+                }
+                Err(_) => return self.send_dgram(b),
+            }
         }
+        for d in b.chunks(self.mtu) {
+            self.send_dgram(d)?;
+        }
+        Ok(())
     }
 
     /// Sends one message of type `ty`, fragmenting it if needed.
@@ -98,7 +241,7 @@ impl UdpSink {
         payload: &dyn Frame,
     ) -> Result<(), DropReason> {
         let mut g = lock(&self.scratch);
-        let Scratch { msg, dgram } = &mut *g;
+        let Scratch { msg, dgram, batch } = &mut *g;
         let mut head = [0u8; 1 + NetHdr::LEN];
         head[0] = ty;
         let hl = match hdr {
@@ -115,14 +258,31 @@ impl UdpSink {
             return self.send_dgram(msg);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
+        let per = if self.gso.load(Relaxed) {
+            (60_000 / self.mtu).clamp(1, wire::MAX_FRAGS)
+        } else {
+            1
+        };
         let mut res = Ok(());
-        match wire::fragment(msg, id, self.mtu, dgram, |d| {
-            res = self.send_dgram(d);
+        let mut k = 0;
+        batch.clear();
+        let r = wire::fragment(msg, id, self.mtu, dgram, |d| {
+            batch.extend_from_slice(d);
+            k += 1;
+            if k == per {
+                res = self.send_batch(batch);
+                batch.clear();
+                k = 0;
+            }
             res.is_ok()
-        }) {
-            Ok(_) => res,
-            Err(_) => Err(DropReason::PathMtu),
+        });
+        if r.is_err() {
+            return Err(DropReason::PathMtu);
         }
+        if k > 0 && res.is_ok() {
+            res = self.send_batch(batch);
+        }
+        res
     }
 
     fn send_control(&self, switch: &Switch) {
@@ -221,7 +381,8 @@ fn session(
     if status.stopped() {
         return Ok(());
     }
-    let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu));
+    let gso = set_offloads(&sock, mtu);
+    let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu, gso));
     let hello = wire::hello(switch.matrix().origin());
     let started = Instant::now();
     let (mut hello_every, mut next_hello) = (BACKOFF_MIN, started);
@@ -252,8 +413,8 @@ fn session(
                 }
             }
         }
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
+        let (n, seg) = match recv_gro(&sock, &mut buf) {
+            Ok((n, _, seg)) => (n, seg),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -266,33 +427,35 @@ fn session(
             Err(e) => return Err(e.into()),
         };
         last_rx = Instant::now();
-        let lost = reasm.take_lost();
-        let m = match decode(&buf[..n], &mut reasm) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(_) => {
-                if let Some(p) = *port {
-                    switch.count_drop(p, DropReason::Malformed);
+        for d in datagrams(&buf[..n], seg) {
+            let lost = reasm.take_lost();
+            let m = match decode(d, &mut reasm) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(_) => {
+                    if let Some(p) = *port {
+                        switch.count_drop(p, DropReason::Malformed);
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        match *port {
-            Some(p) => {
-                for _ in 0..lost {
-                    switch.count_drop(p, DropReason::Reassembly);
+            };
+            match *port {
+                Some(p) => {
+                    for _ in 0..lost {
+                        switch.count_drop(p, DropReason::Reassembly);
+                    }
+                    deliver(switch, p, m)
                 }
-                deliver(switch, p, m)
+                None if m[0] == MSG_HELLO => {
+                    let peer = wire::parse_hello(&m[1..])?;
+                    let p = switch.add_port(&name, PortKind::Tunnel, sink.clone());
+                    *port = Some(p);
+                    status.up(p, peer);
+                    last_tick = Instant::now();
+                    sink.send_control(switch);
+                }
+                None => {}
             }
-            None if m[0] == MSG_HELLO => {
-                let peer = wire::parse_hello(&m[1..])?;
-                let p = switch.add_port(&name, PortKind::Tunnel, sink.clone());
-                *port = Some(p);
-                status.up(p, peer);
-                last_tick = Instant::now();
-                sink.send_control(switch);
-            }
-            None => {}
         }
     }
     Ok(())
@@ -323,6 +486,7 @@ pub(crate) fn listen_loop(
 ) {
     let mut peers: HashMap<SocketAddr, Peer> = HashMap::new();
     let hello = wire::hello(switch.matrix().origin());
+    let gso = set_offloads(&sock, mtu);
     let mut buf = vec![0u8; 65536];
     let mut last_tick = Instant::now();
     while !stop.stopped() {
@@ -341,8 +505,9 @@ pub(crate) fn listen_loop(
                 true
             });
         }
-        let (n, from) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
+        let (n, from, seg) = match recv_gro(&sock, &mut buf) {
+            Ok((n, Some(from), seg)) => (n, from, seg),
+            Ok(_) => continue,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -356,49 +521,51 @@ pub(crate) fn listen_loop(
                 continue;
             }
         };
-        let d = &buf[..n];
-        let Some(p) = peers.get_mut(&from) else {
-            if d.first() == Some(&MSG_HELLO)
-                && let Ok(id) = wire::parse_hello(&d[1..])
-            {
-                let sink = Arc::new(UdpSink::new(sock.clone(), Some(from), mtu));
-                let _ = sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
-                let status = Arc::new(Status::new(
-                    super::next_id(),
-                    Proto::Udp,
-                    Role::Accepted,
-                    from.to_string(),
-                ));
-                let port = switch.add_port(&format!("udp:{from}"), PortKind::Tunnel, sink.clone());
-                status.up(port, id);
-                lock(&sessions).push((status.clone(), None));
-                peers.insert(
-                    from,
-                    Peer {
-                        port,
-                        status,
-                        sink,
-                        reasm: Reassembler::new(8, Duration::from_secs(1)),
-                        last_rx: Instant::now(),
-                    },
-                );
-            }
-            continue;
-        };
-        p.last_rx = Instant::now();
-        let lost = p.reasm.take_lost();
-        for _ in 0..lost {
-            switch.count_drop(p.port, DropReason::Reassembly);
-        }
-        match decode(d, &mut p.reasm) {
-            Ok(Some(m)) => {
-                if m[0] == MSG_HELLO {
-                    let _ = p.sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
+        for d in datagrams(&buf[..n], seg) {
+            let Some(p) = peers.get_mut(&from) else {
+                if d.first() == Some(&MSG_HELLO)
+                    && let Ok(id) = wire::parse_hello(&d[1..])
+                {
+                    let sink = Arc::new(UdpSink::new(sock.clone(), Some(from), mtu, gso));
+                    let _ = sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
+                    let status = Arc::new(Status::new(
+                        super::next_id(),
+                        Proto::Udp,
+                        Role::Accepted,
+                        from.to_string(),
+                    ));
+                    let port =
+                        switch.add_port(&format!("udp:{from}"), PortKind::Tunnel, sink.clone());
+                    status.up(port, id);
+                    lock(&sessions).push((status.clone(), None));
+                    peers.insert(
+                        from,
+                        Peer {
+                            port,
+                            status,
+                            sink,
+                            reasm: Reassembler::new(8, Duration::from_secs(1)),
+                            last_rx: Instant::now(),
+                        },
+                    );
                 }
-                deliver(&switch, p.port, m)
+                continue;
+            };
+            p.last_rx = Instant::now();
+            let lost = p.reasm.take_lost();
+            for _ in 0..lost {
+                switch.count_drop(p.port, DropReason::Reassembly);
             }
-            Ok(None) => {}
-            Err(_) => switch.count_drop(p.port, DropReason::Malformed),
+            match decode(d, &mut p.reasm) {
+                Ok(Some(m)) => {
+                    if m[0] == MSG_HELLO {
+                        let _ = p.sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
+                    }
+                    deliver(&switch, p.port, m)
+                }
+                Ok(None) => {}
+                Err(_) => switch.count_drop(p.port, DropReason::Malformed),
+            }
         }
     }
     for (_, p) in peers {
@@ -406,4 +573,54 @@ pub(crate) fn listen_loop(
         p.status.down(&TunnelError::Closed);
     }
     lock(&sessions).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Bytes;
+
+    /// Sends `frames` through a sink and reassembles what arrives.
+    fn round_trip(gso_wanted: bool, mtu: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        set_bufs(&rx);
+        set_offloads(&rx, mtu);
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        let gso = gso_wanted && set_offloads(&tx, mtu);
+        assert_eq!(gso, gso_wanted, "this kernel has UDP_SEGMENT");
+        let sink = UdpSink::new(Arc::new(tx), None, mtu, gso);
+        for f in frames {
+            sink.send(&Bytes(f)).unwrap();
+        }
+        let mut r = Reassembler::new(8, Duration::from_secs(1));
+        let mut buf = vec![0u8; 65536];
+        let mut got = Vec::new();
+        while got.len() < frames.len() {
+            let Ok((n, _, seg)) = recv_gro(&rx, &mut buf) else {
+                break;
+            };
+            for d in datagrams(&buf[..n], seg) {
+                assert!(d.len() <= mtu);
+                if let Ok(Some(m)) = decode(d, &mut r) {
+                    assert_eq!(m[0], MSG_FRAME);
+                    got.push(m[1..].to_vec());
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn frames_of_every_size_cross_in_fragments_with_and_without_segmentation_offload() {
+        let frames: Vec<Vec<u8>> = [60usize, 1471, 1472, 1473, 3000, 9018, 65000]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7 % 256) as u8).collect())
+            .collect();
+        for gso in [false, true] {
+            assert_eq!(round_trip(gso, 1472, &frames), frames, "gso={gso}");
+        }
+    }
 }
