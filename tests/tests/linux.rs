@@ -1,0 +1,307 @@
+//! Booting a real Linux kernel: Debian's cloud kernel, which
+//! images/fetch-linux.sh fetches into images/cache/linux (run it first;
+//! scripts/test and CI do).
+//!
+//! How far a stock kernel gets depends on the host (see
+//! /work/shared/ENVIRONMENT.md):
+//!
+//! - On a PVM host (KVM without VT-x/AMD-V, as on the development and CI
+//!   machines) the kernel's CPL0 code is interpreted by KVM's instruction
+//!   emulator: it prints its banner, its command line and its e820 map on
+//!   the early console within tens of seconds, and then stops on an
+//!   instruction the emulator does not implement. These tests check that
+//!   early console, which is what our boot protocols hand the kernel, and
+//!   then kill the VM.
+//! - With hardware virtualization ("vmx"/"svm" in `vmplant host`) the same
+//!   tests go on to boot the initramfs (busybox) to its shell marker and
+//!   let it reboot through the i8042, which ends the VM with status 0.
+//!
+//! Each test says on stderr which of the two it checked.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vmplant_tests::{Vmm, root, vmplant};
+
+/// Time limit from start to the e820 map on the early console. The kernel
+/// needs about 15 s of CPU time to get there on a PVM host (20 s alone on
+/// the machine); the limit leaves room for a loaded machine with 2 shared
+/// cores.
+const EARLY_CONSOLE: Duration = Duration::from_secs(180);
+/// Time limit from the e820 map to the initramfs's shell and its reboot
+/// (hardware virtualization only).
+const FULL_BOOT: Duration = Duration::from_secs(60);
+
+/// A file fetched by images/fetch-linux.sh; fails the test if missing.
+fn cached(name: &str) -> PathBuf {
+    let path = root().join("images/cache/linux").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run images/fetch-linux.sh (it fetches Debian's cloud kernel)",
+        path.display()
+    );
+    path
+}
+
+/// The kernel release the fetch script recorded (first line of VERSION),
+/// as the `Linux version` banner shows it.
+fn release() -> String {
+    let version = std::fs::read_to_string(cached("VERSION")).unwrap();
+    version
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Whether KVM here has hardware virtualization (VT-x or AMD-V), from
+/// `vmplant host`. Without it (PVM), a stock kernel cannot boot to the
+/// end: see ENVIRONMENT.md.
+fn hardware_virtualization() -> bool {
+    let out = Command::new(vmplant())
+        .arg("host")
+        .output()
+        .expect("cannot run vmplant host");
+    assert!(out.status.success(), "vmplant host failed: {out:?}");
+    let info: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("vmplant host printed no JSON");
+    match info["virtualization"].as_str() {
+        Some("vmx" | "svm") => true,
+        Some("pvm") => false,
+        other => panic!("unexpected virtualization {other:?} in {info}"),
+    }
+}
+
+/// An e820 range as Linux prints it: first and last byte, and type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct E820 {
+    first: u64,
+    last: u64,
+    kind: String,
+}
+
+/// Parses `... BIOS-e820: [mem 0x...-0x...] usable`.
+fn parse_e820(line: &str) -> Option<E820> {
+    let rest = line.split("BIOS-e820: [mem ").nth(1)?;
+    let (range, kind) = rest.split_once("] ")?;
+    let (first, last) = range.split_once('-')?;
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    Some(E820 {
+        first: hex(first)?,
+        last: hex(last)?,
+        kind: kind.trim().to_string(),
+    })
+}
+
+/// The map vmplant gives a guest of `mem_mib` MiB, as Linux prints it:
+/// base memory below the EBDA, the EBDA and BIOS area reserved, RAM from
+/// 1 MiB up to the 3 GiB MMIO gap, and the rest above 4 GiB.
+fn expected_e820(mem_mib: u64) -> Vec<E820> {
+    const GAP_START: u64 = 0xc000_0000;
+    const GAP_END: u64 = 0x1_0000_0000;
+    let mem = mem_mib << 20;
+    let e = |first, last, kind: &str| E820 {
+        first,
+        last,
+        kind: kind.to_string(),
+    };
+    let mut map = vec![
+        e(0, 0x9_fbff, "usable"),
+        e(0x9_fc00, 0xf_ffff, "reserved"),
+        e(0x10_0000, mem.min(GAP_START) - 1, "usable"),
+    ];
+    if mem > GAP_START {
+        map.push(e(GAP_END, GAP_END + (mem - GAP_START) - 1, "usable"));
+    }
+    map
+}
+
+/// The command line of every boot here. earlyprintk=serial: the kernel
+/// (and the bzImage's decompressor) print on 0x3f8 from their first
+/// steps. nokaslr: fixed addresses, less work, and the decompressor says
+/// so on the console. reboot=k and vmplant.exit: the initramfs reboots
+/// through the i8042 once it is up, which ends the VM.
+const CMDLINE: &str = "console=ttyS0 earlyprintk=serial nokaslr reboot=k panic=-1 vmplant.exit";
+
+/// What the bzImage's decompressor prints with `nokaslr` on its command
+/// line, before it decompresses (Debian's kernel has no
+/// CONFIG_X86_VERBOSE_BOOTUP, so it never prints "Decompressing Linux...").
+const DECOMPRESSOR_LINE: &str = "KASLR disabled: 'nokaslr' on cmdline.";
+
+/// One Linux boot to check.
+struct Boot<'a> {
+    /// `vmlinux` (ELF) or `vmlinuz` (bzImage), from the cache.
+    kernel: &'a str,
+    /// `--boot`: pvh or linux64 (`auto` picks pvh for this vmlinux, which
+    /// has the PVH note; a bzImage always gets the 64-bit entry).
+    entry: &'a str,
+    mem_mib: u64,
+}
+
+/// Boots the kernel and checks the early console: the banner, the command
+/// line echoed back, and the e820 map. With hardware virtualization, then
+/// also boots the initramfs to its shell and lets it end the VM.
+fn boot_linux(b: &Boot) {
+    let kernel = cached(b.kernel);
+    let initrd = cached("initramfs.cpio.gz");
+    let release = release();
+    let full = hardware_virtualization();
+    let what = format!(
+        "linux ({}, --boot {}, {} MiB)",
+        b.kernel, b.entry, b.mem_mib
+    );
+    let mem = b.mem_mib.to_string();
+    let start = Instant::now();
+    let mut vm = Vmm::start(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        CMDLINE,
+        "--boot",
+        b.entry,
+        "--mem",
+        &mem,
+        "--no-stdin",
+    ]);
+
+    if b.kernel == "vmlinuz" {
+        // The decompressor (entered at the bzImage's 64-bit entry) read
+        // our command line from the zero page, and printed on the serial
+        // port that earlyprintk=serial names.
+        vm.expect_line("the decompressor's KASLR line", EARLY_CONSOLE, |l| {
+            l.contains(DECOMPRESSOR_LINE)
+        });
+        let t = start.elapsed().as_secs_f64();
+        if !full {
+            // Decompressing 50 MB would take many minutes of interpreted
+            // code: this is as far as a PVM host gets in a test.
+            vm.kill();
+            eprintln!(
+                "{what}: checked the decompressor's early console only (PVM host): \
+                 \"{DECOMPRESSOR_LINE}\" after {t:.1} s"
+            );
+            return;
+        }
+    }
+
+    let banner = vm.expect_line("the Linux version banner", EARLY_CONSOLE, |l| {
+        l.contains("Linux version ")
+    });
+    assert!(
+        banner.contains(&format!("Linux version {release} ")),
+        "the banner is not that of {release}: {banner}"
+    );
+    let echoed = vm.expect_line("the command line", EARLY_CONSOLE, |l| {
+        l.contains("Command line: ")
+    });
+    assert_eq!(
+        echoed.split("Command line: ").nth(1),
+        Some(CMDLINE),
+        "the kernel did not get the command line we passed: {echoed}"
+    );
+
+    // The map follows "BIOS-provided physical RAM map:", a line a range.
+    let first = vm.expect_line("the e820 map", EARLY_CONSOLE, |l| l.contains("BIOS-e820: "));
+    let mut map = vec![parse_e820(&first).unwrap_or_else(|| panic!("bad e820 line {first}"))];
+    loop {
+        let line = vm.expect_line("the end of the e820 map", EARLY_CONSOLE, |_| true);
+        if !line.contains("BIOS-e820: ") {
+            break;
+        }
+        map.push(parse_e820(&line).unwrap_or_else(|| panic!("bad e820 line {line}")));
+    }
+    let to_e820 = start.elapsed().as_secs_f64();
+    assert_eq!(
+        map,
+        expected_e820(b.mem_mib),
+        "the kernel's e820 map does not match --mem {}",
+        b.mem_mib
+    );
+    let usable: u64 = map
+        .iter()
+        .filter(|e| e.kind == "usable")
+        .map(|e| e.last - e.first + 1)
+        .sum();
+    // All the memory given but the EBDA and BIOS area below 1 MiB.
+    assert_eq!(usable, (b.mem_mib << 20) - (0x10_0000 - 0x9_fc00));
+
+    if !full {
+        vm.kill();
+        eprintln!(
+            "{what}: checked early console only (PVM host): banner, command line, \
+             e820 map after {to_e820:.1} s"
+        );
+        return;
+    }
+    // Needs hardware virtualization, see ENVIRONMENT.md: the rest of the
+    // kernel's boot, the initramfs, and a reboot through the i8042.
+    vm.expect_line("the initramfs shell", FULL_BOOT, |l| {
+        l.contains("vmplant-initramfs: shell ready")
+    });
+    let done = vm.wait(FULL_BOOT);
+    assert!(
+        done.status.success(),
+        "the guest's reboot did not end the VM cleanly: {:?}\n{}",
+        done.status,
+        done.stderr
+    );
+    eprintln!(
+        "{what}: checked the full boot to the initramfs shell (hardware virtualization): \
+         e820 after {to_e820:.1} s, shell and reboot after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn linux_vmlinux_boots_through_the_pvh_entry_with_256_mib() {
+    boot_linux(&Boot {
+        kernel: "vmlinux",
+        entry: "pvh",
+        mem_mib: 256,
+    });
+}
+
+/// 3.5 GiB: the last 512 MiB lie above 4 GiB, past the MMIO gap.
+#[test]
+fn linux_vmlinux_boots_through_the_64bit_entry_with_ram_above_4_gib() {
+    boot_linux(&Boot {
+        kernel: "vmlinux",
+        entry: "linux64",
+        mem_mib: 3584,
+    });
+}
+
+#[test]
+fn linux_bzimage_decompressor_starts() {
+    boot_linux(&Boot {
+        kernel: "vmlinuz",
+        entry: "linux64",
+        mem_mib: 256,
+    });
+}
+
+#[test]
+fn e820_parser_reads_linux_lines() {
+    assert_eq!(
+        parse_e820("[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
+        Some(E820 {
+            first: 0x10_0000,
+            last: 0xfff_ffff,
+            kind: "usable".into()
+        })
+    );
+    assert_eq!(parse_e820("Command line: x"), None);
+}
+
+#[test]
+fn expected_e820_splits_memory_around_the_mmio_gap() {
+    let e = expected_e820(3584);
+    assert_eq!(e.len(), 4);
+    assert_eq!((e[2].first, e[2].last), (0x10_0000, 0xbfff_ffff));
+    assert_eq!((e[3].first, e[3].last), (0x1_0000_0000, 0x1_1fff_ffff));
+    assert_eq!(expected_e820(256).len(), 3);
+}
