@@ -7,11 +7,11 @@
 //!
 //! - On a PVM host (KVM without VT-x/AMD-V, as on the development and CI
 //!   machines) the kernel's CPL0 code is interpreted by KVM's instruction
-//!   emulator: it prints its banner, its command line and its e820 map on
-//!   the early console within tens of seconds, and then stops on an
-//!   instruction the emulator does not implement. These tests check that
-//!   early console, which is what our boot protocols hand the kernel, and
-//!   then kill the VM.
+//!   emulator: it prints its banner, its command line, its e820 map and
+//!   where its initrd lies on the early console within tens of seconds,
+//!   and then stops on an instruction the emulator does not implement.
+//!   These tests check that early console, which shows what our boot
+//!   protocols handed the kernel, and then kill the VM.
 //! - With hardware virtualization ("vmx"/"svm" in `vmplant host`) the same
 //!   tests go on to boot the initramfs (busybox) to its shell marker and
 //!   let it reboot through the i8042, which ends the VM with status 0.
@@ -23,10 +23,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use vmplant_tests::{Vmm, root, vmplant};
 
-/// Time limit from start to the e820 map on the early console. The kernel
-/// needs about 15 s of CPU time to get there on a PVM host (20 s alone on
-/// the machine); the limit leaves room for a loaded machine with 2 shared
-/// cores.
+/// Time limit for each early-console line. On a PVM host the kernel needs
+/// about 15 s of CPU time to reach its e820 map and 18 s to its initrd
+/// (20 to 25 s alone on the machine); the limit leaves room for a loaded
+/// machine with 2 shared cores.
 const EARLY_CONSOLE: Duration = Duration::from_secs(180);
 /// Time limit from the e820 map to the initramfs's shell and its reboot
 /// (hardware virtualization only).
@@ -81,16 +81,22 @@ struct E820 {
     kind: String,
 }
 
-/// Parses `... BIOS-e820: [mem 0x...-0x...] usable`.
-fn parse_e820(line: &str) -> Option<E820> {
-    let rest = line.split("BIOS-e820: [mem ").nth(1)?;
-    let (range, kind) = rest.split_once("] ")?;
+/// Parses the range and what follows in `... {prefix}[mem 0x...-0x...] rest`.
+fn parse_mem_range<'a>(line: &'a str, prefix: &str) -> Option<(u64, u64, &'a str)> {
+    let rest = line.split(&format!("{prefix}[mem ")).nth(1)?;
+    let (range, rest) = rest.split_once(']')?;
     let (first, last) = range.split_once('-')?;
     let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    Some((hex(first)?, hex(last)?, rest.trim()))
+}
+
+/// Parses `... BIOS-e820: [mem 0x...-0x...] usable`.
+fn parse_e820(line: &str) -> Option<E820> {
+    let (first, last, kind) = parse_mem_range(line, "BIOS-e820: ")?;
     Some(E820 {
-        first: hex(first)?,
-        last: hex(last)?,
-        kind: kind.trim().to_string(),
+        first,
+        last,
+        kind: kind.to_string(),
     })
 }
 
@@ -140,8 +146,9 @@ struct Boot<'a> {
 }
 
 /// Boots the kernel and checks the early console: the banner, the command
-/// line echoed back, and the e820 map. With hardware virtualization, then
-/// also boots the initramfs to its shell and lets it end the VM.
+/// line echoed back, the e820 map and the initrd's place. With hardware
+/// virtualization, then also boots the initramfs to its shell and lets it
+/// end the VM.
 fn boot_linux(b: &Boot) {
     let kernel = cached(b.kernel);
     let initrd = cached("initramfs.cpio.gz");
@@ -229,11 +236,32 @@ fn boot_linux(b: &Boot) {
     // All the memory given but the EBDA and BIOS area below 1 MiB.
     assert_eq!(usable, (b.mem_mib << 20) - (0x10_0000 - 0x9_fc00));
 
+    // A little later (about 3 s of interpreted code) the kernel reserves
+    // the initrd it was given (zero page, or PVH module list): all of it,
+    // in usable RAM.
+    let line = vm.expect_line("the RAMDISK line", EARLY_CONSOLE, |l| {
+        l.contains("RAMDISK: [mem ")
+    });
+    let (rd_first, rd_last, _) =
+        parse_mem_range(&line, "RAMDISK: ").unwrap_or_else(|| panic!("bad RAMDISK line {line}"));
+    let initrd_size = std::fs::metadata(&initrd).unwrap().len();
+    assert_eq!(
+        rd_last - rd_first + 1,
+        initrd_size.next_multiple_of(4096),
+        "the kernel did not get the whole initrd: {line}"
+    );
+    assert!(
+        map.iter()
+            .any(|e| e.kind == "usable" && e.first <= rd_first && rd_last <= e.last),
+        "the initrd is not in usable RAM: {line}"
+    );
+    let to_initrd = start.elapsed().as_secs_f64();
+
     if !full {
         vm.kill();
         eprintln!(
             "{what}: checked early console only (PVM host): banner, command line, \
-             e820 map after {to_e820:.1} s"
+             e820 map after {to_e820:.1} s, initrd after {to_initrd:.1} s"
         );
         return;
     }
@@ -285,7 +313,7 @@ fn linux_bzimage_decompressor_starts() {
 }
 
 #[test]
-fn e820_parser_reads_linux_lines() {
+fn parsers_read_linux_lines() {
     assert_eq!(
         parse_e820("[    0.000000] BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
         Some(E820 {
@@ -295,6 +323,13 @@ fn e820_parser_reads_linux_lines() {
         })
     );
     assert_eq!(parse_e820("Command line: x"), None);
+    assert_eq!(
+        parse_mem_range(
+            "[    3.44] RAMDISK: [mem 0x0ff04000-0x0fffffff]",
+            "RAMDISK: "
+        ),
+        Some((0xff0_4000, 0xfff_ffff, ""))
+    );
 }
 
 #[test]
