@@ -795,6 +795,15 @@ impl Fs {
             ino: attr.ino,
             block,
         };
+        // A small random read that no cached block covers: fetch just the
+        // bytes asked for instead of whole blocks (the caller's page cache
+        // keeps them), which saves moving 128 KiB per 4 KiB read.
+        if !sequential
+            && end - offset < BLOCK_SIZE / 2
+            && (first..=last).all(|b| !self.cache.contains(&key(b), version))
+        {
+            return self.read_range(&f, offset, end);
+        }
         let mut blocks: Vec<Arc<Vec<u8>>> = Vec::new();
         let mut fetched: HashMap<u64, Arc<Vec<u8>>> = HashMap::new();
         'blocks: for b in first..=last {
@@ -865,6 +874,20 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+
+    fn read_range(&self, f: &OpenFile, offset: u64, end: u64) -> Result<Vec<u8>, ClientError> {
+        self.run(|s| {
+            let handle = self.handle(s, f)?;
+            match check(s.conn.call(&Request::Read {
+                handle,
+                offset,
+                len: (end - offset) as u32,
+            })?)? {
+                Response::Data(d) => Ok(d),
+                _ => Err(ClientError::Unexpected),
+            }
+        })
     }
 
     fn fetch(&self, f: &OpenFile, blocks: &[u64]) -> Result<Vec<Vec<u8>>, ClientError> {
