@@ -2,6 +2,7 @@
 //! side by side with the anchors in ../shared/anchors.
 
 mod boot;
+mod measure;
 
 use super::CliResult;
 use clap::Subcommand;
