@@ -181,6 +181,55 @@ fn control_plane() -> serde_json::Value {
     v
 }
 
+/// Frames per second through `Switch::ingress` between in-memory ports
+/// (no I/O): the switch's own cost per frame.
+fn switch_fps() -> serde_json::Value {
+    struct Count(std::sync::atomic::AtomicU64);
+    impl vnet::PortSink for Count {
+        fn send(&self, f: &dyn vnet::Frame) -> std::result::Result<(), vnet::DropReason> {
+            let mut b = [0u8; 64];
+            f.read_at(0, &mut b);
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+    let sw = vnet::Switch::new(SwitchConfig::default()).unwrap();
+    let sinks: Vec<_> = (0..2)
+        .map(|_| std::sync::Arc::new(Count(Default::default())))
+        .collect();
+    let ids: Vec<_> = sinks
+        .iter()
+        .map(|c| sw.add_port("c", vnet::PortKind::Guest, c.clone()))
+        .collect();
+    let (a, b) = (Mac::local(1), Mac::local(2));
+    let ab = vnet::frame::build_frame(b, a, 0x0800, &[0; 50]);
+    let ba = vnet::frame::build_frame(a, b, 0x0800, &[0; 50]);
+    sw.ingress_bytes(ids[0], &ab);
+    sw.ingress_bytes(ids[1], &ba);
+    let n = 2_000_000u64;
+    let cpu = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes one timespec into a live local.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    };
+    let c0 = cpu();
+    let t = Instant::now();
+    for _ in 0..n / 2 {
+        sw.ingress_bytes(ids[0], &ab);
+        sw.ingress_bytes(ids[1], &ba);
+    }
+    let el = t.elapsed().as_secs_f64();
+    let el_cpu = cpu() - c0;
+    let v = json!({"bench": "vnet", "setup": "switch_only_64B", "mfps": (n as f64 / el / 1e5).round() / 10.0,
+        "ns_per_frame": (el * 1e9 / n as f64).round(), "cpu_ns_per_frame": (el_cpu * 1e9 / n as f64).round()});
+    println!("{v}");
+    v
+}
+
 fn main() {
     let secs: u32 = std::env::args()
         .nth(1)
@@ -193,6 +242,7 @@ fn main() {
     let tcp = two_switches("vnet_tcp_tunnel", Proto::Tcp, 0, 34, secs);
     let tls = two_switches("vnet_tls_tunnel", Proto::Tls, 0, 35, secs);
     let ctl = control_plane();
+    let fps = switch_fps();
     let pct = |r: &Result| (r.mbps / bridge.mbps * 1000.0).round() / 10.0;
     println!(
         "{}",
@@ -206,6 +256,7 @@ fn main() {
             "tcp_tunnel_pct_of_bridge": pct(&tcp),
             "tls_tunnel_pct_of_bridge": pct(&tls),
             "add_rule_us": ctl["add_rule_us"], "remove_tunnel_us": ctl["remove_tunnel_us"],
+            "switch_mfps": fps["mfps"],
         })
     );
 }
