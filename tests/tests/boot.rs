@@ -165,3 +165,44 @@ fn bad_input_gets_one_line_errors() {
         "cannot read the initrd",
     );
 }
+
+#[test]
+fn several_vms_run_in_one_process_with_their_consoles_apart() {
+    let dir = std::env::temp_dir().join(format!("vmplant-two-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("vms.json");
+    let probe = probe_elf();
+    let spec = json!({"vms": [
+        {"name": "a", "kernel": probe, "cmdline": "console=ttyS0 probe=count:1000:500+shutdown",
+         "nets": ["52:54:00:00:00:0a"]},
+        {"name": "b", "kernel": probe, "cmdline": "console=ttyS0 probe=smp+shutdown", "vcpus": 2,
+         "serial_file": "b.console"},
+    ]});
+    std::fs::write(&config, spec.to_string()).unwrap();
+    let done = Vmm::start(&["run", "--config", config.to_str().unwrap()]).wait(BOOT);
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}",
+        done.status,
+        done.stderr
+    );
+    // VM a's console is on standard output behind its name.
+    assert!(
+        done.lines.iter().all(|l| l.starts_with("a: ")),
+        "{:?}",
+        done.lines
+    );
+    assert!(
+        done.lines
+            .contains(&r#"a: {"probe":"shutdown"}"#.to_string()),
+        "{:?}",
+        done.lines
+    );
+    // VM b's is in its file, next to the config.
+    let b = std::fs::read_to_string(dir.join("b.console")).unwrap();
+    assert!(
+        b.contains(r#"{"probe":"smp","online":2,"expected":2}"#),
+        "{b}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

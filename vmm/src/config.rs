@@ -27,6 +27,9 @@ pub enum SerialOutput {
     #[default]
     Stdout,
     File(PathBuf),
+    /// Standard output, each line behind this prefix (several VMs
+    /// sharing one terminal).
+    StdoutPrefixed(String),
     /// Discarded.
     None,
 }

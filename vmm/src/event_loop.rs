@@ -28,32 +28,60 @@ pub enum ExitEvent {
 /// Shared slot where the loop leaves the first exit event.
 pub type ExitSlot = Arc<Mutex<Option<ExitEvent>>>;
 
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// The events that SIGINT and SIGTERM are routed to: one per VM of the
+/// process (-1 marks a free slot).
+static SIGNAL_FDS: [AtomicI32; MAX_SIGNAL_ROUTES] =
+    [const { AtomicI32::new(-1) }; MAX_SIGNAL_ROUTES];
+const MAX_SIGNAL_ROUTES: usize = 256;
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_stop_signal(signum: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     LAST_SIGNAL.store(signum, Ordering::SeqCst);
-    let fd = SIGNAL_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
-        // buffer and `fd` is an eventfd kept open for the process's life.
-        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    for slot in &SIGNAL_FDS {
+        let fd = slot.load(Ordering::SeqCst);
+        if fd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte
+            // buffer and `fd` is an eventfd its VM keeps open until it
+            // clears the slot.
+            unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+        }
     }
 }
 
-/// Routes SIGINT and SIGTERM to `evt` (kept open by the caller).
-pub fn route_stop_signals(evt: &EventFd) -> std::io::Result<()> {
-    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+/// Routes SIGINT and SIGTERM to `evt` until the returned guard is dropped.
+pub fn route_stop_signals(evt: &EventFd) -> std::io::Result<SignalRoute> {
+    let fd = evt.as_raw_fd();
+    let slot = SIGNAL_FDS
+        .iter()
+        .position(|s| {
+            s.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+        .ok_or_else(|| std::io::Error::other("too many VMs in one process for signal routing"))?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
-    Ok(())
+    Ok(SignalRoute { slot })
+}
+
+/// Keeps a VM's stop event registered for SIGINT and SIGTERM.
+#[derive(Debug)]
+pub struct SignalRoute {
+    slot: usize,
+}
+
+impl Drop for SignalRoute {
+    fn drop(&mut self) {
+        SIGNAL_FDS[self.slot].store(-1, Ordering::SeqCst);
+    }
 }
 
 /// Watches the events that end a VM.
 pub struct ExitWatcher {
+    /// Dropped before `signal_evt`, so a signal never meets a closed fd.
+    pub signal_route: SignalRoute,
     pub reset_evt: EventFd,
     pub host_stop_evt: EventFd,
     pub stop_evt: EventFd,

@@ -295,9 +295,10 @@ impl Vm {
 
         // The event loop.
         let mut events = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
-        route_stop_signals(&signal_evt).map_err(VmError::Event)?;
+        let signal_route = route_stop_signals(&signal_evt).map_err(VmError::Event)?;
         let exit: ExitSlot = Arc::new(Mutex::new(None));
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            signal_route,
             reset_evt,
             host_stop_evt: host_stop_evt.try_clone().map_err(VmError::Event)?,
             stop_evt: stop_evt.try_clone().map_err(VmError::Event)?,
@@ -620,6 +621,36 @@ fn serial_output(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
                 })?,
             )
         }
+        SerialOutput::StdoutPrefixed(prefix) => Box::new(PrefixedLines {
+            prefix: prefix.clone().into_bytes(),
+            at_line_start: true,
+            out: std::io::stdout(),
+        }),
         SerialOutput::None => Box::new(std::io::sink()),
     })
+}
+
+/// Standard output with a prefix at the start of every line.
+struct PrefixedLines {
+    prefix: Vec<u8>,
+    at_line_start: bool,
+    out: std::io::Stdout,
+}
+
+impl Write for PrefixedLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = self.out.lock();
+        for line in buf.split_inclusive(|&b| b == b'\n') {
+            if self.at_line_start {
+                out.write_all(&self.prefix)?;
+            }
+            out.write_all(line)?;
+            self.at_line_start = line.ends_with(b"\n");
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }

@@ -1,10 +1,15 @@
-//! `vmplant run`: boot one guest with its serial console on standard
-//! output, until it shuts down or the host stops it.
+//! `vmplant run`: boot guests in this process, their NICs on one VNET
+//! switch, until they shut down or the host stops them.
+//!
+//! One VM from flags (its console on standard output), or several from a
+//! JSON file (`--config`), each console on standard output behind its
+//! name or in a file of its own.
 
 use super::CliResult;
 use clap::{Args, ValueEnum};
 use devices::virtio::net::Net;
-use std::path::PathBuf;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -13,8 +18,8 @@ use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
     /// An initial ramdisk for the kernel.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -41,10 +46,17 @@ pub struct RunArgs {
     /// process's VNET switch (repeatable).
     #[arg(long = "net", value_name = "MAC")]
     pub nets: Vec<vnet::Mac>,
+    /// Run the VMs a JSON file describes, all on one switch, instead of
+    /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
+    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "serial_file"}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets"])]
+    pub config: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Boot {
+    #[default]
     Auto,
     Linux64,
     Pvh,
@@ -60,34 +72,145 @@ impl From<Boot> for BootProtocol {
     }
 }
 
+/// Several VMs in one process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunFile {
+    vms: Vec<VmSpec>,
+}
+
+/// One VM of a [`RunFile`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmSpec {
+    name: String,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    #[serde(default = "one")]
+    vcpus: u8,
+    #[serde(default = "default_mem")]
+    mem_mib: u64,
+    #[serde(default)]
+    boot: Boot,
+    #[serde(default)]
+    nets: Vec<String>,
+    /// The console's file; standard output behind "NAME: " if absent.
+    serial_file: Option<PathBuf>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn default_mem() -> u64 {
+    128
+}
+
+/// A VM to build: its config and its NICs.
+struct Planned {
+    name: String,
+    config: VmConfig,
+    nets: Vec<vnet::Mac>,
+}
+
+fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let file: RunFile = serde_json::from_str(&text).map_err(|e| format!("{path:?}: {e}"))?;
+    if file.vms.is_empty() {
+        return Err(format!("{path:?} lists no VMs").into());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut names = std::collections::HashSet::new();
+    file.vms
+        .into_iter()
+        .map(|vm| {
+            if !names.insert(vm.name.clone()) {
+                return Err(format!("{path:?}: two VMs are named {:?}", vm.name).into());
+            }
+            let nets = vm
+                .nets
+                .iter()
+                .map(|m| m.parse().map_err(|e| format!("VM {:?}: {e}", vm.name)))
+                .collect::<Result<Vec<vnet::Mac>, _>>()?;
+            let serial = match vm.serial_file {
+                Some(f) => SerialOutput::File(base.join(f)),
+                None => SerialOutput::StdoutPrefixed(format!("{}: ", vm.name)),
+            };
+            Ok(Planned {
+                name: vm.name,
+                config: VmConfig {
+                    kernel: base.join(vm.kernel),
+                    initrd: vm.initrd.map(|p| base.join(p)),
+                    cmdline: vm.cmdline,
+                    vcpus: vm.vcpus,
+                    mem_mib: vm.mem_mib,
+                    boot: vm.boot.into(),
+                    serial,
+                    serial_input: false,
+                },
+                nets,
+            })
+        })
+        .collect()
+}
+
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
-    let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        vcpus: args.vcpus,
-        mem_mib: args.mem,
-        boot: args.boot.into(),
-        serial: args
-            .serial_file
-            .map_or(SerialOutput::Stdout, SerialOutput::File),
-        serial_input: !args.no_stdin,
+    let planned = match &args.config {
+        Some(path) => read_run_file(path)?,
+        None => vec![Planned {
+            name: "vm".into(),
+            config: VmConfig {
+                // clap requires --kernel when there is no --config.
+                kernel: args.kernel.clone().unwrap_or_default(),
+                initrd: args.initrd,
+                cmdline: args.cmdline,
+                vcpus: args.vcpus,
+                mem_mib: args.mem,
+                boot: args.boot.into(),
+                serial: args
+                    .serial_file
+                    .map_or(SerialOutput::Stdout, SerialOutput::File),
+                serial_input: !args.no_stdin,
+            },
+            nets: args.nets,
+        }],
     };
-    let mut vm = Vm::build(&config, process_start)?;
+    let several = planned.len() > 1;
+    let named = |name: &str, e: vmm::VmError| -> Box<dyn std::error::Error + Send + Sync> {
+        if several {
+            format!("VM {name}: {e}").into()
+        } else {
+            Box::new(e)
+        }
+    };
     let switch = vnet::Switch::new(vnet::SwitchConfig::default())?;
-    for (i, mac) in args.nets.iter().enumerate() {
-        let nic = Arc::new(Mutex::new(Net::new(
-            switch.clone(),
-            &format!("net{i}"),
-            *mac,
-        )?));
-        vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
+    let mut running = Vec::with_capacity(planned.len());
+    for p in planned {
+        let mut vm = Vm::build(&p.config, process_start).map_err(|e| named(&p.name, e))?;
+        for (i, mac) in p.nets.iter().enumerate() {
+            let port = format!("{}-net{i}", p.name);
+            let nic = Arc::new(Mutex::new(Net::new(switch.clone(), &port, *mac)?));
+            vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
+        }
+        running.push((p.name.clone(), vm.start().map_err(|e| named(&p.name, e))?));
     }
-    let exit = vm.run()?;
-    match &exit {
-        VmExit::GuestShutdown => tracing::info!("{exit}"),
-        VmExit::Signal(_) => tracing::warn!("{exit}"),
-        _ => eprintln!("vmplant: {exit}"),
+    let mut code = 0;
+    for (name, vm) in running {
+        let exit = vm.wait()?;
+        let who = if several {
+            format!("VM {name}: ")
+        } else {
+            String::new()
+        };
+        match &exit {
+            VmExit::GuestShutdown => tracing::info!("{who}{exit}"),
+            VmExit::Signal(_) => tracing::warn!("{who}{exit}"),
+            _ => eprintln!("vmplant: {who}{exit}"),
+        }
+        if code == 0 {
+            code = exit.exit_code();
+        }
     }
-    Ok(ExitCode::from(exit.exit_code()))
+    Ok(ExitCode::from(code))
 }
