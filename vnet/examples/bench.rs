@@ -1,7 +1,7 @@
 //! VNET benchmark (needs root, ip, ping, iperf3):
 //!
 //! ```text
-//! cargo run --release -p vnet --example bench -- [SECONDS]
+//! cargo run --release -p vnet --example bench -- [SECONDS [ONLY]]
 //! ```
 //!
 //! Ping RTT and iperf3 TCP throughput between two network namespaces
@@ -9,7 +9,9 @@
 //! joined by a UDP tunnel (1472-byte path MTU, so 1514-byte frames go in
 //! two fragments), (c') the same with a 9000-byte path MTU (loopback
 //! allows it), (d) a TCP and (e) a TLS tunnel; then the time to add and
-//! remove a rule and a tunnel. One JSON line per result, then a summary.
+//! remove a rule and a tunnel, and the switch's own frames per second.
+//! One JSON line per result, then a summary (not when ONLY, a substring
+//! of setup names, picks some).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -235,6 +237,34 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // Optional: run only the setups whose name contains this.
+    let only = std::env::args().nth(2).unwrap_or_default();
+    let want = |name: &str| name.contains(only.as_str());
+    if !only.is_empty() {
+        if want("linux_bridge") {
+            linux_bridge(secs);
+        }
+        if want("vnet_one_switch") {
+            one_switch(secs);
+        }
+        for (name, proto, mtu, net) in [
+            ("vnet_udp_tunnel", Proto::Udp, 1472, 32),
+            ("vnet_udp_tunnel_9000", Proto::Udp, 9000, 33),
+            ("vnet_tcp_tunnel", Proto::Tcp, 0, 34),
+            ("vnet_tls_tunnel", Proto::Tls, 0, 35),
+        ] {
+            if want(name) {
+                two_switches(name, proto, mtu, net, secs);
+            }
+        }
+        if want("control") {
+            control_plane();
+        }
+        if want("switch_only") {
+            switch_fps();
+        }
+        return;
+    }
     let bridge = linux_bridge(secs);
     let one = one_switch(secs);
     let udp = two_switches("vnet_udp_tunnel", Proto::Udp, 1472, 32, secs);
