@@ -382,3 +382,80 @@ fn switches_exchange_matrices_and_both_infer_the_ring_of_four() {
         );
     }
 }
+
+#[test]
+fn garbage_from_the_network_is_dropped_and_counted_never_a_panic() {
+    use std::io::{Read, Write};
+    use vnet::tunnel::wire;
+    let v = vnet();
+    let (_, ul) = v.listen("udp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let (_, tl) = v.listen("tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    // Random datagrams, including ones that start like fragments.
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u32 = 7;
+    for len in 0..600 {
+        let d: Vec<u8> = (0..len % 1500)
+            .map(|i| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                if i == 0 {
+                    (len % 7) as u8
+                } else {
+                    (x >> 16) as u8
+                }
+            })
+            .collect();
+        s.send_to(&d, ul).unwrap();
+    }
+    // A TCP peer that does not speak the protocol is dropped.
+    let mut t = std::net::TcpStream::connect(tl).unwrap();
+    t.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    t.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = t.read_to_end(&mut sink);
+    assert!(v.switch().ports().is_empty(), "garbage made no port");
+    // A peer that says hello, then sends messages of unknown type and a
+    // truncated offload frame: up, with the bad messages counted.
+    let mut t = std::net::TcpStream::connect(tl).unwrap();
+    let mut out = Vec::new();
+    wire::encode_stream(&mut out, wire::MSG_HELLO, &wire::hello(42));
+    wire::encode_stream(&mut out, 99, b"what");
+    wire::encode_stream(&mut out, wire::MSG_FRAME_HDR, &[1, 2, 3]);
+    wire::encode_stream(&mut out, wire::MSG_MATRIX, b"{not json");
+    wire::encode_stream(&mut out, wire::MSG_FRAME, &[0; 5]);
+    t.write_all(&out).unwrap();
+    assert!(eventually(5, || {
+        v.switch().ports().first().is_some_and(|p| {
+            p.counters.dropped(DropReason::Malformed) == 3
+                && p.counters.dropped(DropReason::Runt) == 1
+        })
+    }));
+    let l = &v.status().listeners;
+    let tcp = l.iter().find(|l| l.local_addr == tl).unwrap();
+    assert_eq!(
+        tcp.tunnels
+            .iter()
+            .filter(|t| t.state == TunnelState::Up)
+            .count(),
+        1
+    );
+    assert_eq!(
+        tcp.tunnels
+            .iter()
+            .find(|t| t.state == TunnelState::Up)
+            .unwrap()
+            .peer_switch,
+        Some(42)
+    );
+    // A length prefix past the limit ends the session.
+    t.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    assert!(eventually(5, || v.switch().ports().is_empty()));
+    // The listeners still work.
+    let other = vnet();
+    other.connect(format!("udp:{ul}").parse().unwrap()).unwrap();
+    other.connect(format!("tcp:{tl}").parse().unwrap()).unwrap();
+    assert!(eventually(5, || other
+        .tunnels()
+        .iter()
+        .all(|t| t.state == TunnelState::Up)));
+}
