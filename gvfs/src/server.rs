@@ -496,6 +496,14 @@ fn valid_name(name: &[u8]) -> Result<&OsStr, i32> {
     Ok(OsStr::from_bytes(name))
 }
 
+/// Permission bits a client may set: never set-user-id, and set-group-id
+/// only on directories (where it means "inherit the group"), so that a
+/// client cannot plant privileged executables on the server.
+fn client_mode(mode: u32, dir: bool) -> u32 {
+    let allowed = if dir { 0o3777 } else { 0o1777 };
+    mode & allowed
+}
+
 fn time_of(sec: i64, nsec: i64) -> Time {
     Time {
         sec,
@@ -624,7 +632,9 @@ impl Conn {
                 )
                 .map_err(errno)?;
                 if let Some(mode) = set.mode {
-                    sys::fchmod(fd.as_fd(), mode & 0o7777).map_err(errno)?;
+                    let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                    let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                    sys::fchmod(fd.as_fd(), client_mode(mode, dir)).map_err(errno)?;
                 }
                 if set.uid.is_some() || set.gid.is_some() {
                     let uid = set.uid.map_or(u32::MAX, |u| self.cfg().uid_map.to_local(u));
@@ -726,7 +736,7 @@ impl Conn {
                     self.root(),
                     &path,
                     (flags & keep) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NOCTTY,
-                    mode & 0o7777,
+                    client_mode(mode, false),
                 )
                 .map_err(errno)?;
                 let dir = self.open_dir(&dir_path)?;
@@ -748,7 +758,7 @@ impl Conn {
                 let name = valid_name(&name)?;
                 let dir_path = self.path(parent)?;
                 let dir = self.open_dir(&dir_path)?;
-                sys::mkdir_at(dir.as_fd(), name, mode & 0o7777).map_err(errno)?;
+                sys::mkdir_at(dir.as_fd(), name, client_mode(mode, true)).map_err(errno)?;
                 self.chown_new(dir.as_fd(), name, uid, gid);
                 Ok(Response::Attr(self.child_attr(
                     dir.as_fd(),

@@ -152,6 +152,48 @@ fn tmp_secret(export: &Path) -> std::path::PathBuf {
 }
 
 #[test]
+fn clients_cannot_set_setuid_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), b"#!/bin/sh\n").unwrap();
+    let export = tmp.path().to_path_buf();
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let fs_ = client(server.local_addr(), FsOptions::default());
+        let f = fs_.lookup(ROOT_INO, b"f").unwrap();
+        let a = fs_
+            .setattr(
+                f.ino,
+                proto::SetAttr {
+                    mode: Some(0o6755),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(a.perm, 0o755);
+        let (e, _) = fs_
+            .create(ROOT_INO, b"g", 0o4755, libc::O_WRONLY as u32, 0, 0)
+            .unwrap();
+        assert_eq!(e.attr.perm & 0o7000, 0);
+        let d = fs_.mkdir(ROOT_INO, b"d", 0o4775, 0, 0).unwrap();
+        assert_eq!(d.attr.perm & 0o7000, 0);
+        let a = fs_
+            .setattr(
+                d.ino,
+                proto::SetAttr {
+                    mode: Some(0o6775),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(a.perm, 0o2775, "setgid stays allowed on directories");
+        let mode = fs::metadata(export.join("f")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        server.shutdown();
+    });
+}
+
+#[test]
 fn read_only_export_refuses_writes_with_erofs() {
     let tmp = tempfile::tempdir().unwrap();
     fs::write(tmp.path().join("f"), b"data").unwrap();
