@@ -132,6 +132,18 @@ fn read_msg<'a>(r: &mut impl Read, buf: &'a mut [u8]) -> Result<&'a [u8], Tunnel
 fn run_session(
     switch: &Arc<Switch>,
     status: &Status,
+    sock: TcpStream,
+    tls: Option<Connection>,
+    name: &str,
+) -> Result<(), TunnelError> {
+    let r = session(switch, status, sock, tls, name);
+    *lock(&status.sock) = None;
+    r
+}
+
+fn session(
+    switch: &Arc<Switch>,
+    status: &Status,
     mut sock: TcpStream,
     tls: Option<Connection>,
     name: &str,
@@ -201,7 +213,6 @@ fn run_session(
         Err(e) => Err(e.into()),
     };
     let _ = switch.remove_port(port);
-    *lock(&status.sock) = None;
     res
 }
 
