@@ -16,6 +16,7 @@ fn main() {
         uid_map: Default::default(),
         gid_map: Default::default(),
         workers: 4,
+        max_nodes: gvfs::server::DEFAULT_MAX_NODES,
     };
     let server = gvfs::server::Server::bind(cfg, "127.0.0.1:0".parse().unwrap())
         .unwrap()

@@ -418,6 +418,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
             uid_map: IdMap::default(),
             gid_map: IdMap::default(),
             workers: 8,
+            max_nodes: crate::server::DEFAULT_MAX_NODES,
         },
         "127.0.0.1:0"
             .parse()

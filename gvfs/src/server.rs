@@ -84,7 +84,13 @@ pub struct ServerConfig {
     pub gid_map: IdMap,
     /// Threads that execute requests, shared by all connections.
     pub workers: usize,
+    /// Most node ids kept; past it all are dropped and clients, getting
+    /// ESTALE, look their files up again by name.
+    pub max_nodes: usize,
 }
+
+/// A sensible [`ServerConfig::max_nodes`].
+pub const DEFAULT_MAX_NODES: usize = 1 << 20;
 
 /// Counters of what the server sent, per op.
 struct Counters {
@@ -117,6 +123,7 @@ impl Counters {
 
 /// Node ids and the export-relative paths they stand for.
 struct Nodes {
+    max: usize,
     paths: HashMap<u64, PathBuf>,
     /// Keyed by the path's bytes: hashing bytes is much cheaper than
     /// hashing a `Path` component by component.
@@ -129,8 +136,9 @@ fn key(p: &Path) -> Vec<u8> {
 }
 
 impl Nodes {
-    fn new() -> Nodes {
+    fn new(max: usize) -> Nodes {
         let mut n = Nodes {
+            max: max.max(2),
             paths: HashMap::new(),
             ids: HashMap::new(),
             next: proto::ROOT_NODE + 1,
@@ -143,6 +151,15 @@ impl Nodes {
         let k = key(&path);
         if let Some(id) = self.ids.get(&k) {
             return *id;
+        }
+        if self.paths.len() >= self.max {
+            // Bounded memory: forget every node but the root. Ids are never
+            // reused, so clients see ESTALE and look up by name again.
+            debug!(nodes = self.paths.len(), "node table full; dropping it");
+            self.paths.clear();
+            self.ids.clear();
+            self.paths.insert(proto::ROOT_NODE, PathBuf::new());
+            self.ids.insert(Vec::new(), proto::ROOT_NODE);
         }
         let id = self.next;
         self.next += 1;
@@ -234,8 +251,8 @@ impl Server {
         Ok(Server {
             shared: Arc::new(Shared {
                 root,
+                nodes: Mutex::new(Nodes::new(cfg.max_nodes)),
                 cfg,
-                nodes: Mutex::new(Nodes::new()),
                 counters: Counters::new(),
                 stop: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),

@@ -468,3 +468,37 @@ fn random_and_sequential_reads_return_the_right_bytes() {
         server.shutdown();
     });
 }
+
+#[test]
+fn a_full_node_table_is_dropped_and_clients_recover() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+    for i in 0..40 {
+        fs::write(tmp.path().join(format!("a/b/f{i}")), format!("file {i}")).unwrap();
+    }
+    let mut cfg = server_config(tmp.path());
+    cfg.max_nodes = 8;
+    let server = start(cfg, "127.0.0.1:0");
+    bounded(30, None, move || {
+        let opts = FsOptions {
+            attr_timeout: Duration::ZERO,
+            ..FsOptions::default()
+        };
+        let fs_ = client(server.local_addr(), opts);
+        let a = fs_.lookup(ROOT_INO, b"a").unwrap();
+        let b = fs_.lookup(a.ino, b"b").unwrap();
+        // Listing 40 files overflows the 8-node table several times.
+        let items = fs_.readdir(b.ino).unwrap();
+        assert_eq!(items.len(), 40);
+        for it in &items {
+            // Each getattr and read goes by node ids long dropped.
+            let a = fs_.getattr(it.ino).unwrap();
+            let o = fs_.open(it.ino, 0).unwrap();
+            let want = format!("file {}", std::str::from_utf8(&it.name[1..]).unwrap());
+            assert_eq!(a.size, want.len() as u64);
+            assert_eq!(fs_.read(o.fh, 0, 100).unwrap(), want.as_bytes());
+            fs_.release(o.fh).unwrap();
+        }
+        server.shutdown();
+    });
+}

@@ -139,6 +139,7 @@ fn serve(a: ServeArgs) -> CliResult {
         uid_map: id_map(&a.map_uid)?,
         gid_map: id_map(&a.map_gid)?,
         workers: a.workers,
+        max_nodes: gvfs::server::DEFAULT_MAX_NODES,
     };
     let server = Server::bind(cfg, a.listen)?;
     eprintln!("gvfs: serving on {}", server.local_addr());

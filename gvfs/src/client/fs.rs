@@ -114,6 +114,8 @@ pub struct Fs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     cache: BlockCache,
+    /// Bumped when the server reports a stale node id.
+    stale_gen: AtomicU64,
     /// Blocks being fetched right now, and who to wait on for them.
     inflight: Mutex<HashMap<BlockKey, Arc<Flight>>>,
 }
@@ -210,6 +212,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             cache,
             inflight: Mutex::new(HashMap::new()),
+            stale_gen: AtomicU64::new(0),
         })
     }
 
@@ -231,13 +234,22 @@ impl Fs {
         self.remote.read_only()
     }
 
+    /// Node ids are valid within one connection epoch and one "stale
+    /// generation" (bumped when the server says a node id is stale).
+    fn node_gen(&self, s: &Session) -> u64 {
+        (s.epoch << 32) | (self.stale_gen.load(Ordering::SeqCst) & 0xffff_ffff)
+    }
+
     /// Runs `f` against a live session; disconnects are retried after a
     /// reconnect when `on_disconnect` is `Wait`, and fail with EIO otherwise.
+    /// A stale node id (the server forgot it) is looked up again by path
+    /// and the call retried once.
     fn run<T>(
         &self,
         mut f: impl FnMut(&Session) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         let mut backoff = Duration::from_millis(50);
+        let mut stale_retry = true;
         loop {
             let res = self.remote.session().and_then(|s| {
                 let r = f(&s);
@@ -253,6 +265,10 @@ impl Fs {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(e) if e.is_disconnect() => return Err(ClientError::Disconnected),
+                Err(ClientError::Remote(libc::ESTALE)) if stale_retry => {
+                    stale_retry = false;
+                    self.stale_gen.fetch_add(1, Ordering::SeqCst);
+                }
                 r => return r,
             }
         }
@@ -324,7 +340,7 @@ impl Fs {
             let t = lock(&self.inodes);
             let i = t.map.get(&ino).ok_or(ClientError::Remote(libc::ESTALE))?;
             if let Some((epoch, node)) = i.node
-                && epoch == s.epoch
+                && epoch == self.node_gen(s)
             {
                 return Ok(node);
             }
@@ -343,7 +359,7 @@ impl Fs {
         })?)?;
         let mut t = lock(&self.inodes);
         if let Some(i) = t.map.get_mut(&ino) {
-            i.node = Some((s.epoch, attr.node));
+            i.node = Some((self.node_gen(s), attr.node));
             i.attr = Some((attr, Instant::now()));
         }
         Ok(attr.node)
@@ -394,7 +410,7 @@ impl Fs {
                 name: name.to_vec(),
             })?)?;
             Ok(Entry {
-                ino: self.intern(parent, name, attr, s.epoch),
+                ino: self.intern(parent, name, attr, self.node_gen(s)),
                 attr,
             })
         })
@@ -411,18 +427,7 @@ impl Fs {
     fn refresh_attr(&self, ino: u64) -> Result<Attr, ClientError> {
         self.run(|s| {
             let node = self.node(s, ino)?;
-            let attr = match s.conn.call(&Request::Getattr { node })? {
-                Response::Error(libc::ESTALE) => {
-                    // The server forgot the node (renamed or restarted):
-                    // look it up again by name.
-                    if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
-                        i.node = None;
-                    }
-                    let node = self.node(s, ino)?;
-                    attr_of(s.conn.call(&Request::Getattr { node })?)?
-                }
-                r => attr_of(r)?,
-            };
+            let attr = attr_of(s.conn.call(&Request::Getattr { node })?)?;
             self.set_attr(ino, attr);
             Ok(attr)
         })
@@ -484,7 +489,7 @@ impl Fs {
                     _ => return Err(ClientError::Unexpected),
                 }
             }
-            Ok((all, s.epoch))
+            Ok((all, self.node_gen(s)))
         })?;
         let (entries, epoch) = entries;
         let mut items = Vec::with_capacity(entries.len());
@@ -540,7 +545,7 @@ impl Fs {
             let pnode = self.node(s, parent)?;
             let attr = attr_of(s.conn.call(&req(pnode))?)?;
             Ok(Entry {
-                ino: self.intern(parent, name, attr, s.epoch),
+                ino: self.intern(parent, name, attr, self.node_gen(s)),
                 attr,
             })
         });
@@ -592,7 +597,7 @@ impl Fs {
                 new_name: new_name.to_vec(),
             })?)?;
             Ok(Entry {
-                ino: self.intern(new_parent, new_name, attr, s.epoch),
+                ino: self.intern(new_parent, new_name, attr, self.node_gen(s)),
                 attr,
             })
         });
@@ -757,7 +762,7 @@ impl Fs {
                 gid,
             })?)? {
                 Response::Opened { handle, attr } => {
-                    let ino = self.intern(parent, name, attr, s.epoch);
+                    let ino = self.intern(parent, name, attr, self.node_gen(s));
                     Ok((
                         Entry { ino, attr },
                         self.new_fh(ino, flags, s.epoch, handle),

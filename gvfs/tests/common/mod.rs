@@ -24,6 +24,7 @@ pub fn server_config(export: &Path) -> ServerConfig {
         uid_map: IdMap::default(),
         gid_map: IdMap::default(),
         workers: 4,
+        max_nodes: gvfs::server::DEFAULT_MAX_NODES,
     }
 }
 
