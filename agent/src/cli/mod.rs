@@ -4,6 +4,7 @@ mod bench;
 mod gvfs;
 mod host;
 mod run;
+mod switch;
 mod vnet;
 
 use clap::{Parser, Subcommand};

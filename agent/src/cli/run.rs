@@ -6,6 +6,7 @@
 //! name or in a file of its own.
 
 use super::CliResult;
+use super::switch::SwitchArgs;
 use clap::{Args, ValueEnum};
 use devices::virtio::net::Net;
 use serde::Deserialize;
@@ -51,6 +52,9 @@ pub struct RunArgs {
     /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "serial_file"}]}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets"])]
     pub config: Option<PathBuf>,
+    /// The switch the VMs' NICs are on: its TAP ports and tunnels.
+    #[command(flatten)]
+    pub switch: SwitchArgs,
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum, Deserialize)]
@@ -184,7 +188,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             Box::new(e)
         }
     };
-    let switch = vnet::Switch::new(vnet::SwitchConfig::default())?;
+    let vnet = args.switch.start()?;
+    let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
     for p in planned {
         let mut vm = Vm::build(&p.config, process_start).map_err(|e| named(&p.name, e))?;
@@ -212,5 +217,6 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             code = exit.exit_code();
         }
     }
+    vnet.shutdown();
     Ok(ExitCode::from(code))
 }
