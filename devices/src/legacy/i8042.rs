@@ -2,8 +2,7 @@
 //! guest that reboots with `reboot=k` (or the test guest's `shutdown`
 //! step) writes 0xFE to port 0x64, and the VMM ends the VM.
 
-use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, EventFdTrigger};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The controller's ports: data at 0x60, command/status at 0x64.
@@ -23,18 +22,13 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data.len()) {
-            (Ok(off), 1) => data[0] = self.inner.read(off),
-            _ => data.fill(0xff),
-        }
+impl ByteRegisters for I8042 {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(off), [value]) = (u8::try_from(offset), data)
-            && let Err(e) = self.inner.write(off, *value)
-        {
+    fn write_register(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.inner.write(offset, value) {
             tracing::error!("cannot signal the guest's reset request: {e}");
         }
     }
@@ -43,6 +37,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
 
     #[test]
     fn reset_command_signals_the_vmm() {

@@ -1,7 +1,6 @@
 //! The 8250 UART at 0x3f8 (COM1), IRQ 4.
 
-use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, EventFdTrigger};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use vm_superio::serial::{NoEvents, SerialState};
@@ -69,18 +68,13 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match (u8::try_from(offset), data.len()) {
-            (Ok(off), 1) => data[0] = self.inner.read(off),
-            _ => data.fill(0xff),
-        }
+impl ByteRegisters for Serial {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Ok(off), [value]) = (u8::try_from(offset), data)
-            && let Err(e) = self.inner.write(off, *value)
-        {
+    fn write_register(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.inner.write(offset, value) {
             tracing::warn!("serial write failed: {e}");
         }
     }
@@ -138,6 +132,7 @@ impl From<&SerialPersist> for SerialState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
