@@ -125,6 +125,10 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &fattr(ino.0, &a)),
@@ -408,6 +412,8 @@ impl fuser::Filesystem for FuseFs {
             ) {
                 break;
             }
+            // The kernel now holds a reference to this entry.
+            self.fs.remember(it.ino);
         }
         reply.ok();
     }

@@ -264,11 +264,27 @@ impl FuseHandler {
         } else {
             Ok(&req[IN_HEADER..h.len as usize])
         };
-        if matches!(
-            h.opcode,
-            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT
-        ) {
-            return Ok(None);
+        match (h.opcode, body) {
+            (opcode::FORGET, Ok(b)) => {
+                if let Ok(n) = Body(b).u64() {
+                    self.fs.forget(h.nodeid, n);
+                }
+                return Ok(None);
+            }
+            (opcode::BATCH_FORGET, Ok(b)) => {
+                let mut b = Body(b);
+                if let (Ok(count), Ok(_)) = (b.u32(), b.u32()) {
+                    for _ in 0..count {
+                        let (Ok(node), Ok(n)) = (b.u64(), b.u64()) else {
+                            break;
+                        };
+                        self.fs.forget(node, n);
+                    }
+                }
+                return Ok(None);
+            }
+            (opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT, _) => return Ok(None),
+            _ => {}
         }
         let res = body.and_then(|b| self.dispatch(&h, Body(b)));
         let (errno, payload) = match res {
@@ -491,6 +507,7 @@ impl FuseHandler {
                     }
                     if plus {
                         self.entry(&mut o, it.ino, &it.attr);
+                        self.fs.remember(it.ino);
                     }
                     let start = o.0.len();
                     o.u64(it.ino);

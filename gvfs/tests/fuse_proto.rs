@@ -141,12 +141,26 @@ fn guest_style_requests_are_served() {
         }
         names.sort();
         assert_eq!(names, ["file", "new"]);
-        // FORGET takes no reply.
+        // FORGET takes no reply; once LOOKUP's and READDIRPLUS's references
+        // are both forgotten, the node id is gone.
         assert!(
             h.handle(&req(2, 11, file, &1u64.to_le_bytes()))
                 .unwrap()
                 .is_none()
         );
+        let (e, _) = reply(h.handle(&req(3, 12, file, &[0; 16])).unwrap(), 12);
+        assert_eq!(e, 0, "one reference left");
+        let mut batch = Vec::new();
+        batch.extend_from_slice(&1u32.to_le_bytes());
+        batch.extend_from_slice(&0u32.to_le_bytes());
+        batch.extend_from_slice(&file.to_le_bytes());
+        batch.extend_from_slice(&1u64.to_le_bytes());
+        assert!(h.handle(&req(42, 13, 0, &batch)).unwrap().is_none());
+        let (e, _) = reply(h.handle(&req(3, 14, file, &[0; 16])).unwrap(), 14);
+        assert_eq!(e, libc::ESTALE);
+        let (e, out) = reply(h.handle(&req(1, 15, d, &cstr("file"))).unwrap(), 15);
+        assert_eq!(e, 0);
+        assert_ne!(u64_at(&out, 0), file, "a new inode number after forget");
         server.shutdown();
     });
 }

@@ -182,11 +182,9 @@ fn second_read_is_cached_and_disk_cache_survives_restart() {
         let guard = MountGuard::mount(fs3.clone(), &m);
         assert_eq!(sha256(&f), want);
         assert_eq!(fs3.cache_stats().corrupt, 1);
-        assert_eq!(
-            read_ops(&srv).0,
-            before.0 + 1,
-            "exactly the corrupt block is fetched"
-        );
+        let fetched = read_ops(&srv).0 - before.0;
+        // The corrupt block, and at most once more if a small read raced it.
+        assert!((1..=2).contains(&fetched), "{fetched} blocks fetched again");
         guard.unmount();
     });
 }
@@ -354,6 +352,45 @@ fn fio_sequential_and_random_reads() {
         }
         // The file is unchanged and reads back identical.
         assert_eq!(sha256(&m.join("fio.dat")), sha256(&export.join("fio.dat")));
+        guard.unmount();
+    });
+    server.shutdown();
+}
+
+#[test]
+fn forgotten_inodes_are_released() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(export.join("many")).unwrap();
+    for i in 0..300 {
+        fs::write(export.join(format!("many/f{i}")), format!("{i}")).unwrap();
+    }
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let fs_ = client(server.local_addr(), FsOptions::default());
+    let m = mnt.clone();
+    bounded(60, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_.clone(), &m);
+        let md = m.display();
+        assert_eq!(
+            sh_ok(&format!("ls -l {md}/many | grep -c '^-'")).trim(),
+            "300"
+        );
+        assert!(fs_.inode_count() > 300);
+        // Make the kernel drop its dentries and inodes: it sends FORGETs.
+        let mut released = false;
+        for _ in 0..50 {
+            fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+            if fs_.inode_count() < 50 {
+                released = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(released, "{} inodes still held", fs_.inode_count());
+        // Everything still works through fresh lookups.
+        assert_eq!(sh_ok(&format!("cat {md}/many/f123")), "123");
+        assert_eq!(sh_ok(&format!("ls {md}/many | wc -l")).trim(), "300");
         guard.unmount();
     });
     server.shutdown();

@@ -502,3 +502,28 @@ fn a_full_node_table_is_dropped_and_clients_recover() {
         server.shutdown();
     });
 }
+
+#[test]
+fn forget_releases_an_inode_after_its_last_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), b"abc").unwrap();
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let fs_ = client(server.local_addr(), FsOptions::default());
+        let base = fs_.inode_count();
+        let e1 = fs_.lookup(ROOT_INO, b"f").unwrap();
+        let e2 = fs_.lookup(ROOT_INO, b"f").unwrap();
+        assert_eq!(e1.ino, e2.ino);
+        assert_eq!(fs_.inode_count(), base + 1);
+        fs_.forget(e1.ino, 1);
+        assert_eq!(fs_.getattr(e1.ino).unwrap().size, 3, "one reference left");
+        fs_.forget(e1.ino, 1);
+        assert_eq!(fs_.inode_count(), base);
+        assert_eq!(fs_.getattr(e1.ino).unwrap_err().errno(), libc::ESTALE);
+        fs_.forget(ROOT_INO, 100);
+        assert!(fs_.getattr(ROOT_INO).is_ok(), "the root is never forgotten");
+        let e3 = fs_.lookup(ROOT_INO, b"f").unwrap();
+        assert_eq!(fs_.getattr(e3.ino).unwrap().size, 3);
+        server.shutdown();
+    });
+}

@@ -89,6 +89,8 @@ struct Inode {
     attr: Option<(Attr, Instant)>,
     /// A directory's listing: names and inodes, and when it was fetched.
     listing: Option<(Listing, Instant)>,
+    /// Entries handed out and not yet forgotten (FUSE lookup count).
+    lookups: u64,
 }
 
 struct Inodes {
@@ -198,6 +200,7 @@ impl Fs {
                 node: None,
                 attr: None,
                 listing: None,
+                lookups: 1,
             },
         );
         Ok(Fs {
@@ -297,10 +300,49 @@ impl Fs {
                 node: Some((epoch, attr.node)),
                 attr: Some((attr, now)),
                 listing: None,
+                lookups: 0,
             },
         );
         t.names.insert(key, ino);
         ino
+    }
+
+    /// Counts one more reference held by the caller (the kernel) to `ino`;
+    /// every call that returns an [`Entry`] counts one itself. Call it for
+    /// each entry given out by a READDIRPLUS answer.
+    pub fn remember(&self, ino: u64) {
+        if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
+            i.lookups += 1;
+        }
+    }
+
+    fn counted(&self, e: Result<Entry, ClientError>) -> Result<Entry, ClientError> {
+        if let Ok(e) = &e {
+            self.remember(e.ino);
+        }
+        e
+    }
+
+    /// The caller dropped `n` references to `ino` (FUSE FORGET); an inode
+    /// with none left is removed. The root is never removed.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut t = lock(&self.inodes);
+        let Some(i) = t.map.get_mut(&ino) else { return };
+        i.lookups = i.lookups.saturating_sub(n);
+        if i.lookups > 0 || ino == ROOT_INO {
+            return;
+        }
+        if let Some(i) = t.map.remove(&ino) {
+            let key = (i.parent, i.name);
+            if t.names.get(&key) == Some(&ino) {
+                t.names.remove(&key);
+            }
+        }
+    }
+
+    /// How many inodes the client holds (for tests and monitoring).
+    pub fn inode_count(&self) -> usize {
+        lock(&self.inodes).map.len()
     }
 
     fn set_attr(&self, ino: u64, mut attr: Attr) {
@@ -379,6 +421,10 @@ impl Fs {
 
     /// Looks up `name` in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, ClientError> {
+        self.counted(self.lookup_uncounted(parent, name))
+    }
+
+    fn lookup_uncounted(&self, parent: u64, name: &[u8]) -> Result<Entry, ClientError> {
         if name == b"." {
             return Ok(Entry {
                 ino: parent,
@@ -550,7 +596,7 @@ impl Fs {
             })
         });
         self.drop_listing(parent);
-        r
+        self.counted(r)
     }
 
     pub fn mkdir(
@@ -606,7 +652,7 @@ impl Fs {
         if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
             i.attr = None;
         }
-        r
+        self.counted(r)
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
@@ -772,6 +818,9 @@ impl Fs {
             }
         });
         self.drop_listing(parent);
+        if let Ok((e, _)) = &r {
+            self.remember(e.ino);
+        }
         r
     }
 
@@ -829,6 +878,11 @@ impl Fs {
                 if let Some(other) = inflight.get(&key(b)).cloned() {
                     drop(inflight);
                     other.wait();
+                    continue;
+                }
+                // Checked again under the lock: a fetch that finished since
+                // the first check has put its blocks before leaving.
+                if self.cache.contains(&key(b), version) {
                     continue;
                 }
                 let upto = if sequential {
