@@ -100,10 +100,21 @@ pub struct MountArgs {
 }
 
 pub fn run(cmd: GvfsCommand) -> CliResult {
-    match cmd {
+    let res = match cmd {
         GvfsCommand::Serve(a) => serve(a),
         GvfsCommand::Mount(a) => mount(a),
-    }
+    };
+    // Print the whole cause chain ("cannot connect: connection refused").
+    res.map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        msg.into()
+    })
 }
 
 fn read_token(path: &Path) -> Result<Vec<u8>, String> {

@@ -28,6 +28,8 @@ pub enum ClientError {
     Transport(#[from] TransportError),
     #[error("protocol error")]
     Proto(#[from] proto::ProtoError),
+    #[error("no GVFS handshake from the server (TLS on one side only?)")]
+    Handshake(#[source] proto::ProtoError),
     #[error("unexpected answer from the server")]
     Unexpected,
 }
@@ -50,6 +52,7 @@ impl ClientError {
                 | ClientError::Connect(..)
                 | ClientError::Transport(_)
                 | ClientError::Proto(_)
+                | ClientError::Handshake(_)
         )
     }
 }
@@ -133,8 +136,10 @@ impl Conn {
                 token: cfg.token.clone(),
             }),
         )?;
-        let body = proto::read_frame(&mut reader)?.ok_or(ClientError::Disconnected)?;
-        let welcome = proto::decode_welcome(&body)?;
+        let body = proto::read_frame(&mut reader)
+            .map_err(ClientError::Handshake)?
+            .ok_or(ClientError::Disconnected)?;
+        let welcome = proto::decode_welcome(&body).map_err(ClientError::Handshake)?;
         if welcome.status != HelloStatus::Accepted {
             return Err(ClientError::Refused(welcome.status));
         }
