@@ -162,8 +162,10 @@ impl Target for Local {
 }
 
 struct Gvfs {
+    name: &'static str,
     mnt: PathBuf,
     addr: std::net::SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
     session: Option<fuser::BackgroundSession>,
     _server: ServerHandle,
 }
@@ -177,7 +179,7 @@ impl Gvfs {
             ConnectConfig {
                 addr: self.addr.to_string(),
                 token: b"bench".to_vec(),
-                tls: None,
+                tls: self.tls.clone(),
                 connect_timeout: Duration::from_secs(5),
             },
             FsOptions {
@@ -196,7 +198,7 @@ impl Gvfs {
 
 impl Target for Gvfs {
     fn name(&self) -> &'static str {
-        "gvfs"
+        self.name
     }
     fn root(&self) -> &Path {
         &self.mnt
@@ -325,6 +327,55 @@ impl Drop for Sshfs {
     }
 }
 
+/// A CA and a server certificate for 127.0.0.1 signed by it (openssl).
+fn make_certs(work: &Path) -> Result<(PathBuf, PathBuf, PathBuf), BenchError> {
+    let d = work.join("tls");
+    fs::create_dir_all(&d).map_err(io_err("tls dir"))?;
+    let p = |n: &str| d.join(n).display().to_string();
+    fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\n").map_err(io_err("ext"))?;
+    let steps: [Vec<String>; 3] = [
+        format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {} -out {} -days 2 -subj /CN=gvfs-bench-ca",
+            p("ca.key"),
+            p("ca.pem")
+        )
+        .split(' ')
+        .map(String::from)
+        .collect(),
+        format!(
+            "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {} -out {} -subj /CN=127.0.0.1",
+            p("key.pem"),
+            p("req.csr")
+        )
+        .split(' ')
+        .map(String::from)
+        .collect(),
+        format!(
+            "x509 -req -in {} -CA {} -CAkey {} -CAcreateserial -out {} -days 2 -extfile {}",
+            p("req.csr"),
+            p("ca.pem"),
+            p("ca.key"),
+            p("cert.pem"),
+            p("ext")
+        )
+        .split(' ')
+        .map(String::from)
+        .collect(),
+    ];
+    for args in steps {
+        let ok = Command::new("openssl")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(io_err("openssl"))?;
+        if !ok.success() {
+            return Err(BenchError::Setup(format!("openssl {} failed", args[0])));
+        }
+    }
+    Ok((d.join("cert.pem"), d.join("key.pem"), d.join("ca.pem")))
+}
+
 fn prepare(export: &Path, cfg: &BenchConfig) -> Result<(), BenchError> {
     let big = export.join("big.bin");
     let want = cfg.file_mib << 20;
@@ -409,29 +460,41 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
 
     measure(&mut Local(export.clone()), cfg, out, &mut samples)?;
 
-    let server = Server::bind(
-        ServerConfig {
-            export: export.clone(),
-            token: b"bench".to_vec(),
-            read_only: true,
-            tls: None,
-            uid_map: IdMap::default(),
-            gid_map: IdMap::default(),
-            workers: 8,
-            max_nodes: crate::server::DEFAULT_MAX_NODES,
-        },
-        "127.0.0.1:0"
-            .parse()
-            .map_err(|_| BenchError::Setup("addr".into()))?,
-    )
-    .map_err(|e| BenchError::Setup(e.to_string()))?;
-    let addr = server.local_addr();
-    let mnt = cfg.dir.join("mnt-gvfs");
-    fs::create_dir_all(&mnt).map_err(io_err("mnt"))?;
-    {
+    for tls in [false, true] {
+        let (server_tls, client_tls) = if tls {
+            let (cert, key, ca) = make_certs(&cfg.dir)?;
+            let setup = |e: crate::transport::TransportError| BenchError::Setup(e.to_string());
+            (
+                Some(crate::transport::server_tls_config(&cert, &key).map_err(setup)?),
+                Some(crate::transport::client_tls_config(&ca).map_err(setup)?),
+            )
+        } else {
+            (None, None)
+        };
+        let server = Server::bind(
+            ServerConfig {
+                export: export.clone(),
+                token: b"bench".to_vec(),
+                read_only: true,
+                tls: server_tls,
+                uid_map: IdMap::default(),
+                gid_map: IdMap::default(),
+                workers: 8,
+                max_nodes: crate::server::DEFAULT_MAX_NODES,
+            },
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|_| BenchError::Setup("addr".into()))?,
+        )
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+        let addr = server.local_addr();
+        let mnt = cfg.dir.join("mnt-gvfs");
+        fs::create_dir_all(&mnt).map_err(io_err("mnt"))?;
         let mut g = Gvfs {
+            name: if tls { "gvfs-tls" } else { "gvfs" },
             mnt,
             addr,
+            tls: client_tls,
             session: None,
             _server: server.spawn(),
         };
@@ -452,7 +515,7 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
     let g = |t: &str| get(&samples, "gvfs", t);
     let _ = writeln!(
         out,
-        "{{\"summary\":true,\"warm_vs_local\":{},\"warm_dd_vs_local\":{},\"cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{}}}",
+        "{{\"summary\":true,\"warm_vs_local\":{},\"warm_dd_vs_local\":{},\"cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{},\"tls_cold_vs_plain\":{}}}",
         ratio(g("seq_read_warm"), get(&samples, "local", "seq_read_warm")),
         ratio(
             g("seq_read_warm_dd"),
@@ -470,6 +533,10 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
         ratio(
             g("rand_read_4k_cold"),
             get(&samples, "sshfs", "rand_read_4k_cold")
+        ),
+        ratio(
+            get(&samples, "gvfs-tls", "seq_read_cold"),
+            g("seq_read_cold")
         ),
     );
     Ok(samples)
