@@ -7,6 +7,7 @@
 use super::hal::ProbeHal;
 use super::mmio::MmioDevice;
 use super::pool;
+use super::transport::Linuxish;
 use crate::hw;
 use core::ptr::NonNull;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -15,7 +16,7 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 
 /// Descriptors per queue (the device must offer at least this many).
-pub const QSIZE: usize = 64;
+pub const QSIZE: usize = 256;
 /// One buffer: a 12-byte virtio-net header and a frame up to 1514 bytes.
 const BUF: usize = 2048;
 /// Ethernet MTU the probe uses (frames up to 1514 bytes without FCS).
@@ -23,7 +24,7 @@ pub const MTU: usize = 1500;
 /// Largest frame.
 pub const MAX_FRAME: usize = MTU + 14;
 
-type Raw = VirtIONetRaw<ProbeHal, MmioTransport<'static>, QSIZE>;
+type Raw = VirtIONetRaw<ProbeHal, Linuxish<MmioTransport<'static>>, QSIZE>;
 type Buffers = [[u8; BUF]; QSIZE];
 
 /// Frame and error counters since the device came up.
@@ -42,7 +43,8 @@ pub struct Counters {
 
 /// Transmit side: the driver (which owns both queues) and its buffers.
 struct Tx {
-    raw: Raw,
+    /// In the pool: its queues' shadow descriptors are 4 KiB each.
+    raw: &'static mut Raw,
     bufs: &'static mut Buffers,
     len: [u16; QSIZE],
     free: [u8; QSIZE],
@@ -75,12 +77,20 @@ pub enum UpError {
     Driver(virtio_drivers::Error),
     QueueTooSmall(u32),
     NoMemory,
+    /// The status register after initialisation, without DRIVER_OK (or
+    /// with FAILED or DEVICE_NEEDS_RESET).
+    Status(u32),
 }
+
+/// The status register's value once the driver is up:
+/// ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK.
+pub const STATUS_UP: u32 = 0xf;
 
 impl NetDev {
     /// Initialises the device at `dev` (which must be a virtio-net device)
-    /// and posts all receive buffers.
-    pub fn up(dev: MmioDevice) -> Result<Self, UpError> {
+    /// and posts all receive buffers. `stepwise`: set the status bits one
+    /// write at a time, as Linux does (else as virtio-drivers does).
+    pub fn up(dev: MmioDevice, stepwise: bool) -> Result<Self, UpError> {
         let status_offered = dev.features_lo() & (1 << 16) != 0;
         // QueueSel = 0 (receiveq), then QueueNumMax.
         hw::mmio_write_u32(dev.base + 0x30, 0);
@@ -95,7 +105,14 @@ impl NetDev {
         // lives, and it lives for the rest of the run.
         let transport = unsafe { MmioTransport::new(header, dev.size as usize) }
             .map_err(|_| UpError::Transport)?;
-        let raw = Raw::new(transport).map_err(UpError::Driver)?;
+        let raw = Raw::new(Linuxish::new(transport, stepwise)).map_err(UpError::Driver)?;
+        let raw = pool::place(raw).ok_or(UpError::NoMemory)?;
+        // virtio-drivers does not check that the device took FEATURES_OK
+        // and DRIVER_OK; do it here.
+        let status = hw::mmio_read_u32(dev.base + 0x70);
+        if status != STATUS_UP {
+            return Err(UpError::Status(status));
+        }
         let mac = raw.mac_address();
         let link = status_offered.then(|| {
             // The config space status field (offset 6) bit 0: link up.

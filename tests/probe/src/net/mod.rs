@@ -3,6 +3,7 @@
 //! ICMP echo and TCP. Everything is polled and every wait is bounded.
 //!
 //! - `mmio`: `virtio_mmio.device=` entries; `hal`, `pool`: DMA memory;
+//!   `transport`: Linux's order of status writes;
 //! - `dev`: the device and smoltcp's `Device`; `stack`: the interface;
 //! - `ping`, `raw` (burst, count-rx), `tcp` (echo, bulk): the steps;
 //! - `time`, `crc`: TSC time, CRC-32 and the bulk pattern.
@@ -17,6 +18,7 @@ mod raw;
 mod stack;
 mod tcp;
 mod time;
+mod transport;
 
 use crate::serial::{self, Json};
 use core::net::Ipv4Addr;
@@ -29,6 +31,7 @@ pub enum Cmd {
         ip: Ipv4Addr,
         prefix: u8,
         index: u32,
+        stepwise: bool,
     },
     Serve {
         secs: u64,
@@ -86,10 +89,16 @@ pub fn parse<'a>(
                     Err(_) => 0,
                     Ok(i) => i.parse().map_err(|_| i)?,
                 };
+                let stepwise = match next() {
+                    Err(_) => true,
+                    Ok("vd-status") => false,
+                    Ok(o) => return Err(o),
+                };
                 Cmd::Up {
                     ip: ip.parse().map_err(|_| a)?,
                     prefix,
                     index,
+                    stepwise,
                 }
             }
             "serve" => Cmd::Serve {
@@ -232,8 +241,14 @@ impl<'a> Ctx<'a> {
 
     /// Runs one network step.
     pub fn exec(&mut self, cmd: Cmd) {
-        if let Cmd::Up { ip, prefix, index } = cmd {
-            self.up(ip, prefix, index);
+        if let Cmd::Up {
+            ip,
+            prefix,
+            index,
+            stepwise,
+        } = cmd
+        {
+            self.up(ip, prefix, index, stepwise);
             return;
         }
         let Some(stack) = self.stack.as_deref_mut() else {
@@ -256,7 +271,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn up(&mut self, ip: Ipv4Addr, prefix: u8, index: u32) {
+    fn up(&mut self, ip: Ipv4Addr, prefix: u8, index: u32, stepwise: bool) {
         let fail =
             |msg: &str| serial::line(format_args!(r#"{{"probe":"net","error":"{}"}}"#, Json(msg)));
         if self.stack.is_some() {
@@ -266,10 +281,18 @@ impl<'a> Ctx<'a> {
             return fail("no virtio-net device with that index on the command line");
         };
         let (dev_base, dev_irq) = (dev.base, dev.irq);
-        let nd = match dev::NetDev::up(dev) {
+        let nd = match dev::NetDev::up(dev, stepwise) {
             Ok(nd) => nd,
             Err(dev::UpError::Transport) => return fail("virtio-mmio transport refused"),
             Err(dev::UpError::NoMemory) => return fail("DMA pool exhausted"),
+            Err(dev::UpError::Status(status)) => {
+                serial::line(format_args!(
+                    r#"{{"probe":"net","error":"device status {:#x} after initialisation, not {:#x}"}}"#,
+                    status,
+                    dev::STATUS_UP
+                ));
+                return;
+            }
             Err(dev::UpError::QueueTooSmall(max)) => {
                 serial::line(format_args!(
                     r#"{{"probe":"net","error":"queue size max {} < {}"}}"#,

@@ -77,8 +77,9 @@ pub fn count_rx(stack: &mut Stack, secs: u64, until: Option<u64>) {
             let now = hw::rdtsc();
             if bursts == 0 {
                 first = now;
-            } else {
-                lost += u64::from(seq.wrapping_sub(next_seq));
+            } else if seq > next_seq {
+                // A backward step is a new burst starting over: no gap.
+                lost += u64::from(seq - next_seq);
             }
             next_seq = seq.wrapping_add(1);
             last = now;

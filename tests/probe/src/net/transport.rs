@@ -1,0 +1,134 @@
+//! A transport wrapper that makes virtio-drivers' initialisation look like
+//! Linux's: status bits are set one write at a time (ACKNOWLEDGE, DRIVER,
+//! FEATURES_OK, DRIVER_OK). virtio-drivers writes ACKNOWLEDGE|DRIVER in one
+//! write after the reset, a transition Firecracker (and vmplant) refuse.
+//! It also bounds the config-generation retry loop, which virtio-drivers
+//! runs without limit.
+
+use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
+use virtio_drivers::{PhysAddr, Result};
+
+/// How often a config read is retried while the generation changes.
+const GENERATION_TRIES: u32 = 1000;
+
+/// `T` with Linux's status write order (or, if `stepwise` is false,
+/// virtio-drivers' own).
+pub struct Linuxish<T> {
+    inner: T,
+    stepwise: bool,
+}
+
+impl<T: Transport> Linuxish<T> {
+    pub fn new(inner: T, stepwise: bool) -> Self {
+        Linuxish { inner, stepwise }
+    }
+}
+
+impl<T: Transport> Transport for Linuxish<T> {
+    fn device_type(&self) -> DeviceType {
+        self.inner.device_type()
+    }
+
+    fn read_device_features(&mut self) -> u64 {
+        self.inner.read_device_features()
+    }
+
+    fn write_driver_features(&mut self, driver_features: u64) {
+        self.inner.write_driver_features(driver_features)
+    }
+
+    fn max_queue_size(&mut self, queue: u16) -> u32 {
+        self.inner.max_queue_size(queue)
+    }
+
+    fn notify(&mut self, queue: u16) {
+        self.inner.notify(queue)
+    }
+
+    fn get_status(&self) -> DeviceStatus {
+        self.inner.get_status()
+    }
+
+    fn set_status(&mut self, status: DeviceStatus) {
+        if self.stepwise && !status.is_empty() {
+            let order = [
+                DeviceStatus::ACKNOWLEDGE,
+                DeviceStatus::DRIVER,
+                DeviceStatus::FEATURES_OK,
+                DeviceStatus::DRIVER_OK,
+            ];
+            let mut now = self.inner.get_status();
+            if status.contains(now) {
+                for bit in order {
+                    if status.contains(bit) && !now.contains(bit) && now | bit != status {
+                        now |= bit;
+                        self.inner.set_status(now);
+                    }
+                }
+            }
+        }
+        self.inner.set_status(status)
+    }
+
+    fn set_guest_page_size(&mut self, guest_page_size: u32) {
+        self.inner.set_guest_page_size(guest_page_size)
+    }
+
+    fn requires_legacy_layout(&self) -> bool {
+        self.inner.requires_legacy_layout()
+    }
+
+    fn queue_set(
+        &mut self,
+        queue: u16,
+        size: u32,
+        descriptors: PhysAddr,
+        driver_area: PhysAddr,
+        device_area: PhysAddr,
+    ) {
+        self.inner
+            .queue_set(queue, size, descriptors, driver_area, device_area)
+    }
+
+    fn queue_unset(&mut self, queue: u16) {
+        self.inner.queue_unset(queue)
+    }
+
+    fn queue_used(&mut self, queue: u16) -> bool {
+        self.inner.queue_used(queue)
+    }
+
+    fn ack_interrupt(&mut self) -> InterruptStatus {
+        self.inner.ack_interrupt()
+    }
+
+    fn read_config_generation(&self) -> u32 {
+        self.inner.read_config_generation()
+    }
+
+    fn read_config_space<V: zerocopy::FromBytes + zerocopy::IntoBytes>(
+        &self,
+        offset: usize,
+    ) -> Result<V> {
+        self.inner.read_config_space(offset)
+    }
+
+    fn write_config_space<V: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        offset: usize,
+        value: V,
+    ) -> Result<()> {
+        self.inner.write_config_space(offset, value)
+    }
+
+    fn read_consistent<V>(&self, f: impl Fn() -> Result<V>) -> Result<V> {
+        for _ in 0..GENERATION_TRIES {
+            let before = self.read_config_generation();
+            let result = f();
+            if self.read_config_generation() == before {
+                return result;
+            }
+        }
+        Err(virtio_drivers::Error::IoError)
+    }
+}
