@@ -6,6 +6,7 @@
 //! it to stop; the [`VmExit`] it returns says which.
 
 pub mod config;
+pub mod console;
 pub mod event_loop;
 pub mod host;
 pub mod layout;

@@ -274,10 +274,9 @@ impl Vm {
         let serial_irq = new_evt()?;
         fd.register_irqfd(&serial_irq, serial::COM1_IRQ)
             .map_err(kvm_err("the serial interrupt"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            serial_output(&config.serial)?,
-        )));
+        let (console, console_flusher) =
+            crate::console::console(serial_output(&config.serial)?).map_err(VmError::Event)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, Box::new(console))));
         pio.insert(
             serial.clone(),
             u64::from(serial::COM1_BASE),
@@ -306,6 +305,7 @@ impl Vm {
             stops: stops_rx,
             slot: exit.clone(),
         })));
+        events.add_subscriber(Arc::new(Mutex::new(console_flusher)));
         if config.serial_input {
             events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
                 input: libc::STDIN_FILENO,
