@@ -7,7 +7,7 @@ use crate::virtio::{
     VirtioInterrupt, read_config_bytes,
 };
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -91,10 +91,17 @@ struct RxSide {
 struct GuestPort {
     rx: Arc<Mutex<RxSide>>,
     counters: Arc<NetCounters>,
+    /// The guest takes partial checksums and TCP super-frames.
+    offloads: Arc<AtomicBool>,
 }
 
 impl PortSink for GuestPort {
+    fn offloads(&self) -> bool {
+        self.offloads.load(Relaxed)
+    }
+
     fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
+        let offloads = self.offloads.load(Relaxed);
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let mergeable = rx.mergeable;
         let Some(q) = rx.queue.as_mut() else {
@@ -102,7 +109,14 @@ impl PortSink for GuestPort {
             self.counters.rx_dropped.fetch_add(1, Relaxed);
             return Err(DropReason::TxError);
         };
-        match queue::receive(&q.mem, &mut q.queue, frame, mergeable, &mut q.segs) {
+        match queue::receive(
+            &q.mem,
+            &mut q.queue,
+            frame,
+            mergeable,
+            offloads,
+            &mut q.segs,
+        ) {
             Ok(_) => {
                 self.counters.rx_frames.fetch_add(1, Relaxed);
                 self.counters
@@ -129,6 +143,7 @@ pub struct Net {
     port: PortId,
     acked: u64,
     rx: Arc<Mutex<RxSide>>,
+    rx_offloads: Arc<AtomicBool>,
     tx: Option<ActiveQueue>,
     counters: Arc<NetCounters>,
     /// Written on activation so the event loop registers the queue events.
@@ -145,12 +160,14 @@ impl Net {
         }
         let rx = Arc::new(Mutex::new(RxSide::default()));
         let counters = Arc::new(NetCounters::default());
+        let rx_offloads = Arc::new(AtomicBool::new(false));
         let port = switch.add_port(
             name,
             PortKind::Guest,
             Arc::new(GuestPort {
                 rx: rx.clone(),
                 counters: counters.clone(),
+                offloads: rx_offloads.clone(),
             }),
         );
         Ok(Net {
@@ -159,6 +176,7 @@ impl Net {
             port,
             acked: 0,
             rx,
+            rx_offloads,
             tx: None,
             counters,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Event)?,
@@ -190,7 +208,8 @@ impl Net {
             return;
         };
         let (switch, port) = (&self.switch, self.port);
-        let pass = queue::transmit(&tx.mem, &mut tx.queue, &mut tx.segs, |frame| {
+        let offloads = self.acked & (1 << features::CSUM) != 0;
+        let pass = queue::transmit(&tx.mem, &mut tx.queue, &mut tx.segs, offloads, |frame| {
             switch.ingress(port, frame);
         });
         let c = &self.counters;
@@ -268,9 +287,15 @@ impl VirtioDevice for Net {
             interrupt: ctx.interrupt.clone(),
             segs: Vec::with_capacity(32),
         };
+        let acked = |bit: u32| self.acked & (1 << bit) != 0;
+        // Super-frames reach the guest only if it takes all of them.
+        let rx_offloads = acked(features::GUEST_CSUM)
+            && acked(features::GUEST_TSO4)
+            && acked(features::GUEST_TSO6);
+        self.rx_offloads.store(rx_offloads, Relaxed);
         {
             let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-            rx.mergeable = self.acked & (1 << features::MRG_RXBUF) != 0;
+            rx.mergeable = acked(features::MRG_RXBUF);
             rx.queue = Some(queue(rx_queue));
         }
         self.tx = Some(queue(tx_queue));
@@ -283,6 +308,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
+        self.rx_offloads.store(false, Relaxed);
         self.rx.lock().unwrap_or_else(|p| p.into_inner()).queue = None;
         self.tx = None;
         self.acked = 0;

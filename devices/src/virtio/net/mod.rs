@@ -30,7 +30,13 @@ pub const QUEUE_SIZE: u16 = 256;
 
 /// Feature bits (virtio 1.2, 5.1.3).
 pub mod features {
+    pub const CSUM: u32 = 0;
+    pub const GUEST_CSUM: u32 = 1;
     pub const MTU: u32 = 3;
+    pub const GUEST_TSO4: u32 = 7;
+    pub const GUEST_TSO6: u32 = 8;
+    pub const HOST_TSO4: u32 = 11;
+    pub const HOST_TSO6: u32 = 12;
     pub const MAC: u32 = 5;
     pub const MRG_RXBUF: u32 = 15;
     pub const STATUS: u32 = 16;

@@ -6,6 +6,7 @@ use super::NET_HDR_LEN;
 use crate::virtio::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vnet::frame::NetHdr;
 use vnet::{DropReason, Frame};
 
 /// The largest frame a guest may send: a 64 KiB GSO packet plus headers.
@@ -68,27 +69,49 @@ pub struct GuestFrame<'a> {
     /// Bytes of `segs` to skip (the header).
     skip: usize,
     len: usize,
+    /// The guest's offload request, when offloads were negotiated.
+    hdr: Option<NetHdr>,
 }
 
 impl<'a> GuestFrame<'a> {
+    /// The frame behind the header in `segs` (`total` bytes). With
+    /// `offloads`, the header's checksum and segmentation requests are
+    /// passed on; without, the guest had no right to make them.
     pub fn new(
         mem: &'a GuestMemoryMmap,
         segs: &'a [Segment],
         total: usize,
+        offloads: bool,
     ) -> Result<Self, ChainError> {
         let len = total.checked_sub(NET_HDR_LEN).ok_or(ChainError::TooShort)?;
-        Ok(GuestFrame {
+        // Read the header through the same accessor, as a frame of its own.
+        let mut frame = GuestFrame {
             mem,
             segs,
-            skip: NET_HDR_LEN,
-            len,
-        })
+            skip: 0,
+            len: NET_HDR_LEN,
+            hdr: None,
+        };
+        if offloads {
+            let mut raw = [0u8; NetHdr::LEN];
+            if frame.read_at(0, &mut raw) == raw.len() {
+                let hdr = NetHdr::from_bytes(&raw);
+                frame.hdr = (!hdr.is_plain()).then_some(hdr);
+            }
+        }
+        frame.skip = NET_HDR_LEN;
+        frame.len = len;
+        Ok(frame)
     }
 }
 
 impl Frame for GuestFrame<'_> {
     fn len(&self) -> usize {
         self.len
+    }
+
+    fn net_hdr(&self) -> Option<NetHdr> {
+        self.hdr
     }
 
     fn read_at(&self, offset: usize, buf: &mut [u8]) -> usize {
@@ -137,6 +160,7 @@ pub fn transmit(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     segs: &mut Vec<Segment>,
+    offloads: bool,
     mut send: impl FnMut(&GuestFrame<'_>),
 ) -> TxPass {
     let mut pass = TxPass::default();
@@ -147,7 +171,7 @@ pub fn transmit(
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let result = collect(mem, chain, false, segs).and_then(|total| {
-                let frame = GuestFrame::new(mem, segs, total)?;
+                let frame = GuestFrame::new(mem, segs, total, offloads)?;
                 send(&frame);
                 Ok(frame.len)
             });
@@ -238,6 +262,7 @@ pub fn receive(
     queue: &mut Queue,
     frame: &dyn Frame,
     mergeable: bool,
+    offloads: bool,
     segs: &mut Vec<Segment>,
 ) -> Result<u16, DropReason> {
     let total = NET_HDR_LEN + frame.len();
@@ -310,6 +335,9 @@ pub fn receive(
         }
     }
     let mut header = [0u8; NET_HDR_LEN];
+    if offloads && let Some(hdr) = frame.net_hdr() {
+        header[..NetHdr::LEN].copy_from_slice(&hdr.to_bytes());
+    }
     header[10..12].copy_from_slice(&(used as u16).to_le_bytes());
     let hw = SegWriter {
         mem,
@@ -394,7 +422,7 @@ mod tests {
             ],
         );
         let mut got = Vec::new();
-        let pass = transmit(&m, &mut q, &mut Vec::new(), |f| {
+        let pass = transmit(&m, &mut q, &mut Vec::new(), false, |f| {
             let mut buf = vec![0u8; f.len()];
             assert_eq!(f.read_at(0, &mut buf), 100);
             let mut tail = [0u8; 8];
@@ -424,7 +452,7 @@ mod tests {
         add_chain(&mq, 4, &[(0x10000, 8, false)]); // shorter than the header
         add_chain(&mq, 6, &[(0x10000, 70_000, false)]); // longer than any frame
         let mut sent = 0;
-        let pass = transmit(&m, &mut q, &mut Vec::new(), |_| sent += 1);
+        let pass = transmit(&m, &mut q, &mut Vec::new(), false, |_| sent += 1);
         assert_eq!(sent, 0);
         assert_eq!(pass.malformed, 4);
         assert_eq!(
@@ -441,7 +469,15 @@ mod tests {
         let mut q: Queue = mq.create_queue().unwrap();
         add_chain(&mq, 0, &[(0x40000, 2048, true)]);
         let frame: Vec<u8> = (0..200).map(|i| i as u8).collect();
-        let n = receive(&m, &mut q, &FrameBytes(&frame), false, &mut Vec::new()).unwrap();
+        let n = receive(
+            &m,
+            &mut q,
+            &FrameBytes(&frame),
+            false,
+            false,
+            &mut Vec::new(),
+        )
+        .unwrap();
         assert_eq!(n, 1);
         assert_eq!(used_len(&mq, 0), 212);
         let mut back = vec![0u8; 212];
@@ -460,7 +496,15 @@ mod tests {
         add_chain(&mq, 2, &[(0x60000, 100, true)]);
         let frame: Vec<u8> = (0..250).map(|i| i as u8).collect();
         assert_eq!(
-            receive(&m, &mut q, &FrameBytes(&frame), true, &mut Vec::new()).unwrap(),
+            receive(
+                &m,
+                &mut q,
+                &FrameBytes(&frame),
+                true,
+                false,
+                &mut Vec::new()
+            )
+            .unwrap(),
             3
         );
         assert_eq!(
@@ -485,13 +529,27 @@ mod tests {
         let mut q: Queue = mq.create_queue().unwrap();
         let frame = [0u8; 300];
         assert_eq!(
-            receive(&m, &mut q, &FrameBytes(&frame[..]), true, &mut Vec::new()),
+            receive(
+                &m,
+                &mut q,
+                &FrameBytes(&frame[..]),
+                true,
+                false,
+                &mut Vec::new()
+            ),
             Err(DropReason::QueueFull)
         );
         add_chain(&mq, 0, &[(0x40000, 100, true)]);
         // Too small and not mergeable: dropped, and the buffer stays for the next frame.
         assert_eq!(
-            receive(&m, &mut q, &FrameBytes(&frame[..]), false, &mut Vec::new()),
+            receive(
+                &m,
+                &mut q,
+                &FrameBytes(&frame[..]),
+                false,
+                false,
+                &mut Vec::new()
+            ),
             Err(DropReason::Oversize)
         );
         assert_eq!(mq.used().idx().load(), 0);
@@ -501,6 +559,7 @@ mod tests {
                 &mut q,
                 &FrameBytes(&frame[..50]),
                 false,
+                false,
                 &mut Vec::new()
             ),
             Ok(1)
@@ -508,7 +567,14 @@ mod tests {
         // Mergeable but the guest has too few buffers: nothing is consumed.
         add_chain(&mq, 1, &[(0x50000, 100, true)]);
         assert_eq!(
-            receive(&m, &mut q, &FrameBytes(&frame[..]), true, &mut Vec::new()),
+            receive(
+                &m,
+                &mut q,
+                &FrameBytes(&frame[..]),
+                true,
+                false,
+                &mut Vec::new()
+            ),
             Err(DropReason::QueueFull)
         );
         assert_eq!(mq.used().idx().load(), 1);
@@ -523,10 +589,53 @@ mod tests {
         add_chain(&mq, 1, &[(0x40000, 2048, true)]);
         let frame = [7u8; 60];
         assert_eq!(
-            receive(&m, &mut q, &FrameBytes(&frame[..]), false, &mut Vec::new()),
+            receive(
+                &m,
+                &mut q,
+                &FrameBytes(&frame[..]),
+                false,
+                false,
+                &mut Vec::new()
+            ),
             Ok(1)
         );
         assert_eq!(used_len(&mq, 0), 0);
         assert_eq!(used_len(&mq, 1), 72);
+    }
+
+    #[test]
+    fn offload_headers_pass_through_only_when_negotiated() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        // A TSO request: needs checksum, TCPv4, 1448-byte segments.
+        let hdr = NetHdr {
+            flags: NetHdr::F_NEEDS_CSUM,
+            gso_type: NetHdr::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut chain = hdr.to_bytes().to_vec();
+        chain.extend([0u8; 2]);
+        chain.extend([0xabu8; 3000]);
+        m.write_slice(&chain, GuestAddress(0x10000)).unwrap();
+        add_chain(&mq, 0, &[(0x10000, chain.len() as u32, false)]);
+        add_chain(&mq, 1, &[(0x10000, chain.len() as u32, false)]);
+        let mut seen = Vec::new();
+        transmit(&m, &mut q, &mut Vec::new(), true, |f| {
+            seen.push(f.net_hdr())
+        });
+        assert_eq!(seen, vec![Some(hdr), Some(hdr)]);
+        // Without the CSUM feature the same bytes carry no request.
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        add_chain(&mq, 0, &[(0x10000, chain.len() as u32, false)]);
+        let mut seen = Vec::new();
+        transmit(&m, &mut q, &mut Vec::new(), false, |f| {
+            seen.push(f.net_hdr())
+        });
+        assert_eq!(seen, vec![None]);
     }
 }
