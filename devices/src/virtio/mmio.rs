@@ -225,22 +225,26 @@ impl MmioTransport {
         }
         let old = self.status;
         let added = new & !old;
-        // Bits are only ever added, one step at a time, in the order of the
-        // specification.
+        // Bits are only ever added, in the order of the specification; a
+        // driver may add several steps in one write (virtio-drivers writes
+        // ACKNOWLEDGE | DRIVER at once).
+        const STEPS: [u32; 5] = [
+            0,
+            ACKNOWLEDGE,
+            ACKNOWLEDGE | DRIVER,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        ];
         let ok = new & old == old
-            && match added {
-                ACKNOWLEDGE => old == 0,
-                DRIVER => old == ACKNOWLEDGE,
-                FEATURES_OK => old == ACKNOWLEDGE | DRIVER && self.features_acceptable(),
-                DRIVER_OK => old == ACKNOWLEDGE | DRIVER | FEATURES_OK,
-                _ => false,
-            };
+            && added != 0
+            && STEPS.contains(&new)
+            && (added & FEATURES_OK == 0 || self.features_acceptable());
         if !ok {
             tracing::warn!(old, new, "virtio-mmio: status change refused");
             return;
         }
         self.status = new;
-        if added == DRIVER_OK {
+        if added & DRIVER_OK != 0 {
             self.activate();
         }
     }
@@ -552,6 +556,21 @@ mod tests {
         let mut t = transport(Recorder::default());
         negotiate(&mut t, 0b1);
         assert_eq!(r(&mut t, 0x70) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn several_steps_in_one_write_are_taken() {
+        let mut t = transport(Recorder::default());
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        assert_eq!(r(&mut t, 0x70), status::ACKNOWLEDGE | status::DRIVER);
+        // Skipping a step, or going back, is still refused.
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        w(&mut t, 0x70, status::ACKNOWLEDGE);
+        assert_eq!(r(&mut t, 0x70), status::ACKNOWLEDGE | status::DRIVER);
     }
 
     #[test]
