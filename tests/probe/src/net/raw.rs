@@ -8,6 +8,7 @@
 use super::Mac;
 use super::stack::Stack;
 use super::time::{self, Deadline, Mbps};
+use super::transport::kicks;
 use crate::{hw, serial};
 
 /// Ethertype of burst frames.
@@ -20,6 +21,7 @@ pub const MIN_SIZE: u64 = 60;
 pub fn burst(stack: &mut Stack, to: [u8; 6], n: u64, size: u16) {
     let from = stack.dev.mac();
     let size = usize::from(size);
+    let (_, kicks0) = kicks();
     let t0 = hw::rdtsc();
     let mut sent = 0;
     for seq in 0..n {
@@ -41,13 +43,14 @@ pub fn burst(stack: &mut Stack, to: [u8; 6], n: u64, size: u16) {
     }
     let ns = time::ns(hw::rdtsc().wrapping_sub(t0));
     serial::line(format_args!(
-        r#"{{"probe":"burst","to":"{}","size":{},"sent":{},"ns":{},"fps":{},"mbit_s":{}{}}}"#,
+        r#"{{"probe":"burst","to":"{}","size":{},"sent":{},"ns":{},"fps":{},"mbit_s":{},"tx_kicks":{}{}}}"#,
         Mac(to),
         size,
         sent,
         ns,
         time::per_sec(sent, ns),
         Mbps(sent * size as u64, ns),
+        kicks().1 - kicks0,
         if sent < n {
             r#","error":"no transmit buffer came free in 1 s""#
         } else {
@@ -59,6 +62,7 @@ pub fn burst(stack: &mut Stack, to: [u8; 6], n: u64, size: u16) {
 /// `count-rx:SECONDS[:N]`: counts frames for SECONDS, or until N burst
 /// frames came.
 pub fn count_rx(stack: &mut Stack, secs: u64, until: Option<u64>) {
+    let (kicks0, _) = kicks();
     let end = Deadline::after_ms(secs * 1000);
     let (mut frames, mut bytes, mut bursts, mut lost) = (0u64, 0u64, 0u64, 0u64);
     let (mut first, mut last) = (0u64, 0u64);
@@ -88,7 +92,7 @@ pub fn count_rx(stack: &mut Stack, secs: u64, until: Option<u64>) {
     }
     let ns = time::ns(last.wrapping_sub(first));
     serial::line(format_args!(
-        r#"{{"probe":"rx","seconds":{},"frames":{},"bytes":{},"burst_frames":{},"burst_gaps":{},"burst_ns":{},"burst_fps":{}}}"#,
+        r#"{{"probe":"rx","seconds":{},"frames":{},"bytes":{},"burst_frames":{},"burst_gaps":{},"burst_ns":{},"burst_fps":{},"rx_kicks":{}}}"#,
         secs,
         frames,
         bytes,
@@ -96,5 +100,6 @@ pub fn count_rx(stack: &mut Stack, secs: u64, until: Option<u64>) {
         lost,
         ns,
         time::per_sec(bursts.saturating_sub(1), ns),
+        kicks().0 - kicks0,
     ));
 }

@@ -5,8 +5,21 @@
 //! It also bounds the config-generation retry loop, which virtio-drivers
 //! runs without limit.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{PhysAddr, Result};
+
+/// Queue notifications ("kicks", each a VM exit) written so far, for
+/// queues 0 (receiveq) and 1 (transmitq).
+static KICKS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Kicks of (receiveq, transmitq) so far.
+pub fn kicks() -> (u64, u64) {
+    (
+        KICKS[0].load(Ordering::Relaxed),
+        KICKS[1].load(Ordering::Relaxed),
+    )
+}
 
 /// How often a config read is retried while the generation changes.
 const GENERATION_TRIES: u32 = 1000;
@@ -42,6 +55,9 @@ impl<T: Transport> Transport for Linuxish<T> {
     }
 
     fn notify(&mut self, queue: u16) {
+        if let Some(k) = KICKS.get(usize::from(queue)) {
+            k.fetch_add(1, Ordering::Relaxed);
+        }
         self.inner.notify(queue)
     }
 
