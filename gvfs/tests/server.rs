@@ -527,3 +527,56 @@ fn forget_releases_an_inode_after_its_last_reference() {
         server.shutdown();
     });
 }
+
+#[test]
+fn malformed_frames_get_errors_and_never_take_the_server_down() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), b"ok").unwrap();
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let addr = server.local_addr();
+        let hello = proto::encode_hello(&proto::Hello {
+            version: proto::VERSION,
+            token: TOKEN.to_vec(),
+        });
+        let open = || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            proto::write_frame(&mut s, &hello).unwrap();
+            let w = proto::read_frame(&mut s).unwrap().unwrap();
+            assert_eq!(
+                proto::decode_welcome(&w).unwrap().status,
+                HelloStatus::Accepted
+            );
+            s
+        };
+        // An unknown op and a truncated lookup: EINVAL answers to their ids.
+        let mut s = open();
+        let mut body = 42u64.to_le_bytes().to_vec();
+        body.push(250);
+        proto::write_frame(&mut s, &body).unwrap();
+        let (id, r) = proto::decode_response(&proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
+        assert_eq!((id, r), (42, Response::Error(libc::EINVAL)));
+        let mut body = 43u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[proto::op::LOOKUP, 1, 0, 0]);
+        proto::write_frame(&mut s, &body).unwrap();
+        let (id, r) = proto::decode_response(&proto::read_frame(&mut s).unwrap().unwrap()).unwrap();
+        assert_eq!((id, r), (43, Response::Error(libc::EINVAL)));
+        // A frame too short for an id, then one claiming 4 GiB: dropped.
+        proto::write_frame(&mut s, &[1, 2, 3]).unwrap();
+        assert!(matches!(proto::read_frame(&mut s), Ok(None) | Err(_)));
+        let mut s = open();
+        s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(proto::read_frame(&mut s), Ok(None) | Err(_)));
+        // A wrong magic in the handshake is refused.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        proto::write_frame(&mut s, b"NOPE\x01\x00\x00\x00\x00\x00").unwrap();
+        assert!(matches!(proto::read_frame(&mut s), Ok(None) | Err(_)));
+        // The server still serves well-behaved clients.
+        let c = raw(addr);
+        assert!(matches!(lookup(&c, proto::ROOT_NODE, b"f"), Response::Attr(a) if a.size == 2));
+        server.shutdown();
+    });
+}
