@@ -27,6 +27,7 @@ fn main() {
             token: b"t".to_vec(),
             tls: None,
             connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
         },
         gvfs::client::FsOptions {
             attr_timeout: Duration::from_secs(60),
@@ -40,6 +41,7 @@ fn main() {
             token: b"t".to_vec(),
             tls: None,
             connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
         },
         Default::default(),
     )

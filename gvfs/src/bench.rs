@@ -181,6 +181,7 @@ impl Gvfs {
                 token: b"bench".to_vec(),
                 tls: self.tls.clone(),
                 connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(60),
             },
             FsOptions {
                 attr_timeout: Duration::from_secs(60),

@@ -580,3 +580,38 @@ fn malformed_frames_get_errors_and_never_take_the_server_down() {
         server.shutdown();
     });
 }
+
+#[test]
+fn a_hung_server_gives_eio_after_the_request_timeout() {
+    // A "server" that completes the handshake and then never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hung = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _hello = proto::read_frame(&mut s).unwrap();
+        let w = proto::encode_welcome(&proto::Welcome {
+            version: proto::VERSION,
+            status: HelloStatus::Accepted,
+            read_only: false,
+        });
+        proto::write_frame(&mut s, &w).unwrap();
+        // Read requests, answer none, until the client gives up.
+        while let Ok(Some(_)) = proto::read_frame(&mut s) {}
+    });
+    bounded(30, None, move || {
+        let cfg = ConnectConfig {
+            request_timeout: Duration::from_millis(700),
+            ..connect_config(addr)
+        };
+        let fs_ = gvfs::client::Fs::new(cfg, FsOptions::default()).unwrap();
+        let t = Instant::now();
+        let e = fs_.lookup(ROOT_INO, b"f").unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(600) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        hung.join().unwrap();
+    });
+}

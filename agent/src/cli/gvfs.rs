@@ -92,6 +92,10 @@ pub struct MountArgs {
     /// What calls do while the server is unreachable.
     #[arg(long, value_enum, default_value = "eio")]
     on_disconnect: Disconnect,
+    /// Seconds to wait for an answer before the server counts as gone
+    /// (the connection is dropped; then --on-disconnect applies).
+    #[arg(long, default_value_t = 60.0)]
+    request_timeout: f64,
     /// Seconds attributes and directory listings are trusted.
     #[arg(long, default_value_t = 1.0)]
     attr_timeout: f64,
@@ -167,11 +171,15 @@ fn mount(a: MountArgs) -> CliResult {
     if !(a.attr_timeout >= 0.0 && a.attr_timeout < 1e6) {
         return Err("--attr-timeout must be between 0 and 1e6 seconds".into());
     }
+    if !(a.request_timeout > 0.0 && a.request_timeout < 1e6) {
+        return Err("--request-timeout must be between 0 and 1e6 seconds".into());
+    }
     let connect = ConnectConfig {
         addr: a.server.clone(),
         token: read_token(&a.token_file)?,
         tls,
         connect_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs_f64(a.request_timeout),
     };
     let opts = FsOptions {
         attr_timeout: Duration::from_secs_f64(a.attr_timeout),

@@ -66,6 +66,9 @@ pub struct ConnectConfig {
     /// `None`: plain TCP.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// How long to wait for an answer before the connection counts as
+    /// dead (a hung or unreachable server); it is then dropped.
+    pub request_timeout: Duration,
 }
 
 impl ConnectConfig {
@@ -86,18 +89,34 @@ pub struct Conn {
     pending: Arc<Mutex<(bool, Waiters)>>,
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
+    request_timeout: Duration,
     pub read_only: bool,
 }
 
 /// An answer not yet received.
 pub struct Pending {
     rx: mpsc::Receiver<Response>,
+    timeout: Duration,
+    socket: Arc<TcpStream>,
+    dead: Arc<AtomicBool>,
 }
 
 impl Pending {
+    /// Waits for the answer; a server silent for the request time-out is
+    /// taken for gone: the connection is shut down and this (and every
+    /// other waiting call) fails as disconnected.
     pub fn wait(self) -> Result<Response, ClientError> {
-        self.rx.recv().map_err(|_| ClientError::Disconnected)
+        match self.rx.recv_timeout(self.timeout) {
+            Ok(r) => Ok(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                warn!(timeout = ?self.timeout, "no answer from the server; dropping the connection");
+                self.dead.store(true, Ordering::SeqCst);
+                transport::shutdown(&self.socket);
+                Err(ClientError::Disconnected)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
+        }
     }
 }
 
@@ -144,6 +163,10 @@ impl Conn {
             return Err(ClientError::Refused(welcome.status));
         }
         socket.set_read_timeout(None).map_err(TransportError::Io)?;
+        // A server that stops reading must not block writers forever.
+        socket
+            .set_write_timeout(Some(cfg.request_timeout))
+            .map_err(TransportError::Io)?;
         let pending: Arc<Mutex<(bool, Waiters)>> = Arc::new(Mutex::new((false, HashMap::new())));
         let dead = Arc::new(AtomicBool::new(false));
         {
@@ -188,7 +211,8 @@ impl Conn {
             pending,
             next_id: AtomicU64::new(1),
             dead,
-            socket,
+            socket: Arc::new(socket),
+            request_timeout: cfg.request_timeout,
             read_only: welcome.read_only,
         })
     }
@@ -215,7 +239,12 @@ impl Conn {
             self.close();
             return Err(ClientError::Disconnected);
         }
-        Ok(Pending { rx })
+        Ok(Pending {
+            rx,
+            timeout: self.request_timeout,
+            socket: self.socket.clone(),
+            dead: self.dead.clone(),
+        })
     }
 
     /// Sends a request and waits for its answer.

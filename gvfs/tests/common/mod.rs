@@ -46,6 +46,7 @@ pub fn connect_config(addr: SocketAddr) -> ConnectConfig {
         token: TOKEN.to_vec(),
         tls: None,
         connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(30),
     }
 }
 
