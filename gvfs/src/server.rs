@@ -689,15 +689,35 @@ impl Conn {
                     self.writable()?;
                 }
                 let path = self.path(node)?;
+                // Only regular files and directories are opened: opening a
+                // FIFO would block a worker, a device could act on open.
+                // Checked on an O_PATH descriptor first (no open side
+                // effects), and again on the opened one.
+                let plain = |st: &libc::stat| {
+                    matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR)
+                };
+                let probe =
+                    sys::open_beneath(self.root(), &path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+                        .map_err(errno)?;
+                let st = sys::stat_at(probe.as_fd(), OsStr::new("")).map_err(errno)?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                    return Err(libc::ELOOP);
+                }
+                if !plain(&st) {
+                    return Err(libc::EOPNOTSUPP);
+                }
                 let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_TRUNC | libc::O_DIRECTORY;
                 let fd = sys::open_beneath(
                     self.root(),
                     &path,
-                    (flags & keep) | libc::O_NOFOLLOW | libc::O_NOCTTY,
+                    (flags & keep) | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK,
                     0,
                 )
                 .map_err(errno)?;
                 let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                if !plain(&st) {
+                    return Err(libc::EOPNOTSUPP);
+                }
                 let attr = self.attr(node, &st);
                 let handle = self.add_handle(File::from(fd));
                 Ok(Response::Opened { handle, attr })

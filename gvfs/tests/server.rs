@@ -101,6 +101,14 @@ fn paths_that_leave_the_export_are_refused() {
                 .unwrap();
             assert!(matches!(r, Response::Error(_)));
         }
+        // A FIFO is not opened (it would block a server thread).
+        let fifo =
+            std::ffi::CString::new(export.join("fifo").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `fifo` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let n = node(lookup(&c, root, b"fifo"));
+        let r = c.call(&Request::Open { node: n, flags: 0 }).unwrap();
+        assert_eq!(errno(r), libc::EOPNOTSUPP);
         // Creating through a symlinked directory is refused too.
         let r = c
             .call(&Request::Create {
