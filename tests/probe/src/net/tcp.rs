@@ -232,6 +232,7 @@ pub fn bulk_send(stack: &mut Stack, to: Ipv4Addr, port: u16, bytes: u64) {
     if let Err(e) = connect(stack, &mut set, h, to, port) {
         return report_error("tcp-bulk-send", to, port, e);
     }
+    let c0 = stack.dev.counters();
     let t = Deadline::after_ms(0);
     let mut sent = 0u64;
     let mut pattern = Pattern::default();
@@ -271,15 +272,18 @@ pub fn bulk_send(stack: &mut Stack, to: Ipv4Addr, port: u16, bytes: u64) {
         }
     }
     let ns = t.elapsed_ns();
+    let c = stack.dev.counters();
     close(stack, &mut set, h);
     serial::line(format_args!(
-        r#"{{"probe":"tcp-bulk-send","to":"{}:{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}"{}}}"#,
+        r#"{{"probe":"tcp-bulk-send","to":"{}:{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","frames_tx":{},"frames_rx":{}{}}}"#,
         to,
         port,
         acked,
         ns,
         Mbps(acked, ns),
         crc.value(),
+        c.tx_frames - c0.tx_frames,
+        c.rx_frames - c0.rx_frames,
         ErrorField(error),
     ));
 }
@@ -295,6 +299,7 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
     if set.get_mut::<tcp::Socket>(h).listen(port).is_err() {
         return no_memory("tcp-bulk-recv");
     }
+    let c0 = stack.dev.counters();
     let end = Deadline::after_ms(secs * 1000);
     let mut start: Option<Deadline> = None;
     let ns;
@@ -338,9 +343,10 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
             break;
         }
     }
+    let c = stack.dev.counters();
     close(stack, &mut set, h);
     serial::line(format_args!(
-        r#"{{"probe":"tcp-bulk-recv","port":{},"from":"{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","pattern_ok":{}{}}}"#,
+        r#"{{"probe":"tcp-bulk-recv","port":{},"from":"{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","pattern_ok":{},"frames_rx":{},"frames_tx":{}{}}}"#,
         port,
         Endpoint(from),
         got,
@@ -348,6 +354,8 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
         Mbps(got, ns),
         crc.value(),
         intact,
+        c.rx_frames - c0.rx_frames,
+        c.tx_frames - c0.tx_frames,
         ErrorField(error),
     ));
 }
