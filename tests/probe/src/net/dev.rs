@@ -107,6 +107,9 @@ impl NetDev {
             .map_err(|_| UpError::Transport)?;
         let raw = Raw::new(Linuxish::new(transport, stepwise)).map_err(UpError::Driver)?;
         let raw = pool::place(raw).ok_or(UpError::NoMemory)?;
+        // The probe polls: ask the device not to interrupt
+        // (VRING_AVAIL_F_NO_INTERRUPT, or used_event with EVENT_IDX).
+        raw.disable_interrupts();
         // virtio-drivers does not check that the device took FEATURES_OK
         // and DRIVER_OK; do it here.
         let status = hw::mmio_read_u32(dev.base + 0x70);

@@ -14,6 +14,8 @@ const IDENT: u16 = 0x7072;
 const PAYLOAD: usize = 56;
 /// How long to wait for each reply.
 const TIMEOUT_MS: u64 = 1000;
+/// Replies whose RTT goes into the median.
+const SAMPLES: usize = 512;
 
 pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
     let mut rx_meta = [icmp::PacketMetadata::EMPTY; 4];
@@ -38,6 +40,9 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
     let caps = ChecksumCapabilities::default();
     let (mut received, mut min, mut max, mut sum) = (0u32, u64::MAX, 0u64, 0u64);
     let mut first = None;
+    // RTTs of the first SAMPLES replies, for the median.
+    let mut samples = [0u32; SAMPLES];
+    let mut nsamples = 0;
     let mut sent = 0u32;
     for seq in 0..count {
         let socket = sockets.get_mut::<icmp::Socket>(handle);
@@ -70,6 +75,10 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
                     let rtt = time::ns(t1.wrapping_sub(t0)) / 1000;
                     received += 1;
                     first.get_or_insert(rtt);
+                    if nsamples < SAMPLES {
+                        samples[nsamples] = rtt.min(u64::from(u32::MAX)) as u32;
+                        nsamples += 1;
+                    }
                     min = min.min(rtt);
                     max = max.max(rtt);
                     sum += rtt;
@@ -85,13 +94,18 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
         ));
     } else {
         serial::line(format_args!(
-            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{},"rtt_us_first":{}}}"#,
+            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{},"rtt_us_median":{},"rtt_us_first":{}}}"#,
             to,
             sent,
             received,
             min,
             sum / u64::from(received),
             max,
+            {
+                let s = &mut samples[..nsamples];
+                s.sort_unstable();
+                s[nsamples / 2]
+            },
             first.unwrap_or(0)
         ));
     }

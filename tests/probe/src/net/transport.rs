@@ -3,7 +3,10 @@
 //! FEATURES_OK, DRIVER_OK). virtio-drivers writes ACKNOWLEDGE|DRIVER in one
 //! write after the reset, a transition Firecracker (and vmplant) refuse.
 //! It also bounds the config-generation retry loop, which virtio-drivers
-//! runs without limit.
+//! runs without limit, and hides VIRTIO_F_EVENT_IDX: virtio-drivers 0.13
+//! decides whether to kick with `avail_idx >= avail_event + 1`, which is
+//! wrong once the 16-bit index wraps (Linux's `vring_need_event` compares
+//! modulo 2^16), and a polling driver gains nothing from it.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -21,6 +24,8 @@ pub fn kicks() -> (u64, u64) {
     )
 }
 
+/// VIRTIO_F_EVENT_IDX (virtio 1.2, 6).
+const EVENT_IDX: u64 = 29;
 /// How often a config read is retried while the generation changes.
 const GENERATION_TRIES: u32 = 1000;
 
@@ -43,7 +48,7 @@ impl<T: Transport> Transport for Linuxish<T> {
     }
 
     fn read_device_features(&mut self) -> u64 {
-        self.inner.read_device_features()
+        self.inner.read_device_features() & !(1 << EVENT_IDX)
     }
 
     fn write_driver_features(&mut self, driver_features: u64) {
