@@ -8,6 +8,7 @@ use super::crc::{Crc32, Pattern};
 use super::pool;
 use super::stack::Stack;
 use super::time::{Deadline, Mbps};
+use super::transport::kicks;
 use crate::serial::{self, Json};
 use core::net::Ipv4Addr;
 use smoltcp::iface::{SocketHandle, SocketSet, SocketStorage};
@@ -233,6 +234,7 @@ pub fn bulk_send(stack: &mut Stack, to: Ipv4Addr, port: u16, bytes: u64) {
         return report_error("tcp-bulk-send", to, port, e);
     }
     let c0 = stack.dev.counters();
+    let k0 = kicks();
     let t = Deadline::after_ms(0);
     let mut sent = 0u64;
     let mut pattern = Pattern::default();
@@ -273,9 +275,10 @@ pub fn bulk_send(stack: &mut Stack, to: Ipv4Addr, port: u16, bytes: u64) {
     }
     let ns = t.elapsed_ns();
     let c = stack.dev.counters();
+    let k = kicks();
     close(stack, &mut set, h);
     serial::line(format_args!(
-        r#"{{"probe":"tcp-bulk-send","to":"{}:{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","frames_tx":{},"frames_rx":{}{}}}"#,
+        r#"{{"probe":"tcp-bulk-send","to":"{}:{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","frames_tx":{},"frames_rx":{},"tx_kicks":{},"rx_kicks":{}{}}}"#,
         to,
         port,
         acked,
@@ -284,6 +287,8 @@ pub fn bulk_send(stack: &mut Stack, to: Ipv4Addr, port: u16, bytes: u64) {
         crc.value(),
         c.tx_frames - c0.tx_frames,
         c.rx_frames - c0.rx_frames,
+        k.1 - k0.1,
+        k.0 - k0.0,
         ErrorField(error),
     ));
 }
@@ -300,6 +305,7 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
         return no_memory("tcp-bulk-recv");
     }
     let c0 = stack.dev.counters();
+    let k0 = kicks();
     let end = Deadline::after_ms(secs * 1000);
     let mut start: Option<Deadline> = None;
     let ns;
@@ -344,9 +350,10 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
         }
     }
     let c = stack.dev.counters();
+    let k = kicks();
     close(stack, &mut set, h);
     serial::line(format_args!(
-        r#"{{"probe":"tcp-bulk-recv","port":{},"from":"{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","pattern_ok":{},"frames_rx":{},"frames_tx":{}{}}}"#,
+        r#"{{"probe":"tcp-bulk-recv","port":{},"from":"{}","bytes":{},"ns":{},"mbit_s":{},"crc32":"{:08x}","pattern_ok":{},"frames_rx":{},"frames_tx":{},"rx_kicks":{},"tx_kicks":{}{}}}"#,
         port,
         Endpoint(from),
         got,
@@ -356,6 +363,8 @@ pub fn bulk_recv(stack: &mut Stack, port: u16, secs: u64) {
         intact,
         c.rx_frames - c0.rx_frames,
         c.tx_frames - c0.tx_frames,
+        k.0 - k0.0,
+        k.1 - k0.1,
         ErrorField(error),
     ));
 }
