@@ -8,6 +8,9 @@
 //! - [`node::Vnet`]: a switch with its TAPs, tunnels and listeners, and the
 //!   run-time control API.
 //! - [`matrix`]: traffic matrix and topology inference.
+//! - [`testbed`]: namespaces, veths, a Linux bridge, TAPs, ping and iperf3
+//!   runs with parsed output, a throwaway PKI: shared by the tests and
+//!   `vmplant bench vnet`.
 
 pub mod counters;
 pub mod frame;
@@ -16,6 +19,7 @@ pub mod node;
 pub mod offload;
 pub mod switch;
 pub mod tap;
+pub mod testbed;
 pub mod tunnel;
 
 pub use counters::{CounterSnapshot, DropReason};

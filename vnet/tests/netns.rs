@@ -11,20 +11,20 @@ use vnet::tap::TapPort;
 
 fn tap_in(sw: &Arc<Switch>, ns: &NetNs, addr: &str) -> TapPort {
     let tap = TapPort::create(sw, &unique("vt")).expect("create TAP");
-    ns.adopt(tap.name(), addr);
+    ns.adopt(tap.name(), addr).unwrap();
     tap
 }
 
 #[test]
 fn two_namespaces_on_one_switch_ping_and_iperf() {
     let sw = Switch::new(SwitchConfig::default()).unwrap();
-    let (a, b) = (NetNs::new(), NetNs::new());
+    let (a, b) = (NetNs::new().unwrap(), NetNs::new().unwrap());
     let ta = tap_in(&sw, &a, "10.99.1.1/24");
     let tb = tap_in(&sw, &b, "10.99.1.2/24");
-    let rtt = a.ping("10.99.1.2", 3);
+    let rtt = a.ping("10.99.1.2", 3).unwrap();
     assert!(rtt < 50.0, "rtt {rtt} ms");
-    b.iperf_server();
-    let bps = a.iperf_client("10.99.1.2", 2);
+    b.iperf_server().unwrap();
+    let bps = a.iperf_client("10.99.1.2", 2).unwrap().received_bps;
     eprintln!("one switch: rtt {rtt:.3} ms, {:.0} Mbit/s", bps / 1e6);
     assert!(bps > 50e6, "throughput {bps} bit/s");
     // Both addresses learned on the right ports; traffic counted both ways.

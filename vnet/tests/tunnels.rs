@@ -12,16 +12,13 @@ use vnet::tunnel::{DEFAULT_UDP_MTU, Endpoint, Listener, Proto, TlsConfig, Tunnel
 
 fn tap_in(sw: &Arc<Switch>, ns: &NetNs, addr: &str) -> TapPort {
     let tap = TapPort::create(sw, &unique("vt")).expect("create TAP");
-    ns.adopt(tap.name(), addr);
+    ns.adopt(tap.name(), addr).unwrap();
     tap
 }
 
 fn tls_pair() -> (TlsConfig, TlsConfig) {
-    let p = pki(2);
-    let c = |p: &common::Pem| {
-        TlsConfig::from_pem(p.cert.as_bytes(), p.key.as_bytes(), p.ca.as_bytes()).unwrap()
-    };
-    (c(&p[0]), c(&p[1]))
+    let p = pki(2).unwrap();
+    (p[0].tls_config().unwrap(), p[1].tls_config().unwrap())
 }
 
 fn ep(proto: Proto, addr: std::net::SocketAddr) -> Endpoint {
@@ -56,13 +53,13 @@ fn namespaces_across_a_tunnel(proto: Proto, subnet: u8) {
         "{:?}",
         t.info()
     );
-    let (a, b) = (NetNs::new(), NetNs::new());
+    let (a, b) = (NetNs::new().unwrap(), NetNs::new().unwrap());
     let _pa = tap_in(&swa, &a, &format!("10.99.{subnet}.1/24"));
     let _pb = tap_in(&swb, &b, &format!("10.99.{subnet}.2/24"));
     let peer = format!("10.99.{subnet}.2");
-    let rtt = a.ping(&peer, 3);
-    b.iperf_server();
-    let bps = a.iperf_client(&peer, 2);
+    let rtt = a.ping(&peer, 3).unwrap();
+    b.iperf_server().unwrap();
+    let bps = a.iperf_client(&peer, 2).unwrap().received_bps;
     eprintln!("{proto} tunnel: rtt {rtt:.3} ms, {:.0} Mbit/s", bps / 1e6);
     assert!(bps > 5e6, "throughput {bps} bit/s");
     let accepted = l.info().tunnels;
@@ -198,24 +195,26 @@ fn jumbo_frames_cross_a_udp_tunnel_in_fragments() {
     .unwrap();
     let t = Tunnel::connect(&swa, ep(Proto::Udp, l.local_addr()), None, 1472).unwrap();
     assert!(eventually(5, || t.info().state == TunnelState::Up));
-    let (a, b) = (NetNs::new(), NetNs::new());
+    let (a, b) = (NetNs::new().unwrap(), NetNs::new().unwrap());
     let _pa = tap_in(&swa, &a, "10.99.14.1/24");
     let _pb = tap_in(&swb, &b, "10.99.14.2/24");
     // 8000-byte ICMP payload, no IP fragmentation: one 8042-byte frame.
-    let out = a.exec_ok(&[
-        "ping",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        "-M",
-        "do",
-        "-s",
-        "8000",
-        "10.99.14.2",
-    ]);
+    let out = a
+        .exec_ok(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "8000",
+            "10.99.14.2",
+        ])
+        .unwrap();
     assert!(out.contains("3 received"), "{out}");
     let port = t.info().port.unwrap();
     assert!(swa.port(port).unwrap().counters.tx_bytes >= 3 * 8042);
@@ -229,21 +228,27 @@ fn vnet() -> vnet::Vnet {
 fn tap_of(v: &vnet::Vnet, ns: &NetNs, addr: &str) -> (vnet::PortId, String) {
     let name = unique("vt");
     let id = v.add_tap(&name).unwrap();
-    ns.adopt(&name, addr);
+    ns.adopt(&name, addr).unwrap();
     (id, name)
 }
 
 #[test]
 fn a_rule_change_moves_a_running_stream_to_another_port() {
     let v = vnet();
-    let (a, b, c) = (NetNs::new(), NetNs::new(), NetNs::new());
+    let (a, b, c) = (
+        NetNs::new().unwrap(),
+        NetNs::new().unwrap(),
+        NetNs::new().unwrap(),
+    );
     let _pa = tap_of(&v, &a, "10.99.20.1/24");
     // B and C are the same host (MAC and IP), as after a fail-over.
     let mac: vnet::Mac = "02:99:00:00:00:02".parse().unwrap();
     let (pb, nb) = tap_of(&v, &b, "10.99.20.2/24");
     let (pc, nc) = tap_of(&v, &c, "10.99.20.2/24");
-    b.exec_ok(&["ip", "link", "set", &nb, "address", &mac.to_string()]);
-    c.exec_ok(&["ip", "link", "set", &nc, "address", &mac.to_string()]);
+    b.exec_ok(&["ip", "link", "set", &nb, "address", &mac.to_string()])
+        .unwrap();
+    c.exec_ok(&["ip", "link", "set", &nc, "address", &mac.to_string()])
+        .unwrap();
     v.add_rule(vnet::Rule {
         dst: mac,
         vlan: None,
@@ -252,7 +257,10 @@ fn a_rule_change_moves_a_running_stream_to_another_port() {
     .unwrap();
     let tx = |p| v.switch().port(p).unwrap().counters.tx_frames;
     let (out, at_switch, took) = std::thread::scope(|s| {
-        let ping = s.spawn(|| a.exec(&["ping", "-c", "60", "-i", "0.05", "-W", "1", "10.99.20.2"]));
+        let ping = s.spawn(|| {
+            a.exec(&["ping", "-c", "60", "-i", "0.05", "-W", "1", "10.99.20.2"])
+                .unwrap()
+        });
         std::thread::sleep(std::time::Duration::from_millis(1500));
         let t0 = std::time::Instant::now();
         v.add_rule(vnet::Rule {
@@ -291,14 +299,18 @@ fn removing_a_tunnel_mid_stream_leaves_the_other_ports_working() {
     let (_, l) = v1.listen("udp:127.0.0.1:0".parse().unwrap()).unwrap();
     let tid = v0.connect(format!("udp:{l}").parse().unwrap()).unwrap();
     assert!(eventually(5, || v0.tunnels()[0].state == TunnelState::Up));
-    let (a, b, c) = (NetNs::new(), NetNs::new(), NetNs::new());
+    let (a, b, c) = (
+        NetNs::new().unwrap(),
+        NetNs::new().unwrap(),
+        NetNs::new().unwrap(),
+    );
     let _pa = tap_of(&v0, &a, "10.99.21.1/24");
     let _pb = tap_of(&v0, &b, "10.99.21.2/24");
     let _pc = tap_of(&v1, &c, "10.99.21.3/24");
-    a.ping("10.99.21.3", 1);
-    b.iperf_server();
+    a.ping("10.99.21.3", 1).unwrap();
+    b.iperf_server().unwrap();
     let (bps, took) = std::thread::scope(|s| {
-        let iperf = s.spawn(|| a.iperf_client("10.99.21.2", 3));
+        let iperf = s.spawn(|| a.iperf_client("10.99.21.2", 3).unwrap().received_bps);
         std::thread::sleep(std::time::Duration::from_millis(1200));
         let t0 = std::time::Instant::now();
         v0.remove_tunnel(tid).unwrap();
@@ -309,8 +321,10 @@ fn removing_a_tunnel_mid_stream_leaves_the_other_ports_working() {
     assert!(bps > 50e6, "{bps}");
     assert!(v0.tunnels().is_empty());
     assert_eq!(v0.status().ports.len(), 2);
-    a.ping("10.99.21.2", 2);
-    let out = a.exec(&["ping", "-c", "1", "-W", "1", "10.99.21.3"]);
+    a.ping("10.99.21.2", 2).unwrap();
+    let out = a
+        .exec(&["ping", "-c", "1", "-W", "1", "10.99.21.3"])
+        .unwrap();
     assert!(!out.status.success(), "C is gone with the tunnel");
     assert!(eventually(8, || v1.status().listeners[0]
         .tunnels

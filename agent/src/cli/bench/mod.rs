@@ -3,6 +3,7 @@
 
 mod boot;
 mod measure;
+mod vnet;
 
 use super::CliResult;
 use clap::Subcommand;
@@ -12,10 +13,14 @@ pub enum BenchCommand {
     /// Boot the test guest N times in vmplant, Firecracker and Cloud
     /// Hypervisor in turn: time to the first ready line, and RSS.
     Boot(boot::BootBenchArgs),
+    /// Ping and iperf3 between two namespaces through a Linux bridge, one
+    /// VNET switch, and two joined by UDP and TLS tunnels; control times.
+    Vnet(vnet::VnetBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
+        BenchCommand::Vnet(args) => vnet::run(args),
     }
 }
