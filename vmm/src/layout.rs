@@ -8,6 +8,8 @@
 //! 0x0000_9000  identity page tables for the 64-bit entry (PML4, PDPT, PD)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  start of the EBDA: RAM below it, reserved above
+//! 0x000e_0000  ACPI RSDP (in the BIOS area Linux scans), then the DSDT,
+//!              FADT, MADT and XSDT, up to the MP table
 //! 0x000f_0000  MP table (in the BIOS area Linux scans)
 //! 0x0010_0000  kernel (ELF segments or bzImage protected-mode code)
 //!   ...        initrd at the top of low RAM
@@ -30,6 +32,11 @@ pub const CMDLINE_START: u64 = 0x20000;
 /// The longest command line we pass (Linux x86's COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP first (16-byte aligned in 0xE0000..0xFFFFF,
+/// where guests search for it), the other tables after it, all below the
+/// MP table. The whole BIOS area is reserved in the memory map.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = MPTABLE_START;
 pub const MPTABLE_START: u64 = 0xf0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 

@@ -9,10 +9,10 @@ use crate::loader::{self, Entry, LoaderError};
 use crate::vcpu::{
     StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, describe_internal_error,
 };
-use crate::x86_64::{boot_params, cpuid, mptable, msr, paging, regs};
+use crate::x86_64::{acpi, boot_params, cpuid, mptable, msr, paging, regs};
 use devices::Bus;
 use devices::boot_timer::{BOOT_TIMER_ADDR, BOOT_TIMER_LEN, BootTimer};
-use devices::legacy::{I8042, Serial, i8042, serial};
+use devices::legacy::{AcpiPowerControl, I8042, Serial, acpi_pm, i8042, serial};
 use devices::virtio::GuestMemoryMmap;
 use devices::virtio::mmio::{MMIO_LEN, MmioTransport, NOTIFY_OFFSET};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -52,6 +52,8 @@ pub enum VmError {
     BootParams(#[from] boot_params::BootParamsError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
     #[error(transparent)]
@@ -288,6 +290,13 @@ impl Vm {
             u64::from(i8042::I8042_BASE),
             u64::from(i8042::I8042_LEN),
         )?;
+        // ACPI power off and reset end the VM as the i8042 reset does.
+        let acpi_exit = reset_evt.try_clone().map_err(VmError::Event)?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPowerControl::new(acpi_exit))),
+            u64::from(acpi_pm::ACPI_PM_BASE),
+            u64::from(acpi_pm::ACPI_PM_LEN),
+        )?;
         let timer = BootTimer::new(process_start);
         let boot_time = timer.boot_time();
         mmio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
@@ -360,6 +369,7 @@ impl Vm {
         };
         let cmdline_size = loader::load_cmdline(mem, &self.cmdline())?;
         mptable::write(mem, usize::from(config.vcpus))?;
+        let rsdp = Some(acpi::write(mem, usize::from(config.vcpus))?);
         let mode = match kernel.entry {
             Entry::Linux64(entry) => {
                 let cr3 = paging::write_identity_tables(mem).map_err(VmError::PageTables)?;
@@ -368,6 +378,7 @@ impl Vm {
                     cmdline_size,
                     initrd,
                     config.mem_bytes(),
+                    rsdp,
                 )?;
                 let boot_params = boot_params::write_linux_boot_params(mem, &params)?;
                 regs::EntryMode::Linux64 {
@@ -378,7 +389,7 @@ impl Vm {
             }
             Entry::Pvh(entry) => {
                 let start_info =
-                    boot_params::write_pvh_start_info(mem, initrd, config.mem_bytes())?;
+                    boot_params::write_pvh_start_info(mem, initrd, config.mem_bytes(), rsdp)?;
                 regs::EntryMode::Pvh { entry, start_info }
             }
         };

@@ -1,8 +1,10 @@
 //! Legacy PC devices on the port I/O bus.
 
+pub mod acpi_pm;
 pub mod i8042;
 pub mod serial;
 
+pub use acpi_pm::AcpiPowerControl;
 pub use i8042::I8042;
 pub use serial::{Serial, SerialError, SerialPersist};
 

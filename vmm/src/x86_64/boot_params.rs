@@ -66,14 +66,19 @@ pub struct InitrdInfo {
 }
 
 /// Builds the zero page. `header` is the bzImage's own setup header, if
-/// the kernel was one; an ELF kernel gets a minimal header.
+/// the kernel was one; an ELF kernel gets a minimal header. `rsdp` is the
+/// ACPI RSDP's address, if there are ACPI tables.
 pub fn linux_boot_params(
     header: Option<setup_header>,
     cmdline_size: usize,
     initrd: Option<InitrdInfo>,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<boot_params, BootParamsError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(h) = header {
         params.hdr = h;
     }
@@ -119,11 +124,13 @@ pub fn write_linux_boot_params<M: GuestMemory>(
 }
 
 /// Writes the PVH start info, its memory map and module list; returns
-/// the start info's address (for EBX).
+/// the start info's address (for EBX). `rsdp` is the ACPI RSDP's address,
+/// if there are ACPI tables.
 pub fn write_pvh_start_info<M: GuestMemory>(
     mem: &M,
     initrd: Option<InitrdInfo>,
     mem_size: u64,
+    rsdp: Option<u64>,
 ) -> Result<u64, BootParamsError> {
     let map = memory_map(mem_size);
     if map.len() * std::mem::size_of::<hvm_memmap_table_entry>()
@@ -148,6 +155,7 @@ pub fn write_pvh_start_info<M: GuestMemory>(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some(rd) = initrd {
@@ -215,7 +223,7 @@ mod tests {
             addr: 0x700_0000,
             size: 0x12345,
         };
-        let p = linux_boot_params(None, 42, Some(rd), 128 << 20).unwrap();
+        let p = linux_boot_params(None, 42, Some(rd), 128 << 20, Some(0xe0000)).unwrap();
         let hdr = p.hdr;
         assert_eq!({ hdr.boot_flag }, 0xaa55);
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
@@ -226,6 +234,7 @@ mod tests {
             (0x700_0000, 0x12345)
         );
         assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         let last = p.e820_table[2];
         assert_eq!(
             ({ last.addr }, { last.size }, { last.r#type }),
@@ -240,10 +249,11 @@ mod tests {
             kernel_alignment: 0x20_0000,
             ..Default::default()
         };
-        let p = linux_boot_params(Some(h), 10, None, 64 << 20).unwrap();
+        let p = linux_boot_params(Some(h), 10, None, 64 << 20, None).unwrap();
         assert_eq!({ p.hdr.version }, 0x020f);
         assert_eq!({ p.hdr.kernel_alignment }, 0x20_0000);
         assert_eq!({ p.hdr.ramdisk_image }, 0);
+        assert_eq!({ p.acpi_rsdp_addr }, 0, "no ACPI tables, no RSDP");
     }
 
     #[test]
@@ -253,11 +263,12 @@ mod tests {
             addr: 0x300_0000,
             size: 0x1000,
         };
-        let at = write_pvh_start_info(&mem, Some(rd), 64 << 20).unwrap();
+        let at = write_pvh_start_info(&mem, Some(rd), 64 << 20, Some(0xe0000)).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(at)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
+        assert_eq!(info.rsdp_paddr, 0xe0000);
         assert_eq!(info.nr_modules, 1);
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((m.paddr, m.size), (0x300_0000, 0x1000));

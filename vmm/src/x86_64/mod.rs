@@ -1,6 +1,8 @@
 //! The x86_64 boot path: descriptor tables, page tables, boot parameters,
-//! CPUID, MSRs, the MP table and the registers a kernel expects at entry.
+//! CPUID, MSRs, the MP table, the ACPI tables and the registers a kernel
+//! expects at entry.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod gdt;
