@@ -121,7 +121,7 @@ pub fn run(cmd: GvfsCommand) -> CliResult {
     })
 }
 
-fn read_token(path: &Path) -> Result<Vec<u8>, String> {
+pub(super) fn read_token(path: &Path) -> Result<Vec<u8>, String> {
     let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let token = raw.trim_ascii().to_vec();
     if token.is_empty() {

@@ -4,6 +4,7 @@ mod bench;
 mod gvfs;
 mod host;
 mod run;
+mod share;
 mod switch;
 mod vnet;
 

@@ -6,8 +6,10 @@
 //! name or in a file of its own.
 
 use super::CliResult;
+use super::share::Share;
 use super::switch::SwitchArgs;
 use clap::{Args, ValueEnum};
+use devices::virtio::fs::Fs;
 use devices::virtio::net::Net;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -47,10 +49,15 @@ pub struct RunArgs {
     /// process's VNET switch (repeatable).
     #[arg(long = "net", value_name = "MAC")]
     pub nets: Vec<vnet::Mac>,
+    /// Give the guest a virtio-fs share served by a GVFS client in this
+    /// process (repeatable): TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR].
+    /// The guest mounts it with `mount -t virtiofs TAG DIR`.
+    #[arg(long = "fs", value_name = "SHARE")]
+    pub shares: Vec<Share>,
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
-    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "serial_file"}]}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets"])]
+    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "shares": [SHARE...], "serial_file"}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.
     #[command(flatten)]
@@ -99,6 +106,9 @@ struct VmSpec {
     boot: Boot,
     #[serde(default)]
     nets: Vec<String>,
+    /// `--fs` values.
+    #[serde(default)]
+    shares: Vec<String>,
     /// The console's file; standard output behind "NAME: " if absent.
     serial_file: Option<PathBuf>,
 }
@@ -116,6 +126,7 @@ struct Planned {
     name: String,
     config: VmConfig,
     nets: Vec<vnet::Mac>,
+    shares: Vec<Share>,
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -137,6 +148,11 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 .iter()
                 .map(|m| m.parse().map_err(|e| format!("VM {:?}: {e}", vm.name)))
                 .collect::<Result<Vec<vnet::Mac>, _>>()?;
+            let shares = vm
+                .shares
+                .iter()
+                .map(|s| s.parse().map_err(|e| format!("VM {:?}: {e}", vm.name)))
+                .collect::<Result<Vec<Share>, _>>()?;
             let serial = match vm.serial_file {
                 Some(f) => SerialOutput::File(base.join(f)),
                 None => SerialOutput::StdoutPrefixed(format!("{}: ", vm.name)),
@@ -154,6 +170,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                     serial_input: false,
                 },
                 nets,
+                shares,
             })
         })
         .collect()
@@ -178,6 +195,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 serial_input: !args.no_stdin,
             },
             nets: args.nets,
+            shares: args.shares,
         }],
     };
     let several = planned.len() > 1;
@@ -197,6 +215,10 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             let port = format!("{}-net{i}", p.name);
             let nic = Arc::new(Mutex::new(Net::new(switch.clone(), &port, *mac)?));
             vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
+        }
+        for share in &p.shares {
+            let fs = Fs::new(&share.tag, share.connect()?)?;
+            vm.add_virtio_device(Box::new(fs), None)?;
         }
         running.push((p.name.clone(), vm.start().map_err(|e| named(&p.name, e))?));
     }

@@ -1,0 +1,134 @@
+//! `--fs`: a guest file share served by a GVFS client in this process.
+//!
+//! `TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR]`
+//! gives the guest a virtio-fs device it mounts with
+//! `mount -t virtiofs TAG DIR`, backed by the GVFS server at HOST:PORT.
+
+use devices::virtio::fs::FuseServer;
+use gvfs::client::{ConnectConfig, Fs, FsOptions};
+use gvfs::fuse_proto::FuseHandler;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub tag: String,
+    pub server: String,
+    pub token_file: PathBuf,
+    pub tls_ca: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShareError {
+    #[error("{0:?}: want TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR]")]
+    Syntax(String),
+    #[error("{0:?}: unknown option {1:?}")]
+    Unknown(String, String),
+    #[error("{0:?}: give tls-ca=FILE or plaintext, and not both")]
+    Transport(String),
+    #[error("{0:?}: token-file is missing")]
+    NoToken(String),
+}
+
+impl FromStr for Share {
+    type Err = ShareError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let (tag, server) = parts
+            .next()
+            .and_then(|p| p.split_once('='))
+            .filter(|(t, a)| !t.is_empty() && !a.is_empty())
+            .ok_or_else(|| ShareError::Syntax(s.into()))?;
+        let (mut token_file, mut tls_ca, mut cache_dir, mut plaintext) = (None, None, None, false);
+        for p in parts {
+            match p.split_once('=') {
+                Some(("token-file", v)) => token_file = Some(PathBuf::from(v)),
+                Some(("tls-ca", v)) => tls_ca = Some(PathBuf::from(v)),
+                Some(("cache-dir", v)) => cache_dir = Some(PathBuf::from(v)),
+                None if p == "plaintext" => plaintext = true,
+                _ => return Err(ShareError::Unknown(s.into(), p.into())),
+            }
+        }
+        if plaintext == tls_ca.is_some() {
+            return Err(ShareError::Transport(s.into()));
+        }
+        Ok(Share {
+            tag: tag.into(),
+            server: server.into(),
+            token_file: token_file.ok_or_else(|| ShareError::NoToken(s.into()))?,
+            tls_ca,
+            cache_dir,
+        })
+    }
+}
+
+impl Share {
+    /// Connects a GVFS client to the share's server.
+    pub fn connect(&self) -> Result<Arc<dyn FuseServer>, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(gvfs::transport::client_tls_config(ca)?),
+            None => None,
+        };
+        let cfg = ConnectConfig {
+            addr: self.server.clone(),
+            token: super::gvfs::read_token(&self.token_file)?,
+            tls,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+        };
+        let opts = FsOptions {
+            cache_dir: self.cache_dir.clone(),
+            ..Default::default()
+        };
+        let fs = Fs::new(cfg, opts).map_err(|e| format!("share {}: {e}", self.tag))?;
+        Ok(Arc::new(FuseHandler::new(Arc::new(fs))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_forms() {
+        let s: Share = "data=127.0.0.1:7000,token-file=/t,plaintext"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (s.tag.as_str(), s.server.as_str(), s.tls_ca),
+            ("data", "127.0.0.1:7000", None)
+        );
+        let s: Share = "home=h:1,token-file=/t,tls-ca=/ca.pem,cache-dir=/c"
+            .parse()
+            .unwrap();
+        assert_eq!(s.tls_ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(s.cache_dir, Some(PathBuf::from("/c")));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        let err = |s: &str| s.parse::<Share>().unwrap_err();
+        assert!(matches!(err("data"), ShareError::Syntax(_)));
+        assert!(matches!(
+            err("=h:1,token-file=/t,plaintext"),
+            ShareError::Syntax(_)
+        ));
+        assert!(matches!(err("d=h:1,plaintext"), ShareError::NoToken(_)));
+        assert!(matches!(
+            err("d=h:1,token-file=/t"),
+            ShareError::Transport(_)
+        ));
+        assert!(matches!(
+            err("d=h:1,token-file=/t,plaintext,tls-ca=/x"),
+            ShareError::Transport(_)
+        ));
+        assert!(matches!(
+            err("d=h:1,token-file=/t,plaintext,colour=blue"),
+            ShareError::Unknown(..)
+        ));
+    }
+}

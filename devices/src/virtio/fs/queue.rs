@@ -1,0 +1,294 @@
+//! Request processing: each chain carries one FUSE request in its
+//! device-readable part and room for the reply in its device-writable
+//! part. Malformed chains go back to the guest (with an EIO reply when
+//! the request's id can be read) and never stop the device.
+
+use super::{FuseServer, MAX_REQUEST};
+use crate::virtio::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// `fuse_out_header`: len, error, unique.
+const OUT_HEADER: usize = 16;
+/// Offset of `unique` in `fuse_in_header`.
+const UNIQUE_AT: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("a descriptor points outside guest memory")]
+    OutOfMemory,
+    #[error("a readable descriptor follows a writable one")]
+    Order,
+    #[error("the request is larger than {MAX_REQUEST} bytes")]
+    TooLarge,
+    #[error("the reply does not fit in the guest's buffers")]
+    ReplyTooLarge,
+}
+
+/// Counts of one pass over a queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub requests: u64,
+    pub malformed: u64,
+    pub used: bool,
+}
+
+/// Reusable buffers of a queue's worker.
+#[derive(Default)]
+pub struct Scratch {
+    request: Vec<u8>,
+    writable: Vec<(GuestAddress, usize)>,
+}
+
+fn gather(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    s: &mut Scratch,
+) -> Result<(), RequestError> {
+    s.request.clear();
+    s.writable.clear();
+    for d in chain {
+        let len = d.len() as usize;
+        if !GuestMemoryBackend::check_range(mem, d.addr(), len) {
+            return Err(RequestError::OutOfMemory);
+        }
+        if d.is_write_only() {
+            s.writable.push((d.addr(), len));
+        } else {
+            if !s.writable.is_empty() {
+                return Err(RequestError::Order);
+            }
+            if s.request.len() + len > MAX_REQUEST {
+                return Err(RequestError::TooLarge);
+            }
+            let at = s.request.len();
+            s.request.resize(at + len, 0);
+            mem.read_slice(&mut s.request[at..], d.addr())
+                .map_err(|_| RequestError::OutOfMemory)?;
+        }
+    }
+    Ok(())
+}
+
+fn write_reply(mem: &GuestMemoryMmap, writable: &[(GuestAddress, usize)], reply: &[u8]) -> Result<(), RequestError> {
+    let room: usize = writable.iter().map(|w| w.1).sum();
+    if reply.len() > room {
+        return Err(RequestError::ReplyTooLarge);
+    }
+    let mut rest = reply;
+    for &(addr, len) in writable {
+        if rest.is_empty() {
+            break;
+        }
+        let n = len.min(rest.len());
+        mem.write_slice(&rest[..n], addr).map_err(|_| RequestError::OutOfMemory)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// An EIO reply to the request with id `unique`.
+fn eio_reply(unique: u64) -> [u8; OUT_HEADER] {
+    let mut r = [0u8; OUT_HEADER];
+    r[..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
+    r[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
+    r[8..].copy_from_slice(&unique.to_le_bytes());
+    r
+}
+
+/// Serves every available request on `queue`.
+pub fn process(mem: &GuestMemoryMmap, queue: &mut Queue, server: &dyn FuseServer, s: &mut Scratch) -> Pass {
+    let mut pass = Pass::default();
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let result = gather(mem, chain, s).and_then(|()| {
+                let Some(reply) = server.handle(&s.request) else {
+                    return Ok(0);
+                };
+                match write_reply(mem, &s.writable, &reply) {
+                    Ok(()) => Ok(reply.len()),
+                    Err(RequestError::ReplyTooLarge) => {
+                        // The guest offered less room than its request needs.
+                        let unique = unique_of(&s.request);
+                        let eio = eio_reply(unique);
+                        write_reply(mem, &s.writable, &eio).map(|()| eio.len())
+                    }
+                    Err(e) => Err(e),
+                }
+            });
+            let len = match result {
+                Ok(n) => {
+                    pass.requests += 1;
+                    n
+                }
+                Err(e) => {
+                    pass.malformed += 1;
+                    tracing::debug!("virtio-fs: request {head} dropped: {e}");
+                    // Answer with EIO when the request's id is readable.
+                    let eio = eio_reply(unique_of(&s.request));
+                    if s.request.len() >= UNIQUE_AT + 8 && write_reply(mem, &s.writable, &eio).is_ok() {
+                        eio.len()
+                    } else {
+                        0
+                    }
+                }
+            };
+            if queue.add_used(mem, head, len as u32).is_err() {
+                tracing::warn!("virtio-fs: used ring is not writable");
+                return pass;
+            }
+            pass.used = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    pass
+}
+
+fn unique_of(request: &[u8]) -> u64 {
+    request
+        .get(UNIQUE_AT..UNIQUE_AT + 8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// Echoes the request's id and length back as the reply, or answers
+    /// nothing for opcode 2 (FORGET).
+    #[derive(Default)]
+    struct Echo {
+        seen: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl FuseServer for Echo {
+        fn handle(&self, request: &[u8]) -> Option<Vec<u8>> {
+            self.seen.lock().unwrap().push(request.to_vec());
+            let opcode = u32::from_le_bytes(request[4..8].try_into().unwrap());
+            if opcode == 2 {
+                return None;
+            }
+            let mut r = vec![0u8; OUT_HEADER + 4];
+            r[..4].copy_from_slice(&((OUT_HEADER + 4) as u32).to_le_bytes());
+            r[8..16].copy_from_slice(&request[8..16]);
+            r[16..20].copy_from_slice(&(request.len() as u32).to_le_bytes());
+            Some(r)
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+    }
+
+    fn add_chain(q: &MockSplitQueue<'_, GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
+        for (i, &(addr, len, w)) in descs.iter().enumerate() {
+            let idx = start + i as u16;
+            let mut flags = if w { WRITE } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= NEXT;
+            }
+            q.desc_table()
+                .store(idx, RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1)))
+                .unwrap();
+        }
+        let avail = q.avail();
+        let i = avail.idx().load();
+        avail.ring().ref_at(i as usize).unwrap().store(u16::to_le(start));
+        avail.idx().store(i.wrapping_add(1));
+    }
+
+    fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; 40];
+        r[..4].copy_from_slice(&((40 + body.len()) as u32).to_le_bytes());
+        r[4..8].copy_from_slice(&opcode.to_le_bytes());
+        r[8..16].copy_from_slice(&unique.to_le_bytes());
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>, i: usize) -> u32 {
+        q.used().ring().ref_at(i).unwrap().load().len()
+    }
+
+    #[test]
+    fn a_request_across_descriptors_gets_its_reply() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        let req = request(1, 77, b"hello\0");
+        m.write_slice(&req[..20], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&req[20..], GuestAddress(0x20000)).unwrap();
+        add_chain(&mq, 0, &[(0x10000, 20, false), (0x20000, (req.len() - 20) as u32, false), (0x30000, 64, true)]);
+        let server = Echo::default();
+        let pass = process(&m, &mut q, &server, &mut Scratch::default());
+        assert_eq!(pass, Pass { requests: 1, malformed: 0, used: true });
+        assert_eq!(server.seen.lock().unwrap()[0], req);
+        assert_eq!(used(&mq, 0), 20);
+        let mut reply = [0u8; 20];
+        m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
+        assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 77);
+        assert_eq!(u32::from_le_bytes(reply[16..20].try_into().unwrap()), req.len() as u32);
+    }
+
+    #[test]
+    fn forget_gets_no_reply() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        let req = request(2, 5, &[0u8; 8]);
+        m.write_slice(&req, GuestAddress(0x10000)).unwrap();
+        add_chain(&mq, 0, &[(0x10000, req.len() as u32, false)]);
+        let pass = process(&m, &mut q, &Echo::default(), &mut Scratch::default());
+        assert_eq!(pass.requests, 1);
+        assert_eq!(used(&mq, 0), 0);
+    }
+
+    #[test]
+    fn reply_without_room_becomes_eio() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        let req = request(1, 9, b"x\0");
+        m.write_slice(&req, GuestAddress(0x10000)).unwrap();
+        add_chain(&mq, 0, &[(0x10000, req.len() as u32, false), (0x30000, 16, true)]);
+        process(&m, &mut q, &Echo::default(), &mut Scratch::default());
+        assert_eq!(used(&mq, 0), 16);
+        let mut reply = [0u8; 16];
+        m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
+        assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), -libc::EIO);
+        assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 9);
+    }
+
+    #[test]
+    fn malformed_chains_are_returned_and_counted() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        let req = request(1, 3, b"y\0");
+        m.write_slice(&req, GuestAddress(0x10000)).unwrap();
+        // Outside guest memory.
+        add_chain(&mq, 0, &[(0xff_0000, 0x20_0000, false)]);
+        // Readable after writable.
+        add_chain(&mq, 1, &[(0x30000, 64, true), (0x10000, req.len() as u32, false)]);
+        // Larger than any request may be.
+        add_chain(&mq, 3, &[(0x10000, (MAX_REQUEST + 1) as u32, false), (0x30000, 64, true)]);
+        let server = Echo::default();
+        let pass = process(&m, &mut q, &server, &mut Scratch::default());
+        assert_eq!(pass.malformed, 3);
+        assert!(server.seen.lock().unwrap().is_empty());
+        assert_eq!(mq.used().idx().load(), 3, "every chain goes back to the guest");
+    }
+}
