@@ -7,7 +7,7 @@
 use super::hal::ProbeHal;
 use super::mmio::MmioDevice;
 use super::pool;
-use super::transport::Linuxish;
+use super::transport::{self, Linuxish};
 use crate::hw;
 use core::ptr::NonNull;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
@@ -65,6 +65,8 @@ struct Rx {
 
 /// A started virtio-net device.
 pub struct NetDev {
+    /// The device's virtio-mmio registers.
+    base: u64,
     tx: Tx,
     rx: Rx,
     mac: [u8; 6],
@@ -128,7 +130,9 @@ impl NetDev {
         for (i, f) in free.iter_mut().enumerate() {
             *f = i as u8;
         }
+        let base = dev.base;
         let mut dev = NetDev {
+            base,
             tx: Tx {
                 raw,
                 bufs: tx_bufs,
@@ -149,6 +153,7 @@ impl NetDev {
         for i in 0..QSIZE {
             dev.post_rx(i).map_err(UpError::Driver)?;
         }
+        transport::flush_rx(base);
         Ok(dev)
     }
 
@@ -180,6 +185,9 @@ impl NetDev {
         {
             self.tx.counters.device_errors += 1;
         }
+        if transport::rx_batch_full() {
+            transport::flush_rx(self.base);
+        }
     }
 
     /// The next received frame as (buffer, offset, length), if any; the
@@ -187,7 +195,11 @@ impl NetDev {
     fn poll_rx(&mut self) -> Option<(usize, usize, usize)> {
         self.repost();
         loop {
-            let token = self.tx.raw.poll_receive()?;
+            let Some(token) = self.tx.raw.poll_receive() else {
+                // Drained: now kick for the buffers reposted meanwhile.
+                transport::flush_rx(self.base);
+                return None;
+            };
             let Some(&i) = self.rx.of_token.get(usize::from(token)) else {
                 // An id the driver never posted: virtio-drivers refuses to
                 // pop it, so the queue is stuck; count it and give up.

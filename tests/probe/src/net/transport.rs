@@ -1,6 +1,7 @@
-//! A transport wrapper that makes virtio-drivers' initialisation look like
-//! Linux's: status bits are set one write at a time (ACKNOWLEDGE, DRIVER,
-//! FEATURES_OK, DRIVER_OK). virtio-drivers writes ACKNOWLEDGE|DRIVER in one
+//! A transport wrapper that makes virtio-drivers' driver look like Linux's:
+//! status bits are set one write at a time (ACKNOWLEDGE, DRIVER,
+//! FEATURES_OK, DRIVER_OK), and receive-queue kicks are batched (one per
+//! refill batch, see [`flush_rx`], rather than one per buffer). virtio-drivers writes ACKNOWLEDGE|DRIVER in one
 //! write after the reset, a transition Firecracker (and vmplant) refuse.
 //! It also bounds the config-generation retry loop, which virtio-drivers
 //! runs without limit, and hides VIRTIO_F_EVENT_IDX: virtio-drivers 0.13
@@ -8,13 +9,34 @@
 //! wrong once the 16-bit index wraps (Linux's `vring_need_event` compares
 //! modulo 2^16), and a polling driver gains nothing from it.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{PhysAddr, Result};
 
 /// Queue notifications ("kicks", each a VM exit) written so far, for
 /// queues 0 (receiveq) and 1 (transmitq).
 static KICKS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Receive-queue kicks held back since the last [`flush_rx`].
+static RX_DEFERRED: AtomicU32 = AtomicU32::new(0);
+/// Flush a held-back receive kick after this many reposted buffers even if
+/// frames keep coming.
+const RX_BATCH: u32 = 32;
+
+/// Writes the receive queue's kick if one was held back (the caller's ring
+/// is drained, or `RX_BATCH` buffers were reposted): like Linux's
+/// virtio-net, which kicks once per refill batch, not per buffer.
+pub fn flush_rx(base: u64) {
+    if RX_DEFERRED.swap(0, Ordering::Relaxed) != 0 {
+        KICKS[0].fetch_add(1, Ordering::Relaxed);
+        crate::hw::mmio_write_u32(base + QUEUE_NOTIFY, 0);
+    }
+}
+
+/// Whether enough receive kicks were held back to flush now.
+pub fn rx_batch_full() -> bool {
+    RX_DEFERRED.load(Ordering::Relaxed) >= RX_BATCH
+}
 
 /// Kicks of (receiveq, transmitq) so far.
 pub fn kicks() -> (u64, u64) {
@@ -24,6 +46,8 @@ pub fn kicks() -> (u64, u64) {
     )
 }
 
+/// QueueNotify register of virtio-mmio.
+const QUEUE_NOTIFY: u64 = 0x50;
 /// VIRTIO_F_EVENT_IDX (virtio 1.2, 6).
 const EVENT_IDX: u64 = 29;
 /// How often a config read is retried while the generation changes.
@@ -60,6 +84,11 @@ impl<T: Transport> Transport for Linuxish<T> {
     }
 
     fn notify(&mut self, queue: u16) {
+        if queue == 0 && self.stepwise {
+            // Held back until the ring is drained (see `flush_rx`).
+            RX_DEFERRED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if let Some(k) = KICKS.get(usize::from(queue)) {
             k.fetch_add(1, Ordering::Relaxed);
         }
