@@ -2,6 +2,7 @@
 //! side by side with the anchors in ../shared/anchors.
 
 mod boot;
+mod gvfs;
 mod measure;
 mod vnet;
 
@@ -16,11 +17,15 @@ pub enum BenchCommand {
     /// Ping and iperf3 between two namespaces through a Linux bridge, one
     /// VNET switch, and two joined by UDP and TLS tunnels; control times.
     Vnet(vnet::VnetBenchArgs),
+    /// Sequential and random reads, stat and readdir through the local
+    /// file system, a GVFS mount (TCP and TLS) and sshfs, over loopback.
+    Gvfs(gvfs::GvfsBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Vnet(args) => vnet::run(args),
+        BenchCommand::Gvfs(args) => gvfs::run(args),
     }
 }

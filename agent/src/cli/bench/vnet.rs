@@ -5,30 +5,36 @@
 //! add and remove a rule and a tunnel; and the switch's own frames per
 //! second between in-memory guest ports.
 //!
-//! The switches run in this process (the vnet library: a reader thread per
-//! TAP, threads per tunnel), as `vmplant vnet` runs them; the setups and
-//! their namespaces come from [`vnet::testbed`] and are removed on drop.
+//! The switches of (b)-(d) run in this process (the vnet library: a reader
+//! thread per TAP, threads per tunnel), or with `--processes` as
+//! `vmplant vnet` processes (this binary), one per switch; the control and
+//! frame figures are always in-process. The setups and their namespaces
+//! come from [`vnet::testbed`] and are removed on drop.
 //! Needs root and `ip`, `ping`, `iperf3`, `ss`; no traffic leaves the
 //! namespaces the benchmark makes (tunnels run over 127.0.0.1).
 //!
 //! Output: one JSON line per setup, one JSON summary with the issue's
 //! goals, and a last plain line with the figures side by side.
 
-use super::measure::{Stats, StatsOut, parse_schedstat_ns, round};
+use super::measure::{
+    MeasureError, Measured, ScratchDir, Stats, StatsOut, parse_schedstat_ns, round,
+};
 use crate::cli::CliResult;
 use ::vnet::testbed::{
-    IperfResult, LinuxBridge, NetNs, PingStats, TempPki, TestbedError, eventually, tap_into,
+    IperfResult, LinuxBridge, NetNs, PingStats, TempPki, TestbedError, eventually, tap_into, unique,
 };
 use ::vnet::tunnel::{Endpoint, Proto, TlsConfig, TunnelState};
 use ::vnet::{Mac, PortKind, Rule, Switch, SwitchConfig, Vnet, VnetConfig, VnetError};
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use std::process::ExitCode;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Where the switches run, as reported in every JSON line.
-const SWITCHES: &str = "in-process";
+/// Where the switches run, as reported in the JSON lines.
+const IN_PROCESS: &str = "in-process";
+const PROCESSES: &str = "processes";
 /// Goal: one switch adds at most this much RTT over the bridge (us).
 const GOAL_ADDED_RTT_US: f64 = 20.0;
 /// Goal: the UDP tunnel reaches at least this share of the bridge.
@@ -53,6 +59,20 @@ pub struct VnetBenchArgs {
         default_value = "bridge,switch,udp,tls,control,frames"
     )]
     pub only: Vec<Part>,
+    /// Run the switches of switch, udp, udp9000, tcp and tls as
+    /// `vmplant vnet` processes (this binary), not in this process.
+    #[arg(long)]
+    pub processes: bool,
+}
+
+impl VnetBenchArgs {
+    fn switches(&self) -> &'static str {
+        if self.processes {
+            PROCESSES
+        } else {
+            IN_PROCESS
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,6 +122,24 @@ pub enum VnetBenchError {
     Vnet(#[from] VnetError),
     #[error("{0} failed")]
     Failed(String),
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
+    #[error("cannot tell which executable this is: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("cannot find a free port: {0}")]
+    Port(#[source] std::io::Error),
+    #[error("cannot create {path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vmplant vnet ({what}): {detail}; its log ends: {log}")]
+    Process {
+        what: String,
+        detail: String,
+        log: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, VnetBenchError>;
@@ -158,6 +196,8 @@ pub struct Summary {
     pub mfps: Option<f64>,
     /// Parts that failed.
     pub failed: Vec<&'static str>,
+    /// Where the switches of (b)-(d) ran: in-process or processes.
+    pub switches: &'static str,
 }
 
 /// A goal: met, missed, or not checkable (a part is missing).
@@ -210,7 +250,7 @@ impl Summary {
         json!({
             "bench": "vnet",
             "summary": true,
-            "switches": SWITCHES,
+            "switches": self.switches,
             "bridge": path(self.bridge),
             "switch": path(self.switch),
             "udp": path(self.udp),
@@ -289,7 +329,11 @@ impl Summary {
         if !self.failed.is_empty() {
             parts.push(format!("FAILED: {}", self.failed.join(",")));
         }
-        format!("vnet ({SWITCHES} switches): {}", parts.join(" | "))
+        let at = match self.switches {
+            PROCESSES => "in vmplant vnet processes",
+            s => s,
+        };
+        format!("vnet (switches {at}): {}", parts.join(" | "))
     }
 }
 
@@ -321,7 +365,10 @@ pub fn run(args: VnetBenchArgs) -> CliResult {
     if needs_netns {
         preflight()?;
     }
-    let mut sum = Summary::default();
+    let mut sum = Summary {
+        switches: args.switches(),
+        ..Summary::default()
+    };
     for &part in &args.only {
         tracing::info!(part = part.name(), "running");
         let done = match part {
@@ -395,6 +442,18 @@ fn path(part: Part, args: &VnetBenchArgs, sum: &Summary) -> Result<PathFigures> 
             br.attach(&b, &ba)?;
             measure(&a, &b, "10.99.130.2", args)?
         }
+        Part::Switch if args.processes => {
+            let (a, b) = (NetNs::new()?, NetNs::new()?);
+            let scratch = ScratchDir::new("vmplant-bench-vnet")?;
+            let (ta, tb) = (unique("vt"), unique("vt"));
+            let _sw = SwitchProcess::start(&scratch, "switch", &["--tap", &ta, "--tap", &tb])?;
+            wait_link(&ta)?;
+            wait_link(&tb)?;
+            let (aa, ba) = net(131);
+            a.adopt(&ta, &aa)?;
+            b.adopt(&tb, &ba)?;
+            measure(&a, &b, "10.99.131.2", args)?
+        }
         Part::Switch => {
             // Namespaces first, so that they go last: the switch removes
             // its TAPs before their namespaces are deleted.
@@ -416,7 +475,7 @@ fn path(part: Part, args: &VnetBenchArgs, sum: &Summary) -> Result<PathFigures> 
         json!({
             "bench": "vnet",
             "setup": part.name(),
-            "switches": if part == Part::Bridge { "linux-bridge" } else { SWITCHES },
+            "switches": if part == Part::Bridge { "linux-bridge" } else { args.switches() },
             "tcp_mbps": (f.tcp.received_bps / 1e6).round(),
             "tcp_sender_mbps": (f.tcp.sent_bps / 1e6).round(),
             "retransmits": f.tcp.retransmits,
@@ -425,7 +484,7 @@ fn path(part: Part, args: &VnetBenchArgs, sum: &Summary) -> Result<PathFigures> 
                 "avg": us(f.rtt.avg_ms), "min": us(f.rtt.min_ms),
                 "max": us(f.rtt.max_ms), "mdev": us(f.rtt.mdev_ms),
             },
-            "pings": f.rtt.received,
+            "pings": f.rtt.transmitted, "ping_lost": f.rtt.transmitted - f.rtt.received,
             "of_bridge": sum.share(f).map(|s| round(s, 3)),
         })
     );
@@ -440,6 +499,9 @@ fn two_switches(
     subnet: u8,
     args: &VnetBenchArgs,
 ) -> Result<PathFigures> {
+    if args.processes {
+        return two_processes(proto, udp_mtu, subnet, args);
+    }
     // Dropped in reverse: the switches (with their TAPs and tunnels), then
     // the namespaces, then the certificates.
     let pki = match proto {
@@ -476,6 +538,153 @@ fn two_switches(
     measure(&a, &b, &format!("10.99.{subnet}.2"), args)
 }
 
+/// Two `vmplant vnet` processes, B listening on a free port of
+/// 127.0.0.1, A connecting; a namespace behind a TAP of each.
+fn two_processes(
+    proto: Proto,
+    udp_mtu: usize,
+    subnet: u8,
+    args: &VnetBenchArgs,
+) -> Result<PathFigures> {
+    let pki = match proto {
+        Proto::Tls => Some(TempPki::new(2)?),
+        _ => None,
+    };
+    let scratch = ScratchDir::new("vmplant-bench-vnet")?;
+    let (a, b) = (NetNs::new()?, NetNs::new()?);
+    let ep = format!("{}:127.0.0.1:{}", proto_name(proto), free_port(proto)?);
+    let (ta, tb) = (unique("vt"), unique("vt"));
+    let common = |i: usize| -> Vec<String> {
+        let mut v = vec![];
+        if udp_mtu != 0 {
+            v.extend(["--udp-mtu".to_string(), udp_mtu.to_string()]);
+        }
+        if let Some(p) = &pki {
+            let f = |name: String| p.dir().join(name).to_string_lossy().into_owned();
+            v.extend([
+                "--tls-cert".into(),
+                f(format!("sw{i}.pem")),
+                "--tls-key".into(),
+                f(format!("sw{i}.key")),
+                "--tls-ca".into(),
+                f("ca.pem".into()),
+            ]);
+        }
+        v
+    };
+    let argv = |tap: &str, role: &str, i: usize| {
+        let mut v = vec!["--tap".to_string(), tap.into(), role.into(), ep.clone()];
+        v.extend(common(i));
+        v
+    };
+    let args_b = argv(&tb, "--listen", 1);
+    let sb = SwitchProcess::start(&scratch, "b", &strs(&args_b))?;
+    let args_a = argv(&ta, "--connect", 0);
+    let mut sa = SwitchProcess::start(&scratch, "a", &strs(&args_a))?;
+    sa.wait_for(r#""state":"up""#, Duration::from_secs(10))?;
+    wait_link(&ta)?;
+    wait_link(&tb)?;
+    a.adopt(&ta, &format!("10.99.{subnet}.1/24"))?;
+    b.adopt(&tb, &format!("10.99.{subnet}.2/24"))?;
+    let f = measure(&a, &b, &format!("10.99.{subnet}.2"), args);
+    drop((sa, sb));
+    f
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A port of 127.0.0.1 free for `proto` now (bound, read, released).
+fn free_port(proto: Proto) -> Result<u16> {
+    let port = match proto {
+        Proto::Udp => std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map_err(VnetBenchError::Port)?
+            .port(),
+        _ => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map_err(VnetBenchError::Port)?
+            .port(),
+    };
+    Ok(port)
+}
+
+/// Waits up to 5 s for host interface `name` to appear.
+fn wait_link(name: &str) -> Result<()> {
+    let exists =
+        || ::vnet::testbed::run(&["ip", "link", "show", name]).is_ok_and(|o| o.status.success());
+    if eventually(5, exists) {
+        Ok(())
+    } else {
+        Err(TestbedError::NotReady(format!("no interface {name} after 5 s")).into())
+    }
+}
+
+/// A `vmplant vnet` process (this binary) printing its status every
+/// second, its log in a file; stopped with SIGTERM (its clean shutdown
+/// deletes its TAPs), then killed if it lingers, when dropped.
+struct SwitchProcess {
+    what: String,
+    proc: Option<Measured>,
+    log: PathBuf,
+}
+
+impl SwitchProcess {
+    fn start(scratch: &ScratchDir, what: &str, args: &[&str]) -> Result<SwitchProcess> {
+        let exe = std::env::current_exe().map_err(VnetBenchError::CurrentExe)?;
+        let log = scratch.path().join(format!("{what}.log"));
+        let file = std::fs::File::create(&log).map_err(|source| VnetBenchError::Log {
+            path: log.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("vnet")
+            .args(args)
+            .args(["--status-every", "1"])
+            .stderr(file);
+        tracing::debug!(?cmd, "starting a switch process");
+        Ok(SwitchProcess {
+            what: what.into(),
+            proc: Some(Measured::spawn(&mut cmd)?),
+            log,
+        })
+    }
+
+    /// Reads its status lines until `needle` appears.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let Some(p) = self.proc.as_mut() else {
+            return Ok(());
+        };
+        p.wait_for(needle, timeout).map(drop).map_err(|e| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            VnetBenchError::Process {
+                what: self.what.clone(),
+                detail: e.to_string(),
+                log: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+            }
+        })
+    }
+}
+
+impl Drop for SwitchProcess {
+    fn drop(&mut self) {
+        let Some(mut p) = self.proc.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(p.pid()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        // Until its standard output closes (it exits), at most 3 s; then
+        // `Measured` kills and reaps it.
+        let _ = p.wait_for("\0", Duration::from_secs(3));
+    }
+}
+
 fn proto_name(p: Proto) -> &'static str {
     match p {
         Proto::Udp => "udp",
@@ -492,9 +701,17 @@ fn tunnel_up(v: &Vnet, id: u64, secs: u64) -> bool {
     })
 }
 
-/// Warm-up pings (ARP, learning), `--pings` pings at 5 ms, then iperf3.
+/// Warm-up pings until one is answered (ARP, learning, a switch process
+/// getting ready), `--pings` pings at 5 ms, then iperf3.
 fn measure(a: &NetNs, b: &NetNs, peer: &str, args: &VnetBenchArgs) -> Result<PathFigures> {
-    a.ping_stats(peer, 2, 0.05)?;
+    let mut warm = a.ping_stats(peer, 1, 0.2);
+    for _ in 0..4 {
+        if warm.is_ok() {
+            break;
+        }
+        warm = a.ping_stats(peer, 1, 0.2);
+    }
+    warm?;
     let rtt = a.ping_stats(peer, args.pings, 0.005)?;
     b.iperf_server()?;
     let tcp = a.iperf_client(peer, args.seconds)?;
@@ -566,7 +783,7 @@ fn control() -> Result<ControlFigures> {
     println!(
         "{}",
         json!({
-            "bench": "vnet", "setup": "control", "switches": SWITCHES, "unit": "us",
+            "bench": "vnet", "setup": "control", "switches": IN_PROCESS, "unit": "us",
             "add_rule": out(&add_rule, 2), "remove_rule": out(&remove_rule, 2), "rules": n,
             "add_tunnel": out(&add_tunnel, 1), "tunnel_up": out(&up, 0),
             "remove_tunnel": out(&remove_tunnel, 1), "tunnels": add_tunnel.len(),
@@ -658,7 +875,7 @@ fn frames() -> Result<f64> {
         println!(
             "{}",
             json!({
-                "bench": "vnet", "setup": "frames", "switches": SWITCHES,
+                "bench": "vnet", "setup": "frames", "switches": IN_PROCESS,
                 "ports": "2 in-memory guest ports, whole-frame copy",
                 "frame_bytes": size, "frames": n, "delivered": after - before,
                 "mfps": round(mfps, 2),
@@ -706,6 +923,7 @@ mod tests {
                 remove_tunnel_us: 152.0,
             }),
             mfps: Some(1.5),
+            switches: IN_PROCESS,
             ..Summary::default()
         }
     }
@@ -714,7 +932,7 @@ mod tests {
     fn summary_line_has_the_figures_and_goals() {
         assert_eq!(
             full().line(),
-            "vnet (in-process switches): bridge 6.6 Gbit/s 52 us | \
+            "vnet (switches in-process): bridge 6.6 Gbit/s 52 us | \
              switch 5.2 Gbit/s (0.79x) +223 us [goal <= +20 us: MISSED] | \
              udp 4.9 Gbit/s (0.74x) 264 us [goal >= 0.5x: met] | \
              tls 5.7 Gbit/s (0.86x) 81 us | \
@@ -753,11 +971,12 @@ mod tests {
     fn summary_without_a_bridge_has_no_ratios() {
         let s = Summary {
             switch: path(80.0, 5.0),
+            switches: IN_PROCESS,
             ..Summary::default()
         };
         assert_eq!(
             s.line(),
-            "vnet (in-process switches): switch 5.0 Gbit/s 80 us [goal <= +20 us: unchecked]"
+            "vnet (switches in-process): switch 5.0 Gbit/s 80 us [goal <= +20 us: unchecked]"
         );
         assert_eq!(s.json()["switch"]["of_bridge"], Value::Null);
     }
