@@ -43,6 +43,8 @@ pub struct Counters {
 
 /// Transmit side: the driver (which owns both queues) and its buffers.
 struct Tx {
+    /// The device's virtio-mmio registers (for held-back kicks).
+    base: u64,
     /// In the pool: its queues' shadow descriptors are 4 KiB each.
     raw: &'static mut Raw,
     bufs: &'static mut Buffers,
@@ -107,7 +109,8 @@ impl NetDev {
         // lives, and it lives for the rest of the run.
         let transport = unsafe { MmioTransport::new(header, dev.size as usize) }
             .map_err(|_| UpError::Transport)?;
-        let raw = Raw::new(Linuxish::new(transport, stepwise)).map_err(UpError::Driver)?;
+        let raw =
+            Raw::new(Linuxish::new(transport, stepwise, dev.base)).map_err(UpError::Driver)?;
         let raw = pool::place(raw).ok_or(UpError::NoMemory)?;
         // The probe polls: ask the device not to interrupt
         // (VRING_AVAIL_F_NO_INTERRUPT, or used_event with EVENT_IDX).
@@ -134,6 +137,7 @@ impl NetDev {
         let mut dev = NetDev {
             base,
             tx: Tx {
+                base,
                 raw,
                 bufs: tx_bufs,
                 len: [0; QSIZE],
@@ -234,6 +238,11 @@ impl NetDev {
         Some(f(&self.rx.bufs[i][off..off + len]))
     }
 
+    /// Kicks the transmit queue for frames queued since the last kick.
+    pub fn flush_tx(&mut self) {
+        transport::flush_tx(self.base);
+    }
+
     /// Sends one frame of `len` bytes built by `f`, waiting at most 1 s for
     /// a free transmit buffer. False if none came free (frame dropped).
     pub fn send_with(&mut self, len: usize, f: impl FnOnce(&mut [u8])) -> bool {
@@ -281,6 +290,8 @@ impl Tx {
 
     fn has_free(&mut self) -> bool {
         if self.nfree == 0 {
+            // The device may not have been told about the frames yet.
+            transport::flush_tx(self.base);
             self.reclaim();
         }
         self.nfree > 0

@@ -41,6 +41,7 @@ pub fn burst(stack: &mut Stack, to: [u8; 6], n: u64, size: u16) {
         // dropped, not left in the ring).
         while stack.dev.recv_with(|_| ()).is_some() {}
     }
+    stack.dev.flush_tx();
     let ns = time::ns(hw::rdtsc().wrapping_sub(t0));
     serial::line(format_args!(
         r#"{{"probe":"burst","to":"{}","size":{},"sent":{},"ns":{},"fps":{},"mbit_s":{},"tx_kicks":{}{}}}"#,

@@ -28,7 +28,9 @@ impl Stack {
 
     /// One round of smoltcp processing; true if a socket may have changed.
     pub fn poll(&mut self, sockets: &mut SocketSet<'_>) -> bool {
-        self.iface.poll(time::now(), &mut self.dev, sockets) != PollResult::None
+        let changed = self.iface.poll(time::now(), &mut self.dev, sockets) != PollResult::None;
+        self.dev.flush_tx();
+        changed
     }
 
     /// An ephemeral local port for an outgoing connection.

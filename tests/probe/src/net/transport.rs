@@ -1,7 +1,8 @@
 //! A transport wrapper that makes virtio-drivers' driver look like Linux's:
 //! status bits are set one write at a time (ACKNOWLEDGE, DRIVER,
-//! FEATURES_OK, DRIVER_OK), and receive-queue kicks are batched (one per
-//! refill batch, see [`flush_rx`], rather than one per buffer). virtio-drivers writes ACKNOWLEDGE|DRIVER in one
+//! FEATURES_OK, DRIVER_OK), and queue kicks are batched: one per refill
+//! batch on the receive queue ([`flush_rx`]) and one per batch of frames
+//! on the transmit queue ([`flush_tx`]), rather than one per buffer. virtio-drivers writes ACKNOWLEDGE|DRIVER in one
 //! write after the reset, a transition Firecracker (and vmplant) refuse.
 //! It also bounds the config-generation retry loop, which virtio-drivers
 //! runs without limit, and hides VIRTIO_F_EVENT_IDX: virtio-drivers 0.13
@@ -22,6 +23,20 @@ static RX_DEFERRED: AtomicU32 = AtomicU32::new(0);
 /// Flush a held-back receive kick after this many reposted buffers even if
 /// frames keep coming.
 const RX_BATCH: u32 = 32;
+
+/// Transmit-queue kicks held back since the last [`flush_tx`].
+static TX_DEFERRED: AtomicU32 = AtomicU32::new(0);
+/// Flush held-back transmit kicks after this many frames.
+const TX_BATCH: u32 = 32;
+
+/// Writes the transmit queue's kick if one was held back: the caller has
+/// queued what it had (Linux's `xmit_more`), or waits for a buffer.
+pub fn flush_tx(base: u64) {
+    if TX_DEFERRED.swap(0, Ordering::Relaxed) != 0 {
+        KICKS[1].fetch_add(1, Ordering::Relaxed);
+        crate::hw::mmio_write_u32(base + QUEUE_NOTIFY, 1);
+    }
+}
 
 /// Writes the receive queue's kick if one was held back (the caller's ring
 /// is drained, or `RX_BATCH` buffers were reposted): like Linux's
@@ -53,16 +68,22 @@ const EVENT_IDX: u64 = 29;
 /// How often a config read is retried while the generation changes.
 const GENERATION_TRIES: u32 = 1000;
 
-/// `T` with Linux's status write order (or, if `stepwise` is false,
-/// virtio-drivers' own).
+/// `T` with Linux's status write order and kick batching (or, if
+/// `stepwise` is false, virtio-drivers' own behaviour).
 pub struct Linuxish<T> {
     inner: T,
     stepwise: bool,
+    /// The virtio-mmio registers (for held-back kicks).
+    base: u64,
 }
 
 impl<T: Transport> Linuxish<T> {
-    pub fn new(inner: T, stepwise: bool) -> Self {
-        Linuxish { inner, stepwise }
+    pub fn new(inner: T, stepwise: bool, base: u64) -> Self {
+        Linuxish {
+            inner,
+            stepwise,
+            base,
+        }
     }
 }
 
@@ -87,6 +108,13 @@ impl<T: Transport> Transport for Linuxish<T> {
         if queue == 0 && self.stepwise {
             // Held back until the ring is drained (see `flush_rx`).
             RX_DEFERRED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if queue == 1 && self.stepwise {
+            // Held back until the sender is done for now (see `flush_tx`).
+            if TX_DEFERRED.fetch_add(1, Ordering::Relaxed) + 1 >= TX_BATCH {
+                flush_tx(self.base);
+            }
             return;
         }
         if let Some(k) = KICKS.get(usize::from(queue)) {
