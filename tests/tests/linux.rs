@@ -7,9 +7,10 @@
 //!
 //! - On a PVM host (KVM without VT-x/AMD-V, as on the development and CI
 //!   machines) the kernel's CPL0 code is interpreted by KVM's instruction
-//!   emulator: it prints its banner, its command line, its e820 map and
-//!   where its initrd lies on the early console within tens of seconds,
-//!   and then stops on an instruction the emulator does not implement.
+//!   emulator: it prints its banner, its command line, its e820 map,
+//!   where its initrd lies, the ACPI tables it found and how many CPUs
+//!   their MADT gave it on the early console within tens of seconds, and
+//!   then stops on an instruction the emulator does not implement.
 //!   These tests check that early console, which shows what our boot
 //!   protocols handed the kernel, and then kill the VM.
 //! - With hardware virtualization ("vmx"/"svm" in `vmplant host`) the same
@@ -143,6 +144,35 @@ struct Boot<'a> {
     /// has the PVH note; a bzImage always gets the 64-bit entry).
     entry: &'a str,
     mem_mib: u64,
+    /// `--vcpus`: the kernel must find them all through ACPI (Debian's
+    /// kernel has no MP table support).
+    vcpus: u8,
+    /// Whether a PVM host waits for the kernel to count its CPUs from the
+    /// MADT: about 8 s more of interpreted code with 256 MiB, over a
+    /// minute with 3.5 GiB (with hardware virtualization, always checked).
+    cpus_from_madt: bool,
+}
+
+/// Where vmplant puts its ACPI tables (the RSDP first): vmm::layout's
+/// ACPI_START..ACPI_END.
+const ACPI_TABLES: std::ops::Range<u64> = 0xe_0000..0xf_0000;
+
+/// Parses `... ACPI: SIG 0xADDRESS LENGTH (...)`, the line Linux prints
+/// for each ACPI table it found: signature and address.
+fn parse_acpi_table(line: &str) -> Option<(String, u64)> {
+    let rest = line.split("ACPI: ").nth(1)?;
+    let mut words = rest.split_whitespace();
+    let sig = words.next().filter(|s| s.len() == 4)?;
+    let addr = words.next()?.strip_prefix("0x")?;
+    Some((sig.to_string(), u64::from_str_radix(addr, 16).ok()?))
+}
+
+/// Parses `... smpboot: Allowing N CPUs, M hotplug CPUs`: N and M.
+fn parse_allowed_cpus(line: &str) -> Option<(u32, u32)> {
+    let rest = line.split("smpboot: Allowing ").nth(1)?;
+    let (n, rest) = rest.split_once(" CPUs, ")?;
+    let m = rest.strip_suffix(" hotplug CPUs")?;
+    Some((n.parse().ok()?, m.parse().ok()?))
 }
 
 /// Boots the kernel and checks the early console: the banner, the command
@@ -159,6 +189,7 @@ fn boot_linux(b: &Boot) {
         b.kernel, b.entry, b.mem_mib
     );
     let mem = b.mem_mib.to_string();
+    let vcpus = b.vcpus.to_string();
     let start = Instant::now();
     let mut vm = Vmm::start(&[
         "run",
@@ -172,6 +203,8 @@ fn boot_linux(b: &Boot) {
         b.entry,
         "--mem",
         &mem,
+        "--vcpus",
+        &vcpus,
         "--no-stdin",
     ]);
 
@@ -257,11 +290,66 @@ fn boot_linux(b: &Boot) {
     );
     let to_initrd = start.elapsed().as_secs_f64();
 
+    // Right after, the ACPI tables: the RSDP where vmplant put it (the
+    // boot protocol gives its address), then each table the XSDT and FADT
+    // lead to, all in the BIOS area.
+    let rsdp = vm.expect_line("the ACPI RSDP line", EARLY_CONSOLE, |l| {
+        l.contains("ACPI: RSDP ")
+    });
+    assert_eq!(
+        parse_acpi_table(&rsdp).map(|(_, addr)| addr),
+        Some(ACPI_TABLES.start),
+        "the kernel did not find the RSDP where vmplant put it: {rsdp}"
+    );
+    assert!(rsdp.contains("VMPLNT"), "not vmplant's RSDP: {rsdp}");
+    let mut tables = Vec::new();
+    loop {
+        let line = vm.expect_line("the ACPI table lines", EARLY_CONSOLE, |_| true);
+        let Some((sig, addr)) = parse_acpi_table(&line) else {
+            break;
+        };
+        assert!(
+            ACPI_TABLES.contains(&addr),
+            "an ACPI table outside vmplant's area: {line}"
+        );
+        tables.push(sig);
+    }
+    tables.sort();
+    assert_eq!(
+        tables,
+        ["APIC", "DSDT", "FACP", "XSDT"],
+        "the ACPI tables found"
+    );
+    let to_acpi = start.elapsed().as_secs_f64();
+    let mut cpus = String::new();
+    if b.cpus_from_madt || full {
+        // Later (about 8 s of interpreted code with 256 MiB) the kernel
+        // takes its CPUs from the MADT: all of them, none for hotplug.
+        vm.expect_line("the kernel's use of the MADT", EARLY_CONSOLE, |l| {
+            l.contains("ACPI: Using ACPI (MADT) for SMP configuration information")
+        });
+        let line = vm.expect_line("the smpboot CPU count", EARLY_CONSOLE, |l| {
+            l.contains("smpboot: Allowing ")
+        });
+        assert_eq!(
+            parse_allowed_cpus(&line),
+            Some((u32::from(b.vcpus), 0)),
+            "the kernel did not find --vcpus {} CPUs: {line}",
+            b.vcpus
+        );
+        cpus = format!(
+            ", {} CPUs from the MADT after {:.1} s",
+            b.vcpus,
+            start.elapsed().as_secs_f64()
+        );
+    }
+
     if !full {
         vm.kill();
         eprintln!(
             "{what}: checked early console only (PVM host): banner, command line, \
-             e820 map after {to_e820:.1} s, initrd after {to_initrd:.1} s"
+             e820 map after {to_e820:.1} s, initrd after {to_initrd:.1} s, \
+             ACPI tables after {to_acpi:.1} s{cpus}"
         );
         return;
     }
@@ -290,6 +378,8 @@ fn linux_vmlinux_boots_through_the_pvh_entry_with_256_mib() {
         kernel: "vmlinux",
         entry: "pvh",
         mem_mib: 256,
+        vcpus: 2,
+        cpus_from_madt: true,
     });
 }
 
@@ -300,6 +390,8 @@ fn linux_vmlinux_boots_through_the_64bit_entry_with_ram_above_4_gib() {
         kernel: "vmlinux",
         entry: "linux64",
         mem_mib: 3584,
+        vcpus: 2,
+        cpus_from_madt: false,
     });
 }
 
@@ -309,6 +401,8 @@ fn linux_bzimage_decompressor_starts() {
         kernel: "vmlinuz",
         entry: "linux64",
         mem_mib: 256,
+        vcpus: 1,
+        cpus_from_madt: false,
     });
 }
 
@@ -329,6 +423,24 @@ fn parsers_read_linux_lines() {
             "RAMDISK: "
         ),
         Some((0xff0_4000, 0xfff_ffff, ""))
+    );
+    assert_eq!(
+        parse_acpi_table("[    1.29] ACPI: RSDP 0x00000000000E0000 000024 (v02 VMPLNT)"),
+        Some(("RSDP".into(), 0xe_0000))
+    );
+    assert_eq!(
+        parse_acpi_table(
+            "[    1.36] ACPI: APIC 0x00000000000E01C0 00004E (v05 VMPLNT VMPLMADT 00000001 RVAT 01000000)"
+        ),
+        Some(("APIC".into(), 0xe_01c0))
+    );
+    assert_eq!(
+        parse_acpi_table("[    1.39] ACPI: Reserving FACP table memory at [mem 0xe00a0-0xe01b3]"),
+        None
+    );
+    assert_eq!(
+        parse_allowed_cpus("[    9.40] smpboot: Allowing 2 CPUs, 0 hotplug CPUs"),
+        Some((2, 0))
     );
 }
 
