@@ -11,6 +11,7 @@ prints them. Each mode prints one JSON line.
 import json
 import socket
 import sys
+import threading
 import time
 import zlib
 
@@ -68,13 +69,18 @@ def echo(host, port, nbytes):
     conn = socket.create_connection((host, port), timeout=10)
     t0 = time.monotonic()
     data = pattern(0, nbytes)
-    conn.sendall(data)
-    back = b""
+    # Send from a thread while reading: an echo client that sends all
+    # before reading deadlocks once both directions' buffers are full.
+    sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+    sender.start()
+    back = bytearray()
+    conn.settimeout(30)
     while len(back) < nbytes:
         chunk = conn.recv(1 << 20)
         if not chunk:
             break
         back += chunk
+    sender.join(5)
     conn.close()
     ns = int((time.monotonic() - t0) * 1e9)
     print(json.dumps({"peer": "echo", "sent": nbytes, "received": len(back),
