@@ -222,6 +222,8 @@ pub struct Vm {
     config: VmConfig,
     /// `virtio_mmio.device=` parameters for the devices added so far.
     virtio_params: Vec<String>,
+    /// The same devices, for the ACPI DSDT.
+    virtio_acpi: Vec<acpi::VirtioMmio>,
 }
 
 impl Vm {
@@ -338,6 +340,7 @@ impl Vm {
             boot_time,
             config: config.clone(),
             virtio_params: Vec::new(),
+            virtio_acpi: Vec::new(),
         })
     }
 
@@ -369,7 +372,11 @@ impl Vm {
         };
         let cmdline_size = loader::load_cmdline(mem, &self.cmdline())?;
         mptable::write(mem, usize::from(config.vcpus))?;
-        let rsdp = Some(acpi::write(mem, usize::from(config.vcpus))?);
+        let rsdp = Some(acpi::write(
+            mem,
+            usize::from(config.vcpus),
+            &self.virtio_acpi,
+        )?);
         let mode = match kernel.entry {
             Entry::Linux64(entry) => {
                 let cr3 = paging::write_identity_tables(mem).map_err(VmError::PageTables)?;
@@ -471,6 +478,11 @@ impl Vm {
         }
         self.virtio_params
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.virtio_acpi.push(acpi::VirtioMmio {
+            base,
+            len: MMIO_LEN,
+            gsi,
+        });
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! how to power off.
 //!
 //! ```text
-//! RSDP (rev 2) -> XSDT -> FADT -> DSDT   (\_S5_, COM1)
+//! RSDP (rev 2) -> XSDT -> FADT -> DSDT   (\_S5_, COM1, virtio-mmio devices)
 //!                      -> MADT           (local APICs, IOAPIC, LAPIC NMI)
 //! ```
 //!
@@ -12,6 +12,12 @@
 //! guests that get no RSDP address at boot search for it. The FADT's sleep
 //! control/status and reset registers are the I/O ports of
 //! [`devices::legacy::acpi_pm`].
+//!
+//! Hardware-reduced ACPI has no legacy PIC, so Linux numbers its IRQs
+//! apart from the GSIs and only finds a device's interrupt through ACPI:
+//! the DSDT describes COM1 and every virtio-mmio device (as Firecracker
+//! does); the `virtio_mmio.device=` command line parameters stay for
+//! kernels without ACPI.
 //!
 //! The MADT has no interrupt source overrides: KVM's default routing wires
 //! GSI n to IOAPIC pin n for the ISA IRQs (the in-kernel PIT's IRQ 0
@@ -42,6 +48,10 @@ pub enum AcpiError {
          255 is the broadcast id, and the IOAPIC takes the id after the last vCPU's)"
     )]
     TooManyCpus(usize),
+    #[error(
+        "virtio-mmio device {index} at {base:#x}+{len:#x} does not fit the DSDT (32-bit addresses, at most 1000 devices)"
+    )]
+    VirtioDevice { index: usize, base: u64, len: u64 },
     #[error("the ACPI tables take {size} bytes, more than the {room} set aside for them")]
     TooLarge { size: usize, room: u64 },
     #[error("cannot write the ACPI tables into guest memory")]
@@ -50,6 +60,8 @@ pub enum AcpiError {
 
 /// The most vCPUs the tables describe (the MP table's limit too).
 pub const MAX_CPUS: usize = 254;
+/// Virtio devices are named V000 to V999 in the DSDT.
+const MAX_VIRTIO_DEVICES: usize = 1000;
 
 const OEM_ID: [u8; 6] = *b"VMPLNT";
 const OEM_REVISION: u32 = 1;
@@ -69,6 +81,15 @@ const MADT_LAPIC_NMI: u8 = 4;
 const LAPIC_NMI_ALL: [u8; 6] = [MADT_LAPIC_NMI, 6, 0xff, 0, 0, 1];
 /// Each table starts on this alignment after the previous one.
 const TABLE_ALIGN: usize = 16;
+
+/// A virtio-mmio device as the DSDT describes it: its register window
+/// and its GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmio {
+    pub base: u64,
+    pub len: u64,
+    pub gsi: u32,
+}
 
 /// The tables laid out from `base`: the bytes to copy there, the RSDP at
 /// offset 0.
@@ -115,15 +136,16 @@ fn sdt(signature: [u8; 4], revision: u8, table_id: [u8; 8], body: &[u8]) -> Vec<
 }
 
 /// The DSDT: `\_S5_` (the sleep type the FADT's sleep control register
-/// takes for power off) and COM1, so that Linux finds the serial port's
-/// interrupt through ACPI as hardware-reduced platforms need.
-fn dsdt() -> Vec<u8> {
+/// takes for power off), COM1 and the virtio-mmio devices, so that Linux
+/// finds their interrupts through ACPI as hardware-reduced platforms need.
+fn dsdt(virtio: &[VirtioMmio]) -> Result<Vec<u8>, AcpiError> {
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE]),
     );
+    let mut body = aml_bytes(&s5);
     // Temporaries live to the end of the statement that serializes them.
-    let com1 = aml_bytes(&aml::Device::new(
+    body.extend(aml_bytes(&aml::Device::new(
         "_SB_.COM1".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
@@ -137,10 +159,36 @@ fn dsdt() -> Vec<u8> {
                 ]),
             ),
         ],
-    ));
-    let mut body = aml_bytes(&s5);
-    body.extend(com1);
-    sdt(*b"DSDT", 2, *b"VMPLDSDT", &body)
+    )));
+    for (index, dev) in virtio.iter().enumerate() {
+        let bad = || AcpiError::VirtioDevice {
+            index,
+            base: dev.base,
+            len: dev.len,
+        };
+        let base = u32::try_from(dev.base).map_err(|_| bad())?;
+        let len = u32::try_from(dev.len).map_err(|_| bad())?;
+        if index >= MAX_VIRTIO_DEVICES || base.checked_add(len).is_none() {
+            return Err(bad());
+        }
+        // Linux's virtio-mmio driver matches LNRO0005; the interrupt is
+        // edge-triggered, as an irqfd is.
+        body.extend(aml_bytes(&aml::Device::new(
+            format!("_SB_.V{index:03}").as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &(index as u32)),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, base, len),
+                        &aml::Interrupt::new(true, true, false, false, dev.gsi),
+                    ]),
+                ),
+            ],
+        )));
+    }
+    Ok(sdt(*b"DSDT", 2, *b"VMPLDSDT", &body))
 }
 
 /// An 8-bit register at an I/O port.
@@ -189,8 +237,9 @@ fn madt(cpus: usize) -> Vec<u8> {
     sdt(*b"APIC", MADT_REVISION, *b"VMPLMADT", &body)
 }
 
-/// Builds the tables for `cpus` vCPUs, laid out from `base`.
-pub fn build(cpus: usize, base: u64) -> Result<AcpiTables, AcpiError> {
+/// Builds the tables for `cpus` vCPUs and the `virtio` devices, laid out
+/// from `base`.
+pub fn build(cpus: usize, virtio: &[VirtioMmio], base: u64) -> Result<AcpiTables, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::TooManyCpus(cpus));
     }
@@ -199,7 +248,7 @@ pub fn build(cpus: usize, base: u64) -> Result<AcpiTables, AcpiError> {
         base,
         bytes: vec![0; rsdp_len],
     };
-    let dsdt_addr = image.add(&dsdt());
+    let dsdt_addr = image.add(&dsdt(virtio)?);
     let fadt_addr = image.add(&fadt(dsdt_addr));
     let madt_addr = image.add(&madt(cpus));
     let mut xsdt = XSDT::new(OEM_ID, *b"VMPLXSDT", OEM_REVISION);
@@ -214,10 +263,15 @@ pub fn build(cpus: usize, base: u64) -> Result<AcpiTables, AcpiError> {
     })
 }
 
-/// Writes the tables for `cpus` vCPUs into the BIOS area; returns the
-/// RSDP's address (for boot_params.acpi_rsdp_addr and the PVH start info).
-pub fn write<M: GuestMemory>(mem: &M, cpus: usize) -> Result<u64, AcpiError> {
-    let tables = build(cpus, ACPI_START)?;
+/// Writes the tables for `cpus` vCPUs and the `virtio` devices into the
+/// BIOS area; returns the RSDP's address (for boot_params.acpi_rsdp_addr
+/// and the PVH start info).
+pub fn write<M: GuestMemory>(
+    mem: &M,
+    cpus: usize,
+    virtio: &[VirtioMmio],
+) -> Result<u64, AcpiError> {
+    let tables = build(cpus, virtio, ACPI_START)?;
     let room = ACPI_END - ACPI_START;
     if tables.bytes.len() as u64 > room {
         return Err(AcpiError::TooLarge {
@@ -340,7 +394,7 @@ mod tests {
 
     #[test]
     fn rsdp_leads_to_every_table_with_valid_checksums() {
-        let t = build(2, ACPI_START).unwrap();
+        let t = build(2, &[], ACPI_START).unwrap();
         let p = parse(&t);
         let sigs: Vec<String> = p.xsdt_entries().into_iter().map(|(s, _)| s).collect();
         assert_eq!(sigs, ["FACP", "APIC"]);
@@ -354,7 +408,7 @@ mod tests {
     #[test]
     fn madt_lists_one_enabled_local_apic_per_vcpu_and_the_ioapic() {
         for cpus in [1, 2, 7] {
-            let t = build(cpus, ACPI_START).unwrap();
+            let t = build(cpus, &[], ACPI_START).unwrap();
             let p = parse(&t);
             let madt = p.find(b"APIC");
             assert_eq!(u64::from(u32_at(madt, 36)), LAPIC_START);
@@ -383,7 +437,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_with_power_off_and_reset_ports() {
-        let t = build(1, ACPI_START).unwrap();
+        let t = build(1, &[], ACPI_START).unwrap();
         let fadt = parse(&t).fadt();
         assert_eq!(fadt.len(), 276, "an ACPI 6 FADT");
         let flags = u32_at(fadt, 112);
@@ -402,7 +456,7 @@ mod tests {
 
     #[test]
     fn dsdt_gives_s5_the_sleep_type_the_power_control_takes() {
-        let t = build(1, ACPI_START).unwrap();
+        let t = build(1, &[], ACPI_START).unwrap();
         let dsdt = parse(&t).dsdt();
         // Name(_S5_, Package(2) { 5, 5 }): NameOp, name, PackageOp,
         // PkgLength, NumElements, BytePrefix 5, BytePrefix 5.
@@ -413,14 +467,54 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_each_virtio_device_with_its_window_and_gsi() {
+        let devs: Vec<VirtioMmio> = (0..3)
+            .map(|i| VirtioMmio {
+                base: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                gsi: 5 + i as u32,
+            })
+            .collect();
+        let t = build(1, &devs, ACPI_START).unwrap();
+        let dsdt = parse(&t).dsdt();
+        for (i, d) in devs.iter().enumerate() {
+            let name = format!("V{i:03}");
+            let at = dsdt
+                .windows(4)
+                .position(|w| w == name.as_bytes())
+                .unwrap_or_else(|| panic!("no {name}"));
+            let dev = &dsdt[at..];
+            assert!(dev.windows(8).any(|w| w == b"LNRO0005"), "{name} _HID");
+            // Memory32Fixed: tag 0x86, length 9, read-write, base, length.
+            let mut mem = vec![0x86, 9, 0, 1];
+            mem.extend((d.base as u32).to_le_bytes());
+            mem.extend((d.len as u32).to_le_bytes());
+            assert!(dev.windows(mem.len()).any(|w| w == mem), "{name} window");
+            // Extended interrupt: tag 0x89, length 6, consumer + edge, one GSI.
+            let mut irq = vec![0x89, 6, 0, 0b11, 1];
+            irq.extend(d.gsi.to_le_bytes());
+            assert!(dev.windows(irq.len()).any(|w| w == irq), "{name} GSI");
+        }
+        let above_4g = [VirtioMmio {
+            base: 1 << 32,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        assert!(matches!(
+            build(1, &above_4g, ACPI_START),
+            Err(AcpiError::VirtioDevice { index: 0, .. })
+        ));
+    }
+
+    #[test]
     fn refuses_cpu_counts_the_madt_cannot_describe() {
         for bad in [0, 255, 300] {
-            let e = build(bad, ACPI_START).unwrap_err();
+            let e = build(bad, &[], ACPI_START).unwrap_err();
             assert!(matches!(e, AcpiError::TooManyCpus(n) if n == bad));
             assert!(e.to_string().contains("at most") || e.to_string().contains("1 to 254"));
         }
         // The largest set still fits in the space set aside.
-        let t = build(MAX_CPUS, ACPI_START).unwrap();
+        let t = build(MAX_CPUS, &[], ACPI_START).unwrap();
         assert!(t.bytes.len() as u64 <= ACPI_END - ACPI_START);
         assert_eq!(
             parse(&t)
@@ -435,14 +529,14 @@ mod tests {
     #[test]
     fn write_puts_the_tables_in_guest_memory_below_the_mp_table() {
         let mem = crate::memory::create(64 << 20).unwrap();
-        let rsdp = write(&mem, 2).unwrap();
+        let rsdp = write(&mem, 2, &[]).unwrap();
         assert_eq!(rsdp, ACPI_START);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
         // The MP table written after it is untouched, and vice versa.
         crate::x86_64::mptable::write(&mem, 2).unwrap();
-        let again = build(2, ACPI_START).unwrap();
+        let again = build(2, &[], ACPI_START).unwrap();
         let mut back = vec![0u8; again.bytes.len()];
         mem.read_slice(&mut back, GuestAddress(ACPI_START)).unwrap();
         assert_eq!(back, again.bytes);
