@@ -511,7 +511,9 @@ mod tests {
         for bad in [0, 255, 300] {
             let e = build(bad, &[], ACPI_START).unwrap_err();
             assert!(matches!(e, AcpiError::TooManyCpus(n) if n == bad));
-            assert!(e.to_string().contains("at most") || e.to_string().contains("1 to 254"));
+            let msg = e.to_string();
+            assert!(msg.starts_with(&format!("{bad} vCPUs do not fit")), "{msg}");
+            assert!(msg.contains("1 to 254"), "{msg}");
         }
         // The largest set still fits in the space set aside.
         let t = build(MAX_CPUS, &[], ACPI_START).unwrap();
