@@ -296,7 +296,13 @@ impl VirtioDevice for Net {
         {
             let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
             rx.mergeable = acked(features::MRG_RXBUF);
-            rx.queue = Some(queue(rx_queue));
+            let mut rx_queue = queue(rx_queue);
+            // Frames come from the switch, not from the guest's refills:
+            // the guest need not exit to tell the device about new buffers.
+            if let Err(e) = rx_queue.queue.disable_notification(&rx_queue.mem) {
+                tracing::debug!("virtio-net: RX notifications stay on: {e}");
+            }
+            rx.queue = Some(rx_queue);
         }
         self.tx = Some(queue(tx_queue));
         if self.queue_events.is_empty() {
