@@ -113,7 +113,11 @@ impl VirtioDevice for Fs {
         let epoll = Epoll::new().map_err(ActivateError::Events)?;
         let watch = |fd: i32, data: u64| {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, data),
+                )
                 .map_err(ActivateError::Events)
         };
         watch(stop.as_raw_fd(), u64::MAX)?;

@@ -12,6 +12,8 @@ pub struct FsPersist {
 
 impl Fs {
     pub fn save(&self) -> FsPersist {
-        FsPersist { tag: self.tag().into() }
+        FsPersist {
+            tag: self.tag().into(),
+        }
     }
 }

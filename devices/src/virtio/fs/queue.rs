@@ -70,7 +70,11 @@ fn gather(
     Ok(())
 }
 
-fn write_reply(mem: &GuestMemoryMmap, writable: &[(GuestAddress, usize)], reply: &[u8]) -> Result<(), RequestError> {
+fn write_reply(
+    mem: &GuestMemoryMmap,
+    writable: &[(GuestAddress, usize)],
+    reply: &[u8],
+) -> Result<(), RequestError> {
     let room: usize = writable.iter().map(|w| w.1).sum();
     if reply.len() > room {
         return Err(RequestError::ReplyTooLarge);
@@ -81,7 +85,8 @@ fn write_reply(mem: &GuestMemoryMmap, writable: &[(GuestAddress, usize)], reply:
             break;
         }
         let n = len.min(rest.len());
-        mem.write_slice(&rest[..n], addr).map_err(|_| RequestError::OutOfMemory)?;
+        mem.write_slice(&rest[..n], addr)
+            .map_err(|_| RequestError::OutOfMemory)?;
         rest = &rest[n..];
     }
     Ok(())
@@ -97,7 +102,12 @@ fn eio_reply(unique: u64) -> [u8; OUT_HEADER] {
 }
 
 /// Serves every available request on `queue`.
-pub fn process(mem: &GuestMemoryMmap, queue: &mut Queue, server: &dyn FuseServer, s: &mut Scratch) -> Pass {
+pub fn process(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    server: &dyn FuseServer,
+    s: &mut Scratch,
+) -> Pass {
     let mut pass = Pass::default();
     loop {
         if queue.disable_notification(mem).is_err() {
@@ -130,7 +140,9 @@ pub fn process(mem: &GuestMemoryMmap, queue: &mut Queue, server: &dyn FuseServer
                     tracing::debug!("virtio-fs: request {head} dropped: {e}");
                     // Answer with EIO when the request's id is readable.
                     let eio = eio_reply(unique_of(&s.request));
-                    if s.request.len() >= UNIQUE_AT + 8 && write_reply(mem, &s.writable, &eio).is_ok() {
+                    if s.request.len() >= UNIQUE_AT + 8
+                        && write_reply(mem, &s.writable, &eio).is_ok()
+                    {
                         eio.len()
                     } else {
                         0
@@ -201,12 +213,19 @@ mod tests {
                 flags |= NEXT;
             }
             q.desc_table()
-                .store(idx, RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1)))
+                .store(
+                    idx,
+                    RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1)),
+                )
                 .unwrap();
         }
         let avail = q.avail();
         let i = avail.idx().load();
-        avail.ring().ref_at(i as usize).unwrap().store(u16::to_le(start));
+        avail
+            .ring()
+            .ref_at(i as usize)
+            .unwrap()
+            .store(u16::to_le(start));
         avail.idx().store(i.wrapping_add(1));
     }
 
@@ -231,16 +250,34 @@ mod tests {
         let req = request(1, 77, b"hello\0");
         m.write_slice(&req[..20], GuestAddress(0x10000)).unwrap();
         m.write_slice(&req[20..], GuestAddress(0x20000)).unwrap();
-        add_chain(&mq, 0, &[(0x10000, 20, false), (0x20000, (req.len() - 20) as u32, false), (0x30000, 64, true)]);
+        add_chain(
+            &mq,
+            0,
+            &[
+                (0x10000, 20, false),
+                (0x20000, (req.len() - 20) as u32, false),
+                (0x30000, 64, true),
+            ],
+        );
         let server = Echo::default();
         let pass = process(&m, &mut q, &server, &mut Scratch::default());
-        assert_eq!(pass, Pass { requests: 1, malformed: 0, used: true });
+        assert_eq!(
+            pass,
+            Pass {
+                requests: 1,
+                malformed: 0,
+                used: true
+            }
+        );
         assert_eq!(server.seen.lock().unwrap()[0], req);
         assert_eq!(used(&mq, 0), 20);
         let mut reply = [0u8; 20];
         m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
         assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 77);
-        assert_eq!(u32::from_le_bytes(reply[16..20].try_into().unwrap()), req.len() as u32);
+        assert_eq!(
+            u32::from_le_bytes(reply[16..20].try_into().unwrap()),
+            req.len() as u32
+        );
     }
 
     #[test]
@@ -263,12 +300,19 @@ mod tests {
         let mut q: Queue = mq.create_queue().unwrap();
         let req = request(1, 9, b"x\0");
         m.write_slice(&req, GuestAddress(0x10000)).unwrap();
-        add_chain(&mq, 0, &[(0x10000, req.len() as u32, false), (0x30000, 16, true)]);
+        add_chain(
+            &mq,
+            0,
+            &[(0x10000, req.len() as u32, false), (0x30000, 16, true)],
+        );
         process(&m, &mut q, &Echo::default(), &mut Scratch::default());
         assert_eq!(used(&mq, 0), 16);
         let mut reply = [0u8; 16];
         m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
-        assert_eq!(i32::from_le_bytes(reply[4..8].try_into().unwrap()), -libc::EIO);
+        assert_eq!(
+            i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            -libc::EIO
+        );
         assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 9);
     }
 
@@ -282,13 +326,28 @@ mod tests {
         // Outside guest memory.
         add_chain(&mq, 0, &[(0xff_0000, 0x20_0000, false)]);
         // Readable after writable.
-        add_chain(&mq, 1, &[(0x30000, 64, true), (0x10000, req.len() as u32, false)]);
+        add_chain(
+            &mq,
+            1,
+            &[(0x30000, 64, true), (0x10000, req.len() as u32, false)],
+        );
         // Larger than any request may be.
-        add_chain(&mq, 3, &[(0x10000, (MAX_REQUEST + 1) as u32, false), (0x30000, 64, true)]);
+        add_chain(
+            &mq,
+            3,
+            &[
+                (0x10000, (MAX_REQUEST + 1) as u32, false),
+                (0x30000, 64, true),
+            ],
+        );
         let server = Echo::default();
         let pass = process(&m, &mut q, &server, &mut Scratch::default());
         assert_eq!(pass.malformed, 3);
         assert!(server.seen.lock().unwrap().is_empty());
-        assert_eq!(mq.used().idx().load(), 3, "every chain goes back to the guest");
+        assert_eq!(
+            mq.used().idx().load(),
+            3,
+            "every chain goes back to the guest"
+        );
     }
 }
