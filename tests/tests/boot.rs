@@ -11,6 +11,24 @@ const BOOT: Duration = Duration::from_secs(20);
 /// The probe's `shutdown` tries ACPI S5 through the FADT's sleep control
 /// register before the i8042; vmplant's ACPI tables give it that register.
 #[test]
+fn probe_shuts_down_through_the_i8042() {
+    let done = Vmm::probe("ready+shutdown:i8042", &["--vcpus", "2"]).wait(BOOT);
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}",
+        done.status,
+        done.stderr
+    );
+    assert!(done.events().contains(&json!({"probe":"shutdown"})));
+    assert!(!done.stderr.contains("through ACPI"), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("the guest shut down"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
 fn probe_boots_and_powers_off_through_acpi() {
     let done = Vmm::probe("ready+shutdown", &[]).wait(BOOT);
     assert!(

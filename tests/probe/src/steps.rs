@@ -11,9 +11,18 @@ enum Step {
     Ready,
     Smp(Option<u32>),
     Count { n: u64, every: u64 },
-    Shutdown,
+    Shutdown(Via),
     Fault,
     Net(net::Cmd),
+}
+
+/// How `shutdown` ends the VM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// ACPI S5 if the firmware tables offer it, else the i8042.
+    Any,
+    Acpi,
+    I8042,
 }
 
 /// A step that cannot run, with the message for the error line.
@@ -72,6 +81,18 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
             None => Ok(Step::Net(cmd)),
         };
     }
+    if name == "shutdown" {
+        let via = match parts.next() {
+            None => Via::Any,
+            Some("acpi") => Via::Acpi,
+            Some("i8042") => Via::I8042,
+            Some(a) => return Err(StepError::BadArg(name, a)),
+        };
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Shutdown(via)),
+        };
+    }
     let mut arg = |min: u64| -> Result<Option<u64>, StepError<'_>> {
         match parts.next() {
             None => Ok(None),
@@ -88,7 +109,6 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
             n: arg(0)?.unwrap_or(0),
             every: arg(1)?.unwrap_or(0),
         },
-        "shutdown" => Step::Shutdown,
         "fault" => Step::Fault,
         _ => return Err(StepError::Unknown(name)),
     };
@@ -104,7 +124,7 @@ fn exec(step: Step, net: &mut net::Ctx<'_>) {
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),
-        Step::Shutdown => shutdown(),
+        Step::Shutdown(via) => shutdown(via),
         Step::Fault => {
             serial::line(format_args!(r#"{{"probe":"fault"}}"#));
             boot::triple_fault();
@@ -165,12 +185,17 @@ fn spin(n: u64) {
 /// Ends the VM: ACPI S5 through the FADT sleep control register if there
 /// is one (Cloud Hypervisor reboots on an i8042 reset, QEMU microvm has no
 /// i8042), then a reset through the i8042 (Firecracker and vmplant end the
-/// VM on it), then halt.
-fn shutdown() {
+/// VM on it), then halt. `shutdown:acpi` and `shutdown:i8042` use only the
+/// one way, so a VMM's handling of each can be checked.
+fn shutdown(via: Via) {
     serial::line(format_args!(r#"{{"probe":"shutdown"}}"#));
-    crate::acpi::power_off();
-    clock::delay_us(10_000);
-    hw::outb(0x64, 0xfe);
+    if via != Via::I8042 {
+        crate::acpi::power_off();
+        clock::delay_us(10_000);
+    }
+    if via != Via::Acpi {
+        hw::outb(0x64, 0xfe);
+    }
     clock::delay_us(100_000);
     boot::halt();
 }
