@@ -160,18 +160,25 @@ impl NetNs {
     /// `ping -c n -i 0.2` to `addr`; the average RTT in ms. Every reply
     /// must come back.
     pub fn ping(&self, addr: &str, n: u32) -> Result<f64> {
-        Ok(self.ping_stats(addr, n, 0.2)?.avg_ms)
+        let stats = self.ping_stats(addr, n, 0.2)?;
+        if stats.received < stats.transmitted {
+            return Err(TestbedError::PingLoss {
+                addr: addr.into(),
+                transmitted: stats.transmitted,
+                received: stats.received,
+            });
+        }
+        Ok(stats.avg_ms)
     }
 
-    /// `ping -q -c count -i interval` to `addr` (intervals below 0.2 s need
-    /// root); its statistics. Every reply must come back.
+    /// `ping -c count -i interval` to `addr` (intervals below 0.2 s need
+    /// root); its statistics, with the median of the replies. Some replies may be lost, not all.
     pub fn ping_stats(&self, addr: &str, count: u32, interval: f64) -> Result<PingStats> {
         let limit = (f64::from(count) * interval) as u64 + 10;
         let out = self.exec(&[
             "timeout",
             &limit.to_string(),
             "ping",
-            "-q",
             "-c",
             &count.to_string(),
             "-i",
@@ -189,7 +196,7 @@ impl NetNs {
                 output: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
             },
         })?;
-        if stats.received < stats.transmitted {
+        if stats.received == 0 {
             return Err(TestbedError::PingLoss {
                 addr: addr.into(),
                 transmitted: stats.transmitted,
@@ -325,6 +332,8 @@ pub struct PingStats {
     pub max_ms: f64,
     /// The standard deviation (iputils' `mdev`; 0 when not given).
     pub mdev_ms: f64,
+    /// The median of the replies' `time=` (None when ping ran with `-q`).
+    pub median_ms: Option<f64>,
 }
 
 /// Parses the summary of iputils or busybox `ping`:
@@ -360,6 +369,7 @@ pub fn parse_ping(out: &str) -> Result<PingStats> {
                 avg_ms: nan,
                 max_ms: nan,
                 mdev_ms: nan,
+                median_ms: None,
             });
         }
         return Err(bad("no rtt line"));
@@ -384,7 +394,31 @@ pub fn parse_ping(out: &str) -> Result<PingStats> {
         avg_ms: nums[1],
         max_ms: nums[2],
         mdev_ms: nums.get(3).copied().unwrap_or(0.0),
+        median_ms: median(reply_times(out)),
     })
+}
+
+/// The `time=` of each reply line (`64 bytes from ...: icmp_seq=1 ttl=64
+/// time=0.052 ms`), in ms; lines without a number there are skipped.
+pub fn reply_times(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter_map(|l| {
+            let t = &l[l.find("time=")? + 5..];
+            t.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The median of some numbers (None when there are none).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| !x.is_nan());
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// What an iperf3 TCP client run reports.
@@ -533,9 +567,25 @@ mod tests {
                    rtt min/avg/max/mdev = 0.031/0.052/0.101/0.011 ms\n";
         let s = parse_ping(out).unwrap();
         assert_eq!((s.transmitted, s.received), (200, 200));
+        assert_eq!(s.median_ms, None);
         assert_eq!(
             (s.min_ms, s.avg_ms, s.max_ms, s.mdev_ms),
             (0.031, 0.052, 0.101, 0.011)
+        );
+        let out = "PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n\
+                   64 bytes from 10.0.0.2: icmp_seq=1 ttl=64 time=0.090 ms\n\
+                   64 bytes from 10.0.0.2: icmp_seq=2 ttl=64 time=0.030 ms\n\
+                   64 bytes from 10.0.0.2: icmp_seq=3 ttl=64 time=2.5 ms\n\
+                   64 bytes from 10.0.0.2: icmp_seq=4 ttl=64 time=0.050 ms\n\
+                   64 bytes from 10.0.0.2: icmp_seq=5 ttl=64 time=junk ms\n\n\
+                   --- 10.0.0.2 ping statistics ---\n\
+                   5 packets transmitted, 5 received, 0% packet loss, time 4ms\n\
+                   rtt min/avg/max/mdev = 0.030/0.667/2.500/1.058 ms\n";
+        let s = parse_ping(out).unwrap();
+        assert_eq!(s.median_ms, Some(0.07));
+        assert_eq!(
+            (s.min_ms, s.avg_ms, s.max_ms, s.mdev_ms),
+            (0.030, 0.667, 2.5, 1.058)
         );
     }
 
