@@ -511,7 +511,7 @@ fn write_fc_config(dir: &Path, kernel: &Path, args: &BootBenchArgs) -> Result<()
 
 /// The repository root: the first directory with Cargo.toml and
 /// tests/probe, from the current directory up, then from the executable's.
-fn repo_root() -> Option<PathBuf> {
+pub(super) fn repo_root() -> Option<PathBuf> {
     let is_root = |d: &Path| d.join("Cargo.toml").is_file() && d.join("tests/probe").is_dir();
     let from = |start: PathBuf| {
         start

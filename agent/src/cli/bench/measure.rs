@@ -228,6 +228,27 @@ impl Measured {
         Ok(Duration::from_nanos(total))
     }
 
+    /// Whether its standard output has closed (the process ended, or
+    /// closed it).
+    pub fn output_closed(&self) -> bool {
+        self.eof
+    }
+
+    /// Its exit status, waiting up to `wait` for it to end; None if it has
+    /// not ended by then (or its status cannot be read).
+    pub fn exit_status(&mut self, wait: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => return None,
+            }
+        }
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(mut self) {
         self.kill_and_reap();
@@ -260,7 +281,7 @@ impl Drop for Measured {
     }
 }
 
-fn describe_status(status: ExitStatus) -> String {
+pub fn describe_status(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),

@@ -2,6 +2,7 @@
 //! side by side with the anchors in ../shared/anchors.
 
 mod boot;
+mod guests;
 mod gvfs;
 mod measure;
 mod vnet;
@@ -15,7 +16,8 @@ pub enum BenchCommand {
     /// Hypervisor in turn: time to the first ready line, and RSS.
     Boot(boot::BootBenchArgs),
     /// Ping and iperf3 between two namespaces through a Linux bridge, one
-    /// VNET switch, and two joined by UDP and TLS tunnels; control times.
+    /// VNET switch, and two joined by UDP and TLS tunnels; control times;
+    /// TCP, ping and frames per second between two test guests.
     Vnet(vnet::VnetBenchArgs),
     /// Sequential and random reads, stat and readdir through the local
     /// file system, a GVFS mount (TCP and TLS) and sshfs, over loopback.

@@ -3,7 +3,9 @@
 //! (c) two VNET switches joined by a UDP tunnel, (d) by a TLS tunnel
 //! (certificates made with rcgen in a temporary directory); the time to
 //! add and remove a rule and a tunnel; and the switch's own frames per
-//! second between in-memory guest ports.
+//! second between in-memory guest ports; and, between two test guests on
+//! one switch in a `vmplant run` process, TCP throughput, ping RTT and raw
+//! frames per second (see [`super::guests`]).
 //!
 //! The switches of (b)-(d) run as `vmplant vnet` processes (this binary),
 //! one per switch, as the issue asks; or, with `--in-process`, in this
@@ -16,6 +18,7 @@
 //! Output: one JSON line per setup, one JSON summary with the issue's
 //! goals, and a last plain line with the figures side by side.
 
+use super::guests::{GuestFigures, GuestsError};
 use super::measure::{
     MeasureError, Measured, ScratchDir, Stats, StatsOut, parse_schedstat_ns, round,
 };
@@ -57,9 +60,13 @@ pub struct VnetBenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "bridge,switch,udp,tls,control,frames"
+        default_value = "bridge,switch,udp,tls,control,frames,guests"
     )]
     pub only: Vec<Part>,
+    /// The test guest of the guests part [default: target/probe/probe.elf
+    /// in the repository].
+    #[arg(long, value_name = "FILE")]
+    pub probe: Option<PathBuf>,
     /// Run the switches of switch, udp, udp9000, tcp and tls in this
     /// process (the vnet library), not as `vmplant vnet` processes.
     #[arg(long)]
@@ -86,6 +93,7 @@ pub enum Part {
     Tls,
     Control,
     Frames,
+    Guests,
 }
 
 impl Part {
@@ -99,6 +107,7 @@ impl Part {
             Part::Tls => "tls",
             Part::Control => "control",
             Part::Frames => "frames",
+            Part::Guests => "guests",
         }
     }
 }
@@ -125,6 +134,8 @@ pub enum VnetBenchError {
     Failed(String),
     #[error(transparent)]
     Measure(#[from] MeasureError),
+    #[error(transparent)]
+    Guests(#[from] GuestsError),
     #[error("cannot tell which executable this is: {0}")]
     CurrentExe(#[source] std::io::Error),
     #[error("cannot find a free port: {0}")]
@@ -197,6 +208,8 @@ pub struct Summary {
     pub control: Option<ControlFigures>,
     /// Millions of 64-byte frames per second through the switch alone.
     pub mfps: Option<f64>,
+    /// Two test guests on one switch.
+    pub guests: Option<GuestFigures>,
     /// Parts that failed.
     pub failed: Vec<&'static str>,
     /// Where the switches of (b)-(d) ran: in-process or processes.
@@ -267,6 +280,7 @@ impl Summary {
                 "add_tunnel": round(c.add_tunnel_us, 1), "remove_tunnel": round(c.remove_tunnel_us, 1),
             })),
             "switch_mfps": self.mfps.map(|m| round(m, 2)),
+            "guests": self.guests.map(|g| g.json()),
             "goals": {
                 "switch_added_rtt_le_20us": goal(self.goal_rtt()),
                 "udp_ge_half_of_bridge": goal(self.goal_udp()),
@@ -329,6 +343,9 @@ impl Summary {
         if let Some(m) = self.mfps {
             parts.push(format!("switch alone {m:.2} Mframes/s"));
         }
+        if let Some(g) = self.guests {
+            parts.push(g.line());
+        }
         if !self.failed.is_empty() {
             parts.push(format!("FAILED: {}", self.failed.join(",")));
         }
@@ -364,7 +381,7 @@ pub fn run(args: VnetBenchArgs) -> CliResult {
     let needs_netns = args
         .only
         .iter()
-        .any(|p| !matches!(p, Part::Control | Part::Frames));
+        .any(|p| !matches!(p, Part::Control | Part::Frames | Part::Guests));
     if needs_netns {
         preflight()?;
     }
@@ -377,6 +394,10 @@ pub fn run(args: VnetBenchArgs) -> CliResult {
         let done = match part {
             Part::Control => control().map(|c| sum.control = Some(c)),
             Part::Frames => frames().map(|m| sum.mfps = Some(m)),
+            Part::Guests => super::guests::probe_path(args.probe.as_deref())
+                .and_then(|p| super::guests::run(&p))
+                .map(|g| sum.guests = Some(g))
+                .map_err(VnetBenchError::from),
             _ => path(part, &args, &sum).map(|f| match part {
                 Part::Bridge => sum.bridge = Some(f),
                 Part::Switch => sum.switch = Some(f),
