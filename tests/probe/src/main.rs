@@ -12,6 +12,7 @@
 mod acpi;
 mod boot;
 mod clock;
+mod fs;
 mod hw;
 mod net;
 mod serial;

@@ -2,18 +2,19 @@
 //! `name[:arg[:arg...]]`, run in order on vCPU 0.
 
 use crate::serial::{self, Json};
-use crate::{boot, clock, hw, net, smp};
+use crate::{boot, clock, fs, hw, net, smp};
 use core::arch::asm;
 
 /// One parsed step.
 #[derive(Clone, Copy)]
-enum Step {
+enum Step<'a> {
     Ready,
     Smp(Option<u32>),
     Count { n: u64, every: u64 },
     Shutdown(Via),
     Fault,
     Net(net::Cmd),
+    Fs(fs::Cmd<'a>),
 }
 
 /// How `shutdown` ends the VM.
@@ -60,9 +61,10 @@ pub fn run(program: &str, cmdline: &str) {
         }
     }
     let mut net = net::Ctx::new(cmdline);
+    let mut fs = fs::Ctx::new(cmdline);
     for text in steps(program) {
         if let Ok(step) = parse(text) {
-            exec(step, &mut net);
+            exec(step, &mut net, &mut fs);
         }
     }
 }
@@ -71,7 +73,7 @@ fn steps(program: &str) -> impl Iterator<Item = &str> {
     program.split('+').filter(|s| !s.is_empty())
 }
 
-fn parse(text: &str) -> Result<Step, StepError<'_>> {
+fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
     let mut parts = text.split(':');
     let name = parts.next().unwrap_or("");
     if let Some(cmd) = net::parse(name, &mut parts) {
@@ -79,6 +81,13 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
         return match parts.next() {
             Some(extra) => Err(StepError::BadArg(name, extra)),
             None => Ok(Step::Net(cmd)),
+        };
+    }
+    if let Some(cmd) = fs::parse(name, &mut parts) {
+        let cmd = cmd.map_err(|arg| StepError::BadArg(name, arg))?;
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Fs(cmd)),
         };
     }
     if name == "shutdown" {
@@ -118,9 +127,10 @@ fn parse(text: &str) -> Result<Step, StepError<'_>> {
     }
 }
 
-fn exec(step: Step, net: &mut net::Ctx<'_>) {
+fn exec(step: Step<'_>, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<'_>) {
     match step {
         Step::Net(cmd) => net.exec(cmd),
+        Step::Fs(cmd) => fs.exec(cmd),
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),

@@ -8,16 +8,16 @@
 //! - `ping`, `raw` (burst, count-rx), `tcp` (echo, bulk): the steps;
 //! - `time`, `crc`: TSC time, CRC-32 and the bulk pattern.
 
-mod crc;
+pub mod crc;
 mod dev;
 mod hal;
-mod mmio;
+pub mod mmio;
 mod ping;
-mod pool;
+pub mod pool;
 mod raw;
 mod stack;
 mod tcp;
-mod time;
+pub mod time;
 mod transport;
 
 use crate::serial::{self, Json};
