@@ -103,7 +103,8 @@ fn recv_gro(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Option<Soc
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&cbuf);
+    // The field is a usize in glibc and a socklen_t (u32) in musl.
+    msg.msg_controllen = size_of_val(&cbuf) as _;
     // SAFETY: every pointer in `msg` points to a live buffer of the size
     // given next to it, for the duration of the call.
     let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
