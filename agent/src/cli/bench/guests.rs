@@ -210,7 +210,7 @@ pub fn run(probe: &Path) -> Result<GuestFigures> {
     println!(
         "{}",
         json!({
-            "bench": "vnet", "setup": "guests", "measure": "tcp",
+            "bench": "vnet", "setup": "guests", "measure": "tcp", "host_load_1m": load_1m(),
             "path": "guest b -> guest a, one switch, one vmplant run process",
             "bytes": tcp.bytes, "mbit_s": round(tcp.mbit_s, 1),
             "sender_mbit_s": round(tcp.sender_mbit_s, 1),
@@ -223,7 +223,7 @@ pub fn run(probe: &Path) -> Result<GuestFigures> {
     println!(
         "{}",
         json!({
-            "bench": "vnet", "setup": "guests", "measure": "ping",
+            "bench": "vnet", "setup": "guests", "measure": "ping", "host_load_1m": load_1m(),
             "path": "guest b -> guest a, one switch",
             "sent": ping.sent, "received": ping.received,
             "rtt_us_median": round(ping.median_us, 1),
@@ -241,7 +241,7 @@ pub fn run(probe: &Path) -> Result<GuestFigures> {
     println!(
         "{}",
         json!({
-            "bench": "vnet", "setup": "guests", "measure": "burst",
+            "bench": "vnet", "setup": "guests", "measure": "burst", "host_load_1m": load_1m(),
             "path": "guest b -> guest a, one switch, raw frames",
             "frame_bytes": BURST_SIZE, "sent": burst.sent,
             "sent_fps": burst.sent_fps.round(), "received": burst.received,
@@ -280,7 +280,11 @@ impl Pair<'_> {
         })?;
         let exe = std::env::current_exe().map_err(GuestsError::CurrentExe)?;
         let mut cmd = Command::new(exe);
-        cmd.arg("run").arg("--config").arg(&config).stderr(file);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stderr(file);
         tracing::debug!(?cmd, "starting the guests");
         let mut proc = Measured::spawn(&mut cmd)?;
         let tail = |p: &Measured| tail_of(p.output(), &log);
@@ -326,12 +330,42 @@ fn tail_of(output: &[u8], log: &Path) -> String {
         let v: Vec<&str> = text.lines().rev().take(n).collect();
         v.into_iter().rev().collect::<Vec<_>>().join(" / ")
     };
-    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let log = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
     format!(
         "console ends: {}; log ends: {}",
         last(&String::from_utf8_lossy(output), 4),
         last(&log, 3)
     )
+}
+
+/// `text` without ANSI escape sequences (ESC `[` ... a letter).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The host's 1-minute load average (the guests poll, so other work on
+/// the host shows in their figures).
+fn load_1m() -> Option<f64> {
+    parse_load(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_load(loadavg: &str) -> Option<f64> {
+    loadavg.split_whitespace().next()?.parse().ok()
 }
 
 /// One JSON line of one guest's console.
@@ -488,6 +522,16 @@ mod tests {
         b: {\"probe\":\"tcp-bulk-send\",\"to\":\"10.0.0.1:5001\",\"bytes\":100000000,\"ns\":700000000,\"mbit_s\":1142.8,\"crc32\":\"9ae0daaf\",\"frames_tx\":68500}\n\
         a: {\"probe\":\"tcp-bulk-recv\",\"port\":5001,\"from\":\"10.0.0.2:49152\",\"bytes\":100000000,\"ns\":710000000,\"mbit_s\":1126.7,\"crc32\":\"9AE0DAAF\",\"pattern_ok\":true}\n\
         a: {\"probe\":\"shutdown\"}\n";
+
+    #[test]
+    fn strips_colours_and_reads_the_load() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mT\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "T  INFO x"
+        );
+        assert_eq!(parse_load("6.32 6.07 5.90 3/412 27925\n"), Some(6.32));
+        assert_eq!(parse_load(""), None);
+    }
 
     #[test]
     fn parses_the_consoles_lines() {
