@@ -152,11 +152,16 @@ impl VcpuHandle {
         self.id
     }
 
-    /// Sends a command and kicks the thread out of KVM_RUN.
+    /// Sends a command and kicks the thread out of KVM_RUN. A Resume
+    /// needs no kick: only a thread that is not running waits for it, on
+    /// the channel (a kick would only cost its first KVM_RUN an EINTR).
     pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
         self.commands
             .send(cmd)
             .map_err(|_| VcpuError::Gone(self.id))?;
+        if cmd == VcpuCommand::Resume {
+            return Ok(());
+        }
         if let Some(t) = &self.thread {
             // A thread that already left KVM_RUN picks the command up from
             // the channel; a failed kick of a finished thread is harmless.

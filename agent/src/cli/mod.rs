@@ -53,16 +53,23 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
 }
 
 /// Logs go to standard error so that the guest console keeps standard output.
+///
+/// Without RUST_LOG a plain level filter does: the directive parser of
+/// `EnvFilter` is only brought in (and paged in) when RUST_LOG asks.
 pub fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    use tracing_subscriber::filter::LevelFilter;
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    match std::env::var_os("RUST_LOG") {
+        Some(_) => builder
+            .with_env_filter(EnvFilter::from_default_env())
+            .init(),
+        None => builder
+            .with_max_level(match verbose {
+                0 => LevelFilter::INFO,
+                1 => LevelFilter::DEBUG,
+                _ => LevelFilter::TRACE,
+            })
+            .init(),
+    }
 }
