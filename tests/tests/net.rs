@@ -188,3 +188,40 @@ fn guest_and_linux_namespace_ping_through_a_tap_port() {
         .expect("no ping line");
     assert!(ping["received"].as_u64().unwrap() >= 4, "{ping}");
 }
+
+/// virtio-drivers writes ACKNOWLEDGE | DRIVER in one status write; the
+/// device must accept that as well as Linux's one bit at a time.
+#[test]
+fn the_device_comes_up_under_virtio_drivers_own_initialisation() {
+    let probe = probe_elf();
+    let done = Vmm::start(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--mem",
+        "64",
+        "--net",
+        "52:54:00:00:00:0c",
+        "--cmdline",
+        "console=ttyS0 probe=net:10.0.0.3/24:0:vd-status+shutdown",
+    ])
+    .wait(RUN);
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}",
+        done.status,
+        done.stderr
+    );
+    let net = done
+        .events()
+        .into_iter()
+        .find(|e| e["probe"] == "net")
+        .expect("no net line");
+    assert_eq!(net["link"], true, "{net}");
+    assert!(net.get("error").is_none(), "{net}");
+    assert!(
+        !done.stderr.contains("status change refused"),
+        "{}",
+        done.stderr
+    );
+}
