@@ -11,7 +11,7 @@ pub mod net;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -112,6 +112,39 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the device after a driver reset, so it can be activated again.
     fn reset(&mut self);
+}
+
+/// Serves every chain the driver has made available on `queue`: `serve`
+/// handles one chain and returns how many bytes it wrote into it; the
+/// chain then goes back to the driver. Notifications stay off while the
+/// queue is drained, and it is drained again if chains arrived meanwhile.
+/// Returns whether any chain went back (an interrupt may be due).
+pub fn drain_queue<'m>(
+    mem: &'m GuestMemoryMmap,
+    queue: &mut Queue,
+    device: &str,
+    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut used = false;
+    loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                tracing::warn!("{device}: used ring is not writable");
+                return used;
+            }
+            used = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    used
 }
 
 /// Copies `src[offset..]` into `data`, or fills `data` with zeros where the

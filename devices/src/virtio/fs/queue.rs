@@ -4,8 +4,8 @@
 //! the request's id can be read) and never stop the device.
 
 use super::{FuseServer, MAX_REQUEST};
-use crate::virtio::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use crate::virtio::{GuestMemoryMmap, drain_queue};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// `fuse_out_header`: len, error, unique.
@@ -109,57 +109,42 @@ pub fn process(
     s: &mut Scratch,
 ) -> Pass {
     let mut pass = Pass::default();
-    loop {
-        if queue.disable_notification(mem).is_err() {
-            break;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let result = gather(mem, chain, s).and_then(|()| {
-                let Some(reply) = server.handle(&s.request) else {
-                    return Ok(0);
-                };
-                match write_reply(mem, &s.writable, &reply) {
-                    Ok(()) => Ok(reply.len()),
-                    Err(RequestError::ReplyTooLarge) => {
-                        // The guest offered less room than its request needs.
-                        let unique = unique_of(&s.request);
-                        let eio = eio_reply(unique);
-                        write_reply(mem, &s.writable, &eio).map(|()| eio.len())
-                    }
-                    Err(e) => Err(e),
-                }
-            });
-            let len = match result {
-                Ok(n) => {
-                    pass.requests += 1;
-                    n
-                }
-                Err(e) => {
-                    pass.malformed += 1;
-                    tracing::debug!("virtio-fs: request {head} dropped: {e}");
-                    // Answer with EIO when the request's id is readable.
-                    let eio = eio_reply(unique_of(&s.request));
-                    if s.request.len() >= UNIQUE_AT + 8
-                        && write_reply(mem, &s.writable, &eio).is_ok()
-                    {
-                        eio.len()
-                    } else {
-                        0
-                    }
-                }
+    pass.used = drain_queue(mem, queue, "virtio-fs", |chain| {
+        let head = chain.head_index();
+        let result = gather(mem, chain, s).and_then(|()| {
+            let Some(reply) = server.handle(&s.request) else {
+                return Ok(0);
             };
-            if queue.add_used(mem, head, len as u32).is_err() {
-                tracing::warn!("virtio-fs: used ring is not writable");
-                return pass;
+            match write_reply(mem, &s.writable, &reply) {
+                Ok(()) => Ok(reply.len()),
+                Err(RequestError::ReplyTooLarge) => {
+                    // The guest offered less room than its request needs.
+                    let unique = unique_of(&s.request);
+                    let eio = eio_reply(unique);
+                    write_reply(mem, &s.writable, &eio).map(|()| eio.len())
+                }
+                Err(e) => Err(e),
             }
-            pass.used = true;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
-        }
-    }
+        });
+        let len = match result {
+            Ok(n) => {
+                pass.requests += 1;
+                n
+            }
+            Err(e) => {
+                pass.malformed += 1;
+                tracing::debug!("virtio-fs: request {head} dropped: {e}");
+                // Answer with EIO when the request's id is readable.
+                let eio = eio_reply(unique_of(&s.request));
+                if s.request.len() >= UNIQUE_AT + 8 && write_reply(mem, &s.writable, &eio).is_ok() {
+                    eio.len()
+                } else {
+                    0
+                }
+            }
+        };
+        len as u32
+    });
     pass
 }
 

@@ -3,7 +3,7 @@
 //! is returned to the guest unused and counted; it never stops the device.
 
 use super::NET_HDR_LEN;
-use crate::virtio::GuestMemoryMmap;
+use crate::virtio::{GuestMemoryMmap, drain_queue};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vnet::frame::NetHdr;
@@ -164,39 +164,25 @@ pub fn transmit(
     mut send: impl FnMut(&GuestFrame<'_>),
 ) -> TxPass {
     let mut pass = TxPass::default();
-    loop {
-        if queue.disable_notification(mem).is_err() {
-            break;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let result = collect(mem, chain, false, segs).and_then(|total| {
-                let frame = GuestFrame::new(mem, segs, total, offloads)?;
-                send(&frame);
-                Ok(frame.len)
-            });
-            match result {
-                Ok(len) => {
-                    pass.frames += 1;
-                    pass.bytes += len as u64;
-                }
-                Err(e) => {
-                    pass.malformed += 1;
-                    tracing::debug!("virtio-net: TX chain {head} dropped: {e}");
-                }
+    pass.used = drain_queue(mem, queue, "virtio-net TX", |chain| {
+        let head = chain.head_index();
+        let result = collect(mem, chain, false, segs).and_then(|total| {
+            let frame = GuestFrame::new(mem, segs, total, offloads)?;
+            send(&frame);
+            Ok(frame.len)
+        });
+        match result {
+            Ok(len) => {
+                pass.frames += 1;
+                pass.bytes += len as u64;
             }
-            if queue.add_used(mem, head, 0).is_err() {
-                tracing::warn!("virtio-net: TX used ring is not writable");
-                return pass;
+            Err(e) => {
+                pass.malformed += 1;
+                tracing::debug!("virtio-net: TX chain {head} dropped: {e}");
             }
-            pass.used = true;
         }
-        // Stop when no chain arrived while notifications were off.
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
-        }
-    }
+        0
+    });
     pass
 }
 
