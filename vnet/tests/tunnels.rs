@@ -290,7 +290,8 @@ fn a_rule_change_moves_a_running_stream_to_another_port() {
     );
     assert!(tx(pb) <= at_switch.0 + 2, "B stopped getting it");
     assert!(tx(pc) >= at_switch.1 + 20, "C got it after the change");
-    assert!(took < std::time::Duration::from_millis(1));
+    // How long the change takes is measured by `vmplant bench vnet`, not
+    // asserted here: a test's timing on a shared machine says little.
 }
 
 #[test]
