@@ -60,6 +60,17 @@ pub struct ConsoleWriter(Arc<Mutex<State>>);
 /// The event loop's side: writes out a pending partial line.
 pub struct ConsoleFlusher(Arc<Mutex<State>>, std::os::fd::RawFd);
 
+/// The VM owner's side: writes out whatever is pending, e.g. once the
+/// vCPUs are paused, so that the console shows all the guest wrote.
+#[derive(Clone)]
+pub struct ConsoleHandle(Arc<Mutex<State>>);
+
+impl ConsoleHandle {
+    pub fn flush(&self) {
+        lock(&self.0).flush_out();
+    }
+}
+
 /// A console on `out`.
 pub fn console(out: Box<dyn Write + Send>) -> std::io::Result<(ConsoleWriter, ConsoleFlusher)> {
     let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
@@ -99,6 +110,10 @@ impl Write for ConsoleWriter {
 }
 
 impl ConsoleFlusher {
+    pub fn handle(&self) -> ConsoleHandle {
+        ConsoleHandle(self.0.clone())
+    }
+
     /// Writes out what waited for a newline, once the timer expired.
     fn on_timer(&self) {
         let mut s = lock(&self.0);

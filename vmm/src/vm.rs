@@ -219,6 +219,7 @@ pub struct Vm {
     stop_evt: EventFd,
     host_stop_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
+    console: crate::console::ConsoleHandle,
     config: VmConfig,
     /// `virtio_mmio.device=` parameters for the devices added so far.
     virtio_params: Vec<String>,
@@ -319,6 +320,7 @@ impl Vm {
             stops: stops_rx,
             slot: exit.clone(),
         })));
+        let console = console_flusher.handle();
         events.add_subscriber(Arc::new(Mutex::new(console_flusher)));
         if config.serial_input {
             events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
@@ -341,6 +343,7 @@ impl Vm {
             stop_evt,
             host_stop_evt,
             boot_time,
+            console,
             config: config.clone(),
             virtio_params: Vec::new(),
             virtio_acpi: Vec::new(),
@@ -526,6 +529,7 @@ impl Vm {
             host_stop_evt,
             boot_time,
             mem,
+            console: self.console.clone(),
             events: None,
         };
         running.resume()?;
@@ -566,13 +570,17 @@ pub struct RunningVm {
     host_stop_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     mem: GuestMemoryMmap,
+    console: crate::console::ConsoleHandle,
     events: Option<std::thread::JoinHandle<Result<VmExit, VmError>>>,
 }
 
 impl RunningVm {
-    /// Stops every vCPU at its next exit and waits until all have.
+    /// Stops every vCPU at its next exit and waits until all have; the
+    /// console then shows everything the guest wrote before the pause.
     pub fn pause(&self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Pause, VcpuState::Paused)
+        self.command_all(VcpuCommand::Pause, VcpuState::Paused)?;
+        self.console.flush();
+        Ok(())
     }
 
     /// Lets every vCPU run again.
