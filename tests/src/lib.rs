@@ -44,6 +44,19 @@ pub fn probe_elf() -> PathBuf {
     path
 }
 
+/// The reference virtio-fs backend, built from crates.io by
+/// `scripts/setup` (`cargo install virtiofsd --root target/tools`):
+/// `$VIRTIOFSD`, else that build.
+pub fn virtiofsd() -> PathBuf {
+    let path = std::env::var_os("VIRTIOFSD")
+        .map_or_else(|| root().join("target/tools/bin/virtiofsd"), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "{path:?} is missing: run scripts/setup (it builds virtiofsd), or set VIRTIOFSD"
+    );
+    path
+}
+
 /// A running `vmplant` child with its console read on a thread.
 pub struct Vmm {
     child: Child,

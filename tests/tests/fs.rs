@@ -1,9 +1,13 @@
-//! A test guest on a virtio-fs share end to end: `vmplant gvfs serve`
-//! exports a directory, `vmplant run --fs` gives the probe a virtio-fs
-//! device served by a GVFS client of that server, and the probe's minimal
-//! FUSE client lists, reads and writes files on it.
+//! A test guest on a virtio-fs share end to end, served two ways:
+//! - in-process: `vmplant gvfs serve` exports a directory and `vmplant
+//!   run --fs` gives the probe a virtio-fs device served by a GVFS client
+//!   of that server;
+//! - over vhost-user: the reference virtiofsd (built from crates.io by
+//!   scripts/setup) exports the directory and `vmplant run
+//!   --vhost-user-fs` hands it the device's queues and the guest's memory.
 //!
-//! What it checks:
+//! Either way the probe's minimal FUSE client lists, reads and writes
+//! files on it, and the test checks:
 //! - `fs-ls:/` lists exactly the export's entries (two files, a
 //!   directory), without `.` and `..`;
 //! - `fs-read:/big.bin` reads a 1 MiB + 123 byte file of random bytes (not
@@ -15,7 +19,9 @@
 //! - a missing file is reported as `"error":"ENOENT"` and the next step
 //!   still runs.
 //!
-//! Needs /dev/kvm. The server listens on a loopback port the kernel picks
+//! A missing or silent vhost-user backend is a one-line error, not a hang.
+//!
+//! Needs /dev/kvm. The GVFS server listens on a loopback port the kernel picks
 //! (`--listen 127.0.0.1:0`; the port comes from its "serving on" line) and
 //! is killed when the test ends, also on failure.
 
@@ -24,7 +30,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use vmplant_tests::{Finished, Vmm, vmplant};
+use vmplant_tests::{Finished, Vmm, virtiofsd, vmplant};
 
 const RUN: Duration = Duration::from_secs(60);
 const BIG: usize = (1 << 20) + 123;
@@ -111,25 +117,24 @@ fn crc_hex(data: &[u8]) -> String {
     format!("{:08x}", crc32fast::hash(data))
 }
 
-#[test]
-fn guest_lists_reads_and_writes_files_over_virtio_fs() {
-    let dir = std::env::temp_dir().join(format!("vmplant-fs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// An export with two files and a directory; returns its directory and
+/// the big file's bytes.
+fn make_export(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let _ = std::fs::remove_dir_all(dir);
     let export = dir.join("export");
     std::fs::create_dir_all(export.join("sub")).unwrap();
     let big = random_bytes(BIG, 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     std::fs::write(export.join("big.bin"), &big).unwrap();
     std::fs::write(export.join("a.txt"), "hello from the host\n").unwrap();
-    let server = Server::start(&dir);
+    (export, big)
+}
 
-    let share = format!(
-        "data={},token-file={},plaintext",
-        server.addr,
-        dir.join("token").display()
-    );
-    let steps =
-        format!("fs-ls:/+fs-read:/big.bin+fs-read:/missing+fs-write:/out.bin:{WRITTEN}+shutdown");
-    let done = Vmm::probe(&steps, &["--fs", &share, "--mem", "64"]).wait(RUN);
+const STEPS: &str = "fs-ls:/+fs-read:/big.bin+fs-read:/missing+fs-write:/out.bin:100000+shutdown";
+
+/// What a user checks after the probe's run on `export`: the listing,
+/// the big file's length and CRC, ENOENT, and the written file on the
+/// export.
+fn check_guest_io(done: &Finished, export: &Path, big: &[u8]) {
     assert!(
         done.status.success(),
         "exit {:?}: {}\nconsole:\n{}",
@@ -138,10 +143,10 @@ fn guest_lists_reads_and_writes_files_over_virtio_fs() {
         done.lines.join("\n")
     );
 
-    let fs = event(&done, "fs");
+    let fs = event(done, "fs");
     assert_eq!(fs["tag"], "data", "{fs}");
 
-    let ls = event(&done, "fs-ls");
+    let ls = event(done, "fs-ls");
     let mut names: Vec<&str> = ls["entries"]
         .as_array()
         .unwrap_or_else(|| panic!("{ls}"))
@@ -161,7 +166,7 @@ fn guest_lists_reads_and_writes_files_over_virtio_fs() {
     let read = &reads[0];
     assert_eq!(read["path"], "/big.bin", "{read}");
     assert_eq!(read["bytes"], BIG as u64, "{read}");
-    assert_eq!(read["crc32"], crc_hex(&big).as_str(), "{read}");
+    assert_eq!(read["crc32"], crc_hex(big).as_str(), "{read}");
     assert_eq!(
         (reads[1]["path"].as_str(), reads[1]["error"].as_str()),
         (Some("/missing"), Some("ENOENT")),
@@ -169,7 +174,7 @@ fn guest_lists_reads_and_writes_files_over_virtio_fs() {
         reads[1]
     );
 
-    let write = event(&done, "fs-write");
+    let write = event(done, "fs-write");
     let expected: Vec<u8> = (0..WRITTEN).map(|i| (i % 251) as u8).collect();
     assert!(write.get("error").is_none(), "{write}");
     assert_eq!(write["bytes"], WRITTEN as u64, "{write}");
@@ -180,5 +185,127 @@ fn guest_lists_reads_and_writes_files_over_virtio_fs() {
         on_export == expected,
         "/out.bin on the export is not the pattern"
     );
+}
+
+#[test]
+fn guest_lists_reads_and_writes_files_over_virtio_fs() {
+    let dir = std::env::temp_dir().join(format!("vmplant-fs-{}", std::process::id()));
+    let (export, big) = make_export(&dir);
+    let server = Server::start(&dir);
+    let share = format!(
+        "data={},token-file={},plaintext",
+        server.addr,
+        dir.join("token").display()
+    );
+    let done = Vmm::probe(STEPS, &["--fs", &share, "--mem", "64"]).wait(RUN);
+    check_guest_io(&done, &export, &big);
     drop(server);
+}
+
+/// A virtiofsd child on `dir`/sock, killed and reaped on drop, and `dir`
+/// removed.
+struct Virtiofsd {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Virtiofsd {
+    /// Starts virtiofsd on `export`; returns once its socket exists.
+    /// `--sandbox none`: the test may run where no new namespaces can be
+    /// made; seccomp stays on.
+    fn start(dir: &Path, export: &Path) -> Virtiofsd {
+        let socket = dir.join("virtiofsd.sock");
+        let child = Command::new(virtiofsd())
+            .arg("--shared-dir")
+            .arg(export)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(["--sandbox", "none", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start virtiofsd");
+        let mut d = Virtiofsd {
+            child,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !d.socket.exists() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("virtiofsd exited before listening: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "virtiofsd did not create {:?}",
+                d.socket
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+}
+
+#[test]
+fn guest_lists_reads_and_writes_files_through_virtiofsd_over_vhost_user() {
+    let dir = std::env::temp_dir().join(format!("vmplant-vhost-fs-{}", std::process::id()));
+    let (export, big) = make_export(&dir);
+    let backend = Virtiofsd::start(&dir, &export);
+    let share = format!("data={}", backend.socket.display());
+    let done = Vmm::probe(STEPS, &["--vhost-user-fs", &share, "--mem", "64"]).wait(RUN);
+    check_guest_io(&done, &export, &big);
+    // One guest, one session: virtiofsd ends when its frontend goes.
+    drop(backend);
+}
+
+#[test]
+fn a_vhost_user_socket_nobody_serves_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("vmplant-vhost-none-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Nothing there at all.
+    let missing = dir.join("missing.sock");
+    let done = Vmm::probe(
+        "ready+shutdown",
+        &["--vhost-user-fs", &format!("data={}", missing.display())],
+    )
+    .wait(RUN);
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("vhost-user") && done.stderr.contains("missing.sock"),
+        "{}",
+        done.stderr
+    );
+    // A listener that accepts and hangs up at once, like a crashed backend.
+    let sock = dir.join("hangup.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let hangup = std::thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            drop(s);
+        }
+    });
+    let done = Vmm::probe(
+        "ready+shutdown",
+        &["--vhost-user-fs", &format!("data={}", sock.display())],
+    )
+    .wait(RUN);
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("vhost-user backend at")
+            && done.stderr.contains("hangup.sock")
+            && done.stderr.contains("failed"),
+        "{}",
+        done.stderr
+    );
+    hangup.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

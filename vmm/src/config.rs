@@ -46,6 +46,9 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Feed standard input to the serial console.
     pub serial_input: bool,
+    /// Back guest RAM with a memfd that can be shared with another
+    /// process; vhost-user devices need it.
+    pub shared_memory: bool,
 }
 
 impl VmConfig {
@@ -60,6 +63,7 @@ impl VmConfig {
             boot: BootProtocol::Auto,
             serial: SerialOutput::Stdout,
             serial_input: false,
+            shared_memory: false,
         }
     }
 

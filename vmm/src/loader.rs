@@ -189,7 +189,7 @@ mod tests {
     use vm_memory::Bytes;
 
     fn mem() -> GuestMemoryMmap {
-        crate::memory::create(64 << 20).unwrap()
+        crate::memory::create(64 << 20, false).unwrap()
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn initrd_that_does_not_fit_is_refused() {
-        let m = crate::memory::create(4 << 20).unwrap();
+        let m = crate::memory::create(4 << 20, false).unwrap();
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(8 << 20).unwrap();
         assert!(matches!(

@@ -1,11 +1,19 @@
-//! Guest RAM: anonymous host memory laid out around the MMIO gap.
+//! Guest RAM laid out around the MMIO gap: anonymous host memory, or a
+//! memfd when another process (a vhost-user backend) must map it too.
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use devices::virtio::GuestMemoryMmap;
-use vm_memory::GuestAddress;
+use std::fs::File;
+use vm_memory::{FileOffset, GuestAddress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    #[error("cannot create a memfd of {size} bytes for shared guest memory")]
+    Memfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot map {size} bytes of guest memory")]
     Map {
         size: u64,
@@ -26,12 +34,37 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 }
 
 /// Maps `size` bytes of guest RAM. Pages are only backed once touched.
-pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+/// `shared` puts it in one memfd, each range at its own offset, so that
+/// the file descriptor can be handed to another process.
+pub fn create(size: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = if shared {
+        Some(memfd(size).map_err(|source| MemoryError::Memfd { size, source })?)
+    } else {
+        None
+    };
+    let mut offset = 0;
+    let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_ranges(size)
         .into_iter()
-        .map(|(a, l)| (a, l as usize))
+        .map(|(a, l)| {
+            let fo = file
+                .as_ref()
+                .map(|f| FileOffset::from_arc(f.clone(), offset));
+            offset += l;
+            (a, l as usize, fo)
+        })
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|source| MemoryError::Map { size, source })
+}
+
+fn memfd(size: u64) -> std::io::Result<std::sync::Arc<File>> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"vmplant-guest-ram",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    Ok(std::sync::Arc::new(file))
 }
 
 #[cfg(test)]
@@ -56,8 +89,28 @@ mod tests {
 
     #[test]
     fn creates_the_regions() {
-        let m = create(64 << 20).unwrap();
+        let m = create(64 << 20, false).unwrap();
         assert_eq!(m.num_regions(), 1);
         assert_eq!(m.last_addr(), GuestAddress((64 << 20) - 1));
+        assert!(m.iter().all(|r| r.file_offset().is_none()));
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_with_the_ranges_side_by_side() {
+        use vm_memory::{Bytes, GuestMemoryRegion};
+        let size = (3 << 30) + (64 << 20);
+        let m = create(size, true).unwrap();
+        let offsets: Vec<u64> = m
+            .iter()
+            .map(|r| r.file_offset().expect("file backed").start())
+            .collect();
+        assert_eq!(offsets, vec![0, 3 << 30]);
+        // What the guest writes is in the file, where another process
+        // mapping it would see it.
+        m.write_obj(0xabcd_u32, GuestAddress(4 << 30)).unwrap();
+        let f = m.iter().nth(1).unwrap().file_offset().unwrap().file();
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(f, &mut word, 3 << 30).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xabcd);
     }
 }

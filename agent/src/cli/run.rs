@@ -6,10 +6,10 @@
 //! name or in a file of its own.
 
 use super::CliResult;
-use super::share::Share;
+use super::share::{Share, VhostUserShare};
 use super::switch::SwitchArgs;
 use clap::{Args, ValueEnum};
-use devices::virtio::fs::Fs;
+use devices::virtio::fs::{Fs, VhostUserFs};
 use devices::virtio::net::Net;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -54,10 +54,16 @@ pub struct RunArgs {
     /// The guest mounts it with `mount -t virtiofs TAG DIR`.
     #[arg(long = "fs", value_name = "SHARE")]
     pub shares: Vec<Share>,
+    /// Give the guest a virtio-fs share served by a vhost-user backend
+    /// such as virtiofsd listening on SOCKET (repeatable): TAG=SOCKET.
+    /// Guest memory is then a memfd the backend maps.
+    #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
+    pub vhost_user_shares: Vec<VhostUserShare>,
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
-    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "shares": [SHARE...], "serial_file"}]}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares"])]
+    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
+    /// "serial_file"}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.
     #[command(flatten)]
@@ -109,6 +115,9 @@ struct VmSpec {
     /// `--fs` values.
     #[serde(default)]
     shares: Vec<String>,
+    /// `--vhost-user-fs` values.
+    #[serde(default)]
+    vhost_user_shares: Vec<String>,
     /// The console's file; standard output behind "NAME: " if absent.
     serial_file: Option<PathBuf>,
 }
@@ -127,6 +136,7 @@ struct Planned {
     config: VmConfig,
     nets: Vec<vnet::Mac>,
     shares: Vec<Share>,
+    vhost_user_shares: Vec<VhostUserShare>,
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -153,6 +163,18 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 .iter()
                 .map(|s| s.parse().map_err(|e| format!("VM {:?}: {e}", vm.name)))
                 .collect::<Result<Vec<Share>, _>>()?;
+            let vhost_user_shares = vm
+                .vhost_user_shares
+                .iter()
+                .map(|s| {
+                    // Like the kernel's, a relative socket path is the
+                    // file's.
+                    s.parse().map(|v: VhostUserShare| VhostUserShare {
+                        socket: base.join(&v.socket),
+                        ..v
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let serial = match vm.serial_file {
                 Some(f) => SerialOutput::File(base.join(f)),
                 None => SerialOutput::StdoutPrefixed(format!("{}: ", vm.name)),
@@ -168,9 +190,11 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                     boot: vm.boot.into(),
                     serial,
                     serial_input: false,
+                    shared_memory: !vhost_user_shares.is_empty(),
                 },
                 nets,
                 shares,
+                vhost_user_shares,
             })
         })
         .collect()
@@ -193,9 +217,11 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                     .serial_file
                     .map_or(SerialOutput::Stdout, SerialOutput::File),
                 serial_input: !args.no_stdin,
+                shared_memory: !args.vhost_user_shares.is_empty(),
             },
             nets: args.nets,
             shares: args.shares,
+            vhost_user_shares: args.vhost_user_shares,
         }],
     };
     let several = planned.len() > 1;
@@ -218,6 +244,10 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         }
         for share in &p.shares {
             let fs = Fs::new(&share.tag, share.connect()?)?;
+            vm.add_virtio_device(Box::new(fs), None)?;
+        }
+        for share in &p.vhost_user_shares {
+            let fs = VhostUserFs::connect(&share.tag, &share.socket)?;
             vm.add_virtio_device(Box::new(fs), None)?;
         }
         running.push((p.name.clone(), vm.start().map_err(|e| named(&p.name, e))?));

@@ -1,8 +1,11 @@
-//! `--fs`: a guest file share served by a GVFS client in this process.
+//! Guest file shares.
 //!
-//! `TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR]`
-//! gives the guest a virtio-fs device it mounts with
-//! `mount -t virtiofs TAG DIR`, backed by the GVFS server at HOST:PORT.
+//! - `--fs TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR]`
+//!   gives the guest a virtio-fs device it mounts with
+//!   `mount -t virtiofs TAG DIR`, served in this process by a GVFS client
+//!   of the server at HOST:PORT.
+//! - `--vhost-user-fs TAG=SOCKET` gives it one served by an external
+//!   vhost-user backend (virtiofsd) listening on SOCKET.
 
 use devices::virtio::fs::FuseServer;
 use gvfs::client::{ConnectConfig, Fs, FsOptions};
@@ -31,6 +34,8 @@ pub enum ShareError {
     Transport(String),
     #[error("{0:?}: token-file is missing")]
     NoToken(String),
+    #[error("{0:?}: want TAG=SOCKET")]
+    VhostUserSyntax(String),
 }
 
 impl FromStr for Share {
@@ -89,6 +94,27 @@ impl Share {
     }
 }
 
+/// A virtio-fs share served by a vhost-user backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserShare {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
+impl FromStr for VhostUserShare {
+    type Err = ShareError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((tag, socket)) if !tag.is_empty() && !socket.is_empty() => Ok(VhostUserShare {
+                tag: tag.into(),
+                socket: socket.into(),
+            }),
+            _ => Err(ShareError::VhostUserSyntax(s.into())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +133,19 @@ mod tests {
             .unwrap();
         assert_eq!(s.tls_ca, Some(PathBuf::from("/ca.pem")));
         assert_eq!(s.cache_dir, Some(PathBuf::from("/c")));
+    }
+
+    #[test]
+    fn vhost_user_shares_name_a_tag_and_a_socket() {
+        let v: VhostUserShare = "data=/run/vfsd.sock".parse().unwrap();
+        assert_eq!(v.tag, "data");
+        assert_eq!(v.socket, PathBuf::from("/run/vfsd.sock"));
+        for bad in ["data", "=/s", "data="] {
+            assert_eq!(
+                bad.parse::<VhostUserShare>(),
+                Err(ShareError::VhostUserSyntax(bad.into()))
+            );
+        }
     }
 
     #[test]

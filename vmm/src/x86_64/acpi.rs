@@ -530,7 +530,7 @@ mod tests {
 
     #[test]
     fn write_puts_the_tables_in_guest_memory_below_the_mp_table() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, false).unwrap();
         let rsdp = write(&mem, 2, &[]).unwrap();
         assert_eq!(rsdp, ACPI_START);
         let mut sig = [0u8; 8];

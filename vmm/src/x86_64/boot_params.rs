@@ -258,7 +258,7 @@ mod tests {
 
     #[test]
     fn pvh_start_info_points_at_its_tables() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, false).unwrap();
         let rd = InitrdInfo {
             addr: 0x300_0000,
             size: 0x1000,

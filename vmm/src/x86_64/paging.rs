@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn tables_land_in_guest_memory() {
-        let mem = crate::memory::create(4 << 20).unwrap();
+        let mem = crate::memory::create(4 << 20, false).unwrap();
         assert_eq!(write_identity_tables(&mem).unwrap(), PML4_START);
         let e: u64 = mem.read_obj(GuestAddress(PDE_START + 8)).unwrap();
         assert_eq!(e, (1 << 21) | PRESENT | WRITABLE | HUGE);

@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn linux64_entry_is_long_mode_with_boot_params_in_rsi() {
-        let mem = crate::memory::create(4 << 20).unwrap();
+        let mem = crate::memory::create(4 << 20, false).unwrap();
         let mode = EntryMode::Linux64 {
             entry: 0x100_0000,
             boot_params: 0x7000,
@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn pvh_entry_is_flat_protected_mode_with_start_info_in_rbx() {
-        let mem = crate::memory::create(4 << 20).unwrap();
+        let mem = crate::memory::create(4 << 20, false).unwrap();
         let mode = EntryMode::Pvh {
             entry: 0x10_1000,
             start_info: 0x6000,

@@ -6,13 +6,17 @@
 //! - `device.rs`: the [`Fs`] device, its config space and the worker
 //!   thread that serves its queues (FUSE requests may wait on a remote
 //!   server, so they are kept off the VM's event loop);
+//! - `vhost_user.rs`: [`VhostUserFs`], the same device with its queues
+//!   served by an external vhost-user backend (virtiofsd);
 //! - `persist.rs`: the state kept in a snapshot.
 
 mod device;
 pub mod persist;
 pub mod queue;
+mod vhost_user;
 
 pub use device::{Fs, FsError};
+pub use vhost_user::{VhostUserFs, VhostUserFsError};
 
 /// The virtio device ID of a file system.
 pub const VIRTIO_ID_FS: u32 = 26;

@@ -183,6 +183,19 @@ impl FsDev {
     /// Sends one request: `opcode` on `nodeid`, its body the concatenation
     /// of `parts`; returns the reply body (after the out header).
     pub fn request(&mut self, opcode: u32, nodeid: u64, parts: &[&[u8]]) -> Result<&[u8], FsError> {
+        self.request_limited(opcode, nodeid, parts, usize::MAX)
+    }
+
+    /// Like [`Self::request`], but the reply buffer offered to the device
+    /// holds at most `body_max` bytes of body, as Linux does for READ (a
+    /// server such as virtiofsd fills whatever buffer it is given).
+    pub fn request_limited(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        parts: &[&[u8]],
+        body_max: usize,
+    ) -> Result<&[u8], FsError> {
         if self.broken {
             return Err(FsError::Msg("device stopped answering earlier"));
         }
@@ -207,9 +220,13 @@ impl FsDev {
         }
         self.outbuf[..fuse::OUT_HEADER].fill(0);
         let base = self.base;
+        let out_len = self
+            .outbuf
+            .len()
+            .min(fuse::OUT_HEADER.saturating_add(body_max));
         let written = match self.req.transact(
             &self.inbuf[..len],
-            self.outbuf,
+            &mut self.outbuf[..out_len],
             || hw::mmio_write_u32(base + QUEUE_NOTIFY, 1),
             REQUEST_MS,
         ) {

@@ -102,7 +102,8 @@ pub fn read(fs: &mut FsDev, path: &str) -> Result<ReadResult, FsError> {
     let mut crc = Crc32::new();
     let mut bytes = 0u64;
     let result = loop {
-        match fs.request(fuse::READ, node, &[&fuse::read_in(fh, bytes, CHUNK as u32)]) {
+        let read_in = fuse::read_in(fh, bytes, CHUNK as u32);
+        match fs.request_limited(fuse::READ, node, &[&read_in], CHUNK) {
             Ok([]) => break Ok(()),
             Ok(data) => {
                 crc.update(data);
