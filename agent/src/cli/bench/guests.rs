@@ -267,60 +267,68 @@ impl Pair<'_> {
                    "cmdline": format!("console=ttyS0 probe=net:{ip}/24+{steps}+shutdown")})
         };
         let spec = json!({"vms": [vm("a", MAC_A, IP_A, a_steps), vm("b", MAC_B, IP_B, b_steps)]});
-        let dir = self.scratch.path();
-        let config = dir.join(format!("{what}.json"));
-        std::fs::write(&config, spec.to_string()).map_err(|source| GuestsError::Write {
-            path: config.clone(),
-            source,
-        })?;
-        let log = dir.join(format!("{what}.log"));
-        let file = std::fs::File::create(&log).map_err(|source| GuestsError::Write {
-            path: log.clone(),
-            source,
-        })?;
-        let exe = std::env::current_exe().map_err(GuestsError::CurrentExe)?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stderr(file);
-        tracing::debug!(?cmd, "starting the guests");
-        let mut proc = Measured::spawn(&mut cmd)?;
-        let tail = |p: &Measured| tail_of(p.output(), &log);
-        let deadline = Instant::now() + RUN_LIMIT;
-        loop {
-            let lines = guest_lines(&String::from_utf8_lossy(proc.output()));
-            if let Some((vm, line)) = failure(&lines) {
-                return Err(GuestsError::Guest { what, vm, line });
-            }
-            if proc.output_closed() {
-                let status = proc.exit_status(Duration::from_secs(5));
-                return match status {
-                    Some(s) if s.success() => Ok(lines),
-                    Some(s) => Err(GuestsError::Exit {
-                        what,
-                        status: describe_status(s),
-                        tail: tail(&proc),
-                    }),
-                    None => Err(GuestsError::Exit {
-                        what,
-                        status: "its output closed but it did not exit within 5 s".into(),
-                        tail: tail(&proc),
-                    }),
-                };
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                // `proc` is killed and reaped when dropped.
-                return Err(GuestsError::Timeout {
-                    what,
-                    limit: RUN_LIMIT,
-                    tail: tail(&proc),
-                });
-            }
-            proc.drain_for((deadline - now).min(Duration::from_millis(100)))?;
+        run_config(self.scratch.path(), what, &spec)
+    }
+}
+
+/// Runs the VMs `spec` describes (a `vmplant run --config` file) in a
+/// child process of this binary, its log in `dir`/`what`.log; returns the
+/// guests' JSON lines once it exited 0. A guest's error line, a non-zero
+/// exit or [`RUN_LIMIT`] ends it with an error that quotes the last
+/// console and log lines.
+pub fn run_config(dir: &Path, what: &'static str, spec: &Value) -> Result<Vec<GuestLine>> {
+    let config = dir.join(format!("{what}.json"));
+    std::fs::write(&config, spec.to_string()).map_err(|source| GuestsError::Write {
+        path: config.clone(),
+        source,
+    })?;
+    let log = dir.join(format!("{what}.log"));
+    let file = std::fs::File::create(&log).map_err(|source| GuestsError::Write {
+        path: log.clone(),
+        source,
+    })?;
+    let exe = std::env::current_exe().map_err(GuestsError::CurrentExe)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stderr(file);
+    tracing::debug!(?cmd, "starting the guests");
+    let mut proc = Measured::spawn(&mut cmd)?;
+    let tail = |p: &Measured| tail_of(p.output(), &log);
+    let deadline = Instant::now() + RUN_LIMIT;
+    loop {
+        let lines = guest_lines(&String::from_utf8_lossy(proc.output()));
+        if let Some((vm, line)) = failure(&lines) {
+            return Err(GuestsError::Guest { what, vm, line });
         }
+        if proc.output_closed() {
+            let status = proc.exit_status(Duration::from_secs(5));
+            return match status {
+                Some(s) if s.success() => Ok(lines),
+                Some(s) => Err(GuestsError::Exit {
+                    what,
+                    status: describe_status(s),
+                    tail: tail(&proc),
+                }),
+                None => Err(GuestsError::Exit {
+                    what,
+                    status: "its output closed but it did not exit within 5 s".into(),
+                    tail: tail(&proc),
+                }),
+            };
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // `proc` is killed and reaped when dropped.
+            return Err(GuestsError::Timeout {
+                what,
+                limit: RUN_LIMIT,
+                tail: tail(&proc),
+            });
+        }
+        proc.drain_for((deadline - now).min(Duration::from_millis(100)))?;
     }
 }
 
@@ -360,7 +368,7 @@ fn strip_ansi(text: &str) -> String {
 
 /// The host's 1-minute load average (the guests poll, so other work on
 /// the host shows in their figures).
-fn load_1m() -> Option<f64> {
+pub(super) fn load_1m() -> Option<f64> {
     parse_load(&std::fs::read_to_string("/proc/loadavg").ok()?)
 }
 

@@ -5,6 +5,7 @@ mod boot;
 mod guests;
 mod gvfs;
 mod measure;
+mod virtio_fs;
 mod vnet;
 
 use super::CliResult;
@@ -22,6 +23,9 @@ pub enum BenchCommand {
     /// Sequential and random reads, stat and readdir through the local
     /// file system, a GVFS mount (TCP and TLS) and sshfs, over loopback.
     Gvfs(gvfs::GvfsBenchArgs),
+    /// The test guest reads and writes a file through virtio-fs served
+    /// in-process by GVFS and by virtiofsd over vhost-user.
+    VirtioFs(virtio_fs::VirtioFsBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -29,5 +33,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Boot(args) => boot::run(args),
         BenchCommand::Vnet(args) => vnet::run(args),
         BenchCommand::Gvfs(args) => gvfs::run(args),
+        BenchCommand::VirtioFs(args) => virtio_fs::run(args),
     }
 }
