@@ -19,7 +19,10 @@
 //! - a missing file is reported as `"error":"ENOENT"` and the next step
 //!   still runs.
 //!
-//! A missing or silent vhost-user backend is a one-line error, not a hang.
+//! A missing vhost-user backend, or one that hangs up during the
+//! handshake, is a one-line error, not a hang; one killed while the guest
+//! runs costs the guest its file system (its requests time out) but not
+//! the VM, which still shuts down cleanly.
 //!
 //! Needs /dev/kvm. The GVFS server listens on a loopback port the kernel picks
 //! (`--listen 127.0.0.1:0`; the port comes from its "serving on" line) and
@@ -266,6 +269,46 @@ fn guest_lists_reads_and_writes_files_through_virtiofsd_over_vhost_user() {
     check_guest_io(&done, &export, &big);
     // One guest, one session: virtiofsd ends when its frontend goes.
     drop(backend);
+}
+
+#[test]
+fn the_guest_survives_its_vhost_user_backend() {
+    let dir = std::env::temp_dir().join(format!("vmplant-vhost-gone-{}", std::process::id()));
+    let (export, _) = make_export(&dir);
+    let mut backend = Virtiofsd::start(&dir, &export);
+    let share = format!("data={}", backend.socket.display());
+    // Read, then count for about 3 s while the test kills virtiofsd, then
+    // read again: the second read must fail inside the guest (the probe
+    // gives a request 5 s), and the VM must go on to shut down cleanly.
+    let mut vmm = Vmm::probe(
+        "fs-read:/a.txt+count:10000000000+fs-read:/a.txt+shutdown",
+        &["--vhost-user-fs", &share, "--mem", "64"],
+    );
+    let first = vmm.expect_line("the first read", RUN, |l| l.contains("\"fs-read\""));
+    assert!(first.contains("\"bytes\":20"), "{first}");
+    backend.child.kill().unwrap();
+    backend.child.wait().unwrap();
+    let done = vmm.wait(RUN);
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}\nconsole:\n{}",
+        done.status,
+        done.stderr,
+        done.lines.join("\n")
+    );
+    let reads: Vec<Value> = done
+        .events()
+        .into_iter()
+        .filter(|v| v["probe"] == "fs-read")
+        .collect();
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    assert!(reads[1].get("error").is_some(), "{}", reads[1]);
+    assert!(
+        done.stderr.contains("closed its connection"),
+        "{}",
+        done.stderr
+    );
+    assert!(done.lines.iter().any(|l| l.contains("\"shutdown\"")));
 }
 
 #[test]
