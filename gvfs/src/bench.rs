@@ -186,12 +186,14 @@ impl Gvfs {
             FsOptions {
                 attr_timeout: Duration::from_secs(60),
                 mem_cache_bytes: 512 << 20,
+                whole_copy_bytes: crate::client::DEFAULT_WHOLE_COPY_BYTES,
                 ..FsOptions::default()
             },
         )
         .map_err(|e| BenchError::Setup(e.to_string()))?;
         self.session = Some(
-            crate::fuse::mount(Arc::new(fs_), &self.mnt, false).map_err(io_err("mount gvfs"))?,
+            // The export is read-only: mounted so, as `gvfs mount` does.
+            crate::fuse::mount(Arc::new(fs_), &self.mnt, true).map_err(io_err("mount gvfs"))?,
         );
         Ok(())
     }

@@ -1,7 +1,27 @@
 //! The host FUSE mount: a `fuser` file system over the client core.
+//!
+//! Opens use the kernel page cache, kept across opens of an unchanged
+//! file (`FOPEN_KEEP_CACHE`). On a read-only mount, an open of a file the
+//! client holds a complete local copy of (for the version `open` found on
+//! the server) passes through to that copy in the kernel (FUSE
+//! passthrough): its reads are reads of a local file (its page cache, with
+//! large folios, which the FUSE page cache does not have) and never reach
+//! this process.
+//!
+//! The kernel keeps an inode either in passthrough mode (all its open
+//! files pass through to one backing file) or in cached mode, and fails an
+//! open that does not fit (EIO). So an inode with cached opens gets no
+//! passthrough, and while an inode has passthrough opens every new open
+//! passes through to the same backing file; if the server has a new
+//! version by then, the backing file is refilled with it first (its other
+//! users then see the new version, as they would after the page cache is
+//! dropped for a new version). Writers cannot share an inode with
+//! passthrough readers (their writes would go to the copy), hence
+//! read-only mounts only.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -15,8 +35,9 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
+use tracing::debug;
 
-use crate::client::{ClientError, DirItem, Fs};
+use crate::client::{ClientError, DirItem, Fs, Opened};
 use crate::proto::{Attr, Kind, SetAttr, SetTime, Time};
 
 /// Adapts [`Fs`] to `fuser::Filesystem`.
@@ -25,16 +46,149 @@ pub struct FuseFs {
     ttl: Duration,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_dir: AtomicU64,
+    /// Mounted read-only.
+    read_only: bool,
+    /// Passthrough is on: read-only, whole copies allowed, and the
+    /// kernel took FUSE_PASSTHROUGH at INIT.
+    passthrough: bool,
+    /// How each inode's open files do I/O (see the module comment).
+    io: Mutex<IoModes>,
+}
+
+/// How one open file does I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through the kernel page cache.
+    Cached,
+    /// Passed through to the inode's backing file.
+    Passthrough,
+}
+
+/// The backing file of an inode in passthrough mode.
+struct Backing {
+    file: Arc<File>,
+    id: fuser::BackingId,
+    /// The file version it holds.
+    version: u64,
+}
+
+/// Open files per inode, and the backing file of a passthrough inode.
+#[derive(Default)]
+struct InodeIo {
+    cached: u64,
+    passthrough: u64,
+    backing: Option<Backing>,
+}
+
+#[derive(Default)]
+struct IoModes {
+    inodes: HashMap<u64, InodeIo>,
+    /// fh -> (ino, mode).
+    files: HashMap<u64, (u64, Mode)>,
+}
+
+impl IoModes {
+    fn released(&mut self, fh: u64) {
+        let Some((ino, mode)) = self.files.remove(&fh) else {
+            return;
+        };
+        let Some(st) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        match mode {
+            Mode::Cached => st.cached = st.cached.saturating_sub(1),
+            Mode::Passthrough => {
+                st.passthrough = st.passthrough.saturating_sub(1);
+                if st.passthrough == 0 {
+                    // Closes the backing id; the kernel keeps the file
+                    // for as long as it needs it.
+                    st.backing = None;
+                }
+            }
+        }
+        if st.cached == 0 && st.passthrough == 0 {
+            self.inodes.remove(&ino);
+        }
+    }
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>) -> FuseFs {
+    /// `read_only`: the mount is read-only (the only kind that passes
+    /// reads through to whole-file copies).
+    pub fn new(fs: Arc<Fs>, read_only: bool) -> FuseFs {
         let ttl = fs.options().attr_timeout;
         FuseFs {
             fs,
             ttl,
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
+            read_only,
+            passthrough: false,
+            io: Mutex::new(IoModes::default()),
+        }
+    }
+
+    /// Counts a new open of `ino` through the page cache (tracked only
+    /// when opens may also pass through).
+    fn count_cached(&self, ino: u64, fh: u64) {
+        if !self.passthrough {
+            return;
+        }
+        let mut io = lock(&self.io);
+        io.inodes.entry(ino).or_default().cached += 1;
+        io.files.insert(fh, (ino, Mode::Cached));
+    }
+
+    /// Answers an open of `ino` with passthrough if it can (see the module
+    /// comment); gives `reply` back otherwise.
+    fn open_passthrough(&self, ino: u64, o: &Opened, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.passthrough {
+            return Some(reply);
+        }
+        let fh = FileHandle(o.fh);
+        let version = o.attr.version();
+        // Decided and answered under the lock, so that no other open of
+        // the inode can take another mode in between.
+        let mut io = lock(&self.io);
+        let IoModes { inodes, files } = &mut *io;
+        let st = inodes.entry(ino).or_default();
+        if st.passthrough > 0
+            && let Some(b) = &mut st.backing
+        {
+            if b.version != version {
+                // Changed on the server since the backing file was filled.
+                if let Err(e) = self.fs.refill(o.fh, &b.file) {
+                    debug!(ino, error = %e, "refilling the backing file failed");
+                    let _ = self.fs.release(o.fh);
+                    reply.error(errno(e));
+                    return None;
+                }
+                b.version = version;
+            }
+            st.passthrough += 1;
+            files.insert(o.fh, (ino, Mode::Passthrough));
+            reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
+            return None;
+        }
+        let Some(file) = o.backing.as_ref().filter(|_| st.cached == 0) else {
+            return Some(reply);
+        };
+        match reply.open_backing(&**file) {
+            Ok(id) => {
+                reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                st.backing = Some(Backing {
+                    file: file.clone(),
+                    id,
+                    version,
+                });
+                st.passthrough += 1;
+                files.insert(o.fh, (ino, Mode::Passthrough));
+                None
+            }
+            Err(e) => {
+                debug!(ino, error = %e, "no passthrough");
+                Some(reply)
+            }
         }
     }
 }
@@ -113,6 +267,14 @@ impl fuser::Filesystem for FuseFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        if self.read_only && self.fs.options().whole_copy_bytes > 0 {
+            // Backing files are on a plain local file system: depth 1.
+            self.passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+        }
+        debug!(passthrough = self.passthrough, "FUSE init");
+        // Copies nothing can use are not made.
+        self.fs.set_whole_copies(self.passthrough);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -267,17 +429,20 @@ impl fuser::Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0 as u32) {
-            Ok(o) => {
-                let f = if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(o.fh), f)
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        let o = match self.fs.open(ino.0, flags.0 as u32) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let Some(reply) = self.open_passthrough(ino.0, &o, reply) else {
+            return;
+        };
+        self.count_cached(ino.0, o.fh);
+        let f = if o.keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(o.fh), f)
     }
 
     fn read(
@@ -338,6 +503,7 @@ impl fuser::Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _ = self.fs.release(fh.0);
+        lock(&self.io).released(fh.0);
         reply.ok();
     }
 
@@ -478,13 +644,16 @@ impl fuser::Filesystem for FuseFs {
             req.uid(),
             req.gid(),
         ) {
-            Ok((e, fh)) => reply.created(
-                &self.ttl,
-                &fattr(e.ino, &e.attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((e, fh)) => {
+                self.count_cached(e.ino, fh);
+                reply.created(
+                    &self.ttl,
+                    &fattr(e.ino, &e.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -513,5 +682,5 @@ pub fn mount(
     ];
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;
-    fuser::spawn_mount(FuseFs::new(fs), mountpoint, &cfg)
+    fuser::spawn_mount(FuseFs::new(fs, read_only), mountpoint, &cfg)
 }

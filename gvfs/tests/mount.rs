@@ -395,3 +395,91 @@ fn forgotten_inodes_are_released() {
     });
     server.shutdown();
 }
+
+/// Drops the kernel's page cache of `path` (`dd iflag=nocache count=0`).
+fn drop_file_cache(path: &std::path::Path) {
+    sh_ok(&format!(
+        "dd if='{}' iflag=nocache count=0 status=none",
+        path.display()
+    ));
+}
+
+/// Reads `path` once the kernel has forgotten its pages, and tells
+/// whether the read reached the client core (its block cache).
+fn read_reaches_client(fs_: &gvfs::client::Fs, path: &std::path::Path, want: &str) -> bool {
+    drop_file_cache(path);
+    let before = fs_.cache_stats();
+    assert_eq!(sha256(path), want);
+    fs_.cache_stats() != before
+}
+
+#[test]
+fn whole_copy_passes_reads_through_until_the_file_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    let len = 3 * 1024 * 1024 + 123;
+    fs::write(export.join("f.bin"), data(len, 7)).unwrap();
+    let server = std::sync::Arc::new(start(server_config(&export), "127.0.0.1:0"));
+    let addr = server.local_addr();
+    let srv = server.clone();
+    let m = mnt.clone();
+    bounded(120, Some(mnt.clone()), move || {
+        let f = m.join("f.bin");
+        let want = sha256(&export.join("f.bin"));
+        let opts = FsOptions {
+            whole_copy_bytes: 64 << 20,
+            ..FsOptions::default()
+        };
+        // Without passthrough (a read-write mount makes no copies), a read
+        // the page cache cannot answer reaches the client: this is what
+        // the assertions below tell apart.
+        {
+            let fs_ = client(addr, opts.clone());
+            let guard = MountGuard::mount(fs_.clone(), &m);
+            assert_eq!(sha256(&f), want);
+            assert_eq!(fs_.whole_copy_bytes(), 0);
+            assert!(read_reaches_client(&fs_, &f, &want));
+            guard.unmount();
+        }
+        let fs_ = client(addr, opts);
+        let guard = MountGuard::mount_read_only(fs_.clone(), &m);
+        // The first read makes the copy (and is a normal read).
+        assert_eq!(sha256(&f), want);
+        assert_eq!(fs_.whole_copy_bytes(), len as u64);
+        // The next opens pass through to it: no read reaches the client
+        // or the server.
+        let fetched = read_ops(&srv);
+        assert!(!read_reaches_client(&fs_, &f, &want), "not passed through");
+        assert!(!read_reaches_client(&fs_, &f, &want), "not passed through");
+        assert_eq!(read_ops(&srv), fetched);
+
+        // Changed on the server, same size: the next open sees the new
+        // version (not the copy), and its read makes a new copy.
+        fs::write(export.join("f.bin"), data(len, 8)).unwrap();
+        let want2 = sha256(&export.join("f.bin"));
+        assert_ne!(want, want2);
+        assert!(read_reaches_client(&fs_, &f, &want2), "stale copy used");
+        assert!(!read_reaches_client(&fs_, &f, &want2), "new copy not used");
+
+        // Changed on the server while a passed-through open is held: a
+        // new open sees the new version, and so does the held one (as
+        // after a page cache drop for a new version).
+        let held = fs::File::open(&f).unwrap();
+        let v3 = data(len - 1000, 9);
+        fs::write(export.join("f.bin"), &v3).unwrap();
+        let want3 = sha_of(&v3);
+        assert_eq!(sha256(&f), want3);
+        let mut head = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 0).unwrap();
+        assert_eq!(head, v3[..4096]);
+        drop(held);
+        assert!(
+            !read_reaches_client(&fs_, &f, &want3),
+            "refilled copy not used"
+        );
+        assert_eq!(fs_.whole_copy_bytes(), v3.len() as u64);
+        guard.unmount();
+    });
+}

@@ -99,6 +99,12 @@ pub struct MountArgs {
     /// Seconds attributes and directory listings are trusted.
     #[arg(long, default_value_t = 1.0)]
     attr_timeout: f64,
+    /// Disk space for whole local copies of files read in full, in MiB
+    /// (unnamed files in --cache-dir, or the temporary directory): reads
+    /// of an unchanged file with a copy pass through to it in the kernel
+    /// (0: no copies).
+    #[arg(long, default_value_t = gvfs::client::DEFAULT_WHOLE_COPY_BYTES >> 20)]
+    whole_copy_mib: u64,
     /// Where to mount.
     mountpoint: PathBuf,
 }
@@ -190,6 +196,7 @@ fn mount(a: MountArgs) -> CliResult {
         cache_dir: a.cache_dir,
         mem_cache_bytes: a.mem_cache_mib << 20,
         disk_cache_bytes: a.cache_size_mib << 20,
+        whole_copy_bytes: a.whole_copy_mib << 20,
         ..FsOptions::default()
     };
     // Signals go to the wait below, not to the threads started from here on.

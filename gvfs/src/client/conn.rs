@@ -32,6 +32,8 @@ pub enum ClientError {
     Handshake(#[source] proto::ProtoError),
     #[error("unexpected answer from the server")]
     Unexpected,
+    #[error("local copy failed")]
+    Local(#[source] io::Error),
 }
 
 impl ClientError {

@@ -5,7 +5,9 @@
 //! Consistency is NFS-like: attributes and directory listings are cached
 //! for `attr_timeout`; `open` always asks the server (close-to-open), and a
 //! file whose version (size, mtime, ctime) changed loses its cached blocks;
-//! writes reach the server before they are acknowledged.
+//! writes reach the server before they are acknowledged. A file read in
+//! full can also be kept as a whole local copy (`whole_copy_bytes`), which
+//! `open` hands out for the same version (the FUSE mount's passthrough).
 //!
 //! Inode numbers are the client's own and stay valid across reconnects:
 //! each inode remembers its parent and name, and its server node id is
@@ -13,8 +15,10 @@
 //! hands out new node ids). Open files are reopened the same way.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,6 +27,7 @@ use tracing::debug;
 
 use super::cache::{BLOCK_SIZE, BlockCache, BlockKey, CacheError, CacheStats};
 use super::conn::{ClientError, ConnectConfig, Remote, Session, check};
+use super::copies::Copies;
 use crate::proto::{self, Attr, Kind, Request, Response, SetAttr, StatFs};
 
 /// The root directory's inode number.
@@ -37,6 +42,9 @@ pub enum OnDisconnect {
     Wait,
 }
 
+/// Whole-file copy space the host mount uses unless told otherwise.
+pub const DEFAULT_WHOLE_COPY_BYTES: u64 = 4 << 30;
+
 /// Client options.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -47,6 +55,12 @@ pub struct FsOptions {
     pub disk_cache_bytes: u64,
     /// Blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
+    /// Bytes of whole-file local copies (unnamed files in `cache_dir`,
+    /// or the temporary directory without one): a file read in full is
+    /// kept whole, and `open` of that version hands the copy out
+    /// ([`Opened::backing`]) for the FUSE mount to pass reads through
+    /// to. 0: no copies.
+    pub whole_copy_bytes: u64,
 }
 
 impl Default for FsOptions {
@@ -58,6 +72,7 @@ impl Default for FsOptions {
             mem_cache_bytes: 256 << 20,
             disk_cache_bytes: 4 << 30,
             readahead_blocks: 16,
+            whole_copy_bytes: 0,
         }
     }
 }
@@ -120,6 +135,10 @@ pub struct Fs {
     stale_gen: AtomicU64,
     /// Blocks being fetched right now, and who to wait on for them.
     inflight: Mutex<HashMap<BlockKey, Arc<Flight>>>,
+    /// Whole-file copies, if enabled.
+    copies: Option<Copies>,
+    /// Whether copies are made and handed out (the mount's choice).
+    copies_on: AtomicBool,
 }
 
 /// One batch of blocks being fetched; readers wanting one of them wait.
@@ -173,13 +192,18 @@ fn ok_of(resp: Response) -> Result<(), ClientError> {
 }
 
 /// Result of [`Fs::open`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
     /// The file did not change since its blocks were cached: the caller
     /// may keep its own page cache (FUSE `FOPEN_KEEP_CACHE`).
     pub keep_cache: bool,
     pub attr: Attr,
+    /// A read-only open of a file this client holds a complete local copy
+    /// of, for exactly the version the server reported at this open: the
+    /// copy, whose reads are the file's reads (FUSE passthrough). Holding
+    /// it keeps it readable even after the client drops it.
+    pub backing: Option<Arc<File>>,
 }
 
 impl Fs {
@@ -205,7 +229,6 @@ impl Fs {
         );
         Ok(Fs {
             remote: Remote::new(cfg),
-            opts,
             inodes: Mutex::new(Inodes {
                 map,
                 names: HashMap::new(),
@@ -216,6 +239,12 @@ impl Fs {
             cache,
             inflight: Mutex::new(HashMap::new()),
             stale_gen: AtomicU64::new(0),
+            copies_on: AtomicBool::new(opts.whole_copy_bytes > 0),
+            copies: (opts.whole_copy_bytes > 0).then(|| {
+                let dir = opts.cache_dir.clone().unwrap_or_else(std::env::temp_dir);
+                Copies::new(dir, opts.whole_copy_bytes)
+            }),
+            opts,
         })
     }
 
@@ -225,6 +254,31 @@ impl Fs {
 
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// Bytes held by whole-file copies.
+    pub fn whole_copy_bytes(&self) -> u64 {
+        self.copies.as_ref().map_or(0, |c| c.used())
+    }
+
+    /// Turns whole-file copies off (or on again, if `whole_copy_bytes`
+    /// allows them): a mount that cannot use them saves their writes.
+    pub fn set_whole_copies(&self, on: bool) {
+        self.copies_on
+            .store(on && self.copies.is_some(), Ordering::Relaxed);
+    }
+
+    fn copies(&self) -> Option<&Copies> {
+        self.copies
+            .as_ref()
+            .filter(|_| self.copies_on.load(Ordering::Relaxed))
+    }
+
+    /// The file changed through this client: its copy is no longer right.
+    fn drop_copy(&self, attr: &Attr) {
+        if let Some(c) = &self.copies {
+            c.invalidate(attr.dev, attr.ino);
+        }
     }
 
     /// Connects now (to fail early on a bad address or token).
@@ -485,6 +539,7 @@ impl Fs {
             let node = self.node(s, ino)?;
             attr_of(s.conn.call(&Request::Setattr { node, set })?)
         })?;
+        self.drop_copy(&attr);
         if let (Some(size), Some(old)) = (set.size, old) {
             // Blocks past the new end (and the one it cuts) are no longer right.
             let first = size / BLOCK_SIZE;
@@ -779,10 +834,19 @@ impl Fs {
         self.set_attr(ino, attr);
         let fh = self.new_fh(ino, flags, epoch, handle);
         let keep_cache = before.is_some_and(|b| b.version() == attr.version());
+        let read_only = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32
+            && flags & libc::O_TRUNC as u32 == 0;
+        let backing = match self.copies() {
+            Some(c) if read_only && attr.kind == Kind::File => {
+                c.complete(attr.dev, attr.ino, attr.version())
+            }
+            _ => None,
+        };
         Ok(Opened {
             fh,
             keep_cache,
             attr,
+            backing,
         })
     }
 
@@ -906,6 +970,10 @@ impl Fs {
             };
             let res = self.fetch(&f, &want).map(|datas| {
                 for (nb, data) in want.iter().zip(datas) {
+                    if *nb > last {
+                        // Read ahead: the loop below sees the others.
+                        self.copy_block(&attr, version, *nb, &data);
+                    }
                     let data = Arc::new(data);
                     self.cache.put(key(*nb), version, data.clone());
                     if *nb <= last {
@@ -925,6 +993,7 @@ impl Fs {
         }
         let mut out = Vec::with_capacity((end - offset) as usize);
         for (i, data) in blocks.iter().enumerate() {
+            self.copy_block(&attr, version, first + i as u64, data);
             let bstart = (first + i as u64) * BLOCK_SIZE;
             let from = offset.saturating_sub(bstart) as usize;
             let to = ((end - bstart) as usize).min(data.len());
@@ -933,6 +1002,43 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+
+    fn copy_block(&self, attr: &Attr, version: u64, block: u64, data: &[u8]) {
+        if let Some(c) = self.copies() {
+            c.record(attr.dev, attr.ino, version, attr.size, block, data);
+        }
+    }
+
+    /// Overwrites `into` with the whole content of open file `fh` (the
+    /// version its open found, read through the block cache), which then
+    /// is that version's complete copy. For a file whose earlier copy is
+    /// still in use (a passthrough backing file): its users see the new
+    /// version, as they would see a page cache dropped for a new version.
+    pub fn refill(&self, fh: u64, into: &Arc<File>) -> Result<(), ClientError> {
+        let f = self.file(fh)?;
+        let attr = match self.cached_attr(f.ino) {
+            Some(a) => a,
+            None => self.refresh_attr(f.ino)?,
+        };
+        let mut off = 0;
+        while off < attr.size {
+            let data = self.read(fh, off, proto::MAX_IO)?;
+            if data.is_empty() {
+                break;
+            }
+            into.write_all_at(&data, off).map_err(ClientError::Local)?;
+            off += data.len() as u64;
+        }
+        if off != attr.size {
+            // Shorter than its attributes say: changing right now.
+            return Err(ClientError::Remote(libc::EIO));
+        }
+        into.set_len(attr.size).map_err(ClientError::Local)?;
+        if let Some(c) = self.copies() {
+            c.adopt(attr.dev, attr.ino, attr.version(), attr.size, into.clone());
+        }
+        Ok(())
     }
 
     fn read_range(&self, f: &OpenFile, offset: u64, end: u64) -> Result<Vec<u8>, ClientError> {
@@ -1002,6 +1108,7 @@ impl Fs {
                 let last = (offset + data.len() as u64 - 1) / BLOCK_SIZE;
                 self.cache.invalidate(a.dev, a.ino, first, last);
             }
+            self.drop_copy(&a);
             self.set_attr(f.ino, a);
         }
         Ok(done as u32)

@@ -2,8 +2,11 @@
 
 pub mod cache;
 pub mod conn;
+mod copies;
 pub mod fs;
 
 pub use cache::{BLOCK_SIZE, CacheStats};
 pub use conn::{ClientError, ConnectConfig};
-pub use fs::{DirItem, Entry, Fs, FsOptions, OnDisconnect, Opened, ROOT_INO};
+pub use fs::{
+    DEFAULT_WHOLE_COPY_BYTES, DirItem, Entry, Fs, FsOptions, OnDisconnect, Opened, ROOT_INO,
+};

@@ -70,8 +70,14 @@ pub fn lazy_umount(path: &Path) {
 
 impl MountGuard {
     pub fn mount(fs: Arc<Fs>, path: &Path) -> MountGuard {
+        Self::mount_as(fs, path, false)
+    }
+    pub fn mount_read_only(fs: Arc<Fs>, path: &Path) -> MountGuard {
+        Self::mount_as(fs, path, true)
+    }
+    fn mount_as(fs: Arc<Fs>, path: &Path, read_only: bool) -> MountGuard {
         std::fs::create_dir_all(path).unwrap();
-        let session = gvfs::fuse::mount(fs, path, false).expect("mount");
+        let session = gvfs::fuse::mount(fs, path, read_only).expect("mount");
         MountGuard {
             path: path.to_path_buf(),
             session: Some(session),

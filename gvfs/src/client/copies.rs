@@ -1,0 +1,316 @@
+//! Whole-file local copies. Every block a reader gets (from the server or
+//! the block cache) is also written at its offset into an unnamed local
+//! file (`O_TMPFILE`) for that file's version; once every block of the
+//! version is there, the copy is complete and [`Copies::complete`] hands
+//! it out. The host FUSE mount gives a complete copy to the kernel as the
+//! backing file of a passthrough open, so reads of an unchanged file are
+//! plain reads of a local file (its page cache, its large folios) and never
+//! reach the daemon.
+//!
+//! A copy belongs to one version (size, mtime, ctime): `open` asks the
+//! server for the version and takes a copy only if it is that version, so
+//! close-to-open consistency is the same as for the block cache. Writes
+//! and attribute changes through this client drop the copy. The copies
+//! are bounded in bytes (least recently used goes first); being unnamed
+//! files, they are gone with the process.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tracing::debug;
+
+use super::cache::BLOCK_SIZE;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One version of one file being copied (or copied in full).
+struct Copy {
+    version: u64,
+    size: u64,
+    file: Arc<File>,
+    fill: Mutex<Fill>,
+}
+
+#[derive(Default)]
+struct Fill {
+    /// One bit per block.
+    have: Vec<u64>,
+    count: u64,
+    /// A write failed: the copy is never complete.
+    broken: bool,
+}
+
+struct Inner {
+    /// By the server's (dev, ino).
+    map: HashMap<(u64, u64), (Arc<Copy>, u64)>,
+    used: u64,
+    tick: u64,
+    /// The directory does not take unnamed files: no copies at all.
+    disabled: bool,
+}
+
+/// The whole-file copies of one client.
+pub(crate) struct Copies {
+    dir: PathBuf,
+    budget: u64,
+    inner: Mutex<Inner>,
+}
+
+impl Copies {
+    /// Copies in `dir` (unnamed files), at most `budget` bytes in all.
+    pub(crate) fn new(dir: PathBuf, budget: u64) -> Copies {
+        Copies {
+            dir,
+            budget,
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                used: 0,
+                tick: 0,
+                disabled: false,
+            }),
+        }
+    }
+
+    /// The copy of `(dev, ino)` at `version`, made if there is none (and
+    /// room for one); an older version's copy is dropped.
+    fn copy_for(&self, dev: u64, ino: u64, version: u64, size: u64) -> Option<Arc<Copy>> {
+        let mut g = lock(&self.inner);
+        if g.disabled {
+            return None;
+        }
+        g.tick += 1;
+        let tick = g.tick;
+        if let Some((c, used_at)) = g.map.get_mut(&(dev, ino))
+            && c.version == version
+            && c.size == size
+        {
+            *used_at = tick;
+            return Some(c.clone());
+        }
+        if let Some((old, _)) = g.map.remove(&(dev, ino)) {
+            g.used -= old.size;
+        }
+        while g.used + size > self.budget {
+            let victim = g.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k)?;
+            if let Some((old, _)) = g.map.remove(&victim) {
+                g.used -= old.size;
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(&self.dir)
+            .and_then(|f| f.set_len(size).map(|()| f));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(dir = %self.dir.display(), error = %e, "no whole-file copies");
+                g.disabled = true;
+                return None;
+            }
+        };
+        let blocks = size.div_ceil(BLOCK_SIZE);
+        let c = Arc::new(Copy {
+            version,
+            size,
+            file: Arc::new(file),
+            fill: Mutex::new(Fill {
+                have: vec![0; blocks.div_ceil(64) as usize],
+                ..Fill::default()
+            }),
+        });
+        g.used += size;
+        g.map.insert((dev, ino), (c.clone(), tick));
+        Some(c)
+    }
+
+    /// Block `block` of `(dev, ino)` at `version` (a file of `size` bytes)
+    /// holds `data`. Blocks of the wrong length are not taken.
+    pub(crate) fn record(
+        &self,
+        dev: u64,
+        ino: u64,
+        version: u64,
+        size: u64,
+        block: u64,
+        data: &[u8],
+    ) {
+        let start = block * BLOCK_SIZE;
+        if size == 0 || size > self.budget || start >= size {
+            return;
+        }
+        if data.len() as u64 != (size - start).min(BLOCK_SIZE) {
+            return;
+        }
+        let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+        if let Some((c, _)) = lock(&self.inner).map.get(&(dev, ino))
+            && c.version == version
+            && c.size == size
+            && lock(&c.fill).have[word] & bit != 0
+        {
+            return;
+        }
+        let Some(c) = self.copy_for(dev, ino, version, size) else {
+            return;
+        };
+        if lock(&c.fill).have[word] & bit != 0 {
+            return;
+        }
+        // Two readers may write the same block: the same bytes.
+        let res = c.file.write_all_at(data, start);
+        let mut fill = lock(&c.fill);
+        match res {
+            Ok(()) if fill.have[word] & bit == 0 => {
+                fill.have[word] |= bit;
+                fill.count += 1;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                debug!(error = %e, "whole-file copy write failed");
+                fill.broken = true;
+            }
+        }
+    }
+
+    /// The complete copy of `(dev, ino)` at `version`, if there is one.
+    pub(crate) fn complete(&self, dev: u64, ino: u64, version: u64) -> Option<Arc<File>> {
+        let mut g = lock(&self.inner);
+        g.tick += 1;
+        let tick = g.tick;
+        let (c, used_at) = g.map.get_mut(&(dev, ino))?;
+        if c.version != version {
+            return None;
+        }
+        let fill = lock(&c.fill);
+        if fill.broken || fill.count != c.size.div_ceil(BLOCK_SIZE) {
+            return None;
+        }
+        *used_at = tick;
+        Some(c.file.clone())
+    }
+
+    /// `file` now holds all `size` bytes of `(dev, ino)` at `version`:
+    /// it becomes that version's complete copy.
+    pub(crate) fn adopt(&self, dev: u64, ino: u64, version: u64, size: u64, file: Arc<File>) {
+        let mut g = lock(&self.inner);
+        if let Some((old, _)) = g.map.remove(&(dev, ino)) {
+            g.used -= old.size;
+        }
+        if size == 0 || size > self.budget {
+            return;
+        }
+        while g.used + size > self.budget {
+            let Some(victim) = g.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) else {
+                return;
+            };
+            if let Some((old, _)) = g.map.remove(&victim) {
+                g.used -= old.size;
+            }
+        }
+        let blocks = size.div_ceil(BLOCK_SIZE);
+        let mut have = vec![u64::MAX; blocks.div_ceil(64) as usize];
+        if !blocks.is_multiple_of(64)
+            && let Some(last) = have.last_mut()
+        {
+            *last = (1 << (blocks % 64)) - 1;
+        }
+        g.tick += 1;
+        let tick = g.tick;
+        g.used += size;
+        let c = Copy {
+            version,
+            size,
+            file,
+            fill: Mutex::new(Fill {
+                have,
+                count: blocks,
+                broken: false,
+            }),
+        };
+        g.map.insert((dev, ino), (Arc::new(c), tick));
+    }
+
+    /// Drops the copy of `(dev, ino)` (the file changed). Files already
+    /// handed out stay open for their holders.
+    pub(crate) fn invalidate(&self, dev: u64, ino: u64) {
+        let mut g = lock(&self.inner);
+        if let Some((old, _)) = g.map.remove(&(dev, ino)) {
+            g.used -= old.size;
+        }
+    }
+
+    /// Bytes held by copies (complete or not).
+    pub(crate) fn used(&self) -> u64 {
+        lock(&self.inner).used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(len: usize, v: u8) -> Vec<u8> {
+        vec![v; len]
+    }
+
+    #[test]
+    fn complete_only_when_every_block_of_the_version_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Copies::new(dir.path().to_path_buf(), 1 << 30);
+        let size = 2 * BLOCK_SIZE + 10;
+        c.record(1, 2, 7, size, 0, &block(BLOCK_SIZE as usize, 1));
+        c.record(1, 2, 7, size, 2, &block(10, 3));
+        assert!(c.complete(1, 2, 7).is_none());
+        // A short block (the file changed) is not taken.
+        c.record(1, 2, 7, size, 1, &block(5, 2));
+        assert!(c.complete(1, 2, 7).is_none());
+        c.record(1, 2, 7, size, 1, &block(BLOCK_SIZE as usize, 2));
+        let f = c.complete(1, 2, 7).expect("complete");
+        assert!(c.complete(1, 2, 8).is_none(), "another version");
+        let mut got = vec![0u8; size as usize];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..BLOCK_SIZE as usize].iter().all(|&b| b == 1));
+        assert!(
+            got[BLOCK_SIZE as usize..2 * BLOCK_SIZE as usize]
+                .iter()
+                .all(|&b| b == 2)
+        );
+        assert!(got[2 * BLOCK_SIZE as usize..].iter().all(|&b| b == 3));
+        assert_eq!(f.metadata().unwrap().len(), size);
+        // A new version starts over.
+        c.record(1, 2, 8, size, 0, &block(BLOCK_SIZE as usize, 9));
+        assert!(c.complete(1, 2, 7).is_none());
+        assert!(c.complete(1, 2, 8).is_none());
+        c.invalidate(1, 2);
+        assert_eq!(c.used(), 0);
+        // Nothing is left in the directory: the copies are unnamed.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bounded_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Copies::new(dir.path().to_path_buf(), 2 * BLOCK_SIZE);
+        let one = block(BLOCK_SIZE as usize, 1);
+        c.record(1, 1, 1, BLOCK_SIZE, 0, &one);
+        c.record(1, 2, 1, BLOCK_SIZE, 0, &one);
+        assert!(c.complete(1, 1, 1).is_some());
+        // A third file evicts the least recently used (file 2).
+        c.record(1, 3, 1, BLOCK_SIZE, 0, &one);
+        assert!(c.complete(1, 1, 1).is_some());
+        assert!(c.complete(1, 2, 1).is_none());
+        assert!(c.complete(1, 3, 1).is_some());
+        assert_eq!(c.used(), 2 * BLOCK_SIZE);
+        // Larger than the whole budget: never copied.
+        c.record(1, 4, 1, 3 * BLOCK_SIZE, 0, &one);
+        assert!(c.complete(1, 1, 1).is_some());
+        assert_eq!(c.used(), 2 * BLOCK_SIZE);
+    }
+}
