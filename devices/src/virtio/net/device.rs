@@ -1,5 +1,6 @@
 //! The virtio-net device and its port on a VNET switch.
 
+use super::backlog::Backlog;
 use super::queue::{self, Segment};
 use super::{LINK_UP, NET_HDR_LEN, QUEUE_SIZE, VIRTIO_ID_NET, features};
 use crate::virtio::{
@@ -33,7 +34,11 @@ pub struct NetCounters {
     pub tx_malformed: AtomicU64,
     pub rx_frames: AtomicU64,
     pub rx_bytes: AtomicU64,
-    /// Frames for the guest that it had no buffers for, or did not fit.
+    /// Frames for the guest that arrived while its RX ring was full and
+    /// were held until it posted buffers (delivered or not).
+    pub rx_held: AtomicU64,
+    /// Frames for the guest that did not fit, or that found its RX ring
+    /// full with the backlog full too.
     pub rx_dropped: AtomicU64,
 }
 
@@ -45,6 +50,7 @@ pub struct NetCounterSnapshot {
     pub tx_malformed: u64,
     pub rx_frames: u64,
     pub rx_bytes: u64,
+    pub rx_held: u64,
     pub rx_dropped: u64,
 }
 
@@ -56,6 +62,7 @@ impl NetCounters {
             tx_malformed: self.tx_malformed.load(Relaxed),
             rx_frames: self.rx_frames.load(Relaxed),
             rx_bytes: self.rx_bytes.load(Relaxed),
+            rx_held: self.rx_held.load(Relaxed),
             rx_dropped: self.rx_dropped.load(Relaxed),
         }
     }
@@ -85,6 +92,124 @@ impl ActiveQueue {
 struct RxSide {
     queue: Option<ActiveQueue>,
     mergeable: bool,
+    /// Frames that found the ring full, oldest first. While it holds any,
+    /// RX notifications are on, so that the guest's refill wakes the event
+    /// loop to deliver them, and new frames queue behind them.
+    backlog: Backlog,
+}
+
+impl RxSide {
+    /// Writes `frame` into the guest's buffers, or holds it when they are
+    /// all taken; frames keep their order.
+    fn deliver(
+        &mut self,
+        frame: &dyn Frame,
+        offloads: bool,
+        counters: &NetCounters,
+    ) -> Result<(), DropReason> {
+        if self.queue.is_none() {
+            // The driver has not started the device: the link is down.
+            counters.rx_dropped.fetch_add(1, Relaxed);
+            return Err(DropReason::TxError);
+        }
+        if !self.backlog.is_empty() {
+            self.flush(offloads, counters);
+        }
+        if self.backlog.is_empty() {
+            let mergeable = self.mergeable;
+            let q = self.queue.as_mut().expect("checked above");
+            match receive_one(q, frame, mergeable, offloads, counters) {
+                Err(DropReason::QueueFull) => {}
+                Ok(()) => {
+                    q.notify();
+                    return Ok(());
+                }
+                Err(reason) => return Err(reason),
+            }
+        }
+        if !self.backlog.push(frame) {
+            counters.rx_dropped.fetch_add(1, Relaxed);
+            return Err(DropReason::QueueFull);
+        }
+        counters.rx_held.fetch_add(1, Relaxed);
+        if self.backlog.len() == 1 {
+            self.watch_refills(offloads, counters);
+        }
+        Ok(())
+    }
+
+    /// Delivers held frames while the guest has buffers; once none are
+    /// held, refills no longer notify the device.
+    fn flush(&mut self, offloads: bool, counters: &NetCounters) {
+        let mergeable = self.mergeable;
+        let Some(q) = self.queue.as_mut() else {
+            return;
+        };
+        let mut delivered = false;
+        while let Some(frame) = self.backlog.front() {
+            match receive_one(q, frame, mergeable, offloads, counters) {
+                Err(DropReason::QueueFull) => break,
+                Ok(()) => delivered = true,
+                // Counted by receive_one; the frame is dropped.
+                Err(_) => {}
+            }
+            self.backlog.pop();
+        }
+        if delivered {
+            q.notify();
+        }
+        if self.backlog.is_empty()
+            && let Err(e) = q.queue.disable_notification(&q.mem)
+        {
+            tracing::debug!("virtio-net: RX notifications stay on: {e}");
+        }
+    }
+
+    /// Turns RX notifications on, and flushes at once if buffers came in
+    /// before they were on.
+    fn watch_refills(&mut self, offloads: bool, counters: &NetCounters) {
+        let Some(q) = self.queue.as_mut() else {
+            return;
+        };
+        match q.queue.enable_notification(&q.mem) {
+            Ok(true) => self.flush(offloads, counters),
+            Ok(false) => {}
+            Err(e) => tracing::debug!("virtio-net: cannot watch RX refills: {e}"),
+        }
+    }
+}
+
+/// One frame into the guest's RX buffers, counted.
+fn receive_one(
+    q: &mut ActiveQueue,
+    frame: &dyn Frame,
+    mergeable: bool,
+    offloads: bool,
+    counters: &NetCounters,
+) -> Result<(), DropReason> {
+    match queue::receive(
+        &q.mem,
+        &mut q.queue,
+        frame,
+        mergeable,
+        offloads,
+        &mut q.segs,
+    ) {
+        Ok(_) => {
+            counters.rx_frames.fetch_add(1, Relaxed);
+            counters.rx_bytes.fetch_add(frame.len() as u64, Relaxed);
+            Ok(())
+        }
+        Err(DropReason::QueueFull) => Err(DropReason::QueueFull),
+        Err(reason) => {
+            counters.rx_dropped.fetch_add(1, Relaxed);
+            if reason == DropReason::Malformed {
+                // Chains went back empty: the guest must see them.
+                q.notify();
+            }
+            Err(reason)
+        }
+    }
 }
 
 /// The switch's view of the guest NIC.
@@ -103,36 +228,7 @@ impl PortSink for GuestPort {
     fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
         let offloads = self.offloads.load(Relaxed);
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-        let mergeable = rx.mergeable;
-        let Some(q) = rx.queue.as_mut() else {
-            // The driver has not started the device: the link is down.
-            self.counters.rx_dropped.fetch_add(1, Relaxed);
-            return Err(DropReason::TxError);
-        };
-        match queue::receive(
-            &q.mem,
-            &mut q.queue,
-            frame,
-            mergeable,
-            offloads,
-            &mut q.segs,
-        ) {
-            Ok(_) => {
-                self.counters.rx_frames.fetch_add(1, Relaxed);
-                self.counters
-                    .rx_bytes
-                    .fetch_add(frame.len() as u64, Relaxed);
-                q.notify();
-                Ok(())
-            }
-            Err(reason) => {
-                self.counters.rx_dropped.fetch_add(1, Relaxed);
-                if reason == DropReason::Malformed {
-                    q.notify();
-                }
-                Err(reason)
-            }
-        }
+        rx.deliver(frame, offloads, &self.counters)
     }
 }
 
@@ -221,6 +317,13 @@ impl Net {
         }
     }
 
+    /// The guest posted RX buffers: delivers frames held for it.
+    pub fn process_rx_refill(&mut self) {
+        let offloads = self.rx_offloads.load(Relaxed);
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        rx.flush(offloads, &self.counters);
+    }
+
     fn config_bytes(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
         c[..6].copy_from_slice(&self.mac.0);
@@ -298,7 +401,8 @@ impl VirtioDevice for Net {
             rx.mergeable = acked(features::MRG_RXBUF);
             let mut rx_queue = queue(rx_queue);
             // Frames come from the switch, not from the guest's refills:
-            // the guest need not exit to tell the device about new buffers.
+            // the guest need not exit to tell the device about new buffers
+            // (until frames are held for it; see RxSide).
             if let Err(e) = rx_queue.queue.disable_notification(&rx_queue.mem) {
                 tracing::debug!("virtio-net: RX notifications stay on: {e}");
             }
@@ -315,7 +419,11 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.rx_offloads.store(false, Relaxed);
-        self.rx.lock().unwrap_or_else(|p| p.into_inner()).queue = None;
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        rx.queue = None;
+        let lost = rx.backlog.clear();
+        self.counters.rx_dropped.fetch_add(lost as u64, Relaxed);
+        drop(rx);
         self.tx = None;
         self.acked = 0;
     }
@@ -324,3 +432,152 @@ impl VirtioDevice for Net {
 /// Queue indices, for the event handler.
 pub(super) const RX_QUEUE: usize = RX;
 pub(super) const TX_QUEUE: usize = TX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::net::backlog::MAX_FRAMES;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vnet::SwitchConfig;
+
+    const NIC: Mac = Mac([0x52, 0x54, 0, 0, 0, 1]);
+    const VRING_DESC_F_WRITE: u16 = 2;
+    const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+    struct Nothing;
+    impl PortSink for Nothing {
+        fn send(&self, _frame: &dyn Frame) -> Result<(), DropReason> {
+            Ok(())
+        }
+    }
+
+    /// A frame to the NIC, its payload starting with `tag`.
+    fn frame_to_nic(tag: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[..6].copy_from_slice(&NIC.0);
+        f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        f[14] = tag;
+        f
+    }
+
+    /// Where the RX ring's parts are in guest memory.
+    struct RxRing {
+        desc: GuestAddress,
+        avail: GuestAddress,
+        used: GuestAddress,
+    }
+
+    impl RxRing {
+        /// Posts `n` RX buffers of 2 KiB (at 0x10_0000 + i * 0x1000), as a
+        /// driver would.
+        fn post(&self, mem: &GuestMemoryMmap, from: u16, n: u16) {
+            for i in from..from + n {
+                let d = Descriptor::new(
+                    0x10_0000 + u64::from(i) * 0x1000,
+                    2048,
+                    VRING_DESC_F_WRITE,
+                    0,
+                );
+                let at = self.desc.unchecked_add(16 * u64::from(i));
+                mem.write_obj(RawDescriptor::from(d), at).unwrap();
+                let idx: u16 = mem.read_obj(self.avail.unchecked_add(2)).unwrap();
+                let slot = self.avail.unchecked_add(4 + 2 * u64::from(idx % 16));
+                mem.write_obj(i, slot).unwrap();
+                mem.write_obj(idx.wrapping_add(1), self.avail.unchecked_add(2))
+                    .unwrap();
+            }
+        }
+
+        /// The device's "do not notify me" flag, in the used ring.
+        fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
+            mem.read_obj(self.used).unwrap()
+        }
+    }
+
+    /// A started NIC whose RX ring (16 entries, at 0) starts with no
+    /// buffers, and a peer port to send to it from.
+    fn started_nic(mem: &GuestMemoryMmap) -> (Net, RxRing, Arc<Switch>, PortId) {
+        let switch = Switch::new(SwitchConfig::default()).unwrap();
+        let peer = switch.add_port("peer", PortKind::Other, Arc::new(Nothing));
+        let mut nic = Net::new(switch.clone(), "nic", NIC).unwrap();
+        nic.ack_features(1 << VIRTIO_F_VERSION_1);
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let ring = RxRing {
+            desc: rx.desc_table_addr(),
+            avail: rx.avail_addr(),
+            used: rx.used_addr(),
+        };
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        nic.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            queue_events: vec![evt(), evt()],
+            interrupt: Arc::new(VirtioInterrupt::new(evt())),
+        })
+        .unwrap();
+        (nic, ring, switch, peer)
+    }
+
+    #[test]
+    fn frames_wait_for_rx_buffers_in_order_and_are_bounded() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let (mut nic, rx, switch, peer) = started_nic(&mem);
+        let c = nic.counters();
+        assert_eq!(
+            rx.used_flags(&mem),
+            VRING_USED_F_NO_NOTIFY,
+            "refills do not notify while nothing is held"
+        );
+
+        // No buffers yet: the frames are held, not dropped, and refills
+        // now notify.
+        for tag in 1..=3 {
+            switch.ingress_bytes(peer, &frame_to_nic(tag));
+        }
+        let s = c.snapshot();
+        assert_eq!((s.rx_frames, s.rx_held, s.rx_dropped), (0, 3, 0));
+        assert_eq!(rx.used_flags(&mem), 0);
+
+        // Two buffers: the two oldest frames go in, the third stays.
+        rx.post(&mem, 0, 2);
+        nic.process_rx_refill();
+        assert_eq!(c.snapshot().rx_frames, 2);
+        // A new frame queues behind the held one, even with a buffer free.
+        rx.post(&mem, 2, 1);
+        switch.ingress_bytes(peer, &frame_to_nic(4));
+        rx.post(&mem, 3, 1);
+        nic.process_rx_refill();
+        let s = c.snapshot();
+        assert_eq!((s.rx_frames, s.rx_held, s.rx_dropped), (4, 4, 0));
+        let tags: Vec<u8> = (0..4u64)
+            .map(|i| {
+                mem.read_obj(GuestAddress(
+                    0x10_0000 + i * 0x1000 + NET_HDR_LEN as u64 + 14,
+                ))
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(tags, [1, 2, 3, 4], "frames reach the guest in order");
+        assert_eq!(
+            rx.used_flags(&mem),
+            VRING_USED_F_NO_NOTIFY,
+            "nothing held: refills stop notifying"
+        );
+
+        // Past the bound, frames are dropped and counted.
+        for _ in 0..MAX_FRAMES + 5 {
+            switch.ingress_bytes(peer, &frame_to_nic(9));
+        }
+        let s = c.snapshot();
+        assert_eq!(s.rx_dropped, 5);
+        assert_eq!(s.rx_held, 4 + MAX_FRAMES as u64);
+
+        // A driver reset drops what is held.
+        nic.reset();
+        assert_eq!(c.snapshot().rx_dropped, 5 + MAX_FRAMES as u64);
+    }
+}

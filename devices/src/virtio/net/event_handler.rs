@@ -30,8 +30,10 @@ impl MutEventSubscriber for Net {
                 self.process_tx();
             }
             RX_QUEUE => {
-                // The guest gave more RX buffers; frames arrive by the switch.
+                // The guest gave more RX buffers (it only says so while
+                // frames are held for it).
                 let _ = self.queue_events[RX_QUEUE].read();
+                self.process_rx_refill();
             }
             _ => {}
         }

@@ -10,9 +10,11 @@
 //!   testable with virtio-queue's mock driver;
 //! - `device.rs`: the [`Net`] device (features, config space, activation)
 //!   and its switch port;
+//! - `backlog.rs`: frames held while the guest has no RX buffers free;
 //! - `event_handler.rs`: the event-loop glue;
 //! - `persist.rs`: the state kept in a snapshot.
 
+mod backlog;
 mod device;
 mod event_handler;
 pub mod persist;
