@@ -39,20 +39,25 @@ const RUN: Duration = Duration::from_secs(60);
 const BIG: usize = (1 << 20) + 123;
 const WRITTEN: usize = 100_000;
 
-/// A `vmplant gvfs serve` child, killed and reaped on drop, and its
-/// scratch directory removed.
-struct Server {
+/// A server child, killed and reaped on drop, and the test's scratch
+/// directory removed.
+struct Process {
     child: Child,
-    addr: String,
     dir: PathBuf,
 }
 
-impl Drop for Server {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A `vmplant gvfs serve` child.
+struct Server {
+    _process: Process,
+    addr: String,
 }
 
 impl Server {
@@ -72,9 +77,8 @@ impl Server {
             .spawn()
             .expect("cannot start vmplant gvfs serve");
         let stderr = child.stderr.take().unwrap();
-        let mut server = Server {
+        let process = Process {
             child,
-            addr: String::new(),
             dir: dir.to_path_buf(),
         };
         // "gvfs: serving on 127.0.0.1:PORT"; read on a thread so a silent
@@ -88,10 +92,13 @@ impl Server {
                 }
             }
         });
-        server.addr = rx
+        let addr = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("gvfs serve did not say where it listens");
-        server
+        Server {
+            _process: process,
+            addr,
+        }
     }
 }
 
@@ -205,20 +212,10 @@ fn guest_lists_reads_and_writes_files_over_virtio_fs() {
     drop(server);
 }
 
-/// A virtiofsd child on `dir`/sock, killed and reaped on drop, and `dir`
-/// removed.
+/// A virtiofsd child listening on `socket`.
 struct Virtiofsd {
-    child: Child,
+    process: Process,
     socket: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Virtiofsd {
@@ -239,13 +236,15 @@ impl Virtiofsd {
             .spawn()
             .expect("cannot start virtiofsd");
         let mut d = Virtiofsd {
-            child,
+            process: Process {
+                child,
+                dir: dir.to_path_buf(),
+            },
             socket,
-            dir: dir.to_path_buf(),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !d.socket.exists() {
-            if let Ok(Some(status)) = d.child.try_wait() {
+            if let Ok(Some(status)) = d.process.child.try_wait() {
                 panic!("virtiofsd exited before listening: {status}");
             }
             assert!(
@@ -286,8 +285,8 @@ fn the_guest_survives_its_vhost_user_backend() {
     );
     let first = vmm.expect_line("the first read", RUN, |l| l.contains("\"fs-read\""));
     assert!(first.contains("\"bytes\":20"), "{first}");
-    backend.child.kill().unwrap();
-    backend.child.wait().unwrap();
+    backend.process.child.kill().unwrap();
+    backend.process.child.wait().unwrap();
     let done = vmm.wait(RUN);
     assert!(
         done.status.success(),

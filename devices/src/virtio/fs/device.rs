@@ -1,10 +1,10 @@
 //! The virtio-fs device and the thread that serves its queues.
 
 use super::queue::{self, Scratch};
-use super::{FuseServer, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
+use super::{FuseServer, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, read_config_bytes,
+    VirtioInterrupt,
 };
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub struct FsCounters {
 
 /// A file share the guest mounts by its tag (`mount -t virtiofs TAG DIR`).
 pub struct Fs {
-    tag: [u8; TAG_LEN],
+    tag: Tag,
     server: Arc<dyn FuseServer>,
     counters: Arc<FsCounters>,
     worker: Option<Worker>,
@@ -42,13 +42,8 @@ struct Worker {
 
 impl Fs {
     pub fn new(tag: &str, server: Arc<dyn FuseServer>) -> Result<Fs, FsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
-            return Err(FsError::BadTag(tag.into()));
-        }
-        let mut t = [0u8; TAG_LEN];
-        t[..tag.len()].copy_from_slice(tag.as_bytes());
         Ok(Fs {
-            tag: t,
+            tag: Tag::new(tag).ok_or_else(|| FsError::BadTag(tag.into()))?,
             server,
             counters: Arc::new(FsCounters::default()),
             worker: None,
@@ -56,8 +51,7 @@ impl Fs {
     }
 
     pub fn tag(&self) -> &str {
-        let end = self.tag.iter().position(|&b| b == 0).unwrap_or(TAG_LEN);
-        std::str::from_utf8(&self.tag[..end]).unwrap_or_default()
+        self.tag.as_str()
     }
 
     pub fn counters(&self) -> Arc<FsCounters> {
@@ -97,10 +91,7 @@ impl VirtioDevice for Fs {
     fn ack_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut c = [0u8; TAG_LEN + 4];
-        c[..TAG_LEN].copy_from_slice(&self.tag);
-        c[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes()); // request queues
-        read_config_bytes(&c, offset, data);
+        self.tag.read_config(1, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

@@ -27,6 +27,38 @@ pub const QUEUE_SIZE: u16 = 256;
 /// The largest request a guest may send: a 1 MiB write plus headers.
 pub const MAX_REQUEST: usize = (1 << 20) + 4096;
 
+/// A share's tag, the name the guest mounts it by, NUL-padded as config
+/// space holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag([u8; TAG_LEN]);
+
+impl Tag {
+    /// `None` for a tag that is empty, longer than [`TAG_LEN`] bytes, or
+    /// holds a NUL.
+    pub fn new(tag: &str) -> Option<Tag> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return None;
+        }
+        let mut t = [0u8; TAG_LEN];
+        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        Some(Tag(t))
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(TAG_LEN);
+        std::str::from_utf8(&self.0[..end]).unwrap_or_default()
+    }
+
+    /// Reads the device's config space: the tag, then the number of
+    /// request queues.
+    pub fn read_config(&self, request_queues: u32, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; TAG_LEN + 4];
+        c[..TAG_LEN].copy_from_slice(&self.0);
+        c[TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
+        crate::virtio::read_config_bytes(&c, offset, data);
+    }
+}
+
 /// Whoever answers the guest's FUSE requests.
 pub trait FuseServer: Send + Sync {
     /// Takes one request (`fuse_in_header` and body) and returns the reply

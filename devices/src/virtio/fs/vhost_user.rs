@@ -10,10 +10,10 @@
 //! thread of ours turns into the device's interrupt, because a
 //! virtio-mmio interrupt must also set the InterruptStatus register.
 
-use super::{QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
+use super::{QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, read_config_bytes,
+    VirtioInterrupt,
 };
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -62,7 +62,7 @@ pub enum VhostUserFsError {
 /// A file share served by a vhost-user backend, mounted in the guest by
 /// its tag.
 pub struct VhostUserFs {
-    tag: [u8; TAG_LEN],
+    tag: Tag,
     socket: PathBuf,
     frontend: Frontend,
     backend_features: u64,
@@ -75,11 +75,7 @@ impl VhostUserFs {
     /// Connects to the backend listening on `socket` and learns what it
     /// offers; the device can then be added to a VM.
     pub fn connect(tag: &str, socket: &Path) -> Result<Self, VhostUserFsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
-            return Err(VhostUserFsError::BadTag(tag.into()));
-        }
-        let mut t = [0u8; TAG_LEN];
-        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        let t = Tag::new(tag).ok_or_else(|| VhostUserFsError::BadTag(tag.into()))?;
         let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64).map_err(|e| {
             VhostUserFsError::Connect {
                 path: socket.into(),
@@ -136,8 +132,7 @@ impl VhostUserFs {
     }
 
     pub fn tag(&self) -> &str {
-        let end = self.tag.iter().position(|&b| b == 0).unwrap_or(TAG_LEN);
-        std::str::from_utf8(&self.tag[..end]).unwrap_or_default()
+        self.tag.as_str()
     }
 
     /// Hands the rings to the backend; on success the backend serves them
@@ -253,10 +248,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut c = [0u8; TAG_LEN + 4];
-        c[..TAG_LEN].copy_from_slice(&self.tag);
-        c[TAG_LEN..].copy_from_slice(&(NUM_QUEUES as u32 - 1).to_le_bytes());
-        read_config_bytes(&c, offset, data);
+        self.tag.read_config(NUM_QUEUES as u32 - 1, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
