@@ -483,3 +483,46 @@ fn whole_copy_passes_reads_through_until_the_file_changes() {
         guard.unmount();
     });
 }
+
+#[test]
+fn page_cache_of_a_version_a_backing_file_replaced_is_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    let len = 1024 * 1024 + 5;
+    fs::write(export.join("f.bin"), data(len, 11)).unwrap();
+    fs::write(export.join("g.bin"), data(len, 12)).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let fs_ = client(
+        server.local_addr(),
+        FsOptions {
+            // Room for one copy; attributes the kernel does not refresh
+            // by itself during the test.
+            whole_copy_bytes: len as u64,
+            attr_timeout: Duration::from_secs(60),
+            ..FsOptions::default()
+        },
+    );
+    let m = mnt.clone();
+    bounded(120, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount_read_only(fs_.clone(), &m);
+        let (f, g) = (m.join("f.bin"), m.join("g.bin"));
+        // A page-cache read: the kernel holds version one's pages.
+        assert_eq!(sha256(&f), sha256(&export.join("f.bin")));
+        // Passed through while version two arrives: the backing file
+        // takes it (the kernel's page cache is not told).
+        let held = fs::File::open(&f).unwrap();
+        fs::write(export.join("f.bin"), data(len, 13)).unwrap();
+        let want2 = sha256(&export.join("f.bin"));
+        assert_eq!(sha256(&f), want2);
+        drop(held);
+        // The copy goes (g's takes its room), so the next open of f is a
+        // page-cache open of an unchanged version: the old pages must
+        // not be kept.
+        assert_eq!(sha256(&g), sha256(&export.join("g.bin")));
+        assert_eq!(sha256(&f), want2);
+        guard.unmount();
+    });
+    server.shutdown();
+}
