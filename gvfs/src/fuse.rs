@@ -15,9 +15,12 @@
 //! passes through to the same backing file; if the server has a new
 //! version by then, the backing file is refilled with it first (its other
 //! users then see the new version, as they would after the page cache is
-//! dropped for a new version). Writers cannot share an inode with
-//! passthrough readers (their writes would go to the copy), hence
-//! read-only mounts only.
+//! dropped for a new version); a thread refills it likewise when a file
+//! passed through changes on the server (checked every attribute
+//! timeout), so opens held meanwhile see the change as they would through
+//! the page cache. Writers cannot share an inode with passthrough
+//! readers (their writes would go to the copy), hence read-only mounts
+//! only.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -26,7 +29,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -52,7 +55,10 @@ pub struct FuseFs {
     /// kernel took FUSE_PASSTHROUGH at INIT.
     passthrough: bool,
     /// How each inode's open files do I/O (see the module comment).
-    io: Mutex<IoModes>,
+    io: Arc<Mutex<IoModes>>,
+    /// Dropped with this: stops the thread that revalidates passed-through
+    /// files.
+    _watch_stop: Option<mpsc::Sender<()>>,
 }
 
 /// How one open file does I/O.
@@ -130,7 +136,8 @@ impl FuseFs {
             next_dir: AtomicU64::new(1),
             read_only,
             passthrough: false,
-            io: Mutex::new(IoModes::default()),
+            io: Arc::new(Mutex::new(IoModes::default())),
+            _watch_stop: None,
         }
     }
 
@@ -169,14 +176,11 @@ impl FuseFs {
         {
             if b.version != version {
                 // Changed on the server since the backing file was filled.
-                if let Err(e) = self.fs.refill(o.fh, &b.file) {
-                    debug!(ino, error = %e, "refilling the backing file failed");
+                if let Err(e) = refill(&self.fs, ino, o.fh, b, refilled) {
                     let _ = self.fs.release(o.fh);
                     reply.error(errno(e));
                     return None;
                 }
-                b.version = version;
-                refilled.insert(ino);
             }
             st.passthrough += 1;
             files.insert(o.fh, (ino, Mode::Passthrough));
@@ -286,6 +290,16 @@ impl fuser::Filesystem for FuseFs {
                 && config.set_max_stack_depth(1).is_ok();
         }
         debug!(passthrough = self.passthrough, "FUSE init");
+        if self.passthrough {
+            let (tx, rx) = mpsc::channel();
+            let (fs, io) = (self.fs.clone(), Arc::downgrade(&self.io));
+            // As often as attributes time out (with a floor).
+            let every = self.ttl.max(Duration::from_millis(200));
+            std::thread::Builder::new()
+                .name("gvfs-revalidate".into())
+                .spawn(move || watch(&fs, &io, &rx, every))?;
+            self._watch_stop = Some(tx);
+        }
         // Copies nothing can use are not made.
         self.fs.set_whole_copies(self.passthrough);
         let _ = config.set_max_readahead(1 << 20);
@@ -515,8 +529,9 @@ impl fuser::Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _ = self.fs.release(fh.0);
+        // Forgotten here first: a handle listed there is open in `fs`.
         lock(&self.io).released(fh.0);
+        let _ = self.fs.release(fh.0);
         reply.ok();
     }
 
@@ -669,6 +684,69 @@ impl fuser::Filesystem for FuseFs {
                 )
             }
             Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+/// Fills the backing file `b` of `ino` with the version open file `fh`
+/// finds (see [`Fs::refill`]).
+fn refill(
+    fs: &Fs,
+    ino: u64,
+    fh: u64,
+    b: &mut Backing,
+    refilled: &mut HashSet<u64>,
+) -> Result<(), ClientError> {
+    match fs.refill(fh, &b.file) {
+        Ok(version) => {
+            debug!(ino, "backing file refilled with a new version");
+            b.version = version;
+            refilled.insert(ino);
+            Ok(())
+        }
+        Err(e) => {
+            debug!(ino, error = %e, "refilling the backing file failed");
+            Err(e)
+        }
+    }
+}
+
+/// Every `every`, asks for the attributes of each passed-through inode
+/// and refills its backing file if the server has a new version: readers
+/// holding it open see a change after the attribute timeout, as they
+/// would through the page cache. Ends when `stop`'s sender goes.
+fn watch(fs: &Fs, io: &Weak<Mutex<IoModes>>, stop: &mpsc::Receiver<()>, every: Duration) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        let Some(io) = io.upgrade() else { return };
+        let live: Vec<(u64, u64)> = lock(&io)
+            .inodes
+            .iter()
+            .filter(|(_, st)| st.passthrough > 0)
+            .filter_map(|(ino, st)| st.backing.as_ref().map(|b| (*ino, b.version)))
+            .collect();
+        for (ino, version) in live {
+            match fs.getattr(ino) {
+                Ok(a) if a.version() != version => {}
+                _ => continue,
+            }
+            let mut g = lock(&io);
+            let IoModes {
+                inodes,
+                files,
+                refilled,
+            } = &mut *g;
+            let Some(fh) = files
+                .iter()
+                .find(|(_, (i, m))| *i == ino && *m == Mode::Passthrough)
+                .map(|(fh, _)| *fh)
+            else {
+                continue;
+            };
+            if let Some(b) = inodes.get_mut(&ino).and_then(|st| st.backing.as_mut())
+                && b.version == version
+            {
+                let _ = refill(fs, ino, fh, b, refilled);
+            }
         }
     }
 }

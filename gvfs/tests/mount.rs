@@ -526,3 +526,47 @@ fn page_cache_of_a_version_a_backing_file_replaced_is_dropped() {
     });
     server.shutdown();
 }
+
+#[test]
+fn held_passed_through_open_sees_a_server_change_after_the_attr_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&export).unwrap();
+    let len = 2 * 1024 * 1024 + 3;
+    fs::write(export.join("f.bin"), data(len, 21)).unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let fs_ = client(
+        server.local_addr(),
+        FsOptions {
+            whole_copy_bytes: 64 << 20,
+            attr_timeout: Duration::from_secs(1),
+            ..FsOptions::default()
+        },
+    );
+    let m = mnt.clone();
+    bounded(120, Some(mnt.clone()), move || {
+        use std::io::Read;
+        use std::os::unix::fs::FileExt;
+        let guard = MountGuard::mount_read_only(fs_.clone(), &m);
+        let f = m.join("f.bin");
+        let want = sha256(&export.join("f.bin"));
+        assert_eq!(sha256(&f), want);
+        // The page-cache open's release may still be on its way.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut held = fs::File::open(&f).unwrap();
+        assert!(!read_reaches_client(&fs_, &f, &want), "not passed through");
+        let v2 = data(len, 22);
+        fs::write(export.join("f.bin"), &v2).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut head = vec![0u8; 4096];
+        held.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(head, v2[..4096], "held open still reads the old version");
+        let mut all = Vec::new();
+        held.read_to_end(&mut all).unwrap();
+        assert!(all == v2, "held open reads a mix of versions");
+        drop(held);
+        guard.unmount();
+    });
+    server.shutdown();
+}

@@ -1012,10 +1012,11 @@ impl Fs {
 
     /// Overwrites `into` with the whole content of open file `fh` (the
     /// version its open found, read through the block cache), which then
-    /// is that version's complete copy. For a file whose earlier copy is
-    /// still in use (a passthrough backing file): its users see the new
-    /// version, as they would see a page cache dropped for a new version.
-    pub fn refill(&self, fh: u64, into: &Arc<File>) -> Result<(), ClientError> {
+    /// is that version's complete copy; returns the version. For a file
+    /// whose earlier copy is still in use (a passthrough backing file): its
+    /// users see the new version, as they would see a page cache dropped
+    /// for a new version.
+    pub fn refill(&self, fh: u64, into: &Arc<File>) -> Result<u64, ClientError> {
         let f = self.file(fh)?;
         let attr = match self.cached_attr(f.ino) {
             Some(a) => a,
@@ -1038,7 +1039,7 @@ impl Fs {
         if let Some(c) = self.copies() {
             c.adopt(attr.dev, attr.ino, attr.version(), attr.size, into.clone());
         }
-        Ok(())
+        Ok(attr.version())
     }
 
     fn read_range(&self, f: &OpenFile, offset: u64, end: u64) -> Result<Vec<u8>, ClientError> {
