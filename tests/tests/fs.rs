@@ -19,8 +19,8 @@
 //! - a missing file is reported as `"error":"ENOENT"` and the next step
 //!   still runs.
 //!
-//! A missing vhost-user backend, or one that hangs up during the
-//! handshake, is a one-line error, not a hang; one killed while the guest
+//! A missing vhost-user backend, or one that hangs up or falls silent
+//! during the handshake, is a one-line error, not a hang; one killed while the guest
 //! runs costs the guest its file system (its requests time out) but not
 //! the VM, which still shuts down cleanly.
 //!
@@ -349,5 +349,28 @@ fn a_vhost_user_socket_nobody_serves_is_a_clear_error() {
         done.stderr
     );
     hangup.join().unwrap();
+    // A listener that accepts and then never answers: vmplant gives up
+    // after its 5 s reply timeout instead of hanging.
+    let sock = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let silent = std::thread::spawn(move || {
+        if let Ok((_s, _)) = listener.accept() {
+            let _ = rx.recv_timeout(RUN);
+        }
+    });
+    let done = Vmm::probe(
+        "ready+shutdown",
+        &["--vhost-user-fs", &format!("data={}", sock.display())],
+    )
+    .wait(RUN);
+    let _ = tx.send(());
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(
+        done.stderr.contains("silent.sock") && done.stderr.contains("failed"),
+        "{}",
+        done.stderr
+    );
+    silent.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

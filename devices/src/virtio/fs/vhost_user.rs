@@ -15,10 +15,14 @@ use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
     VirtioInterrupt,
 };
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -36,6 +40,10 @@ const NUM_QUEUES: usize = 2;
 const PASSED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+
+/// How long the backend may take over the handshake, or over setting up
+/// or stopping the rings.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Protocol features this frontend speaks.
 const PROTOCOL_FEATURES: VhostUserProtocolFeatures =
@@ -64,6 +72,9 @@ pub enum VhostUserFsError {
 pub struct VhostUserFs {
     tag: Tag,
     socket: PathBuf,
+    /// The frontend's socket, to shut down when the backend stops
+    /// answering (see [`bounded`]).
+    guard: UnixStream,
     frontend: Frontend,
     backend_features: u64,
     acked_features: u64,
@@ -76,12 +87,35 @@ impl VhostUserFs {
     /// offers; the device can then be added to a VM.
     pub fn connect(tag: &str, socket: &Path) -> Result<Self, VhostUserFsError> {
         let t = Tag::new(tag).ok_or_else(|| VhostUserFsError::BadTag(tag.into()))?;
-        let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64).map_err(|e| {
-            VhostUserFsError::Connect {
-                path: socket.into(),
-                reason: e.to_string(),
-            }
-        })?;
+        let cannot = |e: std::io::Error| VhostUserFsError::Connect {
+            path: socket.into(),
+            reason: e.to_string(),
+        };
+        let stream = UnixStream::connect(socket).map_err(cannot)?;
+        let guard = stream.try_clone().map_err(cannot)?;
+        let mut frontend = Frontend::from_stream(stream, NUM_QUEUES as u64);
+        let (backend_features, protocol) =
+            bounded(&guard, || Self::handshake(&mut frontend, socket))?;
+        tracing::debug!(
+            ?socket,
+            features = backend_features,
+            "vhost-user-fs connected"
+        );
+        Ok(VhostUserFs {
+            tag: t,
+            socket: socket.into(),
+            guard,
+            frontend,
+            backend_features,
+            acked_features: 0,
+            protocol,
+            worker: None,
+        })
+    }
+
+    /// SET_OWNER and feature negotiation; returns the backend's features
+    /// and whether it speaks protocol features.
+    fn handshake(frontend: &mut Frontend, socket: &Path) -> Result<(u64, bool), VhostUserFsError> {
         let failed = |step: &'static str| {
             move |e: vhost::Error| VhostUserFsError::Handshake {
                 path: socket.into(),
@@ -115,20 +149,7 @@ impl VhostUserFs {
                 }
             }
         }
-        tracing::debug!(
-            ?socket,
-            features = backend_features,
-            "vhost-user-fs connected"
-        );
-        Ok(VhostUserFs {
-            tag: t,
-            socket: socket.into(),
-            frontend,
-            backend_features,
-            acked_features: 0,
-            protocol,
-            worker: None,
-        })
+        Ok((backend_features, protocol))
     }
 
     pub fn tag(&self) -> &str {
@@ -212,11 +233,13 @@ impl VhostUserFs {
         let Some(w) = self.worker.take() else {
             return;
         };
-        for i in 0..w.queues {
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                tracing::debug!(queue = i, "vhost-user-fs: stopping a ring: {e}");
+        bounded(&self.guard, || {
+            for i in 0..w.queues {
+                if let Err(e) = self.frontend.get_vring_base(i) {
+                    tracing::debug!(queue = i, "vhost-user-fs: stopping a ring: {e}");
+                }
             }
-        }
+        });
         let _ = w.stop.write(1);
         if w.thread.join().is_err() {
             tracing::error!("vhost-user-fs call thread panicked");
@@ -261,8 +284,11 @@ impl VirtioDevice for VhostUserFs {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ActivateError::Events)?;
-        self.start_backend(&ctx.mem, &ctx.queues, &ctx.queue_events, &calls)
-            .map_err(|e| ActivateError::Device(format!("vhost-user {:?}: {e}", self.socket)))?;
+        let guard = self.guard.try_clone().map_err(ActivateError::Events)?;
+        bounded(&guard, || {
+            self.start_backend(&ctx.mem, &ctx.queues, &ctx.queue_events, &calls)
+        })
+        .map_err(|e| ActivateError::Device(format!("vhost-user {:?}: {e}", self.socket)))?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Events)?;
         let epoll = Epoll::new().map_err(ActivateError::Events)?;
         let watch = |fd: i32, events: EventSet, data: u64| {
@@ -303,6 +329,28 @@ impl VirtioDevice for VhostUserFs {
     fn reset(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `requests` to the backend; if they take longer than
+/// [`REPLY_TIMEOUT`], shuts `socket` down, so that a backend that stops
+/// answering fails them instead of blocking the caller (a vCPU, at
+/// activation) for ever. The connection is gone after that.
+fn bounded<T>(socket: &UnixStream, requests: impl FnOnce() -> T) -> T {
+    let (done, finished) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(REPLY_TIMEOUT) {
+                tracing::error!(
+                    "the vhost-user backend did not answer within {REPLY_TIMEOUT:?}; \
+                     closing the connection"
+                );
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        });
+        let out = requests();
+        let _ = done.send(());
+        out
+    })
 }
 
 const STOP: u64 = u64::MAX;
