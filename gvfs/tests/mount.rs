@@ -447,6 +447,7 @@ fn whole_copy_passes_reads_through_until_the_file_changes() {
         let guard = MountGuard::mount_read_only(fs_.clone(), &m);
         // The first read makes the copy (and is a normal read).
         assert_eq!(sha256(&f), want);
+        fs_.flush_whole_copies();
         assert_eq!(fs_.whole_copy_bytes(), len as u64);
         // The next opens pass through to it: no read reaches the client
         // or the server.
@@ -461,6 +462,7 @@ fn whole_copy_passes_reads_through_until_the_file_changes() {
         let want2 = sha256(&export.join("f.bin"));
         assert_ne!(want, want2);
         assert!(read_reaches_client(&fs_, &f, &want2), "stale copy used");
+        fs_.flush_whole_copies();
         assert!(!read_reaches_client(&fs_, &f, &want2), "new copy not used");
 
         // Changed on the server while a passed-through open is held: a
@@ -552,6 +554,7 @@ fn held_passed_through_open_sees_a_server_change_after_the_attr_timeout() {
         let f = m.join("f.bin");
         let want = sha256(&export.join("f.bin"));
         assert_eq!(sha256(&f), want);
+        fs_.flush_whole_copies();
         // The page-cache open's release may still be on its way.
         std::thread::sleep(Duration::from_millis(200));
         let mut held = fs::File::open(&f).unwrap();

@@ -7,6 +7,10 @@
 //! plain reads of a local file (its page cache, its large folios) and never
 //! reach the daemon.
 //!
+//! The writes are made by a thread of their own, off the read path (the
+//! queue is bounded: a reader waits for room rather than a block being
+//! lost).
+//!
 //! A copy belongs to one version (size, mtime, ctime): `open` asks the
 //! server for the version and takes a copy only if it is that version, so
 //! close-to-open consistency is the same as for the block cache. Writes
@@ -18,7 +22,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use tracing::debug;
 
@@ -38,8 +42,10 @@ struct Copy {
 
 #[derive(Default)]
 struct Fill {
-    /// One bit per block.
+    /// One bit per block written.
     have: Vec<u64>,
+    /// One bit per block handed to the writer.
+    queued: Vec<u64>,
     count: u64,
     /// A write failed: the copy is never complete.
     broken: bool,
@@ -54,16 +60,66 @@ struct Inner {
     disabled: bool,
 }
 
+/// Work for the writer thread.
+enum Job {
+    Write {
+        copy: Arc<Copy>,
+        block: u64,
+        data: Arc<Vec<u8>>,
+    },
+    /// Answered once everything queued before it is written.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Blocks queued for writing at most (32 MiB of 128 KiB blocks).
+const QUEUE: usize = 256;
+
 /// The whole-file copies of one client.
 pub(crate) struct Copies {
     dir: PathBuf,
     budget: u64,
     inner: Mutex<Inner>,
+    /// To the writer thread, which ends when this goes.
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+}
+
+/// The writer thread: writes queued blocks into their copies.
+fn write_blocks(jobs: mpsc::Receiver<Job>) {
+    for job in jobs {
+        let (c, block, data) = match job {
+            Job::Write { copy, block, data } => (copy, block, data),
+            Job::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        let res = c.file.write_all_at(&data, block * BLOCK_SIZE);
+        let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+        let mut fill = lock(&c.fill);
+        match res {
+            Ok(()) if fill.have[word] & bit == 0 => {
+                fill.have[word] |= bit;
+                fill.count += 1;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                debug!(error = %e, "whole-file copy write failed");
+                fill.broken = true;
+            }
+        }
+    }
 }
 
 impl Copies {
     /// Copies in `dir` (unnamed files), at most `budget` bytes in all.
     pub(crate) fn new(dir: PathBuf, budget: u64) -> Copies {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let jobs = std::thread::Builder::new()
+            .name("gvfs-copies".into())
+            .spawn(move || write_blocks(rx))
+            .map(|_| tx)
+            .map_err(|e| debug!(error = %e, "no whole-file copy writer"))
+            .ok();
         Copies {
             dir,
             budget,
@@ -71,8 +127,20 @@ impl Copies {
                 map: HashMap::new(),
                 used: 0,
                 tick: 0,
-                disabled: false,
+                disabled: jobs.is_none(),
             }),
+            jobs: Mutex::new(jobs),
+        }
+    }
+
+    /// Waits until every block queued so far is written.
+    pub(crate) fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        let jobs = lock(&self.jobs).clone();
+        if let Some(jobs) = jobs
+            && jobs.send(Job::Flush(tx)).is_ok()
+        {
+            let _ = rx.recv();
         }
     }
 
@@ -123,6 +191,7 @@ impl Copies {
             file: Arc::new(file),
             fill: Mutex::new(Fill {
                 have: vec![0; blocks.div_ceil(64) as usize],
+                queued: vec![0; blocks.div_ceil(64) as usize],
                 ..Fill::default()
             }),
         });
@@ -132,7 +201,8 @@ impl Copies {
     }
 
     /// Block `block` of `(dev, ino)` at `version` (a file of `size` bytes)
-    /// holds `data`. Blocks of the wrong length are not taken.
+    /// holds `data`: queues it for writing into the copy. Blocks of the
+    /// wrong length are not taken.
     pub(crate) fn record(
         &self,
         dev: u64,
@@ -140,7 +210,7 @@ impl Copies {
         version: u64,
         size: u64,
         block: u64,
-        data: &[u8],
+        data: &Arc<Vec<u8>>,
     ) {
         let start = block * BLOCK_SIZE;
         if size == 0 || size > self.budget || start >= size {
@@ -153,29 +223,28 @@ impl Copies {
         if let Some((c, _)) = lock(&self.inner).map.get(&(dev, ino))
             && c.version == version
             && c.size == size
-            && lock(&c.fill).have[word] & bit != 0
+            && lock(&c.fill).queued[word] & bit != 0
         {
             return;
         }
         let Some(c) = self.copy_for(dev, ino, version, size) else {
             return;
         };
-        if lock(&c.fill).have[word] & bit != 0 {
-            return;
+        {
+            let mut fill = lock(&c.fill);
+            if fill.queued[word] & bit != 0 {
+                return;
+            }
+            fill.queued[word] |= bit;
         }
-        // Two readers may write the same block: the same bytes.
-        let res = c.file.write_all_at(data, start);
-        let mut fill = lock(&c.fill);
-        match res {
-            Ok(()) if fill.have[word] & bit == 0 => {
-                fill.have[word] |= bit;
-                fill.count += 1;
-            }
-            Ok(()) => {}
-            Err(e) => {
-                debug!(error = %e, "whole-file copy write failed");
-                fill.broken = true;
-            }
+        let jobs = lock(&self.jobs).clone();
+        if let Some(jobs) = jobs {
+            // Waits while the queue is full.
+            let _ = jobs.send(Job::Write {
+                copy: c,
+                block,
+                data: data.clone(),
+            });
         }
     }
 
@@ -229,6 +298,7 @@ impl Copies {
             size,
             file,
             fill: Mutex::new(Fill {
+                queued: have.clone(),
                 have,
                 count: blocks,
                 broken: false,
@@ -256,8 +326,8 @@ impl Copies {
 mod tests {
     use super::*;
 
-    fn block(len: usize, v: u8) -> Vec<u8> {
-        vec![v; len]
+    fn block(len: usize, v: u8) -> Arc<Vec<u8>> {
+        Arc::new(vec![v; len])
     }
 
     #[test]
@@ -267,11 +337,14 @@ mod tests {
         let size = 2 * BLOCK_SIZE + 10;
         c.record(1, 2, 7, size, 0, &block(BLOCK_SIZE as usize, 1));
         c.record(1, 2, 7, size, 2, &block(10, 3));
+        c.flush();
         assert!(c.complete(1, 2, 7).is_none());
         // A short block (the file changed) is not taken.
         c.record(1, 2, 7, size, 1, &block(5, 2));
+        c.flush();
         assert!(c.complete(1, 2, 7).is_none());
         c.record(1, 2, 7, size, 1, &block(BLOCK_SIZE as usize, 2));
+        c.flush();
         let f = c.complete(1, 2, 7).expect("complete");
         assert!(c.complete(1, 2, 8).is_none(), "another version");
         let mut got = vec![0u8; size as usize];
@@ -286,6 +359,7 @@ mod tests {
         assert_eq!(f.metadata().unwrap().len(), size);
         // A new version starts over.
         c.record(1, 2, 8, size, 0, &block(BLOCK_SIZE as usize, 9));
+        c.flush();
         assert!(c.complete(1, 2, 7).is_none());
         assert!(c.complete(1, 2, 8).is_none());
         c.invalidate(1, 2);
@@ -301,15 +375,18 @@ mod tests {
         let one = block(BLOCK_SIZE as usize, 1);
         c.record(1, 1, 1, BLOCK_SIZE, 0, &one);
         c.record(1, 2, 1, BLOCK_SIZE, 0, &one);
+        c.flush();
         assert!(c.complete(1, 1, 1).is_some());
         // A third file evicts the least recently used (file 2).
         c.record(1, 3, 1, BLOCK_SIZE, 0, &one);
+        c.flush();
         assert!(c.complete(1, 1, 1).is_some());
         assert!(c.complete(1, 2, 1).is_none());
         assert!(c.complete(1, 3, 1).is_some());
         assert_eq!(c.used(), 2 * BLOCK_SIZE);
         // Larger than the whole budget: never copied.
         c.record(1, 4, 1, 3 * BLOCK_SIZE, 0, &one);
+        c.flush();
         assert!(c.complete(1, 1, 1).is_some());
         assert_eq!(c.used(), 2 * BLOCK_SIZE);
     }

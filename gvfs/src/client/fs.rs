@@ -261,6 +261,14 @@ impl Fs {
         self.copies.as_ref().map_or(0, |c| c.used())
     }
 
+    /// Waits until the whole-file copies hold every block read so far
+    /// (they are written by a thread of their own).
+    pub fn flush_whole_copies(&self) {
+        if let Some(c) = &self.copies {
+            c.flush();
+        }
+    }
+
     /// Turns whole-file copies off (or on again, if `whole_copy_bytes`
     /// allows them): a mount that cannot use them saves their writes.
     pub fn set_whole_copies(&self, on: bool) {
@@ -970,11 +978,11 @@ impl Fs {
             };
             let res = self.fetch(&f, &want).map(|datas| {
                 for (nb, data) in want.iter().zip(datas) {
+                    let data = Arc::new(data);
                     if *nb > last {
                         // Read ahead: the loop below sees the others.
                         self.copy_block(&attr, version, *nb, &data);
                     }
-                    let data = Arc::new(data);
                     self.cache.put(key(*nb), version, data.clone());
                     if *nb <= last {
                         fetched.insert(*nb, data);
@@ -1004,7 +1012,7 @@ impl Fs {
         Ok(out)
     }
 
-    fn copy_block(&self, attr: &Attr, version: u64, block: u64, data: &[u8]) {
+    fn copy_block(&self, attr: &Attr, version: u64, block: u64, data: &Arc<Vec<u8>>) {
         if let Some(c) = self.copies() {
             c.record(attr.dev, attr.ino, version, attr.size, block, data);
         }
