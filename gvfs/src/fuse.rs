@@ -15,12 +15,12 @@
 //! passes through to the same backing file; if the server has a new
 //! version by then, the backing file is refilled with it first (its other
 //! users then see the new version, as they would after the page cache is
-//! dropped for a new version); a thread refills it likewise when a file
-//! passed through changes on the server (checked every attribute
+//! dropped for a new version; opens of other files do not wait for the
+//! refill, those of the same file do). A thread refills it likewise when
+//! a file passed through changes on the server (checked every attribute
 //! timeout), so opens held meanwhile see the change as they would through
-//! the page cache. Writers cannot share an inode with passthrough
-//! readers (their writes would go to the copy), hence read-only mounts
-//! only.
+//! the page cache. Writers cannot share an inode with passthrough readers
+//! (their writes would go to the copy), hence read-only mounts only.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -84,6 +84,8 @@ struct InodeIo {
     cached: u64,
     passthrough: u64,
     backing: Option<Backing>,
+    /// Held while the backing file is refilled (one refill at a time).
+    gate: Arc<Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -162,31 +164,36 @@ impl FuseFs {
         }
         let fh = FileHandle(o.fh);
         let version = o.attr.version();
+        let mut refreshed = false;
         // Decided and answered under the lock, so that no other open of
         // the inode can take another mode in between.
         let mut io = lock(&self.io);
-        let IoModes {
-            inodes,
-            files,
-            refilled,
-        } = &mut *io;
-        let st = inodes.entry(ino).or_default();
-        if st.passthrough > 0
-            && let Some(b) = &mut st.backing
-        {
-            if b.version != version {
-                // Changed on the server since the backing file was filled.
-                if let Err(e) = refill(&self.fs, ino, o.fh, b, refilled) {
-                    let _ = self.fs.release(o.fh);
-                    reply.error(errno(e));
-                    return None;
-                }
+        loop {
+            let st = io.inodes.entry(ino).or_default();
+            let Some(b) = st.backing.as_ref().filter(|_| st.passthrough > 0) else {
+                break;
+            };
+            if b.version == version || refreshed {
+                st.passthrough += 1;
+                reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
+                io.files.insert(o.fh, (ino, Mode::Passthrough));
+                return None;
             }
-            st.passthrough += 1;
-            files.insert(o.fh, (ino, Mode::Passthrough));
-            reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
-            return None;
+            // Changed on the server since the backing file was filled:
+            // filled again (without the lock; this inode's other opens
+            // wait at its gate), then decided again.
+            let (gate, file, seen) = (st.gate.clone(), b.file.clone(), b.version);
+            drop(io);
+            if let Err(e) = refill(&self.fs, &self.io, ino, o.fh, &gate, &file, Some(seen)) {
+                let _ = self.fs.release(o.fh);
+                reply.error(errno(e));
+                return None;
+            }
+            refreshed = true;
+            io = lock(&self.io);
         }
+        let IoModes { inodes, files, .. } = &mut *io;
+        let st = inodes.entry(ino).or_default();
         let Some(file) = o.backing.as_ref().filter(|_| st.cached == 0) else {
             return Some(reply);
         };
@@ -204,6 +211,11 @@ impl FuseFs {
             }
             Err(e) => {
                 debug!(ino, error = %e, "no passthrough");
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    // Not allowed here (it takes CAP_SYS_ADMIN): no more
+                    // copies, nor tries.
+                    self.fs.set_whole_copies(false);
+                }
                 Some(reply)
             }
         }
@@ -688,20 +700,43 @@ impl fuser::Filesystem for FuseFs {
     }
 }
 
-/// Fills the backing file `b` of `ino` with the version open file `fh`
-/// finds (see [`Fs::refill`]).
+/// Refills `file`, the backing file of `ino` (it held version `seen`),
+/// with the version open file `fh` finds (see [`Fs::refill`]), at the
+/// inode's `gate` and without the io lock. Nothing to do if the backing
+/// file changed or took another version meanwhile.
 fn refill(
     fs: &Fs,
+    io: &Mutex<IoModes>,
     ino: u64,
     fh: u64,
-    b: &mut Backing,
-    refilled: &mut HashSet<u64>,
+    gate: &Mutex<()>,
+    file: &Arc<File>,
+    seen: Option<u64>,
 ) -> Result<(), ClientError> {
-    match fs.refill(fh, &b.file) {
+    let _gate = lock(gate);
+    let current = |io: &mut IoModes| {
+        io.inodes
+            .get_mut(&ino)
+            .and_then(|st| st.backing.as_mut())
+            .filter(|b| Arc::ptr_eq(&b.file, file))
+            .map(|b| b.version)
+    };
+    if current(&mut lock(io)) != seen {
+        return Ok(());
+    }
+    match fs.refill(fh, file) {
         Ok(version) => {
             debug!(ino, "backing file refilled with a new version");
-            b.version = version;
-            refilled.insert(ino);
+            let mut g = lock(io);
+            if let Some(b) = g
+                .inodes
+                .get_mut(&ino)
+                .and_then(|st| st.backing.as_mut())
+                .filter(|b| Arc::ptr_eq(&b.file, file))
+            {
+                b.version = version;
+            }
+            g.refilled.insert(ino);
             Ok(())
         }
         Err(e) => {
@@ -729,23 +764,22 @@ fn watch(fs: &Fs, io: &Weak<Mutex<IoModes>>, stop: &mpsc::Receiver<()>, every: D
                 Ok(a) if a.version() != version => {}
                 _ => continue,
             }
-            let mut g = lock(&io);
-            let IoModes {
-                inodes,
-                files,
-                refilled,
-            } = &mut *g;
-            let Some(fh) = files
-                .iter()
-                .find(|(_, (i, m))| *i == ino && *m == Mode::Passthrough)
-                .map(|(fh, _)| *fh)
-            else {
-                continue;
+            let found = {
+                let g = lock(&io);
+                let fh = g
+                    .files
+                    .iter()
+                    .find(|(_, (i, m))| *i == ino && *m == Mode::Passthrough)
+                    .map(|(fh, _)| *fh);
+                let st = g.inodes.get(&ino);
+                match (fh, st, st.and_then(|st| st.backing.as_ref())) {
+                    (Some(fh), Some(st), Some(b)) => Some((fh, st.gate.clone(), b.file.clone())),
+                    _ => None,
+                }
             };
-            if let Some(b) = inodes.get_mut(&ino).and_then(|st| st.backing.as_mut())
-                && b.version == version
-            {
-                let _ = refill(fs, ino, fh, b, refilled);
+            if let Some((fh, gate, file)) = found {
+                // An open closing meanwhile fails it: tried again next time.
+                let _ = refill(fs, &io, ino, fh, &gate, &file, Some(version));
             }
         }
     }
