@@ -23,6 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -40,7 +41,6 @@ struct Copy {
     fill: Mutex<Fill>,
 }
 
-#[derive(Default)]
 struct Fill {
     /// One bit per block written.
     have: Vec<u64>,
@@ -49,6 +49,50 @@ struct Fill {
     count: u64,
     /// A write failed: the copy is never complete.
     broken: bool,
+    /// When a block was last recorded.
+    touched: Instant,
+}
+
+impl Fill {
+    fn new(blocks: u64) -> Fill {
+        Fill {
+            have: vec![0; blocks.div_ceil(64) as usize],
+            queued: vec![0; blocks.div_ceil(64) as usize],
+            count: 0,
+            broken: false,
+            touched: Instant::now(),
+        }
+    }
+}
+
+/// A copy still being filled is not evicted for another one unless no
+/// block came for this long (two readers of large files would otherwise
+/// take each other's room block by block, and neither copy would end).
+const IDLE: Duration = Duration::from_secs(5);
+
+/// Evicts least recently used copies (complete ones, or ones left idle)
+/// until `size` more bytes fit in `budget`; false if they cannot.
+fn make_room(g: &mut Inner, size: u64, budget: u64) -> bool {
+    while g.used + size > budget {
+        let victim = g
+            .map
+            .iter()
+            .filter(|(_, (c, _))| {
+                let fill = lock(&c.fill);
+                fill.broken
+                    || fill.count == c.size.div_ceil(BLOCK_SIZE)
+                    || fill.touched.elapsed() > IDLE
+            })
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(k, _)| *k);
+        let Some(victim) = victim else {
+            return false;
+        };
+        if let Some((old, _)) = g.map.remove(&victim) {
+            g.used -= old.size;
+        }
+    }
+    true
 }
 
 struct Inner {
@@ -163,11 +207,8 @@ impl Copies {
         if let Some((old, _)) = g.map.remove(&(dev, ino)) {
             g.used -= old.size;
         }
-        while g.used + size > self.budget {
-            let victim = g.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k)?;
-            if let Some((old, _)) = g.map.remove(&victim) {
-                g.used -= old.size;
-            }
+        if !make_room(&mut g, size, self.budget) {
+            return None;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -189,11 +230,7 @@ impl Copies {
             version,
             size,
             file: Arc::new(file),
-            fill: Mutex::new(Fill {
-                have: vec![0; blocks.div_ceil(64) as usize],
-                queued: vec![0; blocks.div_ceil(64) as usize],
-                ..Fill::default()
-            }),
+            fill: Mutex::new(Fill::new(blocks)),
         });
         g.used += size;
         g.map.insert((dev, ino), (c.clone(), tick));
@@ -236,6 +273,7 @@ impl Copies {
                 return;
             }
             fill.queued[word] |= bit;
+            fill.touched = Instant::now();
         }
         let jobs = lock(&self.jobs).clone();
         if let Some(jobs) = jobs {
@@ -272,16 +310,8 @@ impl Copies {
         if let Some((old, _)) = g.map.remove(&(dev, ino)) {
             g.used -= old.size;
         }
-        if size == 0 || size > self.budget {
+        if size == 0 || !make_room(&mut g, size, self.budget) {
             return;
-        }
-        while g.used + size > self.budget {
-            let Some(victim) = g.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) else {
-                return;
-            };
-            if let Some((old, _)) = g.map.remove(&victim) {
-                g.used -= old.size;
-            }
         }
         let blocks = size.div_ceil(BLOCK_SIZE);
         let mut have = vec![u64::MAX; blocks.div_ceil(64) as usize];
@@ -302,6 +332,7 @@ impl Copies {
                 have,
                 count: blocks,
                 broken: false,
+                touched: Instant::now(),
             }),
         };
         g.map.insert((dev, ino), (Arc::new(c), tick));
@@ -384,10 +415,21 @@ mod tests {
         assert!(c.complete(1, 2, 1).is_none());
         assert!(c.complete(1, 3, 1).is_some());
         assert_eq!(c.used(), 2 * BLOCK_SIZE);
+        // A copy being filled is not evicted for another one.
+        c.record(1, 5, 1, 2 * BLOCK_SIZE, 0, &one);
+        c.flush();
+        assert!(c.complete(1, 1, 1).is_none(), "complete ones go first");
+        c.record(1, 6, 1, 2 * BLOCK_SIZE, 0, &one);
+        c.record(1, 6, 1, 2 * BLOCK_SIZE, 1, &one);
+        c.flush();
+        assert!(c.complete(1, 6, 1).is_none(), "file 5 is being filled");
+        c.record(1, 5, 1, 2 * BLOCK_SIZE, 1, &one);
+        c.flush();
+        assert!(c.complete(1, 5, 1).is_some());
         // Larger than the whole budget: never copied.
         c.record(1, 4, 1, 3 * BLOCK_SIZE, 0, &one);
         c.flush();
-        assert!(c.complete(1, 1, 1).is_some());
+        assert!(c.complete(1, 5, 1).is_some());
         assert_eq!(c.used(), 2 * BLOCK_SIZE);
     }
 }
