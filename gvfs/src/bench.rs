@@ -1,7 +1,8 @@
 //! The GVFS benchmark: sequential reads (cold and warm), 4 KiB random
 //! reads, and stat plus readdir over many files, through (a) the local
-//! file system, (b) a GVFS mount over loopback and (c) sshfs to a local
-//! sshd. Prints one JSON line per measurement and a summary line.
+//! file system, (b) a GVFS mount over loopback (plain TCP; plain TCP with
+//! whole-file copies and passthrough; TLS) and (c) sshfs to a local sshd.
+//! Prints one JSON line per measurement and a summary line.
 //!
 //! "Cold" for a mount means a fresh mount with empty client caches (the
 //! server's page cache holds the data, so the transport is measured);
@@ -163,6 +164,8 @@ impl Target for Local {
 
 struct Gvfs {
     name: &'static str,
+    /// Whole-file copies and passthrough on.
+    copies: bool,
     mnt: PathBuf,
     addr: std::net::SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -186,7 +189,11 @@ impl Gvfs {
             FsOptions {
                 attr_timeout: Duration::from_secs(60),
                 mem_cache_bytes: 512 << 20,
-                whole_copy_bytes: crate::client::DEFAULT_WHOLE_COPY_BYTES,
+                whole_copy_bytes: if self.copies {
+                    crate::client::BENCH_WHOLE_COPY_BYTES
+                } else {
+                    0
+                },
                 ..FsOptions::default()
             },
         )
@@ -463,7 +470,12 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
 
     measure(&mut Local(export.clone()), cfg, out, &mut samples)?;
 
-    for tls in [false, true] {
+    // Plain TCP, plain TCP with whole-file copies (passthrough), TLS.
+    for (name, tls, copies) in [
+        ("gvfs", false, false),
+        ("gvfs-copies", false, true),
+        ("gvfs-tls", true, false),
+    ] {
         let (server_tls, client_tls) = if tls {
             let (cert, key, ca) = make_certs(&cfg.dir)?;
             let setup = |e: crate::transport::TransportError| BenchError::Setup(e.to_string());
@@ -494,7 +506,8 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
         let mnt = cfg.dir.join("mnt-gvfs");
         fs::create_dir_all(&mnt).map_err(io_err("mnt"))?;
         let mut g = Gvfs {
-            name: if tls { "gvfs-tls" } else { "gvfs" },
+            name,
+            copies,
             mnt,
             addr,
             tls: client_tls,
@@ -516,27 +529,21 @@ pub fn run(cfg: &BenchConfig, out: &mut dyn Write) -> Result<Vec<Sample>, BenchE
         _ => "null".into(),
     };
     let g = |t: &str| get(&samples, "gvfs", t);
+    let c = |t: &str| get(&samples, "gvfs-copies", t);
+    let local = |t: &str| get(&samples, "local", t);
+    let sshfs = |t: &str| get(&samples, "sshfs", t);
     let _ = writeln!(
         out,
-        "{{\"summary\":true,\"warm_vs_local\":{},\"warm_dd_vs_local\":{},\"cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{},\"tls_cold_vs_plain\":{}}}",
-        ratio(g("seq_read_warm"), get(&samples, "local", "seq_read_warm")),
-        ratio(
-            g("seq_read_warm_dd"),
-            get(&samples, "local", "seq_read_warm_dd")
-        ),
-        ratio(g("seq_read_cold"), get(&samples, "sshfs", "seq_read_cold")),
-        ratio(
-            g("stat_pass_first"),
-            get(&samples, "sshfs", "stat_pass_first")
-        ),
-        ratio(
-            g("stat_pass_second"),
-            get(&samples, "local", "stat_pass_second")
-        ),
-        ratio(
-            g("rand_read_4k_cold"),
-            get(&samples, "sshfs", "rand_read_4k_cold")
-        ),
+        "{{\"summary\":true,\"warm_vs_local\":{},\"warm_dd_vs_local\":{},\"cold_vs_sshfs\":{},\"copies_warm_vs_local\":{},\"copies_warm_dd_vs_local\":{},\"copies_cold_vs_sshfs\":{},\"first_stat_vs_sshfs\":{},\"second_stat_vs_local\":{},\"rand_vs_sshfs\":{},\"tls_cold_vs_plain\":{}}}",
+        ratio(g("seq_read_warm"), local("seq_read_warm")),
+        ratio(g("seq_read_warm_dd"), local("seq_read_warm_dd")),
+        ratio(g("seq_read_cold"), sshfs("seq_read_cold")),
+        ratio(c("seq_read_warm"), local("seq_read_warm")),
+        ratio(c("seq_read_warm_dd"), local("seq_read_warm_dd")),
+        ratio(c("seq_read_cold"), sshfs("seq_read_cold")),
+        ratio(g("stat_pass_first"), sshfs("stat_pass_first")),
+        ratio(g("stat_pass_second"), local("stat_pass_second")),
+        ratio(g("rand_read_4k_cold"), sshfs("rand_read_4k_cold")),
         ratio(
             get(&samples, "gvfs-tls", "seq_read_cold"),
             g("seq_read_cold")

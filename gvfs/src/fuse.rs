@@ -49,6 +49,9 @@ pub struct FuseFs {
     ttl: Duration,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_dir: AtomicU64,
+    /// For each directory, a digest of the listing last given to the
+    /// kernel, which keeps it in its readdir cache while it is unchanged.
+    listed: Mutex<HashMap<u64, u64>>,
     /// Mounted read-only.
     read_only: bool,
     /// Passthrough is on: read-only, whole copies allowed, and the
@@ -135,6 +138,7 @@ impl FuseFs {
             fs,
             ttl,
             dirs: Mutex::new(HashMap::new()),
+            listed: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             read_only,
             passthrough: false,
@@ -561,12 +565,23 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
+    /// Lists the directory (from the client's directory cache while its
+    /// time-out runs, else from the server). The kernel caches the
+    /// entries it reads (FOPEN_CACHE_DIR), and keeps that cache across
+    /// opens (FOPEN_KEEP_CACHE) while the listing is the one it last got,
+    /// so listing an unchanged directory again does not reach the daemon.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.readdir(ino.0) {
             Ok(items) => {
+                let digest = listing_digest(&items);
+                let same = lock(&self.listed).insert(ino.0, digest) == Some(digest);
                 let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dirs).insert(fh, Arc::new(items));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if same {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -809,4 +824,18 @@ pub fn mount(
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;
     fuser::spawn_mount(FuseFs::new(fs, read_only), mountpoint, &cfg)
+}
+
+/// What the kernel's readdir cache holds of a listing: names, inode
+/// numbers and types, in order.
+fn listing_digest(items: &[DirItem]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for it in items {
+        it.name.hash(&mut h);
+        it.ino.hash(&mut h);
+        (file_type(it.attr.kind) as u8).hash(&mut h);
+    }
+    items.len().hash(&mut h);
+    h.finish()
 }

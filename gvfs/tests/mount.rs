@@ -208,6 +208,8 @@ fn change_on_server_is_seen_after_attr_timeout() {
         let f = m.join("f.txt").display().to_string();
         assert_eq!(sh_ok(&format!("cat {f}")), "version one\n");
         assert_eq!(sh_ok(&format!("ls {}", m.display())), "f.txt\n");
+        // Listed again unchanged: the kernel keeps its readdir cache.
+        assert_eq!(sh_ok(&format!("ls {}", m.display())), "f.txt\n");
         // Changed behind the client's back, same size and a new name beside it.
         fs::write(export.join("f.txt"), b"version TWO\n").unwrap();
         fs::write(export.join("g.txt"), b"new").unwrap();
@@ -218,6 +220,17 @@ fn change_on_server_is_seen_after_attr_timeout() {
         fs::write(export.join("f.txt"), b"version three, longer\n").unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(sh_ok(&format!("cat {f}")), "version three, longer\n");
+        // A name removed on the server leaves the listing (no stale
+        // readdir cache), even with the directory's mtime put back as it
+        // was, so that the kernel's own mtime check cannot tell.
+        let mtime = fs::metadata(&export).unwrap().modified().unwrap();
+        fs::remove_file(export.join("g.txt")).unwrap();
+        fs::File::open(&export)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(sh_ok(&format!("ls {}", m.display())), "f.txt\n");
         guard.unmount();
     });
     server.shutdown();

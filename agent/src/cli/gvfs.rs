@@ -99,11 +99,12 @@ pub struct MountArgs {
     /// Seconds attributes and directory listings are trusted.
     #[arg(long, default_value_t = 1.0)]
     attr_timeout: f64,
-    /// Disk space for whole local copies of files read in full, in MiB
-    /// (unnamed files in --cache-dir, or the temporary directory): reads
-    /// of an unchanged file with a copy pass through to it in the kernel
-    /// (0: no copies).
-    #[arg(long, default_value_t = gvfs::client::DEFAULT_WHOLE_COPY_BYTES >> 20)]
+    /// Keep whole local copies of files read in full, up to this many MiB
+    /// (unnamed files in --cache-dir, or the temporary directory), and
+    /// pass reads of an unchanged file with a copy through to it in the
+    /// kernel: warm reads as fast as local ones, cold reads slower (each
+    /// block is also written locally). Read-only mounts only. 0: off.
+    #[arg(long, default_value_t = 0)]
     whole_copy_mib: u64,
     /// Where to mount.
     mountpoint: PathBuf,

@@ -42,8 +42,8 @@ pub enum OnDisconnect {
     Wait,
 }
 
-/// Whole-file copy space the host mount uses unless told otherwise.
-pub const DEFAULT_WHOLE_COPY_BYTES: u64 = 4 << 30;
+/// Whole-file copy space the benchmark gives its mount with copies.
+pub const BENCH_WHOLE_COPY_BYTES: u64 = 4 << 30;
 
 /// Client options.
 #[derive(Debug, Clone)]
