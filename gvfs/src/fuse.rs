@@ -29,7 +29,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -40,18 +40,18 @@ use fuser::{
 };
 use tracing::debug;
 
-use crate::client::{ClientError, DirItem, Fs, Opened};
+use crate::client::{ClientError, DirItem, DirReader, Fs, Opened};
 use crate::proto::{Attr, Kind, SetAttr, SetTime, Time};
 
 /// Adapts [`Fs`] to `fuser::Filesystem`.
 pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_dir: AtomicU64,
     /// For each directory, a digest of the listing last given to the
     /// kernel, which keeps it in its readdir cache while it is unchanged.
-    listed: Mutex<HashMap<u64, u64>>,
+    listed: Arc<Mutex<HashMap<u64, u64>>>,
     /// Mounted read-only.
     read_only: bool,
     /// Passthrough is on: read-only, whole copies allowed, and the
@@ -138,7 +138,7 @@ impl FuseFs {
             fs,
             ttl,
             dirs: Mutex::new(HashMap::new()),
-            listed: Mutex::new(HashMap::new()),
+            listed: Arc::new(Mutex::new(HashMap::new())),
             next_dir: AtomicU64::new(1),
             read_only,
             passthrough: false,
@@ -565,26 +565,51 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    /// Lists the directory (from the client's directory cache while its
-    /// time-out runs, else from the server). The kernel caches the
-    /// entries it reads (FOPEN_CACHE_DIR), and keeps that cache across
-    /// opens (FOPEN_KEEP_CACHE) while the listing is the one it last got,
-    /// so listing an unchanged directory again does not reach the daemon.
+    /// Lists the directory: from the client's directory cache while its
+    /// time-out runs, else from the server a batch at a time. The first
+    /// batch comes before the reply; a thread reads the others while the
+    /// kernel takes the first entries, so server and kernel work at once
+    /// on a large directory. The kernel caches the entries it reads
+    /// (FOPEN_CACHE_DIR), and keeps that cache across opens
+    /// (FOPEN_KEEP_CACHE) while the listing is the one it last got, so
+    /// listing an unchanged directory again does not reach the daemon.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.readdir(ino.0) {
-            Ok(items) => {
-                let digest = listing_digest(&items);
-                let same = lock(&self.listed).insert(ino.0, digest) == Some(digest);
-                let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-                lock(&self.dirs).insert(fh, Arc::new(items));
-                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                if same {
-                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                }
-                reply.opened(FileHandle(fh), flags);
+        let mut r = DirReader::new(ino.0);
+        let first = match self.fs.read_dir_batch(&mut r) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(e) => return reply.error(errno(e)),
+        };
+        let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+        let dir = if r.is_complete() {
+            let digest = listing_digest(&first);
+            if lock(&self.listed).insert(ino.0, digest) == Some(digest) {
+                flags |= FopenFlags::FOPEN_KEEP_CACHE;
             }
-            Err(e) => reply.error(errno(e)),
-        }
+            Arc::new(OpenDir::new(first, true))
+        } else {
+            // Recorded once the listing is complete.
+            lock(&self.listed).remove(&ino.0);
+            let dir = Arc::new(OpenDir::new(first, false));
+            let (fs, listed, d) = (self.fs.clone(), self.listed.clone(), dir.clone());
+            let rest = move || list_rest(&fs, &mut r, &d, &listed);
+            if let Err(e) = std::thread::Builder::new()
+                .name("gvfs-readdir".into())
+                .spawn(rest)
+            {
+                debug!(error = %e, "no lister thread; listing in place");
+                let all = match self.fs.readdir(ino.0) {
+                    Ok(all) => all,
+                    Err(e) => return reply.error(errno(e)),
+                };
+                lock(&self.listed).insert(ino.0, listing_digest(&all));
+                Arc::new(OpenDir::new(all, true))
+            } else {
+                dir
+            }
+        };
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, dir);
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn readdir(
@@ -595,10 +620,14 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(items) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
-        for (i, it) in items.iter().enumerate().skip(offset as usize) {
+        let listed = dir.wait_for(offset as usize);
+        if let Err(e) = listed.past_end(offset as usize) {
+            return reply.error(e);
+        }
+        for (i, it) in listed.items.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(it.ino),
                 i as u64 + 1,
@@ -619,10 +648,14 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(items) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
-        for (i, it) in items.iter().enumerate().skip(offset as usize) {
+        let listed = dir.wait_for(offset as usize);
+        if let Err(e) = listed.past_end(offset as usize) {
+            return reply.error(e);
+        }
+        for (i, it) in listed.items.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(it.ino),
                 i as u64 + 1,
@@ -824,6 +857,77 @@ pub fn mount(
     cfg.n_threads = Some(4);
     cfg.clone_fd = true;
     fuser::spawn_mount(FuseFs::new(fs, read_only), mountpoint, &cfg)
+}
+
+/// An open directory's entries, which a lister thread may still be
+/// adding to while the kernel reads the first ones.
+struct OpenDir {
+    listed: Mutex<Listed>,
+    grown: Condvar,
+}
+
+struct Listed {
+    items: Vec<DirItem>,
+    /// Set once the listing is complete (`Ok`) or has failed.
+    end: Option<Result<(), Errno>>,
+}
+
+impl Listed {
+    /// For a read from `offset`: an error if it is past the entries and
+    /// the listing failed.
+    fn past_end(&self, offset: usize) -> Result<(), Errno> {
+        match self.end {
+            Some(Err(e)) if offset >= self.items.len() => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl OpenDir {
+    fn new(items: Vec<DirItem>, complete: bool) -> OpenDir {
+        OpenDir {
+            listed: Mutex::new(Listed {
+                items,
+                end: complete.then_some(Ok(())),
+            }),
+            grown: Condvar::new(),
+        }
+    }
+
+    /// The listing once it holds entry `offset` or has ended.
+    fn wait_for(&self, offset: usize) -> MutexGuard<'_, Listed> {
+        let mut l = lock(&self.listed);
+        while l.items.len() <= offset && l.end.is_none() {
+            l = self.grown.wait(l).unwrap_or_else(|e| e.into_inner());
+        }
+        l
+    }
+
+    fn push(&self, batch: Vec<DirItem>) {
+        lock(&self.listed).items.extend(batch);
+        self.grown.notify_all();
+    }
+
+    fn end(&self, end: Result<(), Errno>) {
+        lock(&self.listed).end = Some(end);
+        self.grown.notify_all();
+    }
+}
+
+/// The lister thread: reads the rest of the listing `r` into `dir`, and
+/// once it is complete records its digest for the next open.
+fn list_rest(fs: &Fs, r: &mut DirReader, dir: &OpenDir, listed: &Mutex<HashMap<u64, u64>>) {
+    loop {
+        match fs.read_dir_batch(r) {
+            Ok(Some(batch)) => dir.push(batch),
+            Ok(None) => {
+                let digest = listing_digest(&lock(&dir.listed).items);
+                lock(listed).insert(r.ino(), digest);
+                return dir.end(Ok(()));
+            }
+            Err(e) => return dir.end(Err(errno(e))),
+        }
+    }
 }
 
 /// What the kernel's readdir cache holds of a listing: names, inode

@@ -72,6 +72,11 @@ impl IdMap {
     }
 }
 
+/// Bytes of entries per READDIR reply (at most [`proto::MAX_READDIR_BYTES`]):
+/// about a thousand entries, so that a client can hand out the first
+/// entries of a large directory while the server reads the rest.
+const READDIR_BATCH_BYTES: usize = 128 * 1024;
+
 /// How to serve an export.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -924,7 +929,7 @@ impl Conn {
         let mut entries = Vec::new();
         let mut bytes = 0usize;
         let mut last = cookie;
-        let budget = proto::MAX_READDIR_BYTES as usize;
+        let budget = READDIR_BATCH_BYTES;
         loop {
             let batch = sys::getdents(fd.as_fd(), &mut buf).map_err(errno)?;
             if batch.is_empty() {

@@ -237,6 +237,44 @@ fn change_on_server_is_seen_after_attr_timeout() {
 }
 
 #[test]
+fn a_directory_larger_than_one_reply_lists_whole_and_in_order() {
+    // About 1,100 entries fit in one READDIR reply: 3,000 take three, and
+    // the mount hands out the first while the server reads the others.
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(export.join("big")).unwrap();
+    let mut names: Vec<String> = (0..3000).map(|i| format!("entry-{i:05}")).collect();
+    for n in &names {
+        fs::write(export.join("big").join(n), n.as_bytes()).unwrap();
+    }
+    names.sort();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let fs_ = client(server.local_addr(), FsOptions::default());
+    let m = mnt.clone();
+    bounded(60, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        let dir = m.join("big");
+        for pass in ["from the server", "from the caches"] {
+            let mut got: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            got.sort();
+            assert_eq!(got.len(), names.len(), "{pass}");
+            assert!(got == names, "{pass}: the names differ");
+        }
+        // Every entry's attributes came with the listing: a file is whole.
+        assert_eq!(
+            fs::read_to_string(dir.join("entry-02999")).unwrap(),
+            "entry-02999"
+        );
+        guard.unmount();
+    });
+    server.shutdown();
+}
+
+#[test]
 fn identity_mapping_shows_mapped_owner_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let export = tmp.path().join("export");

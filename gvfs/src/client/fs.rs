@@ -93,6 +93,37 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
+/// Where a listing read a batch at a time stands (see
+/// [`Fs::read_dir_batch`]).
+#[derive(Debug)]
+pub struct DirReader {
+    ino: u64,
+    /// The server's cookie for the next batch; `None` once complete.
+    next: Option<u64>,
+    /// Names and inodes so far, for the directory cache.
+    names: Vec<(Vec<u8>, u64)>,
+}
+
+impl DirReader {
+    pub fn new(ino: u64) -> DirReader {
+        DirReader {
+            ino,
+            next: Some(0),
+            names: Vec::new(),
+        }
+    }
+
+    /// The directory listed.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// Every entry has been read.
+    pub fn is_complete(&self) -> bool {
+        self.next.is_none()
+    }
+}
+
 /// A directory's entries: names and inode numbers.
 type Listing = Arc<Vec<(Vec<u8>, u64)>>;
 
@@ -560,61 +591,79 @@ impl Fs {
 
     /// Every entry of a directory with attributes (no `.` and `..`), from
     /// the cache while fresh: one round trip per directory, not per file.
+    /// The whole listing of directory `ino` (see [`Fs::read_dir_batch`]).
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirItem>, ClientError> {
-        {
-            let t = lock(&self.inodes);
-            if let Some((list, at)) = t.map.get(&ino).and_then(|i| i.listing.clone())
-                && at.elapsed() < self.opts.attr_timeout
-            {
-                let items: Option<Vec<DirItem>> = list
-                    .iter()
-                    .map(|(name, child)| {
-                        let a = t.map.get(child)?.attr?.0;
-                        Some(DirItem {
-                            name: name.clone(),
-                            ino: *child,
-                            attr: a,
-                        })
-                    })
-                    .collect();
-                if let Some(items) = items {
-                    return Ok(items);
-                }
-            }
+        let mut r = DirReader::new(ino);
+        let mut all = Vec::new();
+        while let Some(batch) = self.read_dir_batch(&mut r)? {
+            all.extend(batch);
         }
-        let entries = self.run(|s| {
+        Ok(all)
+    }
+
+    /// The listing of `ino` while the directory cache holds it (within the
+    /// attribute time-out), without asking the server.
+    pub fn cached_readdir(&self, ino: u64) -> Option<Vec<DirItem>> {
+        let t = lock(&self.inodes);
+        let (list, at) = t.map.get(&ino)?.listing.clone()?;
+        if at.elapsed() >= self.opts.attr_timeout {
+            return None;
+        }
+        list.iter()
+            .map(|(name, child)| {
+                let a = t.map.get(child)?.attr?.0;
+                Some(DirItem {
+                    name: name.clone(),
+                    ino: *child,
+                    attr: a,
+                })
+            })
+            .collect()
+    }
+
+    /// The next entries of the listing `r` reads: all of them at once
+    /// from the directory cache, else a batch at a time from the server
+    /// (one round trip each, attributes included), so that a caller can
+    /// hand out the first entries of a large directory while the server
+    /// still reads the rest. `None` once the listing is complete; it is
+    /// then in the directory cache.
+    pub fn read_dir_batch(&self, r: &mut DirReader) -> Result<Option<Vec<DirItem>>, ClientError> {
+        let Some(cookie) = r.next else {
+            return Ok(None);
+        };
+        if cookie == 0
+            && r.names.is_empty()
+            && let Some(items) = self.cached_readdir(r.ino)
+        {
+            r.next = None;
+            return Ok(Some(items));
+        }
+        let ino = r.ino;
+        let (entries, next, epoch) = self.run(|s| {
             let node = self.node(s, ino)?;
-            let mut all = Vec::new();
-            let mut cookie = 0;
-            loop {
-                match check(s.conn.call(&Request::Readdir { node, cookie })?)? {
-                    Response::Dir { entries, next } => {
-                        all.extend(entries);
-                        match next {
-                            Some(c) => cookie = c,
-                            None => break,
-                        }
-                    }
-                    _ => return Err(ClientError::Unexpected),
-                }
+            match check(s.conn.call(&Request::Readdir { node, cookie })?)? {
+                Response::Dir { entries, next } => Ok((entries, next, self.node_gen(s))),
+                _ => Err(ClientError::Unexpected),
             }
-            Ok((all, self.node_gen(s)))
         })?;
-        let (entries, epoch) = entries;
         let mut items = Vec::with_capacity(entries.len());
         for e in entries {
             let child = self.intern(ino, &e.name, e.attr, epoch);
+            r.names.push((e.name.clone(), child));
             items.push(DirItem {
                 name: e.name,
                 ino: child,
                 attr: e.attr,
             });
         }
-        let list = Arc::new(items.iter().map(|i| (i.name.clone(), i.ino)).collect());
-        if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
-            i.listing = Some((list, Instant::now()));
+        r.next = next;
+        if next.is_none() {
+            let list = Arc::new(std::mem::take(&mut r.names));
+            if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
+                i.listing = Some((list, Instant::now()));
+            }
         }
-        Ok(items)
+        Ok(Some(items))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, ClientError> {

@@ -8,5 +8,6 @@ pub mod fs;
 pub use cache::{BLOCK_SIZE, CacheStats};
 pub use conn::{ClientError, ConnectConfig};
 pub use fs::{
-    BENCH_WHOLE_COPY_BYTES, DirItem, Entry, Fs, FsOptions, OnDisconnect, Opened, ROOT_INO,
+    BENCH_WHOLE_COPY_BYTES, DirItem, DirReader, Entry, Fs, FsOptions, OnDisconnect, Opened,
+    ROOT_INO,
 };
