@@ -310,23 +310,33 @@ fn the_guest_survives_its_vhost_user_backend() {
     assert!(done.lines.iter().any(|l| l.contains("\"shutdown\"")));
 }
 
+/// Boots the probe with a vhost-user-fs share on `socket` and checks that
+/// vmplant refuses it: exit status 1 and a one-line error that names the
+/// socket and says `what`.
+fn refused_backend(socket: &Path, what: &str) {
+    let done = Vmm::probe(
+        "ready+shutdown",
+        &["--vhost-user-fs", &format!("data={}", socket.display())],
+    )
+    .wait(RUN);
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    let name = socket.file_name().unwrap().to_str().unwrap();
+    assert!(
+        done.stderr.contains("vhost-user backend at")
+            && done.stderr.contains(name)
+            && done.stderr.contains(what),
+        "{}",
+        done.stderr
+    );
+}
+
 #[test]
 fn a_vhost_user_socket_nobody_serves_is_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("vmplant-vhost-none-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // Nothing there at all.
-    let missing = dir.join("missing.sock");
-    let done = Vmm::probe(
-        "ready+shutdown",
-        &["--vhost-user-fs", &format!("data={}", missing.display())],
-    )
-    .wait(RUN);
-    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("vhost-user") && done.stderr.contains("missing.sock"),
-        "{}",
-        done.stderr
-    );
+    refused_backend(&dir.join("missing.sock"), "cannot connect");
+
     // A listener that accepts and hangs up at once, like a crashed backend.
     let sock = dir.join("hangup.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -335,20 +345,9 @@ fn a_vhost_user_socket_nobody_serves_is_a_clear_error() {
             drop(s);
         }
     });
-    let done = Vmm::probe(
-        "ready+shutdown",
-        &["--vhost-user-fs", &format!("data={}", sock.display())],
-    )
-    .wait(RUN);
-    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("vhost-user backend at")
-            && done.stderr.contains("hangup.sock")
-            && done.stderr.contains("failed"),
-        "{}",
-        done.stderr
-    );
+    refused_backend(&sock, "failed");
     hangup.join().unwrap();
+
     // A listener that accepts and then never answers: vmplant gives up
     // after its 5 s reply timeout instead of hanging.
     let sock = dir.join("silent.sock");
@@ -359,18 +358,8 @@ fn a_vhost_user_socket_nobody_serves_is_a_clear_error() {
             let _ = rx.recv_timeout(RUN);
         }
     });
-    let done = Vmm::probe(
-        "ready+shutdown",
-        &["--vhost-user-fs", &format!("data={}", sock.display())],
-    )
-    .wait(RUN);
+    refused_backend(&sock, "failed");
     let _ = tx.send(());
-    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("silent.sock") && done.stderr.contains("failed"),
-        "{}",
-        done.stderr
-    );
     silent.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
