@@ -116,16 +116,7 @@ pub fn run(cmd: GvfsCommand) -> CliResult {
         GvfsCommand::Mount(a) => mount(a),
     };
     // Print the whole cause chain ("cannot connect: connection refused").
-    res.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        msg.into()
-    })
+    res.map_err(|e| super::switch::chain(e.as_ref()).into())
 }
 
 pub(super) fn read_token(path: &Path) -> Result<Vec<u8>, String> {
