@@ -1,0 +1,139 @@
+//! `vmplant gvfs serve` and `vmplant gvfs mount` as a user runs them: the
+//! mount shows the export's files, and Ctrl-C (SIGINT) or SIGTERM unmounts
+//! it cleanly (the process exits 0 and the mount point is no longer
+//! mounted). Needs root for FUSE; no KVM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use vmplant_tests::vmplant;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A child killed and reaped on drop.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `vmplant gvfs ARGS` and waits for a standard-error line that
+/// starts with `ready`; returns the child and that line.
+fn start(args: &[&str], ready: &str) -> (Reaped, String) {
+    let mut child = Command::new(vmplant())
+        .arg("gvfs")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start vmplant gvfs");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(ready) => return (Reaped(child), line),
+            Ok(_) => {}
+            Err(_) => panic!("vmplant gvfs {args:?} did not say {ready:?}"),
+        }
+    }
+}
+
+fn is_mounted(at: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let at = at.to_str().unwrap();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(at))
+}
+
+fn mount_and_stop_with(signal: i32) {
+    let dir =
+        std::env::temp_dir().join(format!("vmplant-gvfs-cli-{}-{signal}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let export = dir.join("export");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::write(export.join("hello.txt"), "hello over gvfs\n").unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "cli-test-token\n").unwrap();
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+
+    let (_server, line) = start(
+        &[
+            "serve",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            &path(&export),
+            "--token-file",
+            &path(&token),
+        ],
+        "gvfs: serving on ",
+    );
+    let addr = line
+        .trim_start_matches("gvfs: serving on ")
+        .trim()
+        .to_string();
+    let (mut mount, _) = start(
+        &[
+            "mount",
+            "--server",
+            &addr,
+            "--token-file",
+            &path(&token),
+            "--plaintext",
+            &path(&mnt),
+        ],
+        &format!("gvfs: {addr} mounted on"),
+    );
+    assert!(is_mounted(&mnt), "{mnt:?} is not mounted");
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("hello.txt")).unwrap(),
+        "hello over gvfs\n"
+    );
+
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    let r = unsafe { libc::kill(mount.0.id() as i32, signal) };
+    assert_eq!(r, 0);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = mount.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount did not end on signal {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "signal {signal}: {status}");
+    assert!(
+        !is_mounted(&mnt),
+        "{mnt:?} is still mounted after signal {signal}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ctrl_c_unmounts_cleanly() {
+    mount_and_stop_with(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    mount_and_stop_with(libc::SIGTERM);
+}
