@@ -125,6 +125,18 @@ pub fn drain_queue<'m>(
     device: &str,
     mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
 ) -> bool {
+    drain_queue_deferred(mem, queue, device, |chain| Some(serve(chain)))
+}
+
+/// Like [`drain_queue`], but `serve` may keep a chain to give back later
+/// (by returning `None`; the caller then adds it to the used ring itself);
+/// `Some(len)` gives it back now with `len` bytes written.
+pub fn drain_queue_deferred<'m>(
+    mem: &'m GuestMemoryMmap,
+    queue: &mut Queue,
+    device: &str,
+    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Option<u32>,
+) -> bool {
     let mut used = false;
     loop {
         if queue.disable_notification(mem).is_err() {
@@ -132,7 +144,9 @@ pub fn drain_queue<'m>(
         }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = serve(chain);
+            let Some(len) = serve(chain) else {
+                continue;
+            };
             if queue.add_used(mem, head, len).is_err() {
                 tracing::warn!("{device}: used ring is not writable");
                 return used;

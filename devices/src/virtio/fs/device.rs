@@ -1,14 +1,14 @@
 //! The virtio-fs device and the thread that serves its queues.
 
-use super::queue::{self, Scratch};
+use super::queue::{self, Job};
 use super::{FuseServer, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
     VirtioInterrupt,
 };
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -115,13 +115,17 @@ impl VirtioDevice for Fs {
         for (i, evt) in ctx.queue_events.iter().enumerate() {
             watch(evt.as_raw_fd(), i as u64)?;
         }
-        let serve = Serve {
+        let shared = Arc::new(Shared {
             mem: ctx.mem,
-            queues: ctx.queues,
-            events: ctx.queue_events,
+            queues: ctx.queues.into_iter().map(Mutex::new).collect(),
             interrupt: ctx.interrupt,
             server: self.server.clone(),
             counters: self.counters.clone(),
+            stopping: AtomicBool::new(false),
+        });
+        let serve = Serve {
+            shared,
+            events: ctx.queue_events,
             epoll,
         };
         let thread = std::thread::Builder::new()
@@ -138,24 +142,90 @@ impl VirtioDevice for Fs {
     }
 }
 
-/// The worker's state: the queues it serves until told to stop.
-struct Serve {
+/// Threads answering requests: a request that waits on the remote server
+/// (a cold read, say) does not hold up the others behind it.
+const HANDLERS: usize = 4;
+
+/// What the queue thread and the handlers share.
+struct Shared {
     mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    events: Vec<EventFd>,
+    queues: Vec<Mutex<Queue>>,
     interrupt: Arc<VirtioInterrupt>,
     server: Arc<dyn FuseServer>,
     counters: Arc<FsCounters>,
+    /// The device is stopping: requests not yet answered are dropped.
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn queue(&self, i: usize) -> std::sync::MutexGuard<'_, Queue> {
+        self.queues[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the guest about chains given back on queue `i`.
+    fn notify(&self, q: &mut Queue) {
+        if q.needs_notification(&self.mem).unwrap_or(true)
+            && let Err(e) = self.interrupt.signal_used_queue()
+        {
+            tracing::warn!("virtio-fs: cannot interrupt the guest: {e}");
+        }
+    }
+
+    /// Answers one request and gives its chain back.
+    fn answer(&self, i: usize, job: Job) {
+        let reply = self.server.handle(&job.request);
+        if self.stopping.load(Relaxed) {
+            return;
+        }
+        let mut q = self.queue(i);
+        if queue::complete(&self.mem, &mut q, job, reply.as_deref()) {
+            self.notify(&mut q);
+        }
+    }
+}
+
+/// The queue thread: takes requests off the queues when the guest kicks
+/// them and hands them to the handlers, until told to stop.
+struct Serve {
+    shared: Arc<Shared>,
+    events: Vec<EventFd>,
     epoll: Epoll,
 }
 
 impl Serve {
-    fn run(mut self) {
-        let mut scratch = Scratch::default();
+    fn run(self) {
+        let (jobs, rx) = mpsc::channel::<(usize, Job)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let handlers: Vec<JoinHandle<()>> = (0..HANDLERS)
+            .filter_map(|n| {
+                let (shared, rx) = (self.shared.clone(), rx.clone());
+                std::thread::Builder::new()
+                    .name(format!("virtio-fs-h{n}"))
+                    .spawn(move || {
+                        loop {
+                            let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            match next {
+                                Ok((i, job)) => shared.answer(i, job),
+                                Err(_) => return,
+                            }
+                        }
+                    })
+                    .map_err(|e| tracing::warn!("virtio-fs: a handler thread: {e}"))
+                    .ok()
+            })
+            .collect();
+        // Without handlers the queue thread answers requests itself.
+        let dispatch = |i: usize, job: Job| {
+            if handlers.is_empty() {
+                self.shared.answer(i, job);
+            } else if let Err(mpsc::SendError((i, job))) = jobs.send((i, job)) {
+                self.shared.answer(i, job);
+            }
+        };
         let mut ready = [EpollEvent::default(); 4];
         // Requests queued before the worker started.
-        for i in 0..self.queues.len() {
-            self.serve(i, &mut scratch);
+        for i in 0..self.shared.queues.len() {
+            self.take(i, &dispatch);
         }
         loop {
             let n = match self.epoll.wait(-1, &mut ready) {
@@ -163,35 +233,47 @@ impl Serve {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("virtio-fs worker stops: {e}");
-                    return;
+                    break;
                 }
             };
+            if ready[..n].iter().any(|ev| ev.data() == u64::MAX) {
+                break;
+            }
             for ev in &ready[..n] {
-                let i = ev.data();
-                if i == u64::MAX {
-                    return;
-                }
-                let i = i as usize;
+                let i = ev.data() as usize;
                 if let Some(evt) = self.events.get(i) {
                     let _ = evt.read();
-                    self.serve(i, &mut scratch);
+                    self.take(i, &dispatch);
                 }
+            }
+        }
+        self.shared.stopping.store(true, Relaxed);
+        drop(jobs);
+        for h in handlers {
+            if h.join().is_err() {
+                tracing::error!("virtio-fs handler panicked");
             }
         }
     }
 
-    fn serve(&mut self, i: usize, scratch: &mut Scratch) {
-        let Some(q) = self.queues.get_mut(i) else {
+    fn take(&self, i: usize, dispatch: &impl Fn(usize, Job)) {
+        let s = &self.shared;
+        if i >= s.queues.len() {
             return;
-        };
-        let pass = queue::process(&self.mem, q, self.server.as_ref(), scratch);
-        self.counters.requests.fetch_add(pass.requests, Relaxed);
-        self.counters.malformed.fetch_add(pass.malformed, Relaxed);
-        if pass.used
-            && q.needs_notification(&self.mem).unwrap_or(true)
-            && let Err(e) = self.interrupt.signal_used_queue()
+        }
+        let mut pass = queue::Pass::default();
+        let mut taken = Vec::new();
         {
-            tracing::warn!("virtio-fs: cannot interrupt the guest: {e}");
+            let mut q = s.queue(i);
+            if queue::take(&s.mem, &mut q, &mut pass, |job| taken.push(job)) {
+                // Malformed chains went back at once.
+                s.notify(&mut q);
+            }
+        }
+        s.counters.requests.fetch_add(pass.requests, Relaxed);
+        s.counters.malformed.fetch_add(pass.malformed, Relaxed);
+        for job in taken {
+            dispatch(i, job);
         }
     }
 }
@@ -225,5 +307,105 @@ mod tests {
             assert!(Fs::new(bad, Arc::new(Nobody)).is_err(), "{bad:?}");
         }
         assert!(Fs::new(&"x".repeat(TAG_LEN), Arc::new(Nobody)).is_ok());
+    }
+
+    /// Holds request 1 until request 2 has been answered (or 10 s went
+    /// by), as a request waiting on the remote server would.
+    #[derive(Default)]
+    struct Slow {
+        second_done: Mutex<bool>,
+        done: std::sync::Condvar,
+        first_saw_second: AtomicBool,
+    }
+
+    impl FuseServer for Slow {
+        fn handle(&self, request: &[u8]) -> Option<Vec<u8>> {
+            let unique = u64::from_le_bytes(request[8..16].try_into().unwrap());
+            if unique == 1 {
+                let g = self.second_done.lock().unwrap();
+                let (g, _) = self
+                    .done
+                    .wait_timeout_while(g, std::time::Duration::from_secs(10), |d| !*d)
+                    .unwrap();
+                self.first_saw_second.store(*g, Relaxed);
+            } else {
+                *self.second_done.lock().unwrap() = true;
+                self.done.notify_all();
+            }
+            let mut r = vec![0u8; 16];
+            r[..4].copy_from_slice(&16u32.to_le_bytes());
+            r[8..16].copy_from_slice(&unique.to_le_bytes());
+            Some(r)
+        }
+    }
+
+    #[test]
+    fn a_slow_request_does_not_hold_up_the_next() {
+        use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let requests = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        // Two requests (ids 1 and 2), each a readable and a writable
+        // descriptor.
+        for (n, unique) in [(0u16, 1u64), (1, 2)] {
+            let mut req = vec![0u8; 40];
+            req[..4].copy_from_slice(&40u32.to_le_bytes());
+            req[4..8].copy_from_slice(&3u32.to_le_bytes()); // GETATTR
+            req[8..16].copy_from_slice(&unique.to_le_bytes());
+            let (inb, outb) = (
+                0x10_0000 + u64::from(n) * 0x1000,
+                0x20_0000 + u64::from(n) * 0x1000,
+            );
+            mem.write_slice(&req, GuestAddress(inb)).unwrap();
+            let d = 2 * n;
+            let table = requests.desc_table();
+            table
+                .store(d, RawDescriptor::from(Descriptor::new(inb, 40, 1, d + 1)))
+                .unwrap();
+            table
+                .store(d + 1, RawDescriptor::from(Descriptor::new(outb, 64, 2, 0)))
+                .unwrap();
+            let avail = requests.avail();
+            let at = avail.idx().load();
+            avail.ring().ref_at(usize::from(at)).unwrap().store(d);
+            avail.idx().store(at + 1);
+        }
+        let server = Arc::new(Slow::default());
+        let mut fs = Fs::new("data", server.clone()).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fs.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                hiprio.create_queue().unwrap(),
+                requests.create_queue().unwrap(),
+            ],
+            queue_events: vec![evt(), evt()],
+            interrupt: Arc::new(VirtioInterrupt::new(evt())),
+        })
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while requests.used().idx().load() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests not answered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            server.first_saw_second.load(Relaxed),
+            "request 2 waited for request 1"
+        );
+        // Both replies are where the guest put room for them.
+        for (n, unique) in [(0u64, 1u64), (1, 2)] {
+            let got: u64 = mem
+                .read_obj(GuestAddress(0x20_0000 + n * 0x1000 + 8))
+                .unwrap();
+            assert_eq!(got, unique);
+        }
+        let c = fs.counters();
+        assert_eq!(c.requests.load(Relaxed), 2);
     }
 }

@@ -3,9 +3,11 @@
 //!
 //! - `queue.rs`: request chains to FUSE messages and back, every guest
 //!   address and length checked, testable with the mock driver;
-//! - `device.rs`: the [`Fs`] device, its config space and the worker
-//!   thread that serves its queues (FUSE requests may wait on a remote
-//!   server, so they are kept off the VM's event loop);
+//! - `device.rs`: the [`Fs`] device, its config space, the thread that
+//!   takes requests off its queues and the handler threads that answer
+//!   them, in any order (FUSE requests may wait on a remote server, so
+//!   they are kept off the VM's event loop, and a slow one does not hold
+//!   up the others);
 //! - `vhost_user.rs`: [`VhostUserFs`], the same device with its queues
 //!   served by an external vhost-user backend (virtiofsd);
 //! - `persist.rs`: the state kept in a snapshot.

@@ -4,8 +4,8 @@
 //! the request's id can be read) and never stop the device.
 
 use super::{FuseServer, MAX_REQUEST};
-use crate::virtio::{GuestMemoryMmap, drain_queue};
-use virtio_queue::Queue;
+use crate::virtio::{GuestMemoryMmap, drain_queue_deferred};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// `fuse_out_header`: len, error, unique.
@@ -33,9 +33,9 @@ pub struct Pass {
     pub used: bool,
 }
 
-/// Reusable buffers of a queue's worker.
+/// A chain's request and reply buffers, as gathered.
 #[derive(Default)]
-pub struct Scratch {
+struct Scratch {
     request: Vec<u8>,
     writable: Vec<(GuestAddress, usize)>,
 }
@@ -101,50 +101,96 @@ fn eio_reply(unique: u64) -> [u8; OUT_HEADER] {
     r
 }
 
-/// Serves every available request on `queue`.
-pub fn process(
+/// One well-formed request taken off a queue: the request's bytes and
+/// where its reply goes. It stays the device's until [`complete`].
+#[derive(Debug)]
+pub struct Job {
+    head: u16,
+    pub request: Vec<u8>,
+    writable: Vec<(GuestAddress, usize)>,
+}
+
+/// Takes every available request off `queue`. Each well-formed one goes
+/// to `dispatch` as a [`Job`], to be answered later, in any order, with
+/// [`complete`]; a malformed one goes back to the guest at once, with an
+/// EIO reply when its id can be read. Notifications stay off while the
+/// queue is drained. Returns whether any chain went back.
+pub fn take(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
-    server: &dyn FuseServer,
-    s: &mut Scratch,
-) -> Pass {
-    let mut pass = Pass::default();
-    pass.used = drain_queue(mem, queue, "virtio-fs", |chain| {
+    pass: &mut Pass,
+    mut dispatch: impl FnMut(Job),
+) -> bool {
+    let mut s = Scratch::default();
+    let mut jobs = Vec::new();
+    let used = drain_queue_deferred(mem, queue, "virtio-fs", |chain| {
         let head = chain.head_index();
-        let result = gather(mem, chain, s).and_then(|()| {
-            let Some(reply) = server.handle(&s.request) else {
-                return Ok(0);
-            };
-            match write_reply(mem, &s.writable, &reply) {
-                Ok(()) => Ok(reply.len()),
-                Err(RequestError::ReplyTooLarge) => {
-                    // The guest offered less room than its request needs.
-                    let unique = unique_of(&s.request);
-                    let eio = eio_reply(unique);
-                    write_reply(mem, &s.writable, &eio).map(|()| eio.len())
-                }
-                Err(e) => Err(e),
-            }
-        });
-        let len = match result {
-            Ok(n) => {
+        match gather(mem, chain, &mut s) {
+            Ok(()) => {
                 pass.requests += 1;
-                n
+                jobs.push(Job {
+                    head,
+                    request: std::mem::take(&mut s.request),
+                    writable: std::mem::take(&mut s.writable),
+                });
+                None
             }
             Err(e) => {
                 pass.malformed += 1;
                 tracing::debug!("virtio-fs: request {head} dropped: {e}");
-                // Answer with EIO when the request's id is readable.
                 let eio = eio_reply(unique_of(&s.request));
-                if s.request.len() >= UNIQUE_AT + 8 && write_reply(mem, &s.writable, &eio).is_ok() {
+                let len = if s.request.len() >= UNIQUE_AT + 8
+                    && write_reply(mem, &s.writable, &eio).is_ok()
+                {
+                    eio.len()
+                } else {
+                    0
+                };
+                Some(len as u32)
+            }
+        }
+    });
+    jobs.into_iter().for_each(&mut dispatch);
+    used
+}
+
+/// Writes `reply` (`None`: the request gets none, as FORGET) into the
+/// job's buffers and gives its chain back to the guest; a reply larger
+/// than the guest's buffers becomes EIO. Returns whether the chain went
+/// back.
+pub fn complete(mem: &GuestMemoryMmap, queue: &mut Queue, job: Job, reply: Option<&[u8]>) -> bool {
+    let len = match reply {
+        None => 0,
+        Some(reply) => match write_reply(mem, &job.writable, reply) {
+            Ok(()) => reply.len(),
+            Err(e) => {
+                // The guest offered less room than its request needs.
+                tracing::debug!("virtio-fs: request {}: {e}", job.head);
+                let eio = eio_reply(unique_of(&job.request));
+                if write_reply(mem, &job.writable, &eio).is_ok() {
                     eio.len()
                 } else {
                     0
                 }
             }
-        };
-        len as u32
-    });
+        },
+    };
+    if queue.add_used(mem, job.head, len as u32).is_err() {
+        tracing::warn!("virtio-fs: used ring is not writable");
+        return false;
+    }
+    true
+}
+
+/// Serves every available request on `queue`, one after the other.
+pub fn process(mem: &GuestMemoryMmap, queue: &mut Queue, server: &dyn FuseServer) -> Pass {
+    let mut pass = Pass::default();
+    let mut jobs = Vec::new();
+    pass.used = take(mem, queue, &mut pass, |job| jobs.push(job));
+    for job in jobs {
+        let reply = server.handle(&job.request);
+        pass.used |= complete(mem, queue, job, reply.as_deref());
+    }
     pass
 }
 
@@ -245,7 +291,7 @@ mod tests {
             ],
         );
         let server = Echo::default();
-        let pass = process(&m, &mut q, &server, &mut Scratch::default());
+        let pass = process(&m, &mut q, &server);
         assert_eq!(
             pass,
             Pass {
@@ -273,7 +319,7 @@ mod tests {
         let req = request(2, 5, &[0u8; 8]);
         m.write_slice(&req, GuestAddress(0x10000)).unwrap();
         add_chain(&mq, 0, &[(0x10000, req.len() as u32, false)]);
-        let pass = process(&m, &mut q, &Echo::default(), &mut Scratch::default());
+        let pass = process(&m, &mut q, &Echo::default());
         assert_eq!(pass.requests, 1);
         assert_eq!(used(&mq, 0), 0);
     }
@@ -290,7 +336,7 @@ mod tests {
             0,
             &[(0x10000, req.len() as u32, false), (0x30000, 16, true)],
         );
-        process(&m, &mut q, &Echo::default(), &mut Scratch::default());
+        process(&m, &mut q, &Echo::default());
         assert_eq!(used(&mq, 0), 16);
         let mut reply = [0u8; 16];
         m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
@@ -326,7 +372,7 @@ mod tests {
             ],
         );
         let server = Echo::default();
-        let pass = process(&m, &mut q, &server, &mut Scratch::default());
+        let pass = process(&m, &mut q, &server);
         assert_eq!(pass.malformed, 3);
         assert!(server.seen.lock().unwrap().is_empty());
         assert_eq!(
