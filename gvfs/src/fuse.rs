@@ -162,6 +162,11 @@ impl FuseFs {
 
     /// Answers an open of `ino` with passthrough if it can (see the module
     /// comment); gives `reply` back otherwise.
+    /// The open directory `fh`.
+    fn open_dir(&self, fh: FileHandle) -> Result<Arc<OpenDir>, Errno> {
+        lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
     fn open_passthrough(&self, ino: u64, o: &Opened, reply: ReplyOpen) -> Option<ReplyOpen> {
         if !self.passthrough {
             return Some(reply);
@@ -620,13 +625,14 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let dir = match self.open_dir(fh) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
         };
-        let listed = dir.wait_for(offset as usize);
-        if let Err(e) = listed.past_end(offset as usize) {
-            return reply.error(e);
-        }
+        let listed = match dir.entries_from(offset as usize) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
         for (i, it) in listed.items.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(it.ino),
@@ -648,13 +654,14 @@ impl fuser::Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let dir = match self.open_dir(fh) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
         };
-        let listed = dir.wait_for(offset as usize);
-        if let Err(e) = listed.past_end(offset as usize) {
-            return reply.error(e);
-        }
+        let listed = match dir.entries_from(offset as usize) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
         for (i, it) in listed.items.iter().enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(it.ino),
@@ -872,17 +879,6 @@ struct Listed {
     end: Option<Result<(), Errno>>,
 }
 
-impl Listed {
-    /// For a read from `offset`: an error if it is past the entries and
-    /// the listing failed.
-    fn past_end(&self, offset: usize) -> Result<(), Errno> {
-        match self.end {
-            Some(Err(e)) if offset >= self.items.len() => Err(e),
-            _ => Ok(()),
-        }
-    }
-}
-
 impl OpenDir {
     fn new(items: Vec<DirItem>, complete: bool) -> OpenDir {
         OpenDir {
@@ -894,13 +890,17 @@ impl OpenDir {
         }
     }
 
-    /// The listing once it holds entry `offset` or has ended.
-    fn wait_for(&self, offset: usize) -> MutexGuard<'_, Listed> {
+    /// The listing once it holds entry `offset` or has ended; the
+    /// listing's error if it failed before reaching `offset`.
+    fn entries_from(&self, offset: usize) -> Result<MutexGuard<'_, Listed>, Errno> {
         let mut l = lock(&self.listed);
         while l.items.len() <= offset && l.end.is_none() {
             l = self.grown.wait(l).unwrap_or_else(|e| e.into_inner());
         }
-        l
+        match l.end {
+            Some(Err(e)) if offset >= l.items.len() => Err(e),
+            _ => Ok(l),
+        }
     }
 
     fn push(&self, batch: Vec<DirItem>) {

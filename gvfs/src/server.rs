@@ -246,8 +246,7 @@ impl Server {
         let root: OwnedFd = File::open(&cfg.export)
             .map_err(|e| ServerError::Export(name.clone(), e))?
             .into();
-        let st = sys::stat_at(root.as_fd(), OsStr::new(""))
-            .map_err(|e| ServerError::Export(name.clone(), e))?;
+        let st = sys::fstat(root.as_fd()).map_err(|e| ServerError::Export(name.clone(), e))?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(ServerError::NotADirectory(name));
         }
@@ -587,7 +586,7 @@ impl Conn {
         let path = self.path(node)?;
         let fd = sys::open_beneath(self.root(), &path, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .map_err(errno)?;
-        let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+        let st = sys::fstat(fd.as_fd()).map_err(errno)?;
         Ok(self.attr(node, &st))
     }
 
@@ -654,7 +653,7 @@ impl Conn {
                 )
                 .map_err(errno)?;
                 if let Some(mode) = set.mode {
-                    let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                    let st = sys::fstat(fd.as_fd()).map_err(errno)?;
                     let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
                     sys::fchmod(fd.as_fd(), client_mode(mode, dir)).map_err(errno)?;
                 }
@@ -683,7 +682,7 @@ impl Conn {
                     };
                     sys::futimens(fd.as_fd(), &[ts(set.atime), ts(set.mtime)]).map_err(errno)?;
                 }
-                let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                let st = sys::fstat(fd.as_fd()).map_err(errno)?;
                 Ok(Response::Attr(self.attr(node, &st)))
             }
             Request::Readdir { node, cookie } => self.readdir(node, cookie),
@@ -704,7 +703,7 @@ impl Conn {
                 let probe =
                     sys::open_beneath(self.root(), &path, libc::O_PATH | libc::O_NOFOLLOW, 0)
                         .map_err(errno)?;
-                let st = sys::stat_at(probe.as_fd(), OsStr::new("")).map_err(errno)?;
+                let st = sys::fstat(probe.as_fd()).map_err(errno)?;
                 if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
                     return Err(libc::ELOOP);
                 }
@@ -719,7 +718,7 @@ impl Conn {
                     0,
                 )
                 .map_err(errno)?;
-                let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                let st = sys::fstat(fd.as_fd()).map_err(errno)?;
                 if !plain(&st) {
                     return Err(libc::EOPNOTSUPP);
                 }
@@ -754,7 +753,7 @@ impl Conn {
                 self.writable()?;
                 let f = self.file(handle)?;
                 f.write_all_at(&data, offset).map_err(errno)?;
-                let st = sys::stat_at(f.as_fd(), OsStr::new("")).map_err(errno)?;
+                let st = sys::fstat(f.as_fd()).map_err(errno)?;
                 Ok(Response::Written {
                     len: data.len() as u32,
                     attr: self.attr(0, &st),
@@ -783,7 +782,7 @@ impl Conn {
                 .map_err(errno)?;
                 let dir = self.open_dir(&dir_path)?;
                 self.chown_new(dir.as_fd(), name, uid, gid);
-                let st = sys::stat_at(fd.as_fd(), OsStr::new("")).map_err(errno)?;
+                let st = sys::fstat(fd.as_fd()).map_err(errno)?;
                 let node = lock(&self.shared.nodes).intern(path);
                 let attr = self.attr(node, &st);
                 let handle = self.add_handle(File::from(fd));

@@ -97,6 +97,11 @@ pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// What `fd` refers to, as `fstat(2)` says.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    stat_at(fd, OsStr::new(""))
+}
+
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
     let n = cstr(name)?;
     // SAFETY: `n` is a valid NUL-terminated string.

@@ -75,6 +75,19 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Asserts that the VMM exited 0; on failure shows its status, its
+    /// standard error and the console.
+    #[track_caller]
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "exit {:?}: {}\nconsole:\n{}",
+            self.status,
+            self.stderr,
+            self.lines.join("\n")
+        );
+    }
+
     /// The JSON lines the probe printed.
     pub fn events(&self) -> Vec<serde_json::Value> {
         self.lines

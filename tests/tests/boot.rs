@@ -13,12 +13,7 @@ const BOOT: Duration = Duration::from_secs(20);
 #[test]
 fn probe_shuts_down_through_the_i8042() {
     let done = Vmm::probe("ready+shutdown:i8042", &["--vcpus", "2"]).wait(BOOT);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     assert!(done.events().contains(&json!({"probe":"shutdown"})));
     assert!(!done.stderr.contains("through ACPI"), "{}", done.stderr);
     assert!(
@@ -31,12 +26,7 @@ fn probe_shuts_down_through_the_i8042() {
 #[test]
 fn probe_boots_and_powers_off_through_acpi() {
     let done = Vmm::probe("ready+shutdown", &[]).wait(BOOT);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     let events = done.events();
     assert_eq!(events.first(), Some(&json!({"probe":"ready","vcpu":0})));
     assert!(events.contains(&json!({"probe":"shutdown"})), "{events:?}");
@@ -56,12 +46,7 @@ fn probe_boots_and_powers_off_through_acpi() {
 
 fn smp_boots(boot: &str) {
     let done = Vmm::probe("smp+shutdown", &["--vcpus", "2", "--boot", boot]).wait(BOOT);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     let events = done.events();
     for vcpu in 0..2 {
         assert!(
@@ -206,12 +191,7 @@ fn several_vms_run_in_one_process_with_their_consoles_apart() {
     ]});
     std::fs::write(&config, spec.to_string()).unwrap();
     let done = Vmm::start(&["run", "--config", config.to_str().unwrap()]).wait(BOOT);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     // VM a's console is on standard output behind its name.
     assert!(
         done.lines.iter().all(|l| l.starts_with("a: ")),

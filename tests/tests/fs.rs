@@ -145,13 +145,7 @@ const STEPS: &str = "fs-ls:/+fs-read:/big.bin+fs-read:/missing+fs-write:/out.bin
 /// the big file's length and CRC, ENOENT, and the written file on the
 /// export.
 fn check_guest_io(done: &Finished, export: &Path, big: &[u8]) {
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}\nconsole:\n{}",
-        done.status,
-        done.stderr,
-        done.lines.join("\n")
-    );
+    done.assert_success();
 
     let fs = event(done, "fs");
     assert_eq!(fs["tag"], "data", "{fs}");
@@ -288,13 +282,7 @@ fn the_guest_survives_its_vhost_user_backend() {
     backend.process.child.kill().unwrap();
     backend.process.child.wait().unwrap();
     let done = vmm.wait(RUN);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}\nconsole:\n{}",
-        done.status,
-        done.stderr,
-        done.lines.join("\n")
-    );
+    done.assert_success();
     let reads: Vec<Value> = done
         .events()
         .into_iter()

@@ -48,12 +48,7 @@ fn run_pair(a_steps: &str, b_steps: &str) -> Finished {
     std::fs::write(&config, spec.to_string()).unwrap();
     let done = Vmm::start(&["run", "--config", config.to_str().unwrap()]).wait(RUN);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     done
 }
 
@@ -175,12 +170,7 @@ fn guest_and_linux_namespace_ping_through_a_tap_port() {
     );
     // Then the guest pings Linux.
     let done = vmm.wait(RUN);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     let ping = done
         .events()
         .into_iter()
@@ -206,12 +196,7 @@ fn the_device_comes_up_under_virtio_drivers_own_initialisation() {
         "console=ttyS0 probe=net:10.0.0.3/24:0:vd-status+shutdown",
     ])
     .wait(RUN);
-    assert!(
-        done.status.success(),
-        "exit {:?}: {}",
-        done.status,
-        done.stderr
-    );
+    done.assert_success();
     let net = done
         .events()
         .into_iter()

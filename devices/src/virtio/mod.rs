@@ -8,6 +8,8 @@
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod test_utils;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};

@@ -293,6 +293,36 @@ pub(crate) fn next_backoff(d: Duration) -> Duration {
     (d * 2).min(BACKOFF_MAX)
 }
 
+/// The life of a connecting tunnel: runs `session` until the tunnel is
+/// stopped. Each try is marked connecting and its end recorded as the
+/// tunnel going down; the next try waits a back-off that doubles up to
+/// [`BACKOFF_MAX`] and starts over after a session that came up.
+pub(crate) fn reconnect<E: std::error::Error>(
+    status: &Status,
+    mut session: impl FnMut() -> Result<(), E>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    while !status.stopped() {
+        status.connecting();
+        let ups = status.info().ups;
+        let r = session();
+        if status.stopped() {
+            break;
+        }
+        match r {
+            Ok(()) => status.down(&TunnelError::Closed),
+            Err(e) => status.down(&e),
+        }
+        if status.info().ups > ups {
+            backoff = BACKOFF_MIN;
+        }
+        if status.wait(backoff) {
+            break;
+        }
+        backoff = next_backoff(backoff);
+    }
+}
+
 struct TxInner {
     ready: VecDeque<(u8, Vec<u8>)>,
     free: Vec<Vec<u8>>,

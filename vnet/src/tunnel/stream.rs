@@ -4,8 +4,8 @@
 
 use super::wire::{self, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX};
 use super::{
-    BACKOFF_MIN, DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TlsConfig, TunnelError, TxQueue,
-    lock, next_backoff,
+    DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TlsConfig, TunnelError, TxQueue, lock,
+    reconnect,
 };
 use crate::counters::DropReason;
 use crate::frame::Frame;
@@ -282,40 +282,21 @@ pub(crate) fn connect_loop(
     ep: Endpoint,
     tls: Option<TlsConfig>,
 ) {
-    let mut backoff = BACKOFF_MIN;
-    while !status.stopped() {
-        status.connecting();
-        let ups = status.info().ups;
-        let r = (|| {
-            let addr = ep.resolve()?;
-            let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-            let conn = match &tls {
-                Some(t) => Some(Connection::Client(t.client(ep.host())?)),
-                None => None,
-            };
-            run_session(
-                &switch,
-                &status,
-                sock,
-                conn,
-                &session_name(ep.proto, &ep.addr),
-            )
-        })();
-        if status.stopped() {
-            break;
-        }
-        match r {
-            Ok(()) => status.down(&TunnelError::Closed),
-            Err(e) => status.down(&e),
-        }
-        if status.info().ups > ups {
-            backoff = BACKOFF_MIN;
-        }
-        if status.wait(backoff) {
-            break;
-        }
-        backoff = next_backoff(backoff);
-    }
+    reconnect(&status, || {
+        let addr = ep.resolve()?;
+        let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        let conn = match &tls {
+            Some(t) => Some(Connection::Client(t.client(ep.host())?)),
+            None => None,
+        };
+        run_session(
+            &switch,
+            &status,
+            sock,
+            conn,
+            &session_name(ep.proto, &ep.addr),
+        )
+    });
 }
 
 /// Accepts TCP or TLS peers until stopped; each peer runs on its own

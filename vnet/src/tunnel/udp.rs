@@ -8,7 +8,7 @@ use super::wire::{
 };
 use super::{
     BACKOFF_MIN, DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TunnelError, lock, next_backoff,
-    stream::Sessions,
+    reconnect, stream::Sessions,
 };
 use crate::counters::DropReason;
 use crate::frame::{Frame, NetHdr};
@@ -42,47 +42,31 @@ fn set_bufs(s: &UdpSocket) {
     }
 }
 
-/// Turns on UDP segmentation offload (sends of up to 64 KiB are cut
-/// into `mtu`-byte datagrams by the kernel) and GRO on receive. Returns
-/// whether segmentation offload is on.
-fn set_offloads(s: &UdpSocket, mtu: usize) -> bool {
-    let on: libc::c_int = 1;
-    let seg = mtu as libc::c_int;
-    // SAFETY: passes a pointer to a live c_int and its size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+/// Sets the `SOL_UDP` option `opt` to `value`; whether it took.
+fn set_udp_option(s: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> bool {
     // SAFETY: passes a pointer to a live c_int and its size.
     let r = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&seg as *const libc::c_int).cast(),
+            opt,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     r == 0
 }
 
+/// Turns on UDP segmentation offload (sends of up to 64 KiB are cut
+/// into `mtu`-byte datagrams by the kernel) and GRO on receive. Returns
+/// whether segmentation offload is on.
+fn set_offloads(s: &UdpSocket, mtu: usize) -> bool {
+    set_udp_option(s, libc::UDP_GRO, 1);
+    set_udp_option(s, libc::UDP_SEGMENT, mtu as libc::c_int)
+}
+
 fn clear_segment(s: &UdpSocket) {
-    let zero: libc::c_int = 0;
-    // SAFETY: passes a pointer to a live c_int and its size.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&zero as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    set_udp_option(s, libc::UDP_SEGMENT, 0);
 }
 
 /// recvmsg(2) that also returns the source and the GRO segment size
@@ -339,30 +323,14 @@ fn bind_any(addr: &SocketAddr) -> std::io::Result<UdpSocket> {
 
 /// The thread of a connecting UDP tunnel.
 pub(crate) fn connect_loop(switch: Arc<Switch>, status: Arc<Status>, ep: Endpoint, mtu: usize) {
-    let mut backoff = BACKOFF_MIN;
-    while !status.stopped() {
-        status.connecting();
-        let ups = status.info().ups;
+    reconnect(&status, || {
         let mut port = None;
         let r = session(&switch, &status, &ep, mtu, &mut port);
         if let Some(p) = port {
             let _ = switch.remove_port(p);
         }
-        if status.stopped() {
-            break;
-        }
-        match r {
-            Ok(()) => status.down(&TunnelError::Closed),
-            Err(e) => status.down(&e),
-        }
-        if status.info().ups > ups {
-            backoff = BACKOFF_MIN;
-        }
-        if status.wait(backoff) {
-            break;
-        }
-        backoff = next_backoff(backoff);
-    }
+        r
+    });
 }
 
 fn session(

@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn a_slow_request_does_not_hold_up_the_next() {
-        use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+        use crate::virtio::test_utils::add_chain;
         use virtio_queue::mock::MockSplitQueue;
         use vm_memory::{Bytes, GuestAddress};
 
@@ -355,23 +355,13 @@ mod tests {
             req[..4].copy_from_slice(&40u32.to_le_bytes());
             req[4..8].copy_from_slice(&3u32.to_le_bytes()); // GETATTR
             req[8..16].copy_from_slice(&unique.to_le_bytes());
-            let (inb, outb) = (
-                0x10_0000 + u64::from(n) * 0x1000,
-                0x20_0000 + u64::from(n) * 0x1000,
+            let at = u64::from(n) * 0x1000;
+            mem.write_slice(&req, GuestAddress(0x10_0000 + at)).unwrap();
+            add_chain(
+                &requests,
+                2 * n,
+                &[(0x10_0000 + at, 40, false), (0x20_0000 + at, 64, true)],
             );
-            mem.write_slice(&req, GuestAddress(inb)).unwrap();
-            let d = 2 * n;
-            let table = requests.desc_table();
-            table
-                .store(d, RawDescriptor::from(Descriptor::new(inb, 40, 1, d + 1)))
-                .unwrap();
-            table
-                .store(d + 1, RawDescriptor::from(Descriptor::new(outb, 64, 2, 0)))
-                .unwrap();
-            let avail = requests.avail();
-            let at = avail.idx().load();
-            avail.ring().ref_at(usize::from(at)).unwrap().store(d);
-            avail.idx().store(at + 1);
         }
         let server = Arc::new(Slow::default());
         let mut fs = Fs::new("data", server.clone()).unwrap();

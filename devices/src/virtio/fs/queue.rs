@@ -203,12 +203,9 @@ fn unique_of(request: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::test_utils::add_chain;
     use std::sync::Mutex;
-    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
-
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
 
     /// Echoes the request's id and length back as the reply, or answers
     /// nothing for opcode 2 (FORGET).
@@ -234,30 +231,6 @@ mod tests {
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
-    }
-
-    fn add_chain(q: &MockSplitQueue<'_, GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let idx = start + i as u16;
-            let mut flags = if w { WRITE } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= NEXT;
-            }
-            q.desc_table()
-                .store(
-                    idx,
-                    RawDescriptor::from(Descriptor::new(addr, len, flags, idx + 1)),
-                )
-                .unwrap();
-        }
-        let avail = q.avail();
-        let i = avail.idx().load();
-        avail
-            .ring()
-            .ref_at(i as usize)
-            .unwrap()
-            .store(u16::to_le(start));
-        avail.idx().store(i.wrapping_add(1));
     }
 
     fn request(opcode: u32, unique: u64, body: &[u8]) -> Vec<u8> {

@@ -352,37 +352,13 @@ fn collect_writable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use crate::virtio::test_utils::add_chain;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
     use vnet::frame::Bytes as FrameBytes;
 
-    const VRING_DESC_F_NEXT: u32 = 1;
-    const VRING_DESC_F_WRITE: u32 = 2;
-
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
-    }
-
-    /// Puts a chain of (addr, len, writable) descriptors on the avail ring.
-    fn add_chain(q: &MockSplitQueue<'_, GuestMemoryMmap>, start: u16, descs: &[(u64, u32, bool)]) {
-        for (i, &(addr, len, w)) in descs.iter().enumerate() {
-            let idx = start + i as u16;
-            let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let d = Descriptor::new(addr, len, flags, idx + 1);
-            q.desc_table().store(idx, RawDescriptor::from(d)).unwrap();
-        }
-        let avail = q.avail();
-        let i = avail.idx().load();
-        avail
-            .ring()
-            .ref_at(i as usize)
-            .unwrap()
-            .store(u16::to_le(start));
-        avail.idx().store(i.wrapping_add(1));
     }
 
     fn used_len(q: &MockSplitQueue<'_, GuestMemoryMmap>, i: usize) -> u32 {
