@@ -7,12 +7,21 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let process_start = std::time::Instant::now();
-    let args = cli::Cli::parse();
+    // Bad arguments are bad input: status 1, as for every other kind
+    // (clap's own status 2 is a triple fault's here).
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     cli::init_logging(args.verbose);
     match cli::dispatch(args.command, process_start) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("vmplant: {err}");
+            // What failed, then why, down to the OS's reason.
+            eprintln!("vmplant: {}", cli::chain(err.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -9,6 +9,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod throttle;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -138,7 +138,7 @@ fn bad_input_gets_one_line_errors() {
     let probe = probe.to_str().unwrap();
     refused(
         &["run", "--kernel", "/nonexistent/vmlinux"],
-        "cannot read the kernel",
+        "cannot read the kernel \"/nonexistent/vmlinux\": No such file or directory",
     );
     let garbage = std::env::temp_dir().join(format!("vmplant-garbage-{}", std::process::id()));
     std::fs::write(&garbage, vec![0x5au8; 8192]).unwrap();
@@ -159,6 +159,13 @@ fn bad_input_gets_one_line_errors() {
         &["run", "--kernel", probe, "--mem", "100000000"],
         "but the host has",
     );
+    // 2^44 MiB is 2^64 bytes: it must not wrap round to a small size.
+    for (flag, mib) in [("--mem", "17592186044544"), ("--mem", "17592186044416")] {
+        let done = Vmm::start(&["run", "--kernel", probe, flag, mib]).wait(Duration::from_secs(10));
+        assert_eq!(done.status.code(), Some(1), "{mib}: {}", done.stderr);
+        assert!(done.stderr.contains("too large"), "{mib}: {}", done.stderr);
+        assert!(done.lines.is_empty(), "{mib}: the VM ran");
+    }
     refused(
         &["run", "--kernel", probe, "--vcpus", "255"],
         "vCPUs asked for",

@@ -137,3 +137,23 @@ fn ctrl_c_unmounts_cleanly() {
 fn sigterm_unmounts_cleanly() {
     mount_and_stop_with(libc::SIGTERM);
 }
+
+/// A cache size whose byte count does not fit in 64 bits is refused, not
+/// wrapped round to a small one.
+#[test]
+fn cache_sizes_too_large_are_refused() {
+    for flag in ["--mem-cache-mib", "--cache-size-mib", "--whole-copy-mib"] {
+        let out = Command::new(vmplant())
+            .args(["gvfs", "mount", "--server", "127.0.0.1:1", "--plaintext"])
+            .args(["--token-file", "/dev/null"])
+            .args([flag, "17592186044544", "/nonexistent"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("17592186044544 MiB is too large"),
+            "{flag}: {stderr}"
+        );
+    }
+}

@@ -71,8 +71,10 @@ impl VmConfig {
         self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
     }
 
+    /// Guest memory in bytes; a size too large for 64 bits saturates
+    /// (and [`Self::validate`] refuses it as larger than the host).
     pub fn mem_bytes(&self) -> u64 {
-        self.mem_mib << 20
+        self.mem_mib.saturating_mul(1 << 20)
     }
 
     /// Checks the config against what this host offers.

@@ -15,6 +15,10 @@ use vmm_sys_util::timerfd::TimerFd;
 const MAX_PENDING: usize = 4096;
 /// Flush a line without newline after this long.
 const LINGER: Duration = Duration::from_millis(20);
+/// The longest line a VM's console shows on a shared output: a guest that
+/// never writes a newline has its output cut into lines of this length,
+/// so the bytes waiting for a newline stay bounded.
+pub const MAX_LINE: usize = 4096;
 
 struct State {
     pending: Vec<u8>,
@@ -136,6 +140,73 @@ impl MutEventSubscriber for ConsoleFlusher {
     }
 }
 
+/// Standard output shared by several VMs: whole lines only, each behind
+/// the VM's prefix (one write each), so that lines of different VMs never
+/// mix; lines longer than [`MAX_LINE`] are cut.
+pub struct PrefixedLines<W: Write> {
+    prefix: Vec<u8>,
+    partial: Vec<u8>,
+    line: Vec<u8>,
+    out: W,
+}
+
+impl<W: Write> PrefixedLines<W> {
+    pub fn new(prefix: Vec<u8>, out: W) -> Self {
+        PrefixedLines {
+            prefix,
+            partial: Vec::new(),
+            line: Vec::new(),
+            out,
+        }
+    }
+
+    /// Writes out the prefix, what waited, and `end` as one line.
+    fn emit(&mut self, end: &[u8]) -> std::io::Result<()> {
+        self.line.clear();
+        self.line.extend_from_slice(&self.prefix);
+        self.line.extend_from_slice(&self.partial);
+        self.line.extend_from_slice(end);
+        self.partial.clear();
+        self.out.write_all(&self.line)?;
+        self.out.flush()
+    }
+}
+
+impl<W: Write> Write for PrefixedLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        for mut piece in buf.split_inclusive(|&b| b == b'\n') {
+            loop {
+                let room = MAX_LINE - self.partial.len();
+                let ends_line = piece.ends_with(b"\n");
+                if piece.len() - usize::from(ends_line) <= room {
+                    if ends_line {
+                        self.emit(piece)?;
+                    } else {
+                        self.partial.extend_from_slice(piece);
+                    }
+                    break;
+                }
+                self.partial.extend_from_slice(&piece[..room]);
+                self.emit(b"\n")?;
+                piece = &piece[room..];
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Drop for PrefixedLines<W> {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            let _ = self.emit(b"\n");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +257,35 @@ mod tests {
         drop(w);
         drop(f);
         assert_eq!(*sink.0.lock().unwrap(), vec![b"bye".to_vec()]);
+    }
+
+    #[test]
+    fn shared_output_cuts_a_line_that_never_ends() {
+        let sink = Sink::default();
+        let mut out = PrefixedLines::new(b"vm1: ".to_vec(), sink.clone());
+        out.write_all(b"short\n").unwrap();
+        for _ in 0..1024 {
+            out.write_all(&[b'x'; 1024]).unwrap();
+        }
+        assert!(
+            out.partial.len() <= MAX_LINE,
+            "{} bytes held",
+            out.partial.len()
+        );
+        out.write_all(b"end\n").unwrap();
+        drop(out);
+        let lines = sink.0.lock().unwrap().clone();
+        assert_eq!(lines[0], b"vm1: short\n");
+        assert_eq!(lines.len(), 1 + (1 << 20) / MAX_LINE + 1);
+        for l in &lines[1..] {
+            assert!(l.starts_with(b"vm1: ") && l.ends_with(b"\n"));
+            assert!(l.len() <= 5 + MAX_LINE + 1);
+        }
+        assert_eq!(lines.last().unwrap(), b"vm1: end\n");
+        let xs: usize = lines
+            .iter()
+            .map(|l| l.iter().filter(|&&b| b == b'x').count())
+            .sum();
+        assert_eq!(xs, 1 << 20, "nothing lost");
     }
 }

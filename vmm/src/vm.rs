@@ -655,55 +655,10 @@ fn serial_output(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmError> {
                 })?,
             )
         }
-        SerialOutput::StdoutPrefixed(prefix) => Box::new(PrefixedLines {
-            prefix: prefix.clone().into_bytes(),
-            partial: Vec::new(),
-            out: std::io::stdout(),
-        }),
+        SerialOutput::StdoutPrefixed(prefix) => Box::new(crate::console::PrefixedLines::new(
+            prefix.clone().into_bytes(),
+            std::io::stdout(),
+        )),
         SerialOutput::None => Box::new(std::io::sink()),
     })
-}
-
-/// Standard output shared by several VMs: whole lines only, each behind
-/// the VM's prefix, so that lines of different VMs never mix.
-struct PrefixedLines {
-    prefix: Vec<u8>,
-    partial: Vec<u8>,
-    out: std::io::Stdout,
-}
-
-impl PrefixedLines {
-    fn emit(&mut self, line: &[u8]) -> std::io::Result<()> {
-        let mut out = self.out.lock();
-        out.write_all(&self.prefix)?;
-        out.write_all(&self.partial)?;
-        out.write_all(line)?;
-        self.partial.clear();
-        out.flush()
-    }
-}
-
-impl Write for PrefixedLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        for line in buf.split_inclusive(|&b| b == b'\n') {
-            if line.ends_with(b"\n") {
-                self.emit(line)?;
-            } else {
-                self.partial.extend_from_slice(line);
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for PrefixedLines {
-    fn drop(&mut self) {
-        if !self.partial.is_empty() {
-            let _ = self.emit(b"\n");
-        }
-    }
 }

@@ -33,10 +33,15 @@ pub enum DropReason {
     /// An offload (checksum, segmentation) the switch could not do for a
     /// port without offloads (not TCP, bad headers).
     Offload,
+    /// Source address other than the one the port may send from (a guest
+    /// NIC sending from an address that is not its own).
+    SpoofedSource,
+    /// A tunnel datagram without a valid tag where a key is set.
+    Unauthenticated,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::BadSource,
@@ -49,6 +54,8 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::Reassembly,
         DropReason::Offload,
+        DropReason::SpoofedSource,
+        DropReason::Unauthenticated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +72,8 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::Reassembly => "reassembly",
             DropReason::Offload => "offload",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::Unauthenticated => "unauthenticated",
         }
     }
 }

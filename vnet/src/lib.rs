@@ -17,6 +17,7 @@ pub mod frame;
 pub mod matrix;
 pub mod node;
 pub mod offload;
+mod ratelimit;
 pub mod switch;
 pub mod tap;
 pub mod testbed;
@@ -25,4 +26,6 @@ pub mod tunnel;
 pub use counters::{CounterSnapshot, DropReason};
 pub use frame::{Frame, Mac};
 pub use node::{Vnet, VnetConfig, VnetError, VnetStatus};
-pub use switch::{PortId, PortInfo, PortKind, PortSink, Rule, Switch, SwitchConfig, SwitchError};
+pub use switch::{
+    PortId, PortInfo, PortKind, PortSink, Rule, SourcePolicy, Switch, SwitchConfig, SwitchError,
+};

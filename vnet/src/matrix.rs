@@ -6,6 +6,7 @@
 use crate::frame::Mac;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 const HISTORY: usize = 60;
 /// At most this many pairs are tracked per switch.
 const MAX_PAIRS: usize = 65536;
+/// At most this many remote switches (origins) are kept; each is
+/// relayed to every neighbour every second, so this bounds the memory
+/// and the per-second work whatever origins peers make up. VNET
+/// overlays are tens of hosts; 64 leaves room.
+pub const MAX_REMOTE_ORIGINS: usize = 64;
+/// A remote report keeps at most this many entries, its biggest pairs
+/// over 60 s (the topology inference keeps the heavy pairs only): with
+/// [`MAX_REMOTE_ORIGINS`], at most 65,536 remote entries (about 4 MiB),
+/// as many as this switch's own pairs.
+pub const MAX_REPORT_ENTRIES: usize = 1024;
 /// A remote report older than this is left out of the global matrix.
 const REMOTE_TTL_MS: u64 = 10_000;
 
@@ -81,6 +92,8 @@ struct Pair {
 struct Remote {
     report: MatrixReport,
     received_ms: u64,
+    /// Order of arrival, to push out the one heard of least lately.
+    order: u64,
 }
 
 /// The matrix of one switch. It counts frames that enter by a local
@@ -91,6 +104,8 @@ pub struct TrafficMatrix {
     epoch: Instant,
     pairs: Mutex<HashMap<(Mac, Mac, TrafficClass), Pair>>,
     remote: Mutex<HashMap<u64, Remote>>,
+    /// Reports taken in so far (orders [`Remote`]s).
+    received: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -127,6 +142,7 @@ impl TrafficMatrix {
             epoch: Instant::now(),
             pairs: Mutex::new(HashMap::with_capacity(64)),
             remote: Mutex::new(HashMap::new()),
+            received: AtomicU64::new(0),
         }
     }
 
@@ -200,28 +216,40 @@ impl TrafficMatrix {
     }
 
     /// Takes in reports received from another switch; keeps the newest
-    /// per origin and ignores this switch's own.
+    /// per origin and ignores this switch's own. Keeps at most
+    /// [`MAX_REMOTE_ORIGINS`] origins (a new one pushes out the one heard
+    /// of least lately) and [`MAX_REPORT_ENTRIES`] entries per report.
     pub fn merge(&self, reports: Vec<MatrixReport>) {
         let now = unix_ms();
         let mut remote = lock(&self.remote);
-        for r in reports {
+        remote.retain(|_, r| now.saturating_sub(r.received_ms) <= REMOTE_TTL_MS * 6);
+        // A neighbour sends its own report and those it relays: no more
+        // than the cap (and this switch's own) make sense in one message.
+        for mut r in reports.into_iter().take(MAX_REMOTE_ORIGINS + 2) {
             if r.origin == self.origin {
                 continue;
             }
             match remote.get(&r.origin) {
-                Some(old) if old.report.seq >= r.seq => {}
-                _ => {
-                    remote.insert(
-                        r.origin,
-                        Remote {
-                            report: r,
-                            received_ms: now,
-                        },
-                    );
+                Some(old) if old.report.seq >= r.seq => continue,
+                Some(_) => {}
+                None if remote.len() >= MAX_REMOTE_ORIGINS => {
+                    let stalest = remote.iter().min_by_key(|(_, r)| r.order).map(|(&o, _)| o);
+                    if let Some(o) = stalest {
+                        remote.remove(&o);
+                    }
                 }
+                None => {}
             }
+            keep_biggest(&mut r.entries, MAX_REPORT_ENTRIES);
+            remote.insert(
+                r.origin,
+                Remote {
+                    report: r,
+                    received_ms: now,
+                    order: self.received.fetch_add(1, Relaxed),
+                },
+            );
         }
-        remote.retain(|_, r| now.saturating_sub(r.received_ms) <= REMOTE_TTL_MS * 6);
     }
 
     /// What to send to a neighbour: this switch's report and the fresh
@@ -275,6 +303,14 @@ impl TrafficMatrix {
             }
         }
         sum.into_values().collect()
+    }
+}
+
+/// Keeps the `n` entries with the most bytes over 60 s.
+fn keep_biggest(entries: &mut Vec<MatrixEntry>, n: usize) {
+    if entries.len() > n {
+        entries.select_nth_unstable_by(n, |a, b| b.last_60s.bytes.cmp(&a.last_60s.bytes));
+        entries.truncate(n);
     }
 }
 
@@ -468,5 +504,46 @@ mod tests {
         old.entries.clear();
         m1.merge(vec![old]);
         assert_eq!(m1.global().len(), 3);
+    }
+
+    #[test]
+    fn remote_origins_and_entries_are_capped() {
+        let m = TrafficMatrix::new();
+        let report = |origin: u64, entries: usize| MatrixReport {
+            origin,
+            seq: 1,
+            entries: (0..entries)
+                .map(|i| MatrixEntry {
+                    src: Mac::local(i as u32),
+                    dst: Mac::local(0),
+                    class: TrafficClass::Unicast,
+                    last_1s: Volume::default(),
+                    last_10s: Volume::default(),
+                    last_60s: Volume {
+                        bytes: i as u64,
+                        frames: 1,
+                    },
+                })
+                .collect(),
+        };
+        for k in 0..100u64 {
+            m.merge((0..10).map(|i| report(1000 + k * 10 + i, 0)).collect());
+        }
+        assert_eq!(m.remote_origins().len(), MAX_REMOTE_ORIGINS);
+        // The one heard of last is kept; the first ones were pushed out.
+        m.merge(vec![report(7, MAX_REPORT_ENTRIES + 10)]);
+        let origins = m.remote_origins();
+        assert_eq!(origins.len(), MAX_REMOTE_ORIGINS);
+        assert!(origins.contains(&7) && !origins.contains(&1000));
+        let kept = m
+            .fresh_remote()
+            .into_iter()
+            .find(|r| r.origin == 7)
+            .unwrap();
+        assert_eq!(kept.entries.len(), MAX_REPORT_ENTRIES);
+        assert!(
+            kept.entries.iter().all(|e| e.last_60s.bytes >= 10),
+            "the biggest are kept"
+        );
     }
 }

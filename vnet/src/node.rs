@@ -5,12 +5,13 @@
 use crate::Mac;
 use crate::matrix::{MatrixEntry, Topology, Window, infer_topology};
 use crate::switch::{
-    MacInfo, PortId, PortInfo, PortKind, PortSink, Rule, Switch, SwitchConfig, SwitchError,
-    SwitchInfo,
+    MacInfo, PortId, PortInfo, PortKind, PortSink, Rule, SourcePolicy, Switch, SwitchConfig,
+    SwitchError, SwitchInfo,
 };
 use crate::tap::{TapError, TapPort};
 use crate::tunnel::{
-    DEFAULT_UDP_MTU, Endpoint, Listener, ListenerInfo, TlsConfig, Tunnel, TunnelError, TunnelInfo,
+    Endpoint, Listener, ListenerInfo, TlsConfig, Tunnel, TunnelError, TunnelInfo, TunnelOptions,
+    UdpKey,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -38,8 +39,12 @@ pub struct VnetConfig {
     pub switch: SwitchConfig,
     /// Certificates for `tls:` tunnels and listeners.
     pub tls: Option<TlsConfig>,
-    /// Largest UDP payload of UDP tunnels (0: [`DEFAULT_UDP_MTU`]).
+    /// Largest UDP payload of UDP tunnels (0:
+    /// [`crate::tunnel::DEFAULT_UDP_MTU`]).
     pub udp_mtu: usize,
+    /// Pre-shared key of UDP tunnels and listeners (see
+    /// [`TunnelOptions::udp_key`]).
+    pub udp_key: Option<UdpKey>,
 }
 
 /// Everything a [`Vnet`] has, for listing.
@@ -58,8 +63,7 @@ pub struct VnetStatus {
 /// A switch and the ports it owns.
 pub struct Vnet {
     switch: Arc<Switch>,
-    tls: Option<TlsConfig>,
-    udp_mtu: usize,
+    opts: TunnelOptions,
     taps: Mutex<BTreeMap<PortId, TapPort>>,
     tunnels: Mutex<BTreeMap<u64, Tunnel>>,
     listeners: Mutex<BTreeMap<u64, Listener>>,
@@ -73,11 +77,10 @@ impl Vnet {
     pub fn new(cfg: VnetConfig) -> Result<Vnet, VnetError> {
         Ok(Vnet {
             switch: Switch::new(cfg.switch)?,
-            tls: cfg.tls,
-            udp_mtu: if cfg.udp_mtu == 0 {
-                DEFAULT_UDP_MTU
-            } else {
-                cfg.udp_mtu
+            opts: TunnelOptions {
+                tls: cfg.tls,
+                udp_mtu: cfg.udp_mtu,
+                udp_key: cfg.udp_key,
             },
             taps: Mutex::default(),
             tunnels: Mutex::default(),
@@ -97,10 +100,22 @@ impl Vnet {
         Ok(id)
     }
 
-    /// Adds a port the caller drives (a guest NIC): frames leave by
-    /// `sink`, enter with `switch().ingress(id, frame)`.
+    /// Adds a port the caller drives: frames leave by `sink`, enter with
+    /// `switch().ingress(id, frame)`.
     pub fn add_port(&self, name: &str, kind: PortKind, sink: Arc<dyn PortSink>) -> PortId {
         self.switch.add_port(name, kind, sink)
+    }
+
+    /// Adds a guest NIC's port, which may send only from `mac` until
+    /// [`Vnet::set_source_policy`] says otherwise.
+    pub fn add_guest_port(&self, name: &str, mac: Mac, sink: Arc<dyn PortSink>) -> PortId {
+        self.switch.add_guest_port(name, mac, sink)
+    }
+
+    /// Sets which source addresses a port may send from (relaxes or
+    /// restores a guest port's rule while traffic flows).
+    pub fn set_source_policy(&self, port: PortId, policy: SourcePolicy) -> Result<(), VnetError> {
+        Ok(self.switch.set_source_policy(port, policy)?)
     }
 
     /// Removes a port (a TAP is deleted with its interface).
@@ -116,7 +131,7 @@ impl Vnet {
     /// Starts a tunnel to `ep`; returns its id at once (it connects in
     /// the background; see [`Vnet::status`]).
     pub fn connect(&self, ep: Endpoint) -> Result<u64, VnetError> {
-        let t = Tunnel::connect(&self.switch, ep, self.tls.clone(), self.udp_mtu)?;
+        let t = Tunnel::connect(&self.switch, ep, &self.opts)?;
         let id = t.id();
         lock(&self.tunnels).insert(id, t);
         Ok(id)
@@ -133,7 +148,7 @@ impl Vnet {
 
     /// Listens for tunnels on `ep`; returns the listener id and address.
     pub fn listen(&self, ep: Endpoint) -> Result<(u64, SocketAddr), VnetError> {
-        let l = Listener::bind(&self.switch, ep, self.tls.clone(), self.udp_mtu)?;
+        let l = Listener::bind(&self.switch, ep, &self.opts)?;
         let r = (l.id(), l.local_addr());
         lock(&self.listeners).insert(l.id(), l);
         Ok(r)

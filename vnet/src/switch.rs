@@ -15,6 +15,7 @@ use crate::frame::{
 };
 use crate::matrix::{TrafficClass, TrafficMatrix};
 use crate::offload::for_each_plain;
+use crate::ratelimit::LogLimit;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -97,6 +98,18 @@ impl Default for SwitchConfig {
     }
 }
 
+/// Which source addresses a port may send from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourcePolicy {
+    /// Any unicast address (TAPs and tunnels bridge many hosts).
+    #[default]
+    Any,
+    /// Only this address (a guest NIC's own): frames from any other are
+    /// dropped as [`DropReason::SpoofedSource`] and not learned.
+    Only(Mac),
+}
+
 /// A forwarding rule: frames to `dst` (on `vlan`, or on any VLAN if
 /// `None`) go to `port`, whatever was learned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -112,6 +125,9 @@ pub struct PortInfo {
     pub id: PortId,
     pub name: String,
     pub kind: PortKind,
+    /// The source addresses it may send from.
+    #[serde(default)]
+    pub source: SourcePolicy,
     pub counters: CounterSnapshot,
 }
 
@@ -139,6 +155,37 @@ struct PortEntry {
     kind: PortKind,
     sink: Arc<dyn PortSink>,
     counters: Counters,
+    /// The port's [`SourcePolicy`], lock-free for the frame path: 0 for
+    /// any, else [`SOURCE_ONLY`] with the address in the low 48 bits.
+    source: AtomicU64,
+    /// Spoofed frames are counted; a line is logged now and then.
+    spoof_log: LogLimit,
+}
+
+/// Marks an encoded [`SourcePolicy::Only`].
+const SOURCE_ONLY: u64 = 1 << 48;
+
+impl SourcePolicy {
+    fn encode(self) -> u64 {
+        match self {
+            SourcePolicy::Any => 0,
+            SourcePolicy::Only(m) => {
+                let mut b = [0u8; 8];
+                b[2..].copy_from_slice(&m.0);
+                SOURCE_ONLY | u64::from_be_bytes(b)
+            }
+        }
+    }
+
+    fn decode(v: u64) -> SourcePolicy {
+        if v & SOURCE_ONLY == 0 {
+            return SourcePolicy::Any;
+        }
+        let b = v.to_be_bytes();
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&b[2..]);
+        SourcePolicy::Only(Mac(m))
+    }
 }
 
 struct MacEntry {
@@ -224,8 +271,29 @@ impl Switch {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Adds a port; frames leaving by it go to `sink`.
+    /// Adds a port that may send from any address; frames leaving by it
+    /// go to `sink`. A guest NIC's port is [`Switch::add_guest_port`].
     pub fn add_port(&self, name: &str, kind: PortKind, sink: Arc<dyn PortSink>) -> PortId {
+        self.add_port_with(name, kind, sink, SourcePolicy::Any)
+    }
+
+    /// Adds a guest NIC's port: it may send only from the NIC's address
+    /// `mac`, so that a guest cannot take over another's address or fill
+    /// the address table. [`Switch::set_source_policy`] relaxes that (a
+    /// guest that bridges other hosts).
+    pub fn add_guest_port(&self, name: &str, mac: Mac, sink: Arc<dyn PortSink>) -> PortId {
+        self.add_port_with(name, PortKind::Guest, sink, SourcePolicy::Only(mac))
+    }
+
+    /// Adds a port of `kind` that may send from the addresses `source`
+    /// allows.
+    pub fn add_port_with(
+        &self,
+        name: &str,
+        kind: PortKind,
+        sink: Arc<dyn PortSink>,
+        source: SourcePolicy,
+    ) -> PortId {
         let id = self.next_port.fetch_add(1, Relaxed);
         let entry = Arc::new(PortEntry {
             id,
@@ -233,10 +301,25 @@ impl Switch {
             kind,
             sink,
             counters: Counters::default(),
+            source: AtomicU64::new(source.encode()),
+            spoof_log: LogLimit::default(),
         });
         write(&self.ports).push(entry);
-        tracing::debug!(port = id, name, ?kind, "port added");
+        tracing::debug!(port = id, name, ?kind, ?source, "port added");
         id
+    }
+
+    /// Sets which source addresses port `id` may send from, while
+    /// traffic flows.
+    pub fn set_source_policy(&self, id: PortId, policy: SourcePolicy) -> Result<(), SwitchError> {
+        let ports = read(&self.ports);
+        let p = ports
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or(SwitchError::NoSuchPort(id))?;
+        p.source.store(policy.encode(), Relaxed);
+        tracing::info!(port = id, ?policy, "source policy set");
+        Ok(())
     }
 
     /// Removes a port with its learned addresses and the rules that point
@@ -288,6 +371,7 @@ impl Switch {
                 id: p.id,
                 name: p.name.clone(),
                 kind: p.kind,
+                source: SourcePolicy::decode(p.source.load(Relaxed)),
                 counters: p.counters.snapshot(),
             })
             .collect()
@@ -431,6 +515,15 @@ impl Switch {
         };
         if h.src.is_multicast() {
             return drop(DropReason::BadSource);
+        }
+        if let SourcePolicy::Only(own) = SourcePolicy::decode(inp.source.load(Relaxed))
+            && h.src != own
+        {
+            if let Some(held) = inp.spoof_log.check() {
+                tracing::warn!(port = ingress, name = %inp.name, src = %h.src, own = %own, held_back = held,
+                    "dropping frames from an address that is not the port's");
+            }
+            return drop(DropReason::SpoofedSource);
         }
         let now = self.now_ms();
         self.learn(h.src, h.vlan, ingress, now);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vnet::counters::DropReason;
 use vnet::switch::{Switch, SwitchConfig};
 use vnet::tap::TapPort;
-use vnet::tunnel::{DEFAULT_UDP_MTU, Endpoint, Listener, Proto, TlsConfig, Tunnel, TunnelState};
+use vnet::tunnel::{Endpoint, Listener, Proto, TlsConfig, Tunnel, TunnelOptions, TunnelState};
 
 fn tap_in(sw: &Arc<Switch>, ns: &NetNs, addr: &str) -> TapPort {
     let tap = TapPort::create(sw, &unique("vt")).expect("create TAP");
@@ -19,6 +19,13 @@ fn tap_in(sw: &Arc<Switch>, ns: &NetNs, addr: &str) -> TapPort {
 fn tls_pair() -> (TlsConfig, TlsConfig) {
     let p = pki(2).unwrap();
     (p[0].tls_config().unwrap(), p[1].tls_config().unwrap())
+}
+
+fn opts(tls: Option<TlsConfig>) -> TunnelOptions {
+    TunnelOptions {
+        tls,
+        ..Default::default()
+    }
 }
 
 fn ep(proto: Proto, addr: std::net::SocketAddr) -> Endpoint {
@@ -40,14 +47,8 @@ fn namespaces_across_a_tunnel(proto: Proto, subnet: u8) {
     };
     let cfg = SwitchConfig::default();
     let (swa, swb) = (Switch::new(cfg.clone()).unwrap(), Switch::new(cfg).unwrap());
-    let l = Listener::bind(
-        &swb,
-        ep(proto, "127.0.0.1:0".parse().unwrap()),
-        tb,
-        DEFAULT_UDP_MTU,
-    )
-    .unwrap();
-    let t = Tunnel::connect(&swa, ep(proto, l.local_addr()), ta, DEFAULT_UDP_MTU).unwrap();
+    let l = Listener::bind(&swb, ep(proto, "127.0.0.1:0".parse().unwrap()), &opts(tb)).unwrap();
+    let t = Tunnel::connect(&swa, ep(proto, l.local_addr()), &opts(ta)).unwrap();
     assert!(
         eventually(5, || t.info().state == TunnelState::Up),
         "{:?}",
@@ -97,11 +98,10 @@ fn tls_with_a_certificate_from_another_ca_is_refused() {
     let l = Listener::bind(
         &swb,
         ep(Proto::Tls, "127.0.0.1:0".parse().unwrap()),
-        Some(good),
-        1472,
+        &opts(Some(good)),
     )
     .unwrap();
-    let t = Tunnel::connect(&swa, ep(Proto::Tls, l.local_addr()), Some(stranger), 1472).unwrap();
+    let t = Tunnel::connect(&swa, ep(Proto::Tls, l.local_addr()), &opts(Some(stranger))).unwrap();
     assert!(eventually(5, || t.info().state == TunnelState::Down));
     std::thread::sleep(std::time::Duration::from_millis(500));
     let info = t.info();
@@ -115,7 +115,7 @@ fn tls_with_a_certificate_from_another_ca_is_refused() {
     assert!(l.info().tunnels.iter().all(|t| t.state != TunnelState::Up));
     assert!(swa.ports().is_empty() && swb.ports().is_empty());
     // TLS needs certificates.
-    assert!(Tunnel::connect(&swa, ep(Proto::Tls, l.local_addr()), None, 1472).is_err());
+    assert!(Tunnel::connect(&swa, ep(Proto::Tls, l.local_addr()), &opts(None)).is_err());
 }
 
 static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -136,18 +136,18 @@ fn tunnels_reconnect_with_backoff_and_report_state() {
         );
         // Find a free port, then connect before anyone listens there.
         let addr = {
-            let l = Listener::bind(&swb, ep(proto, "127.0.0.1:0".parse().unwrap()), None, 1472)
+            let l = Listener::bind(&swb, ep(proto, "127.0.0.1:0".parse().unwrap()), &opts(None))
                 .unwrap();
             l.local_addr()
         };
-        let t = Tunnel::connect(&swa, ep(proto, addr), None, 1472).unwrap();
+        let t = Tunnel::connect(&swa, ep(proto, addr), &opts(None)).unwrap();
         assert!(
             eventually(8, || t.info().state == TunnelState::Down),
             "{proto}: {:?}",
             t.info()
         );
         assert!(t.info().last_error.is_some());
-        let l = Listener::bind(&swb, ep(proto, addr), None, 1472).unwrap();
+        let l = Listener::bind(&swb, ep(proto, addr), &opts(None)).unwrap();
         assert!(
             eventually(10, || t.info().state == TunnelState::Up),
             "{proto}: {:?}",
@@ -163,7 +163,7 @@ fn tunnels_reconnect_with_backoff_and_report_state() {
         );
         assert!(eventually(2, || swa.ports().is_empty()));
         // ...and back up when it returns.
-        let _l = Listener::bind(&swb, ep(proto, addr), None, 1472).unwrap();
+        let _l = Listener::bind(&swb, ep(proto, addr), &opts(None)).unwrap();
         assert!(
             eventually(15, || t.info().state == TunnelState::Up),
             "{proto}: {:?}",
@@ -189,11 +189,10 @@ fn jumbo_frames_cross_a_udp_tunnel_in_fragments() {
     let l = Listener::bind(
         &swb,
         ep(Proto::Udp, "127.0.0.1:0".parse().unwrap()),
-        None,
-        1472,
+        &opts(None),
     )
     .unwrap();
-    let t = Tunnel::connect(&swa, ep(Proto::Udp, l.local_addr()), None, 1472).unwrap();
+    let t = Tunnel::connect(&swa, ep(Proto::Udp, l.local_addr()), &opts(None)).unwrap();
     assert!(eventually(5, || t.info().state == TunnelState::Up));
     let (a, b) = (NetNs::new().unwrap(), NetNs::new().unwrap());
     let _pa = tap_in(&swa, &a, "10.99.14.1/24");

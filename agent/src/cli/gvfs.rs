@@ -84,10 +84,10 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Size bound of the persistent cache, in MiB.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::cli::mib)]
     cache_size_mib: u64,
     /// Size of the memory block cache, in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::cli::mib)]
     mem_cache_mib: u64,
     /// What calls do while the server is unreachable.
     #[arg(long, value_enum, default_value = "eio")]
@@ -104,7 +104,7 @@ pub struct MountArgs {
     /// pass reads of an unchanged file with a copy through to it in the
     /// kernel: warm reads as fast as local ones, cold reads slower (each
     /// block is also written locally). Read-only mounts only. 0: off.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::cli::mib)]
     whole_copy_mib: u64,
     /// Where to mount.
     mountpoint: PathBuf,

@@ -8,6 +8,8 @@ mod share;
 mod switch;
 mod vnet;
 
+pub use switch::chain;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -37,6 +39,19 @@ pub enum Command {
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+/// Parses a size in MiB, refusing one whose byte count does not fit in 64
+/// bits (so that `<< 20` on it cannot wrap).
+pub fn mib(s: &str) -> Result<u64, String> {
+    const MAX: u64 = u64::MAX >> 20;
+    let n: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of MiB: {e}"))?;
+    if n > MAX {
+        return Err(format!("{n} MiB is too large (at most {MAX} MiB)"));
+    }
+    Ok(n)
 }
 
 /// Any error a subcommand returns; printed as one line by `main`.

@@ -33,7 +33,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::mib)]
     pub mem: u64,
     /// Kernel entry point: pvh when the ELF has a PVH note (auto), or the
     /// Linux 64-bit entry.

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use std::path::PathBuf;
-use vnet::tunnel::{DEFAULT_UDP_MTU, Endpoint, TlsConfig};
+use vnet::tunnel::{DEFAULT_UDP_MTU, Endpoint, TlsConfig, UdpKey};
 use vnet::{SwitchConfig, Vnet, VnetConfig};
 
 #[derive(Debug, Args)]
@@ -35,6 +35,11 @@ pub struct SwitchArgs {
     /// fragmented within the tunnel.
     #[arg(long, default_value_t = DEFAULT_UDP_MTU as u16, value_parser = clap::value_parser!(u16).range(64..=65000))]
     pub udp_mtu: u16,
+    /// Pre-shared key of UDP tunnels (the file's content, at least 16
+    /// bytes): every datagram is authenticated; peers without it are
+    /// refused. Give both ends the same.
+    #[arg(long, value_name = "FILE")]
+    pub udp_key: Option<PathBuf>,
     /// Forward between tunnels (the hub of a star): `--hub`, or
     /// `--hub false`. Default: hub when it listens and connects nowhere.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -53,6 +58,10 @@ impl SwitchArgs {
             (Some(c), Some(k), Some(a)) => Some(TlsConfig::from_pem_files(c, k, a)?),
             _ => None,
         };
+        let udp_key = match &self.udp_key {
+            Some(f) => Some(UdpKey::from_file(f).map_err(|e| format!("--udp-key: {}", chain(&e)))?),
+            None => None,
+        };
         let hub = self
             .hub
             .unwrap_or(!self.listen.is_empty() && self.connect.is_empty());
@@ -64,6 +73,7 @@ impl SwitchArgs {
             },
             tls,
             udp_mtu: self.udp_mtu.into(),
+            udp_key,
         })?;
         for name in &self.taps {
             vnet.add_tap(name)

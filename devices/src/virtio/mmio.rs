@@ -10,6 +10,7 @@ use super::{
     ActivateContext, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status,
 };
 use crate::bus::BusDevice;
+use crate::throttle::Throttle;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -100,6 +101,9 @@ pub struct MmioTransport {
     queue_sel: u32,
     config_generation: u32,
     activated: bool,
+    /// Register writes refused because they came at the wrong time: a
+    /// guest can make them at will, so they are logged thinly.
+    refused: Throttle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,7 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             activated: false,
+            refused: Throttle::default(),
         })
     }
 
@@ -153,8 +158,19 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// The Status register as the driver reads it: what it set, plus
+    /// DEVICE_NEEDS_RESET once the device has failed.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | status::DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// Register writes refused so far (driver errors).
+    pub fn refused_writes(&self) -> u64 {
+        self.refused.count()
     }
 
     pub fn is_activated(&self) -> bool {
@@ -163,7 +179,7 @@ impl MmioTransport {
 
     pub fn save(&self) -> MmioPersist {
         MmioPersist {
-            status: self.status,
+            status: self.status(),
             device_features_sel: self.device_features_sel,
             driver_features_sel: self.driver_features_sel,
             driver_features: self.driver_features,
@@ -186,10 +202,13 @@ impl MmioTransport {
 
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_config_allowed() {
-            tracing::warn!(
-                status = self.status,
-                "virtio-mmio: queue set up at the wrong time, ignored"
-            );
+            if let Some(n) = self.refused.hit() {
+                tracing::warn!(
+                    status = self.status,
+                    refused = n,
+                    "virtio-mmio: queue set up at the wrong time, ignored"
+                );
+            }
             return;
         }
         if let Some(q) = self.selected_queue() {
@@ -210,7 +229,7 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
-        self.interrupt.ack(u32::MAX);
+        self.interrupt.clear();
     }
 
     fn set_status(&mut self, new: u32) {
@@ -240,7 +259,9 @@ impl MmioTransport {
             && STEPS.contains(&new)
             && (added & FEATURES_OK == 0 || self.features_acceptable());
         if !ok {
-            tracing::warn!(old, new, "virtio-mmio: status change refused");
+            if let Some(n) = self.refused.hit() {
+                tracing::warn!(old, new, refused = n, "virtio-mmio: status change refused");
+            }
             return;
         }
         self.status = new;
@@ -255,10 +276,11 @@ impl MmioTransport {
             && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
         if fine {
             self.device.ack_features(self.driver_features);
-        } else {
+        } else if let Some(n) = self.refused.hit() {
             tracing::warn!(
                 offered = format_args!("{offered:#x}"),
                 asked = format_args!("{:#x}", self.driver_features),
+                refused = n,
                 "virtio-mmio: driver features refused"
             );
         }
@@ -324,7 +346,7 @@ impl MmioTransport {
             0x34 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             0x44 => self.selected_queue().is_some_and(|q| q.ready()).into(),
             0x60 => self.interrupt.status(),
-            0x70 => self.status,
+            0x70 => self.status(),
             0xfc => self.config_generation,
             _ => {
                 tracing::debug!(offset, "virtio-mmio: read of an unknown register");
@@ -684,5 +706,44 @@ mod tests {
         );
         assert_eq!(saved.queues.len(), 2);
         let _ = t.mem.num_regions();
+    }
+
+    #[test]
+    fn refused_writes_do_not_flood_the_log() {
+        let mut t = transport(Recorder::default());
+        let logged = crate::virtio::test_utils::count_log_events(|| {
+            for _ in 0..100_000 {
+                w(&mut t, 0x70, status::DRIVER_OK);
+                w(&mut t, 0x38, 8);
+            }
+        });
+        assert_eq!(t.refused_writes(), 200_000);
+        assert!(
+            (8..=30).contains(&logged),
+            "{logged} log lines for 200,000 refused writes"
+        );
+    }
+
+    #[test]
+    fn a_failed_device_reads_needs_reset_until_the_driver_resets_it() {
+        let mut t = transport(Recorder::default());
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.is_activated());
+        t.interrupt
+            .device_failed("test", &crate::virtio::QueueError::HeadInFlight(0));
+        assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(
+            t.save().status & status::DEVICE_NEEDS_RESET,
+            status::DEVICE_NEEDS_RESET
+        );
+        assert_ne!(r(&mut t, 0x60) & crate::virtio::INT_CONFIG, 0);
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x70), 0);
+        assert_eq!(r(&mut t, 0x60), 0);
     }
 }

@@ -11,7 +11,7 @@ pub mod net;
 #[cfg(test)]
 mod test_utils;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
@@ -39,10 +39,13 @@ pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 /// A device's interrupt line plus the status register the driver reads to
-/// tell why it was raised.
+/// tell why it was raised, and whether the device has failed and needs a
+/// reset (virtio's DEVICE_NEEDS_RESET): what a device running on its own
+/// threads shares with its transport.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
+    needs_reset: AtomicBool,
     irq: EventFd,
 }
 
@@ -50,8 +53,28 @@ impl VirtioInterrupt {
     pub fn new(irq: EventFd) -> Self {
         VirtioInterrupt {
             status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
             irq,
         }
+    }
+
+    /// The driver broke the device's queues: the device stops using them,
+    /// the transport reports DEVICE_NEEDS_RESET, and the driver is told
+    /// through a config-change interrupt (virtio 1.2, 2.1.2). Logged once
+    /// per failure, however often the guest repeats it.
+    pub fn device_failed(&self, device: &str, why: &dyn std::fmt::Display) {
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!("{device}: {why}; the device stops until the driver resets it");
+        if let Err(e) = self.signal_config_change() {
+            tracing::warn!("{device}: cannot interrupt the guest: {e}");
+        }
+    }
+
+    /// Whether the device has failed since the driver last reset it.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
     }
 
     /// Tells the driver that used rings have new entries.
@@ -75,6 +98,12 @@ impl VirtioInterrupt {
 
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The driver reset the device: no interrupt pending, no failure.
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 }
 
@@ -116,51 +145,89 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// A queue the driver broke: the device must stop walking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the driver made {ahead} chains available on a queue of {size}")]
+    AvailTooFarAhead { ahead: u16, size: u16 },
+    #[error("the driver made chain {0} available while the device still holds it")]
+    HeadInFlight(u16),
+    #[error("the driver made chain {head} available on a queue of {size}")]
+    HeadOutOfRange { head: u16, size: u16 },
+    #[error("the queue's rings are not in guest memory")]
+    Rings,
+}
+
+/// Checks that the driver has made no more chains available than the
+/// queue holds (virtio 1.2, 2.7.6): an available index further ahead
+/// would have the device walk stale ring entries forever.
+pub fn check_avail(mem: &GuestMemoryMmap, queue: &Queue) -> Result<(), QueueError> {
+    let avail = queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|_| QueueError::Rings)?;
+    let ahead = avail.0.wrapping_sub(queue.next_avail());
+    let size = queue.size();
+    if ahead > size {
+        return Err(QueueError::AvailTooFarAhead { ahead, size });
+    }
+    Ok(())
+}
+
 /// Serves every chain the driver has made available on `queue`: `serve`
 /// handles one chain and returns how many bytes it wrote into it; the
 /// chain then goes back to the driver. Notifications stay off while the
 /// queue is drained, and it is drained again if chains arrived meanwhile.
-/// Returns whether any chain went back (an interrupt may be due).
+/// Returns whether any chain went back (an interrupt may be due), or why
+/// the queue is broken (the caller fails the device).
 pub fn drain_queue<'m>(
     mem: &'m GuestMemoryMmap,
     queue: &mut Queue,
-    device: &str,
     mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
-) -> bool {
-    drain_queue_deferred(mem, queue, device, |chain| Some(serve(chain)))
+) -> Result<bool, QueueError> {
+    drain_queue_deferred(mem, queue, |chain| Ok(Some(serve(chain))))
 }
 
 /// Like [`drain_queue`], but `serve` may keep a chain to give back later
-/// (by returning `None`; the caller then adds it to the used ring itself);
-/// `Some(len)` gives it back now with `len` bytes written.
+/// (by returning `Ok(None)`; the caller then adds it to the used ring
+/// itself), and may find the queue broken (`Err`, which ends the pass);
+/// `Ok(Some(len))` gives the chain back now with `len` bytes written.
 pub fn drain_queue_deferred<'m>(
     mem: &'m GuestMemoryMmap,
     queue: &mut Queue,
-    device: &str,
-    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Option<u32>,
-) -> bool {
+    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Result<Option<u32>, QueueError>,
+) -> Result<bool, QueueError> {
+    if !queue.ready() {
+        return Ok(false);
+    }
     let mut used = false;
     loop {
-        if queue.disable_notification(mem).is_err() {
-            break;
-        }
+        queue
+            .disable_notification(mem)
+            .map_err(|_| QueueError::Rings)?;
+        check_avail(mem, queue)?;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let Some(len) = serve(chain) else {
+            if head >= queue.size() {
+                return Err(QueueError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
+            }
+            let Some(len) = serve(chain)? else {
                 continue;
             };
-            if queue.add_used(mem, head, len).is_err() {
-                tracing::warn!("{device}: used ring is not writable");
-                return used;
-            }
+            queue
+                .add_used(mem, head, len)
+                .map_err(|_| QueueError::Rings)?;
             used = true;
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
+        if !queue
+            .enable_notification(mem)
+            .map_err(|_| QueueError::Rings)?
+        {
+            return Ok(used);
         }
     }
-    used
 }
 
 /// Copies `src[offset..]` into `data`, or fills `data` with zeros where the
@@ -210,5 +277,70 @@ impl<T: VirtioDevice> VirtioDevice for Arc<Mutex<T>> {
     }
     fn reset(&mut self) {
         self.lock().unwrap_or_else(|p| p.into_inner()).reset()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{add_chain, finishes_within, repost};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_queue_instead_of_spinning() {
+        let outcome = finishes_within(10, || {
+            let m = mem();
+            let mq = MockSplitQueue::new(&m, 16);
+            let mut q: Queue = mq.create_queue().unwrap();
+            add_chain(&mq, 0, &[(0x8000, 64, false)]);
+            // 17 more: the driver claims more chains than the queue holds.
+            repost(&m, mq.avail_addr(), 16, 0, 17);
+            let mut served = 0;
+            let r = drain_queue(&m, &mut q, |_| {
+                served += 1;
+                0
+            });
+            (r, served)
+        });
+        assert_eq!(
+            outcome,
+            (
+                Err(QueueError::AvailTooFarAhead {
+                    ahead: 18,
+                    size: 16
+                }),
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn a_head_past_the_queue_breaks_it() {
+        let m = mem();
+        let mq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = mq.create_queue().unwrap();
+        repost(&m, mq.avail_addr(), 16, 40, 1);
+        let r = drain_queue(&m, &mut q, |_| 0);
+        assert_eq!(r, Err(QueueError::HeadOutOfRange { head: 40, size: 16 }));
+    }
+
+    #[test]
+    fn a_failure_is_reported_once_until_the_driver_resets() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let i = VirtioInterrupt::new(irq.try_clone().unwrap());
+        let why = QueueError::HeadInFlight(3);
+        for _ in 0..100 {
+            i.device_failed("test", &why);
+        }
+        assert!(i.needs_reset());
+        assert_eq!(i.status(), INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 1, "one interrupt, not one per report");
+        i.clear();
+        assert!(!i.needs_reset());
     }
 }

@@ -504,3 +504,67 @@ fn super_frames_pass_to_offload_ports_and_are_segmented_for_others() {
         1
     );
 }
+
+#[test]
+fn a_guest_port_sends_only_from_its_own_mac_until_relaxed() {
+    let s = sw(SwitchConfig::default());
+    let (ca, cb, ct) = (
+        Arc::new(Collector::default()),
+        Arc::new(Collector::default()),
+        Arc::new(Collector::default()),
+    );
+    let a = s.add_guest_port("vm-a", A, ca.clone());
+    let b = s.add_guest_port("vm-b", B, cb.clone());
+    let t = s.add_port("tap", PortKind::Tap, ct.clone());
+    s.ingress_bytes(b, &eth(Mac::BROADCAST, B));
+    assert_eq!(s.lookup(B, None), Some(b));
+    ca.take();
+    ct.take();
+
+    // A takes over B's address: dropped, counted, not learned.
+    s.ingress_bytes(a, &eth(Mac::BROADCAST, B));
+    s.ingress_bytes(a, &eth(C, B));
+    assert_eq!((cb.count(), ct.count()), (0, 0));
+    let spoofed = |p| {
+        s.port(p)
+            .unwrap()
+            .counters
+            .dropped(DropReason::SpoofedSource)
+    };
+    assert_eq!(spoofed(a), 2);
+    assert_eq!(s.info().counters.dropped(DropReason::SpoofedSource), 2);
+    assert_eq!(s.lookup(B, None), Some(b), "B's address stays on B's port");
+    // A fills the table with made-up addresses: none is learned.
+    for i in 0..100 {
+        s.ingress_bytes(a, &eth(Mac::BROADCAST, Mac::local(1000 + i)));
+    }
+    assert_eq!(s.macs().len(), 1, "{:?}", s.macs());
+    assert_eq!(spoofed(a), 102);
+    // Nor counted in the traffic matrix: only B's own broadcast is there.
+    assert_eq!(s.matrix().local().entries.len(), 1);
+    // The real owner still gets its frames.
+    s.ingress_bytes(t, &eth(B, C));
+    assert_eq!(cb.take().len(), 1);
+    // A's own address passes.
+    s.ingress_bytes(a, &eth(Mac::BROADCAST, A));
+    assert_eq!((cb.take().len(), ct.take().len()), (1, 1));
+    assert_eq!(s.lookup(A, None), Some(a));
+
+    assert_eq!(s.port(a).unwrap().source, SourcePolicy::Only(A));
+    assert_eq!(s.port(t).unwrap().source, SourcePolicy::Any);
+    // Relaxed at run time (a guest that bridges others), A may send from
+    // any address; locked again, it may not.
+    s.set_source_policy(a, SourcePolicy::Any).unwrap();
+    assert_eq!(s.port(a).unwrap().source, SourcePolicy::Any);
+    s.ingress_bytes(a, &eth(Mac::BROADCAST, C));
+    assert_eq!(s.lookup(C, None), Some(a));
+    assert_eq!(ct.take().len(), 1);
+    s.set_source_policy(a, SourcePolicy::Only(A)).unwrap();
+    s.ingress_bytes(a, &eth(Mac::BROADCAST, Mac::local(7)));
+    assert_eq!(ct.count(), 0);
+    assert_eq!(spoofed(a), 103);
+    assert_eq!(
+        s.set_source_policy(999, SourcePolicy::Any),
+        Err(SwitchError::NoSuchPort(999))
+    );
+}

@@ -2,10 +2,13 @@
 //!
 //! A connecting tunnel keeps one link up: it connects, says hello, carries
 //! frames, and on any failure reports `down` with the error, waits (100 ms
-//! doubling up to 5 s) and connects again. A listener accepts any number
-//! of peers; each is a port of the switch while it is up. Both sides send
-//! a keepalive and their traffic matrices every second.
+//! doubling up to 5 s) and connects again. A listener accepts peers within
+//! the bounds of [`admission`]; each is a port of the switch while it is
+//! up. Both sides send a keepalive and their traffic matrices every
+//! second.
 
+pub mod admission;
+pub mod auth;
 pub mod stream;
 pub mod tls;
 pub mod udp;
@@ -25,6 +28,10 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use admission::{
+    HANDSHAKE_DEADLINE, MAX_PEERS, MAX_PEERS_PER_ADDR, MAX_PENDING, MAX_PENDING_PER_ADDR,
+};
+pub use auth::{AuthError, UdpKey};
 pub use tls::TlsConfig;
 
 /// First wait before reconnecting.
@@ -61,6 +68,30 @@ pub enum TunnelError {
     Silent(Duration),
     #[error("peer refused")]
     Refused,
+    #[error("handshake not done within {0:?}")]
+    HandshakeTimeout(Duration),
+}
+
+/// How a switch's tunnels and listeners connect.
+#[derive(Clone, Debug, Default)]
+pub struct TunnelOptions {
+    /// Certificates, needed for `tls:`.
+    pub tls: Option<TlsConfig>,
+    /// Largest UDP payload of UDP tunnels (0: [`DEFAULT_UDP_MTU`]).
+    pub udp_mtu: usize,
+    /// Pre-shared key of UDP tunnels: with one, every datagram carries a
+    /// tag and those without a valid one are dropped.
+    pub udp_key: Option<UdpKey>,
+}
+
+impl TunnelOptions {
+    fn udp_mtu(&self) -> usize {
+        if self.udp_mtu == 0 {
+            DEFAULT_UDP_MTU
+        } else {
+            self.udp_mtu
+        }
+    }
 }
 
 /// Transport of a tunnel.
@@ -233,15 +264,14 @@ impl Status {
     }
 
     pub(crate) fn down(&self, err: &dyn std::error::Error) {
-        let mut msg = err.to_string();
-        let mut src = err.source();
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        self.set_down(err, true)
+    }
+
+    /// Records the tunnel going down; logs it if `log`.
+    pub(crate) fn set_down(&self, err: &dyn std::error::Error, log: bool) {
+        let msg = chain(err);
         let mut i = lock(&self.info);
-        if i.state != TunnelState::Down || i.last_error.as_deref() != Some(&msg) {
+        if log && (i.state != TunnelState::Down || i.last_error.as_deref() != Some(&msg)) {
             tracing::warn!(tunnel = i.id, proto = %i.proto, peer = %i.peer, error = %msg, "tunnel down");
         }
         i.state = TunnelState::Down;
@@ -286,6 +316,18 @@ impl Status {
         }
         true
     }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 /// Next back-off delay.
@@ -456,17 +498,16 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Starts connecting; the tunnel reports its state in [`Tunnel::info`].
-    /// `tls` is needed for `tls:`; `udp_mtu` is the largest UDP payload.
     pub fn connect(
         switch: &Arc<Switch>,
         endpoint: Endpoint,
-        tls: Option<TlsConfig>,
-        udp_mtu: usize,
+        opts: &TunnelOptions,
     ) -> Result<Tunnel, TunnelError> {
         let tls = match endpoint.proto {
-            Proto::Tls => Some(tls.ok_or(TunnelError::NoTls)?),
+            Proto::Tls => Some(opts.tls.clone().ok_or(TunnelError::NoTls)?),
             _ => None,
         };
+        let (udp_mtu, udp_key) = (opts.udp_mtu(), opts.udp_key.clone());
         let status = Arc::new(Status::new(
             next_id(),
             endpoint.proto,
@@ -477,7 +518,7 @@ impl Tunnel {
         let thread = std::thread::Builder::new()
             .name(format!("vnet-{endpoint}"))
             .spawn(move || match ep.proto {
-                Proto::Udp => udp::connect_loop(sw, st, ep, udp_mtu),
+                Proto::Udp => udp::connect_loop(sw, st, ep, udp_mtu, udp_key),
                 _ => stream::connect_loop(sw, st, ep, tls),
             })?;
         Ok(Tunnel {
@@ -517,6 +558,14 @@ pub struct ListenerInfo {
     pub local_addr: SocketAddr,
     /// The tunnels it accepted that are still there.
     pub tunnels: Vec<TunnelInfo>,
+    /// Connections in their handshake now.
+    #[serde(default)]
+    pub pending: usize,
+    /// Connections turned away so far: the listener or the peer's
+    /// address at its limit, or the oldest handshake of the busiest
+    /// address dropped to make room.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// Accepts tunnels from other switches until dropped.
@@ -527,19 +576,20 @@ pub struct Listener {
     stop: Arc<Status>,
     thread: Option<JoinHandle<()>>,
     sessions: stream::Sessions,
+    admission: Arc<admission::Admission>,
 }
 
 impl Listener {
     pub fn bind(
         switch: &Arc<Switch>,
         endpoint: Endpoint,
-        tls: Option<TlsConfig>,
-        udp_mtu: usize,
+        opts: &TunnelOptions,
     ) -> Result<Listener, TunnelError> {
         let tls = match endpoint.proto {
-            Proto::Tls => Some(tls.ok_or(TunnelError::NoTls)?),
+            Proto::Tls => Some(opts.tls.clone().ok_or(TunnelError::NoTls)?),
             _ => None,
         };
+        let (udp_mtu, udp_key) = (opts.udp_mtu(), opts.udp_key.clone());
         let id = next_id();
         let stop = Arc::new(Status::new(
             id,
@@ -548,7 +598,13 @@ impl Listener {
             endpoint.addr.clone(),
         ));
         let sessions: stream::Sessions = Arc::default();
-        let (sw, st, ss) = (switch.clone(), stop.clone(), sessions.clone());
+        let admission: Arc<admission::Admission> = Arc::default();
+        let (sw, st, ss, adm) = (
+            switch.clone(),
+            stop.clone(),
+            sessions.clone(),
+            admission.clone(),
+        );
         let name = format!("vnet-listen-{endpoint}");
         let (local, thread) = match endpoint.proto {
             Proto::Udp => {
@@ -556,15 +612,23 @@ impl Listener {
                 let local = s.local_addr()?;
                 let t = std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || udp::listen_loop(sw, st, s, udp_mtu, ss))?;
+                    .spawn(move || udp::listen_loop(sw, st, s, udp_mtu, udp_key, ss, adm))?;
                 (local, t)
             }
             proto => {
                 let l = stream::bind(&endpoint)?;
                 let local = l.local_addr()?;
+                let a = stream::Accepting {
+                    switch: sw,
+                    proto,
+                    tls,
+                    sessions: ss,
+                    admission: adm,
+                    handshake_failures: Arc::default(),
+                };
                 let t = std::thread::Builder::new()
                     .name(name)
-                    .spawn(move || stream::accept_loop(sw, st, l, proto, tls, ss))?;
+                    .spawn(move || stream::accept_loop(st, l, a))?;
                 (local, t)
             }
         };
@@ -576,6 +640,7 @@ impl Listener {
             stop,
             thread: Some(thread),
             sessions,
+            admission,
         })
     }
 
@@ -595,6 +660,8 @@ impl Listener {
             endpoint: self.endpoint.clone(),
             local_addr: self.local,
             tunnels: lock(&self.sessions).iter().map(|(s, _)| s.info()).collect(),
+            pending: self.admission.pending(),
+            refused: self.admission.refused(),
         }
     }
 }

@@ -1,7 +1,13 @@
 //! TCP and TLS tunnels: length-prefixed messages over one stream. A
 //! reader thread feeds the switch; a writer thread drains the port's
 //! queue in batches (one write per batch).
+//!
+//! The handshake (TLS, then both hellos) has [`HANDSHAKE_DEADLINE`] in
+//! all, and until it is done a peer gets a few KiB: the first message
+//! must be a hello of exactly a hello's size. The big buffers come after.
+//! A listener admits connections within the bounds of [`super::admission`].
 
+use super::admission::{Admission, HANDSHAKE_DEADLINE, Ticket};
 use super::wire::{self, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX};
 use super::{
     DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TlsConfig, TunnelError, TxQueue, lock,
@@ -10,6 +16,7 @@ use super::{
 use crate::counters::DropReason;
 use crate::frame::Frame;
 use crate::matrix::MatrixReport;
+use crate::ratelimit::LogLimit;
 use crate::switch::{PortKind, PortSink, Switch};
 use rustls::Connection;
 use std::collections::VecDeque;
@@ -19,8 +26,27 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A TCP connect that takes longer fails (and is tried again after the
+/// back-off): far more than any round trip, short next to the back-off.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Messages queued for a tunnel's writer; more are dropped as
+/// `queue_full`: about a TAP's transmit queue (1000).
 const QUEUE_FRAMES: usize = 1024;
+/// TLS ciphertext read at a time during the handshake: a few KiB is all
+/// a peer gets before it has said who it is (records span reads).
+const HANDSHAKE_READ_BUF: usize = 4 * 1024;
+/// TLS ciphertext read at a time once up: a few records per system call.
+const TLS_READ_BUF: usize = 64 * 1024;
+/// Plaintext read-ahead once up: many small frames per system call.
+const READ_BUF: usize = 256 * 1024;
+/// Outgoing bytes (a batch of messages, encrypted) once up.
+const WRITE_BUF: usize = 256 * 1024;
+/// While accept(2) fails (no descriptors left, say), wait this long
+/// before trying again: the peer's connection stays in the backlog, so
+/// trying at once would spin. Short enough that peers get in soon after.
+const ACCEPT_RETRY: Duration = Duration::from_millis(200);
+/// How often the accept loop looks for a new connection or a stop.
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
 
 /// Plaintext side of the stream for the reader thread.
 struct Reader {
@@ -29,12 +55,57 @@ struct Reader {
     tmp: Vec<u8>,
     start: usize,
     end: usize,
+    /// While set, each socket read times out at this instant.
+    deadline: Option<Instant>,
+}
+
+/// Makes the socket's reads and writes time out at `deadline`.
+fn until(sock: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(ErrorKind::TimedOut.into());
+    }
+    sock.set_read_timeout(Some(left))?;
+    sock.set_write_timeout(Some(left))
+}
+
+/// The socket with every read and write timing out at `deadline`
+/// (rustls's `complete_io` reads until the handshake is done).
+struct ByDeadline<'a> {
+    sock: &'a mut TcpStream,
+    deadline: Instant,
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        until(self.sock, self.deadline)?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for ByDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        until(self.sock, self.deadline)?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// A read from the socket, by `deadline` if there is one.
+fn sock_read(sock: &mut TcpStream, deadline: Option<Instant>, buf: &mut [u8]) -> io::Result<usize> {
+    if let Some(d) = deadline {
+        until(sock, d)?;
+    }
+    sock.read(buf)
 }
 
 impl Read for Reader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(tls) = &self.tls else {
-            return self.sock.read(buf);
+            return sock_read(&mut self.sock, self.deadline, buf);
         };
         loop {
             {
@@ -53,7 +124,7 @@ impl Read for Reader {
                     continue;
                 }
             }
-            let n = self.sock.read(&mut self.tmp)?;
+            let n = sock_read(&mut self.sock, self.deadline, &mut self.tmp)?;
             if n == 0 {
                 return Ok(0);
             }
@@ -120,6 +191,32 @@ fn io_err(e: io::Error) -> TunnelError {
     }
 }
 
+/// An I/O error of the handshake: a timeout is the deadline's.
+fn handshake_err(e: io::Error) -> TunnelError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            TunnelError::HandshakeTimeout(HANDSHAKE_DEADLINE)
+        }
+        _ => io_err(e),
+    }
+}
+
+/// Reads the peer's hello: one message of exactly a hello's size, so
+/// that nothing bigger is read, or buffered, for a peer not known yet.
+fn read_hello(r: &mut impl Read) -> Result<u64, TunnelError> {
+    let mut m = [0u8; 4 + 1 + wire::HELLO_LEN];
+    r.read_exact(&mut m[..4]).map_err(handshake_err)?;
+    let n = wire::stream_len([m[0], m[1], m[2], m[3]])?;
+    if n != 1 + wire::HELLO_LEN {
+        return Err(wire::WireError::BadHello.into());
+    }
+    r.read_exact(&mut m[4..]).map_err(handshake_err)?;
+    if m[4] != MSG_HELLO {
+        return Err(wire::WireError::BadHello.into());
+    }
+    Ok(wire::parse_hello(&m[5..])?)
+}
+
 fn read_msg<'a>(r: &mut impl Read, buf: &'a mut [u8]) -> Result<&'a [u8], TunnelError> {
     let mut h = [0u8; 4];
     r.read_exact(&mut h).map_err(io_err)?;
@@ -128,15 +225,17 @@ fn read_msg<'a>(r: &mut impl Read, buf: &'a mut [u8]) -> Result<&'a [u8], Tunnel
     Ok(&buf[..n])
 }
 
-/// Runs one connected stream until it fails or the tunnel stops.
+/// Runs one connected stream until it fails or the tunnel stops. An
+/// accepted one has its `ticket`, marked established after the hellos.
 fn run_session(
     switch: &Arc<Switch>,
     status: &Status,
     sock: TcpStream,
     tls: Option<Connection>,
     name: &str,
+    ticket: Option<&Ticket>,
 ) -> Result<(), TunnelError> {
-    let r = session(switch, status, sock, tls, name);
+    let r = session(switch, status, sock, tls, name, ticket);
     *lock(&status.sock) = None;
     r
 }
@@ -147,17 +246,23 @@ fn session(
     mut sock: TcpStream,
     tls: Option<Connection>,
     name: &str,
+    ticket: Option<&Ticket>,
 ) -> Result<(), TunnelError> {
     sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(DEAD_AFTER))?;
     *lock(&status.sock) = Some(sock.try_clone()?);
     if status.stopped() {
         return Ok(());
     }
+    // The handshake, small buffers only, all of it by the deadline.
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
     let tls = match tls {
         Some(mut c) => {
+            let mut io = ByDeadline {
+                sock: &mut sock,
+                deadline,
+            };
             while c.is_handshaking() {
-                c.complete_io(&mut sock)?;
+                c.complete_io(&mut io).map_err(handshake_err)?;
             }
             Some(Arc::new(Mutex::new(c)))
         }
@@ -166,31 +271,37 @@ fn session(
     let mut w = Writer {
         sock: sock.try_clone()?,
         tls: tls.clone(),
-        out: Vec::with_capacity(256 * 1024),
+        out: Vec::new(),
     };
-    let mut r = BufReader::with_capacity(
-        256 * 1024,
-        Reader {
-            sock: sock.try_clone()?,
-            tls,
-            tmp: vec![0; 64 * 1024],
-            start: 0,
-            end: 0,
-        },
-    );
+    let mut r = Reader {
+        sock: sock.try_clone()?,
+        tls,
+        tmp: vec![0; HANDSHAKE_READ_BUF],
+        start: 0,
+        end: 0,
+        deadline: Some(deadline),
+    };
     let mut hello = Vec::new();
     wire::encode_stream(
         &mut hello,
         MSG_HELLO,
         &wire::hello(switch.matrix().origin()),
     );
-    w.write_all(&hello)?;
-    let mut buf = vec![0u8; wire::MAX_STREAM_MSG];
-    let m = read_msg(&mut r, &mut buf)?;
-    if m[0] != MSG_HELLO {
-        return Err(wire::WireError::BadHello.into());
+    until(&sock, deadline).map_err(handshake_err)?;
+    w.write_all(&hello).map_err(handshake_err)?;
+    let peer = read_hello(&mut r)?;
+    if let Some(t) = ticket {
+        t.established();
     }
-    let peer = wire::parse_hello(&m[1..])?;
+    // Up: a silent peer is down after DEAD_AFTER, one that does not read
+    // too; now the buffers for full-speed traffic.
+    r.deadline = None;
+    sock.set_read_timeout(Some(DEAD_AFTER))?;
+    sock.set_write_timeout(Some(DEAD_AFTER))?;
+    r.tmp.resize(TLS_READ_BUF, 0);
+    w.out.reserve(WRITE_BUF);
+    let mut r = BufReader::with_capacity(READ_BUF, r);
+    let mut buf = vec![0u8; wire::MAX_STREAM_MSG];
     let q = Arc::new(TxQueue::new(QUEUE_FRAMES));
     let port = switch.add_port(
         name,
@@ -295,6 +406,7 @@ pub(crate) fn connect_loop(
             sock,
             conn,
             &session_name(ep.proto, &ep.addr),
+            None,
         )
     });
 }
@@ -309,30 +421,37 @@ pub(crate) fn bind(ep: &Endpoint) -> Result<TcpListener, TunnelError> {
 
 pub(crate) type Sessions = Arc<Mutex<Vec<(Arc<Status>, Option<JoinHandle<()>>)>>>;
 
-pub(crate) fn accept_loop(
-    switch: Arc<Switch>,
-    stop: Arc<Status>,
-    l: TcpListener,
-    proto: Proto,
-    tls: Option<TlsConfig>,
-    sessions: Sessions,
-) {
+/// What an accept loop works with.
+pub(crate) struct Accepting {
+    pub(crate) switch: Arc<Switch>,
+    pub(crate) proto: Proto,
+    pub(crate) tls: Option<TlsConfig>,
+    pub(crate) sessions: Sessions,
+    pub(crate) admission: Arc<Admission>,
+    /// Handshakes that failed (logged now and then).
+    pub(crate) handshake_failures: Arc<LogLimit>,
+}
+
+pub(crate) fn accept_loop(stop: Arc<Status>, l: TcpListener, a: Accepting) {
+    let failures = LogLimit::default();
     while !stop.stopped() {
         match l.accept() {
-            Ok((sock, peer)) => spawn_accepted(&switch, sock, peer, proto, tls.as_ref(), &sessions),
+            Ok((sock, peer)) => spawn_accepted(&a, sock, peer),
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if stop.wait(Duration::from_millis(50)) {
+                if stop.wait(ACCEPT_POLL) {
                     break;
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                if stop.wait(Duration::from_millis(200)) {
+                if let Some(held) = failures.check() {
+                    tracing::warn!(error = %e, held_back = held, "accept failed");
+                }
+                if stop.wait(ACCEPT_RETRY) {
                     break;
                 }
             }
         }
-        reap(&sessions);
+        reap(&a.sessions);
     }
 }
 
@@ -349,21 +468,25 @@ pub(crate) fn reap(sessions: &Sessions) {
     });
 }
 
-fn spawn_accepted(
-    switch: &Arc<Switch>,
-    sock: TcpStream,
-    peer: SocketAddr,
-    proto: Proto,
-    tls: Option<&TlsConfig>,
-    sessions: &Sessions,
-) {
+fn spawn_accepted(a: &Accepting, sock: TcpStream, peer: SocketAddr) {
+    let proto = a.proto;
     let status = Arc::new(Status::new(
         super::next_id(),
         proto,
         Role::Accepted,
         peer.to_string(),
     ));
-    let (sw, st, tls) = (switch.clone(), status.clone(), tls.cloned());
+    // Refused: dropping the socket closes it at once.
+    let Some(ticket) = a.admission.admit(peer.ip(), &status) else {
+        return;
+    };
+    // So that the admission can stop it to make room.
+    match sock.try_clone() {
+        Ok(s) => *lock(&status.sock) = Some(s),
+        Err(_) => return,
+    }
+    let (sw, st, tls) = (a.switch.clone(), status.clone(), a.tls.clone());
+    let failed = a.handshake_failures.clone();
     let t = std::thread::Builder::new()
         .name(format!("vnet-{proto}-{peer}"))
         .spawn(move || {
@@ -379,15 +502,23 @@ fn spawn_accepted(
                     sock,
                     conn,
                     &session_name(proto, &peer.to_string()),
+                    Some(&ticket),
                 )
             })();
-            match r {
-                Ok(()) => st.down(&TunnelError::Closed),
-                Err(e) => st.down(&e),
+            let e = r.err().unwrap_or(TunnelError::Closed);
+            if st.info().ups > 0 {
+                return st.down(&e);
+            }
+            // A peer that never came up can fail over and over: one line
+            // now and then.
+            st.set_down(&e, false);
+            if let Some(held) = failed.check() {
+                tracing::info!(%peer, error = %crate::tunnel::chain(&e), held_back = held,
+                    "tunnel handshake failed");
             }
         });
     match t {
-        Ok(t) => lock(sessions).push((status, Some(t))),
+        Ok(t) => lock(&a.sessions).push((status, Some(t))),
         Err(e) => tracing::warn!(error = %e, "cannot start a tunnel thread"),
     }
 }

@@ -7,6 +7,13 @@
 //! that frames bigger than the path MTU are carried, not lost. Frames
 //! with offload metadata (TCP super-frames from a TAP) travel whole as
 //! `FRAME_HDR` messages with their virtio-net header.
+//!
+//! Version 2 (this one) adds the UDP handshake: a UDP hello carries a
+//! cookie after the hello payload (zeroes the first time); a listener
+//! answers a hello that does not echo a valid cookie with a `COOKIE`
+//! message only, and creates a port only for one that does. With a key,
+//! every UDP datagram ends with a tag ([`super::auth`]). Versions 1 and
+//! 2 do not talk to each other (the hello says which).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +24,9 @@ pub const MSG_KEEPALIVE: u8 = 4;
 pub const MSG_FRAG: u8 = 5;
 /// A frame with offloads: a 10-byte virtio-net header, then the frame.
 pub const MSG_FRAME_HDR: u8 = 6;
+/// UDP only: a listener's answer to a hello from an address it has not
+/// confirmed: `[COOKIE][cookie]`, to be echoed in the next hello.
+pub const MSG_COOKIE: u8 = 7;
 
 /// Largest message over a stream (type byte included).
 pub const MAX_STREAM_MSG: usize = 1 << 20;
@@ -26,8 +36,16 @@ pub const FRAG_HEADER: usize = 15;
 pub const MAX_FRAGS: usize = 64;
 
 const MAGIC: &[u8; 4] = b"VNET";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 pub const HELLO_LEN: usize = 4 + 1 + 8;
+/// Bytes of a UDP cookie: 128 bits (as WireGuard's cookie MAC), which
+/// cannot be guessed, and small enough that the `COOKIE` reply is
+/// smaller than the hello it answers (no amplification).
+pub const COOKIE_LEN: usize = 16;
+/// The cookie of a first hello.
+pub const NO_COOKIE: [u8; COOKIE_LEN] = [0; COOKIE_LEN];
+/// A UDP hello's payload: a hello, then a cookie.
+pub const UDP_HELLO_LEN: usize = HELLO_LEN + COOKIE_LEN;
 
 /// Errors decoding messages.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,6 +58,8 @@ pub enum WireError {
     BadFragment,
     #[error("message too big for {0} fragments")]
     TooBig(usize),
+    #[error("malformed cookie")]
+    BadCookie,
 }
 
 /// Hello payload: magic, version, and the sender's switch id.
@@ -59,6 +79,29 @@ pub fn parse_hello(p: &[u8]) -> Result<u64, WireError> {
     Ok(u64::from_be_bytes(
         p[5..13].try_into().map_err(|_| WireError::BadHello)?,
     ))
+}
+
+/// UDP hello payload: a hello and the cookie the listener gave (or
+/// [`NO_COOKIE`]).
+pub fn udp_hello(origin: u64, cookie: &[u8; COOKIE_LEN]) -> [u8; UDP_HELLO_LEN] {
+    let mut b = [0u8; UDP_HELLO_LEN];
+    b[..HELLO_LEN].copy_from_slice(&hello(origin));
+    b[HELLO_LEN..].copy_from_slice(cookie);
+    b
+}
+
+/// Parses a UDP hello payload: the peer's switch id and its cookie.
+pub fn parse_udp_hello(p: &[u8]) -> Result<(u64, [u8; COOKIE_LEN]), WireError> {
+    if p.len() != UDP_HELLO_LEN {
+        return Err(WireError::BadHello);
+    }
+    let (h, c) = p.split_at(HELLO_LEN);
+    Ok((parse_hello(h)?, parse_cookie(c)?))
+}
+
+/// Parses a cookie payload.
+pub fn parse_cookie(p: &[u8]) -> Result<[u8; COOKIE_LEN], WireError> {
+    p.try_into().map_err(|_| WireError::BadCookie)
 }
 
 /// Appends a stream message (length, type, payload) to `out`.
@@ -237,6 +280,12 @@ mod tests {
         let mut h = hello(1);
         h[4] = 9;
         assert_eq!(parse_hello(&h), Err(WireError::BadHello));
+        h[4] = 1;
+        assert_eq!(parse_hello(&h), Err(WireError::BadHello), "version 1");
+        let c = [7; COOKIE_LEN];
+        assert_eq!(parse_udp_hello(&udp_hello(42, &c)), Ok((42, c)));
+        assert_eq!(parse_udp_hello(&hello(42)), Err(WireError::BadHello));
+        assert_eq!(parse_cookie(&[1; 3]), Err(WireError::BadCookie));
         assert!(stream_len([0, 0, 0, 0]).is_err());
         assert!(stream_len([0xff, 0, 0, 0]).is_err());
         let mut out = Vec::new();

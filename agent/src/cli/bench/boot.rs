@@ -112,7 +112,7 @@ pub enum BootBenchError {
     NoRepo,
     #[error("no test guest at {0}: build it with tests/probe/build.sh, or pass --kernel")]
     NoKernel(PathBuf),
-    #[error("cannot tell which executable this is: {0}")]
+    #[error("cannot tell which executable this is")]
     CurrentExe(#[source] std::io::Error),
     #[error("no vmplant binary at {0}")]
     NoVmplant(PathBuf),
@@ -120,13 +120,13 @@ pub enum BootBenchError {
     NoRuns,
     #[error("--only names {0} twice")]
     Duplicate(&'static str),
-    #[error("cannot write the Firecracker configuration {path}: {source}")]
+    #[error("cannot write the Firecracker configuration {path}")]
     FcConfig {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the log file {path}: {source}")]
+    #[error("cannot create the log file {path}")]
     Log {
         path: PathBuf,
         #[source]
@@ -239,13 +239,14 @@ pub fn run(args: BootBenchArgs) -> CliResult {
                     t.samples.push(s);
                 }
                 Err(e) => {
+                    let e = crate::cli::chain(&e);
                     tracing::warn!("{} run {run}: {e}", t.vmm.name());
                     emit(
                         &mut out,
                         &NoteLine {
                             vmm: t.vmm.name(),
                             run: Some(run),
-                            error: Some(&e.to_string()),
+                            error: Some(&e),
                             skipped: None,
                         },
                     );
@@ -413,7 +414,10 @@ fn boot_once(
             // Say why, in the VMM's own last words.
             let stderr = std::fs::read_to_string(&log).unwrap_or_default();
             return match last_line(&stderr).or_else(|| last_line(&stdout)) {
-                Some(l) => Err(BootBenchError::Failed(format!("{e}; its last line: {l}"))),
+                Some(l) => Err(BootBenchError::Failed(format!(
+                    "{}; its last line: {l}",
+                    crate::cli::chain(&e)
+                ))),
                 None => Err(e.into()),
             };
         }

@@ -41,9 +41,9 @@ pub enum GuestsError {
     NoRepo,
     #[error("no test guest at {0}: build it with tests/probe/build.sh, or pass --probe")]
     NoProbe(PathBuf),
-    #[error("cannot tell which executable this is: {0}")]
+    #[error("cannot tell which executable this is")]
     CurrentExe(#[source] std::io::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 #[derive(Debug, Args)]
 pub struct GvfsBenchArgs {
     /// Size of the file read sequentially, in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::cli::mib)]
     pub file_mib: u64,
     /// Files in the directory stat and readdir go over.
     #[arg(long, default_value_t = 10_000)]

@@ -12,19 +12,19 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         program: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read the output of {program}: {source}")]
+    #[error("cannot read the output of {program}")]
     Read {
         program: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot wait for the output of {program}: {source}")]
+    #[error("cannot wait for the output of {program}")]
     Poll {
         program: String,
         #[source]
@@ -42,7 +42,7 @@ pub enum MeasureError {
         needle: String,
         status: String,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Proc {
         path: String,
         #[source]
@@ -50,7 +50,7 @@ pub enum MeasureError {
     },
     #[error("{path} has no {field} field")]
     ProcField { path: String, field: &'static str },
-    #[error("cannot create a scratch directory in {dir}: {source}")]
+    #[error("cannot create a scratch directory in {dir}")]
     TempDir {
         dir: PathBuf,
         #[source]
@@ -515,6 +515,7 @@ mod tests {
         cmd.args(["-c", "echo nope; exit 3"]);
         let mut m = Measured::spawn(&mut cmd).unwrap();
         let err = m.wait_for("READY", Duration::from_secs(5)).unwrap_err();
-        assert!(err.to_string().contains("exit status 3"), "{err}");
+        let err = crate::cli::chain(&err);
+        assert!(err.contains("exit status 3"), "{err}");
     }
 }

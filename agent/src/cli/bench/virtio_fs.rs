@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Args)]
 pub struct VirtioFsBenchArgs {
     /// Size of the file the guest reads, in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::cli::mib)]
     pub file_mib: u64,
     /// Size of the file the guest writes, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::cli::mib)]
     pub write_mib: u64,
     /// The test guest [default: target/probe/probe.elf in the repository].
     #[arg(long)]
@@ -46,7 +46,7 @@ pub enum VirtioFsBenchError {
     Guests(#[from] GuestsError),
     #[error(transparent)]
     Measure(#[from] MeasureError),
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Io {
         what: String,
         #[source]
@@ -166,7 +166,7 @@ impl Bench<'_> {
             },
             ([127, 0, 0, 1], 0).into(),
         )
-        .map_err(|e| VirtioFsBenchError::Server(e.to_string()))?;
+        .map_err(|e| VirtioFsBenchError::Server(crate::cli::chain(&e)))?;
         let addr = server.local_addr();
         let _server = server.spawn();
         let token = self.dir.join("token");

@@ -128,7 +128,7 @@ pub enum VnetBenchError {
     TunnelNotUp(&'static str),
     #[error(transparent)]
     Testbed(#[from] TestbedError),
-    #[error("switch: {0}")]
+    #[error("switch")]
     Vnet(#[from] VnetError),
     #[error("{0} failed")]
     Failed(String),
@@ -136,11 +136,11 @@ pub enum VnetBenchError {
     Measure(#[from] MeasureError),
     #[error(transparent)]
     Guests(#[from] GuestsError),
-    #[error("cannot tell which executable this is: {0}")]
+    #[error("cannot tell which executable this is")]
     CurrentExe(#[source] std::io::Error),
-    #[error("cannot find a free port: {0}")]
+    #[error("cannot find a free port")]
     Port(#[source] std::io::Error),
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Log {
         path: PathBuf,
         #[source]
@@ -408,7 +408,7 @@ pub fn run(args: VnetBenchArgs) -> CliResult {
             }),
         };
         if let Err(e) = done {
-            let cause = error_chain(&e);
+            let cause = crate::cli::chain(&e);
             tracing::error!(part = part.name(), "{cause}");
             println!(
                 "{}",
@@ -424,16 +424,6 @@ pub fn run(args: VnetBenchArgs) -> CliResult {
     } else {
         Err(VnetBenchError::Failed(sum.failed.join(", ")).into())
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(e) = src {
-        s += &format!(": {e}");
-        src = e.source();
-    }
-    s
 }
 
 fn preflight() -> Result<()> {
@@ -542,6 +532,7 @@ fn two_switches(
         switch: SwitchConfig::default(),
         tls,
         udp_mtu,
+        udp_key: None,
     };
     let (a, b) = (NetNs::new()?, NetNs::new()?);
     let va = Vnet::new(cfg(tls(0)?))?;
@@ -685,7 +676,7 @@ impl SwitchProcess {
             let tail: Vec<&str> = log.lines().rev().take(3).collect();
             VnetBenchError::Process {
                 what: self.what.clone(),
-                detail: e.to_string(),
+                detail: crate::cli::chain(&e),
                 log: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
             }
         })

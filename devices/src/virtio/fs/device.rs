@@ -1,6 +1,6 @@
 //! The virtio-fs device and the thread that serves its queues.
 
-use super::queue::{self, Job};
+use super::queue::{self, InFlight, Job};
 use super::{FuseServer, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
@@ -117,7 +117,16 @@ impl VirtioDevice for Fs {
         }
         let shared = Arc::new(Shared {
             mem: ctx.mem,
-            queues: ctx.queues.into_iter().map(Mutex::new).collect(),
+            queues: ctx
+                .queues
+                .into_iter()
+                .map(|queue| {
+                    Mutex::new(RequestQueue {
+                        queue,
+                        in_flight: InFlight::default(),
+                    })
+                })
+                .collect(),
             interrupt: ctx.interrupt,
             server: self.server.clone(),
             counters: self.counters.clone(),
@@ -146,10 +155,16 @@ impl VirtioDevice for Fs {
 /// (a cold read, say) does not hold up the others behind it.
 const HANDLERS: usize = 4;
 
+/// A queue and the requests taken off it that are not answered yet.
+struct RequestQueue {
+    queue: Queue,
+    in_flight: InFlight,
+}
+
 /// What the queue thread and the handlers share.
 struct Shared {
     mem: GuestMemoryMmap,
-    queues: Vec<Mutex<Queue>>,
+    queues: Vec<Mutex<RequestQueue>>,
     interrupt: Arc<VirtioInterrupt>,
     server: Arc<dyn FuseServer>,
     counters: Arc<FsCounters>,
@@ -158,7 +173,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn queue(&self, i: usize) -> std::sync::MutexGuard<'_, Queue> {
+    fn queue(&self, i: usize) -> std::sync::MutexGuard<'_, RequestQueue> {
         self.queues[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -171,15 +186,20 @@ impl Shared {
         }
     }
 
-    /// Answers one request and gives its chain back.
+    /// Answers one request and gives its chain back; once the device is
+    /// stopping (a reset), requests still queued are dropped unanswered.
     fn answer(&self, i: usize, job: Job) {
+        if self.stopping.load(Relaxed) {
+            return;
+        }
         let reply = self.server.handle(&job.request);
         if self.stopping.load(Relaxed) {
             return;
         }
         let mut q = self.queue(i);
-        if queue::complete(&self.mem, &mut q, job, reply.as_deref()) {
-            self.notify(&mut q);
+        let RequestQueue { queue, in_flight } = &mut *q;
+        if queue::complete(&self.mem, queue, in_flight, job, reply.as_deref()) {
+            self.notify(queue);
         }
     }
 }
@@ -237,6 +257,8 @@ impl Serve {
                 }
             };
             if ready[..n].iter().any(|ev| ev.data() == u64::MAX) {
+                // Requests the handlers have not started are dropped.
+                self.shared.stopping.store(true, Relaxed);
                 break;
             }
             for ev in &ready[..n] {
@@ -261,13 +283,19 @@ impl Serve {
         if i >= s.queues.len() {
             return;
         }
+        if s.interrupt.needs_reset() {
+            return;
+        }
         let mut pass = queue::Pass::default();
         let mut taken = Vec::new();
         {
             let mut q = s.queue(i);
-            if queue::take(&s.mem, &mut q, &mut pass, |job| taken.push(job)) {
+            let RequestQueue { queue, in_flight } = &mut *q;
+            match queue::take(&s.mem, queue, in_flight, &mut pass, |job| taken.push(job)) {
                 // Malformed chains went back at once.
-                s.notify(&mut q);
+                Ok(true) => s.notify(queue),
+                Ok(false) => {}
+                Err(e) => s.interrupt.device_failed("virtio-fs", &e),
             }
         }
         s.counters.requests.fetch_add(pass.requests, Relaxed);
@@ -397,5 +425,153 @@ mod tests {
         }
         let c = fs.counters();
         assert_eq!(c.requests.load(Relaxed), 2);
+    }
+
+    /// Holds every request until opened (or 10 s went by), counting those
+    /// it started on.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: std::sync::Condvar,
+        started: AtomicU64,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+
+        fn wait_started(&self, n: u64) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.started.load(Relaxed) < n {
+                assert!(std::time::Instant::now() < deadline, "requests not started");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
+
+    impl FuseServer for Gate {
+        fn handle(&self, _request: &[u8]) -> Option<Vec<u8>> {
+            self.started.fetch_add(1, Relaxed);
+            let g = self.open.lock().unwrap();
+            let _ = self
+                .opened
+                .wait_timeout_while(g, std::time::Duration::from_secs(10), |o| !*o)
+                .unwrap();
+            None
+        }
+    }
+
+    /// A started share whose request queue (16 entries) holds `n` GETATTR
+    /// requests, heads 0, 2, 4, ...
+    struct Started {
+        fs: Fs,
+        interrupt: Arc<VirtioInterrupt>,
+        kick: EventFd,
+        mem: GuestMemoryMmap,
+        avail: vm_memory::GuestAddress,
+    }
+
+    fn started_share(
+        server: Arc<dyn FuseServer>,
+        n: u16,
+        tweak: impl FnOnce(&GuestMemoryMmap, vm_memory::GuestAddress),
+    ) -> Started {
+        use crate::virtio::test_utils::add_chain;
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let requests = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        for i in 0..n {
+            let mut req = vec![0u8; 40];
+            req[..4].copy_from_slice(&40u32.to_le_bytes());
+            req[4..8].copy_from_slice(&3u32.to_le_bytes()); // GETATTR
+            req[8..16].copy_from_slice(&u64::from(i + 1).to_le_bytes());
+            let at = 0x10_0000 + u64::from(i) * 0x1000;
+            mem.write_slice(&req, GuestAddress(at)).unwrap();
+            add_chain(&requests, 2 * i, &[(at, 40, false), (at + 0x800, 64, true)]);
+        }
+        tweak(&mem, requests.avail_addr());
+        let mut fs = Fs::new("data", server).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(evt()));
+        let kick = evt();
+        fs.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                hiprio.create_queue().unwrap(),
+                requests.create_queue().unwrap(),
+            ],
+            queue_events: vec![evt(), kick.try_clone().unwrap()],
+            interrupt: interrupt.clone(),
+        })
+        .unwrap();
+        Started {
+            fs,
+            interrupt,
+            kick,
+            avail: requests.avail_addr(),
+            mem,
+        }
+    }
+
+    /// A ring whose avail index runs past its size fails the device, and
+    /// a later reset (which waits for the queue thread) returns.
+    #[test]
+    fn a_broken_ring_fails_the_device_and_reset_still_returns() {
+        use crate::virtio::test_utils::{finishes_within, repost};
+        let needs_reset = finishes_within(10, || {
+            let mut s = started_share(Arc::new(Nobody), 1, |m, a| repost(m, a, 16, 0, 20));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !s.interrupt.needs_reset() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let failed = s.interrupt.needs_reset();
+            s.fs.reset();
+            failed
+        });
+        assert!(needs_reset);
+    }
+
+    /// A chain made available again while its request is still being
+    /// answered is a driver error: the device fails instead of queueing
+    /// another copy of the request.
+    #[test]
+    fn a_chain_posted_again_while_held_fails_the_device() {
+        use crate::virtio::test_utils::repost;
+
+        let gate = Arc::new(Gate::default());
+        let s = started_share(gate.clone(), 1, |_, _| {});
+        gate.wait_started(1);
+        // The driver posts head 0 again, 15 times, and kicks.
+        repost(&s.mem, s.avail, 16, 0, 15);
+        s.kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !s.interrupt.needs_reset() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(s.interrupt.needs_reset());
+        gate.open();
+        drop(s);
+        assert_eq!(gate.started.load(Relaxed), 1, "the copies were not run");
+    }
+
+    /// A reset drops the requests the handlers have not started on.
+    #[test]
+    fn reset_drops_queued_requests() {
+        let gate = Arc::new(Gate::default());
+        let mut s = started_share(gate.clone(), 8, |_, _| {});
+        gate.wait_started(HANDLERS as u64);
+        let g = gate.clone();
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            g.open();
+        });
+        s.fs.reset();
+        opener.join().unwrap();
+        assert_eq!(gate.started.load(Relaxed), HANDLERS as u64);
     }
 }

@@ -4,7 +4,7 @@
 //! the request's id can be read) and never stop the device.
 
 use super::{FuseServer, MAX_REQUEST};
-use crate::virtio::{GuestMemoryMmap, drain_queue_deferred};
+use crate::virtio::{GuestMemoryMmap, QueueError, drain_queue_deferred};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -101,6 +101,49 @@ fn eio_reply(unique: u64) -> [u8; OUT_HEADER] {
     r
 }
 
+/// The chains of one queue that the device holds: taken off the queue and
+/// not yet answered. The driver may not make a chain available again
+/// before the device gives it back, so the device holds at most one
+/// request per queue entry (each at most [`MAX_REQUEST`] bytes), however
+/// fast the guest posts.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    held: Vec<u64>,
+}
+
+impl InFlight {
+    fn bit(head: u16) -> (usize, u64) {
+        (usize::from(head / 64), 1 << (head % 64))
+    }
+
+    /// Marks `head` as held; false if it already was.
+    fn hold(&mut self, head: u16) -> bool {
+        let (word, bit) = Self::bit(head);
+        if self.held.len() <= word {
+            self.held.resize(word + 1, 0);
+        }
+        let fresh = self.held[word] & bit == 0;
+        self.held[word] |= bit;
+        fresh
+    }
+
+    fn release(&mut self, head: u16) {
+        let (word, bit) = Self::bit(head);
+        if let Some(w) = self.held.get_mut(word) {
+            *w &= !bit;
+        }
+    }
+
+    /// How many chains are held.
+    pub fn len(&self) -> usize {
+        self.held.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One well-formed request taken off a queue: the request's bytes and
 /// where its reply goes. It stays the device's until [`complete`].
 #[derive(Debug)]
@@ -114,18 +157,24 @@ pub struct Job {
 /// to `dispatch` as a [`Job`], to be answered later, in any order, with
 /// [`complete`]; a malformed one goes back to the guest at once, with an
 /// EIO reply when its id can be read. Notifications stay off while the
-/// queue is drained. Returns whether any chain went back.
+/// queue is drained. Returns whether any chain went back, or why the
+/// queue is broken (a chain the device still holds made available again,
+/// say); the requests taken before still go to `dispatch`.
 pub fn take(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
+    in_flight: &mut InFlight,
     pass: &mut Pass,
     mut dispatch: impl FnMut(Job),
-) -> bool {
+) -> Result<bool, QueueError> {
     let mut s = Scratch::default();
     let mut jobs = Vec::new();
-    let used = drain_queue_deferred(mem, queue, "virtio-fs", |chain| {
+    let used = drain_queue_deferred(mem, queue, |chain| {
         let head = chain.head_index();
-        match gather(mem, chain, &mut s) {
+        if !in_flight.hold(head) {
+            return Err(QueueError::HeadInFlight(head));
+        }
+        Ok(match gather(mem, chain, &mut s) {
             Ok(()) => {
                 pass.requests += 1;
                 jobs.push(Job {
@@ -146,9 +195,10 @@ pub fn take(
                 } else {
                     0
                 };
+                in_flight.release(head);
                 Some(len as u32)
             }
-        }
+        })
     });
     jobs.into_iter().for_each(&mut dispatch);
     used
@@ -158,7 +208,14 @@ pub fn take(
 /// job's buffers and gives its chain back to the guest; a reply larger
 /// than the guest's buffers becomes EIO. Returns whether the chain went
 /// back.
-pub fn complete(mem: &GuestMemoryMmap, queue: &mut Queue, job: Job, reply: Option<&[u8]>) -> bool {
+pub fn complete(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    in_flight: &mut InFlight,
+    job: Job,
+    reply: Option<&[u8]>,
+) -> bool {
+    in_flight.release(job.head);
     let len = match reply {
         None => 0,
         Some(reply) => match write_reply(mem, &job.writable, reply) {
@@ -183,15 +240,20 @@ pub fn complete(mem: &GuestMemoryMmap, queue: &mut Queue, job: Job, reply: Optio
 }
 
 /// Serves every available request on `queue`, one after the other.
-pub fn process(mem: &GuestMemoryMmap, queue: &mut Queue, server: &dyn FuseServer) -> Pass {
+pub fn process(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    server: &dyn FuseServer,
+) -> Result<Pass, QueueError> {
     let mut pass = Pass::default();
     let mut jobs = Vec::new();
-    pass.used = take(mem, queue, &mut pass, |job| jobs.push(job));
+    let mut in_flight = InFlight::default();
+    pass.used = take(mem, queue, &mut in_flight, &mut pass, |job| jobs.push(job))?;
     for job in jobs {
         let reply = server.handle(&job.request);
-        pass.used |= complete(mem, queue, job, reply.as_deref());
+        pass.used |= complete(mem, queue, &mut in_flight, job, reply.as_deref());
     }
-    pass
+    Ok(pass)
 }
 
 fn unique_of(request: &[u8]) -> u64 {
@@ -264,7 +326,7 @@ mod tests {
             ],
         );
         let server = Echo::default();
-        let pass = process(&m, &mut q, &server);
+        let pass = process(&m, &mut q, &server).unwrap();
         assert_eq!(
             pass,
             Pass {
@@ -292,7 +354,7 @@ mod tests {
         let req = request(2, 5, &[0u8; 8]);
         m.write_slice(&req, GuestAddress(0x10000)).unwrap();
         add_chain(&mq, 0, &[(0x10000, req.len() as u32, false)]);
-        let pass = process(&m, &mut q, &Echo::default());
+        let pass = process(&m, &mut q, &Echo::default()).unwrap();
         assert_eq!(pass.requests, 1);
         assert_eq!(used(&mq, 0), 0);
     }
@@ -309,7 +371,7 @@ mod tests {
             0,
             &[(0x10000, req.len() as u32, false), (0x30000, 16, true)],
         );
-        process(&m, &mut q, &Echo::default());
+        process(&m, &mut q, &Echo::default()).unwrap();
         assert_eq!(used(&mq, 0), 16);
         let mut reply = [0u8; 16];
         m.read_slice(&mut reply, GuestAddress(0x30000)).unwrap();
@@ -345,7 +407,7 @@ mod tests {
             ],
         );
         let server = Echo::default();
-        let pass = process(&m, &mut q, &server);
+        let pass = process(&m, &mut q, &server).unwrap();
         assert_eq!(pass.malformed, 3);
         assert!(server.seen.lock().unwrap().is_empty());
         assert_eq!(

@@ -5,7 +5,7 @@ use super::queue::{self, Segment};
 use super::{LINK_UP, NET_HDR_LEN, QUEUE_SIZE, VIRTIO_ID_NET, features};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
-    VirtioInterrupt, read_config_bytes,
+    VirtioInterrupt, check_avail, read_config_bytes,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -187,6 +187,16 @@ fn receive_one(
     offloads: bool,
     counters: &NetCounters,
 ) -> Result<(), DropReason> {
+    // A failed device takes nothing more: its link is down until the
+    // driver resets it.
+    let broken = check_avail(&q.mem, &q.queue);
+    if q.interrupt.needs_reset() || broken.is_err() {
+        if let Err(e) = broken {
+            q.interrupt.device_failed("virtio-net RX", &e);
+        }
+        counters.rx_dropped.fetch_add(1, Relaxed);
+        return Err(DropReason::TxError);
+    }
     match queue::receive(
         &q.mem,
         &mut q.queue,
@@ -257,7 +267,9 @@ impl Net {
         let rx = Arc::new(Mutex::new(RxSide::default()));
         let counters = Arc::new(NetCounters::default());
         let rx_offloads = Arc::new(AtomicBool::new(false));
-        let port = switch.add_port(
+        // The guest may send from its NIC's address only (an operator can
+        // relax that through the switch).
+        let port = switch.add_port_with(
             name,
             PortKind::Guest,
             Arc::new(GuestPort {
@@ -265,6 +277,7 @@ impl Net {
                 counters: counters.clone(),
                 offloads: rx_offloads.clone(),
             }),
+            vnet::SourcePolicy::Only(mac),
         );
         Ok(Net {
             mac,
@@ -303,6 +316,9 @@ impl Net {
         let Some(tx) = self.tx.as_mut() else {
             return;
         };
+        if tx.interrupt.needs_reset() {
+            return;
+        }
         let (switch, port) = (&self.switch, self.port);
         let offloads = self.acked & (1 << features::CSUM) != 0;
         let pass = queue::transmit(&tx.mem, &mut tx.queue, &mut tx.segs, offloads, |frame| {
@@ -312,7 +328,9 @@ impl Net {
         c.tx_frames.fetch_add(pass.frames, Relaxed);
         c.tx_bytes.fetch_add(pass.bytes, Relaxed);
         c.tx_malformed.fetch_add(pass.malformed, Relaxed);
-        if pass.used {
+        if let Some(e) = pass.broken {
+            tx.interrupt.device_failed("virtio-net TX", &e);
+        } else if pass.used {
             tx.notify();
         }
     }
@@ -498,8 +516,18 @@ mod tests {
     }
 
     /// A started NIC whose RX ring (16 entries, at 0) starts with no
-    /// buffers, and a peer port to send to it from.
-    fn started_nic(mem: &GuestMemoryMmap) -> (Net, RxRing, Arc<Switch>, PortId) {
+    /// buffers, a peer port to send to it from, its interrupt, and where
+    /// its TX ring's avail ring is.
+    struct Started {
+        nic: Net,
+        rx: RxRing,
+        switch: Arc<Switch>,
+        peer: PortId,
+        interrupt: Arc<VirtioInterrupt>,
+        tx_avail: GuestAddress,
+    }
+
+    fn started_nic(mem: &GuestMemoryMmap) -> Started {
         let switch = Switch::new(SwitchConfig::default()).unwrap();
         let peer = switch.add_port("peer", PortKind::Other, Arc::new(Nothing));
         let mut nic = Net::new(switch.clone(), "nic", NIC).unwrap();
@@ -512,20 +540,34 @@ mod tests {
         };
         let tx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
         let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(evt()));
         nic.activate(ActivateContext {
             mem: mem.clone(),
             queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
             queue_events: vec![evt(), evt()],
-            interrupt: Arc::new(VirtioInterrupt::new(evt())),
+            interrupt: interrupt.clone(),
         })
         .unwrap();
-        (nic, ring, switch, peer)
+        Started {
+            nic,
+            rx: ring,
+            switch,
+            peer,
+            interrupt,
+            tx_avail: tx.avail_addr(),
+        }
     }
 
     #[test]
     fn frames_wait_for_rx_buffers_in_order_and_are_bounded() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
-        let (mut nic, rx, switch, peer) = started_nic(&mem);
+        let Started {
+            mut nic,
+            rx,
+            switch,
+            peer,
+            ..
+        } = started_nic(&mem);
         let c = nic.counters();
         assert_eq!(
             rx.used_flags(&mem),
@@ -579,5 +621,43 @@ mod tests {
         // A driver reset drops what is held.
         nic.reset();
         assert_eq!(c.snapshot().rx_dropped, 5 + MAX_FRAMES as u64);
+    }
+
+    /// A driver that claims more TX chains than the ring holds and kicks
+    /// (on the VM's event loop) fails the device, and the loop goes on.
+    #[test]
+    fn a_broken_tx_ring_fails_the_device_instead_of_hanging_the_loop() {
+        use crate::virtio::test_utils::finishes_within;
+        let (needs_reset, int_status, malformed) = finishes_within(10, || {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let mut s = started_nic(&mem);
+            mem.write_obj(100u16, s.tx_avail.unchecked_add(2)).unwrap();
+            s.nic.process_tx();
+            // Kicked again: the device stays failed and quiet.
+            s.nic.process_tx();
+            (
+                s.interrupt.needs_reset(),
+                s.interrupt.status(),
+                s.nic.counters().snapshot().tx_malformed,
+            )
+        });
+        assert!(needs_reset);
+        assert_eq!(int_status, crate::virtio::INT_CONFIG);
+        assert_eq!(malformed, 0);
+    }
+
+    /// The same on the RX ring: frames for the guest are dropped and the
+    /// device fails, once.
+    #[test]
+    fn a_broken_rx_ring_fails_the_device_and_drops_frames() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let s = started_nic(&mem);
+        mem.write_obj(100u16, s.rx.avail.unchecked_add(2)).unwrap();
+        for _ in 0..3 {
+            s.switch.ingress_bytes(s.peer, &frame_to_nic(1));
+        }
+        assert!(s.interrupt.needs_reset());
+        let c = s.nic.counters().snapshot();
+        assert_eq!((c.rx_frames, c.rx_held, c.rx_dropped), (0, 0, 3));
     }
 }

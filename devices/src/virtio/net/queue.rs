@@ -3,7 +3,7 @@
 //! is returned to the guest unused and counted; it never stops the device.
 
 use super::NET_HDR_LEN;
-use crate::virtio::{GuestMemoryMmap, drain_queue};
+use crate::virtio::{GuestMemoryMmap, QueueError, drain_queue};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vnet::frame::NetHdr;
@@ -152,6 +152,8 @@ pub struct TxPass {
     pub malformed: u64,
     /// Whether any chain went back to the guest (an interrupt may be due).
     pub used: bool,
+    /// The driver broke the queue: the device must fail.
+    pub broken: Option<QueueError>,
 }
 
 /// Takes every available TX chain, hands each frame to `send`, and returns
@@ -164,7 +166,7 @@ pub fn transmit(
     mut send: impl FnMut(&GuestFrame<'_>),
 ) -> TxPass {
     let mut pass = TxPass::default();
-    pass.used = drain_queue(mem, queue, "virtio-net TX", |chain| {
+    let drained = drain_queue(mem, queue, |chain| {
         let head = chain.head_index();
         let result = collect(mem, chain, false, segs).and_then(|total| {
             let frame = GuestFrame::new(mem, segs, total, offloads)?;
@@ -183,6 +185,10 @@ pub fn transmit(
         }
         0
     });
+    match drained {
+        Ok(used) => pass.used = used,
+        Err(e) => pass.broken = Some(e),
+    }
     pass
 }
 
@@ -398,7 +404,8 @@ mod tests {
                 frames: 1,
                 bytes: 100,
                 malformed: 0,
-                used: true
+                used: true,
+                broken: None,
             }
         );
         assert_eq!(mq.used().idx().load(), 1);

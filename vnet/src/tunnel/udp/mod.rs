@@ -2,145 +2,51 @@
 //! protocol when bigger than the path MTU. One thread per socket does
 //! the receiving, the hellos, keepalives and matrix reports; frames are
 //! sent straight from the switch's threads.
+//!
+//! A connecting tunnel says hello until the listener answers with its
+//! own; a listener answers a hello from an address it has not confirmed
+//! with a cookie only (see `listen.rs`). With a key, every datagram carries a
+//! tag and those without a valid one are dropped ([`super::auth`]).
 
+mod listen;
+mod sys;
+
+pub(crate) use listen::listen_loop;
+
+use super::auth::{Auth, End, UdpKey};
 use super::wire::{
-    self, MSG_FRAG, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX, Reassembler,
+    self, MSG_COOKIE, MSG_FRAG, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX,
+    Reassembler,
 };
 use super::{
-    BACKOFF_MIN, DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TunnelError, lock, next_backoff,
-    reconnect, stream::Sessions,
+    BACKOFF_MIN, DEAD_AFTER, Endpoint, Status, TICK, TunnelError, lock, next_backoff, reconnect,
 };
 use crate::counters::DropReason;
-use crate::frame::{Frame, NetHdr};
+use crate::frame::{Bytes, Frame, NetHdr};
 use crate::matrix::MatrixReport;
 use crate::switch::{PortId, PortKind, PortSink, Switch};
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use sys::{bind_any, clear_segment, datagrams, recv_gro, set_bufs, set_offloads};
 
+/// How long a receive waits before the thread looks at its timers and
+/// whether it must stop.
 const POLL: Duration = Duration::from_millis(100);
-const SOCK_BUF: libc::c_int = 4 << 20;
-/// Largest reassembled message.
+/// Largest reassembled message: a 64 KiB super-frame with its headers,
+/// or a matrix report, in at most [`wire::MAX_FRAGS`] fragments.
 const MAX_MSG: usize = 1 << 17;
+/// Messages being reassembled at once per peer: a few frames in flight.
+const REASSEMBLY_SLOTS: usize = 8;
+/// A message whose fragments have not all come in this time is lost.
+const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Receive buffer: the biggest GRO batch.
+const RECV_BUF: usize = 65536;
 
-fn set_bufs(s: &UdpSocket) {
-    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: passes a pointer to a live c_int and its size.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&SOCK_BUF as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    }
-}
-
-/// Sets the `SOL_UDP` option `opt` to `value`; whether it took.
-fn set_udp_option(s: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> bool {
-    // SAFETY: passes a pointer to a live c_int and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_UDP,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    r == 0
-}
-
-/// Turns on UDP segmentation offload (sends of up to 64 KiB are cut
-/// into `mtu`-byte datagrams by the kernel) and GRO on receive. Returns
-/// whether segmentation offload is on.
-fn set_offloads(s: &UdpSocket, mtu: usize) -> bool {
-    set_udp_option(s, libc::UDP_GRO, 1);
-    set_udp_option(s, libc::UDP_SEGMENT, mtu as libc::c_int)
-}
-
-fn clear_segment(s: &UdpSocket) {
-    set_udp_option(s, libc::UDP_SEGMENT, 0);
-}
-
-/// recvmsg(2) that also returns the source and the GRO segment size
-/// (0 when the buffer holds a single datagram).
-fn recv_gro(s: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, Option<SocketAddr>, usize)> {
-    // SAFETY: sockaddr_storage and msghdr are plain old data; zeroes are
-    // valid values.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
-    msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // The field is a usize in glibc and a socklen_t (u32) in musl.
-    msg.msg_controllen = size_of_val(&cbuf) as _;
-    // SAFETY: every pointer in `msg` points to a live buffer of the size
-    // given next to it, for the duration of the call.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut seg = 0;
-    // SAFETY: `msg` was filled in by recvmsg; the CMSG macros walk the
-    // control buffer within msg_controllen.
-    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    while !c.is_null() {
-        // SAFETY: `c` is a non-null header inside the control buffer.
-        let h = unsafe { &*c };
-        if h.cmsg_level == libc::SOL_UDP && h.cmsg_type == libc::UDP_GRO {
-            // SAFETY: `c` is a valid header; CMSG_DATA only computes an
-            // address inside the control buffer.
-            let data = unsafe { libc::CMSG_DATA(c) };
-            // SAFETY: a UDP_GRO message carries one int after its header,
-            // possibly unaligned.
-            let v = unsafe { std::ptr::read_unaligned(data.cast::<libc::c_int>()) };
-            seg = v.max(0) as usize;
-        }
-        // SAFETY: as for CMSG_FIRSTHDR.
-        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
-    }
-    let src = match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::from((
-                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::from((
-                a.sin6_addr.s6_addr,
-                u16::from_be(a.sin6_port),
-            )))
-        }
-        _ => None,
-    };
-    Ok((n as usize, src, seg))
-}
-
-/// The datagrams in a receive buffer (one, or several coalesced by GRO).
-fn datagrams(b: &[u8], seg: usize) -> std::slice::Chunks<'_, u8> {
-    b.chunks(if seg == 0 { b.len().max(1) } else { seg })
+fn reassembler() -> Reassembler {
+    Reassembler::new(REASSEMBLY_SLOTS, REASSEMBLY_TIMEOUT)
 }
 
 struct Scratch {
@@ -157,17 +63,26 @@ pub(crate) struct UdpSink {
     next_id: AtomicU32,
     /// The socket cuts big sends into `mtu` datagrams (UDP_SEGMENT).
     gso: AtomicBool,
+    /// Tags each datagram (with a key).
+    auth: Auth,
     scratch: Mutex<Scratch>,
 }
 
 impl UdpSink {
-    fn new(sock: Arc<UdpSocket>, dest: Option<SocketAddr>, mtu: usize, gso: bool) -> UdpSink {
+    fn new(
+        sock: Arc<UdpSocket>,
+        dest: Option<SocketAddr>,
+        mtu: usize,
+        gso: bool,
+        auth: Auth,
+    ) -> UdpSink {
         UdpSink {
             sock,
             dest,
             mtu,
             next_id: AtomicU32::new(0),
             gso: AtomicBool::new(gso),
+            auth,
             scratch: Mutex::new(Scratch {
                 msg: Vec::with_capacity(16 * 1024),
                 dgram: Vec::with_capacity(mtu),
@@ -239,7 +154,11 @@ impl UdpSink {
         if !super::append_frame(payload, &head[..hl], msg) {
             return Err(DropReason::TxError);
         }
-        if msg.len() <= self.mtu {
+        // Each datagram is at most `mtu` bytes, its tag included.
+        let tag_len = self.auth.overhead();
+        if msg.len() + tag_len <= self.mtu {
+            let tag = self.auth.tag(msg);
+            msg.extend_from_slice(tag.as_slice());
             return self.send_dgram(msg);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
@@ -251,8 +170,9 @@ impl UdpSink {
         let mut res = Ok(());
         let mut k = 0;
         batch.clear();
-        let r = wire::fragment(msg, id, self.mtu, dgram, |d| {
+        let r = wire::fragment(msg, id, self.mtu.saturating_sub(tag_len), dgram, |d| {
             batch.extend_from_slice(d);
+            batch.extend_from_slice(self.auth.tag(d).as_slice());
             k += 1;
             if k == per {
                 res = self.send_batch(batch);
@@ -271,9 +191,9 @@ impl UdpSink {
     }
 
     fn send_control(&self, switch: &Switch) {
-        let _ = self.send_msg(MSG_KEEPALIVE, &crate::frame::Bytes(&[]));
+        let _ = self.send_msg(MSG_KEEPALIVE, &Bytes(&[]));
         if let Ok(m) = serde_json::to_vec(&switch.matrix().reports_to_send()) {
-            let _ = self.send_msg(MSG_MATRIX, &crate::frame::Bytes(&m));
+            let _ = self.send_msg(MSG_MATRIX, &Bytes(&m));
         }
     }
 }
@@ -308,24 +228,23 @@ fn deliver(switch: &Switch, port: PortId, m: &[u8]) {
             Ok(v) => switch.matrix().merge(v),
             Err(_) => switch.count_drop(port, DropReason::Malformed),
         },
-        MSG_KEEPALIVE | MSG_HELLO => {}
+        MSG_KEEPALIVE | MSG_HELLO | MSG_COOKIE => {}
         _ => switch.count_drop(port, DropReason::Malformed),
     }
 }
 
-fn bind_any(addr: &SocketAddr) -> std::io::Result<UdpSocket> {
-    if addr.is_ipv4() {
-        UdpSocket::bind("0.0.0.0:0")
-    } else {
-        UdpSocket::bind("[::]:0")
-    }
-}
-
 /// The thread of a connecting UDP tunnel.
-pub(crate) fn connect_loop(switch: Arc<Switch>, status: Arc<Status>, ep: Endpoint, mtu: usize) {
+pub(crate) fn connect_loop(
+    switch: Arc<Switch>,
+    status: Arc<Status>,
+    ep: Endpoint,
+    mtu: usize,
+    key: Option<UdpKey>,
+) {
+    let auth = Auth::new(key.as_ref(), End::Connector);
     reconnect(&status, || {
         let mut port = None;
-        let r = session(&switch, &status, &ep, mtu, &mut port);
+        let r = session(&switch, &status, &ep, mtu, &auth, &mut port);
         if let Some(p) = port {
             let _ = switch.remove_port(p);
         }
@@ -338,6 +257,7 @@ fn session(
     status: &Status,
     ep: &Endpoint,
     mtu: usize,
+    auth: &Auth,
     port: &mut Option<PortId>,
 ) -> Result<(), TunnelError> {
     let addr = ep.resolve()?;
@@ -351,20 +271,22 @@ fn session(
         return Ok(());
     }
     let gso = set_offloads(&sock, mtu);
-    let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu, gso));
-    let hello = wire::hello(switch.matrix().origin());
+    let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu, gso, auth.clone()));
+    let origin = switch.matrix().origin();
+    // What the listener gave us to echo; none at first.
+    let mut cookie = wire::NO_COOKIE;
     let started = Instant::now();
     let (mut hello_every, mut next_hello) = (BACKOFF_MIN, started);
     let (mut last_rx, mut last_tick) = (started, started);
-    let mut buf = vec![0u8; 65536];
-    let mut reasm = Reassembler::new(8, Duration::from_secs(1));
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut reasm = reassembler();
     let name = format!("udp:{}", ep.addr);
     while !status.stopped() {
         let now = Instant::now();
         match port {
             None => {
                 if now >= next_hello {
-                    let _ = sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
+                    let _ = sink.send_msg(MSG_HELLO, &Bytes(&wire::udp_hello(origin, &cookie)));
                     next_hello = now + hello_every;
                     hello_every = next_backoff(hello_every);
                 }
@@ -395,8 +317,14 @@ fn session(
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Err(TunnelError::Refused),
             Err(e) => return Err(e.into()),
         };
-        last_rx = Instant::now();
         for d in datagrams(&buf[..n], seg) {
+            let Some(d) = auth.open(d) else {
+                if let Some(p) = *port {
+                    switch.count_drop(p, DropReason::Unauthenticated);
+                }
+                continue;
+            };
+            last_rx = Instant::now();
             let lost = reasm.take_lost();
             let m = match decode(d, &mut reasm) {
                 Ok(Some(m)) => m,
@@ -415,8 +343,18 @@ fn session(
                     }
                     deliver(switch, p, m)
                 }
+                None if m[0] == MSG_COOKIE => {
+                    // Echo it at once: the listener makes a port for a
+                    // hello with a valid cookie.
+                    if let Ok(c) = wire::parse_cookie(&m[1..]) {
+                        cookie = c;
+                        next_hello = Instant::now();
+                    }
+                }
                 None if m[0] == MSG_HELLO => {
-                    let peer = wire::parse_hello(&m[1..])?;
+                    let Ok((peer, _)) = wire::parse_udp_hello(&m[1..]) else {
+                        continue;
+                    };
                     let p = switch.add_port(&name, PortKind::Tunnel, sink.clone());
                     *port = Some(p);
                     status.up(p, peer);
@@ -430,14 +368,6 @@ fn session(
     Ok(())
 }
 
-struct Peer {
-    port: PortId,
-    status: Arc<Status>,
-    sink: Arc<UdpSink>,
-    reasm: Reassembler,
-    last_rx: Instant,
-}
-
 pub(crate) fn bind(ep: &Endpoint) -> Result<Arc<UdpSocket>, TunnelError> {
     let s = UdpSocket::bind(ep.resolve()?)?;
     set_bufs(&s);
@@ -445,112 +375,17 @@ pub(crate) fn bind(ep: &Endpoint) -> Result<Arc<UdpSocket>, TunnelError> {
     Ok(Arc::new(s))
 }
 
-/// The thread of a UDP listener: every peer that says hello becomes a port.
-pub(crate) fn listen_loop(
-    switch: Arc<Switch>,
-    stop: Arc<Status>,
-    sock: Arc<UdpSocket>,
-    mtu: usize,
-    sessions: Sessions,
-) {
-    let mut peers: HashMap<SocketAddr, Peer> = HashMap::new();
-    let hello = wire::hello(switch.matrix().origin());
-    let gso = set_offloads(&sock, mtu);
-    let mut buf = vec![0u8; 65536];
-    let mut last_tick = Instant::now();
-    while !stop.stopped() {
-        let now = Instant::now();
-        if now.duration_since(last_tick) >= TICK {
-            last_tick = now;
-            peers.retain(|addr, p| {
-                if now.duration_since(p.last_rx) > DEAD_AFTER {
-                    let _ = switch.remove_port(p.port);
-                    p.status.down(&TunnelError::Silent(DEAD_AFTER));
-                    tracing::info!(peer = %addr, "UDP peer gone");
-                    lock(&sessions).retain(|(s, _)| !Arc::ptr_eq(s, &p.status));
-                    return false;
-                }
-                p.sink.send_control(&switch);
-                true
-            });
-        }
-        let (n, from, seg) = match recv_gro(&sock, &mut buf) {
-            Ok((n, Some(from), seg)) => (n, from, seg),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "UDP receive failed");
-                continue;
-            }
-        };
-        for d in datagrams(&buf[..n], seg) {
-            let Some(p) = peers.get_mut(&from) else {
-                if d.first() == Some(&MSG_HELLO)
-                    && let Ok(id) = wire::parse_hello(&d[1..])
-                {
-                    let sink = Arc::new(UdpSink::new(sock.clone(), Some(from), mtu, gso));
-                    let _ = sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
-                    let status = Arc::new(Status::new(
-                        super::next_id(),
-                        Proto::Udp,
-                        Role::Accepted,
-                        from.to_string(),
-                    ));
-                    let port =
-                        switch.add_port(&format!("udp:{from}"), PortKind::Tunnel, sink.clone());
-                    status.up(port, id);
-                    lock(&sessions).push((status.clone(), None));
-                    peers.insert(
-                        from,
-                        Peer {
-                            port,
-                            status,
-                            sink,
-                            reasm: Reassembler::new(8, Duration::from_secs(1)),
-                            last_rx: Instant::now(),
-                        },
-                    );
-                }
-                continue;
-            };
-            p.last_rx = Instant::now();
-            let lost = p.reasm.take_lost();
-            for _ in 0..lost {
-                switch.count_drop(p.port, DropReason::Reassembly);
-            }
-            match decode(d, &mut p.reasm) {
-                Ok(Some(m)) => {
-                    if m[0] == MSG_HELLO {
-                        let _ = p.sink.send_msg(MSG_HELLO, &crate::frame::Bytes(&hello));
-                    }
-                    deliver(&switch, p.port, m)
-                }
-                Ok(None) => {}
-                Err(_) => switch.count_drop(p.port, DropReason::Malformed),
-            }
-        }
-    }
-    for (_, p) in peers {
-        let _ = switch.remove_port(p.port);
-        p.status.down(&TunnelError::Closed);
-    }
-    lock(&sessions).clear();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::Bytes;
 
     /// Sends `frames` through a sink and reassembles what arrives.
-    fn round_trip(gso_wanted: bool, mtu: usize, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    fn round_trip(
+        gso_wanted: bool,
+        mtu: usize,
+        key: Option<&UdpKey>,
+        frames: &[Vec<u8>],
+    ) -> Vec<Vec<u8>> {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
@@ -560,11 +395,18 @@ mod tests {
         tx.connect(rx.local_addr().unwrap()).unwrap();
         let gso = gso_wanted && set_offloads(&tx, mtu);
         assert_eq!(gso, gso_wanted, "this kernel has UDP_SEGMENT");
-        let sink = UdpSink::new(Arc::new(tx), None, mtu, gso);
+        let (ta, ra) = match key {
+            Some(k) => (
+                Auth::new(Some(k), End::Connector),
+                Auth::new(Some(k), End::Listener),
+            ),
+            None => (Auth::default(), Auth::default()),
+        };
+        let sink = UdpSink::new(Arc::new(tx), None, mtu, gso, ta);
         for f in frames {
             sink.send(&Bytes(f)).unwrap();
         }
-        let mut r = Reassembler::new(8, Duration::from_secs(1));
+        let mut r = reassembler();
         let mut buf = vec![0u8; 65536];
         let mut got = Vec::new();
         while got.len() < frames.len() {
@@ -573,6 +415,7 @@ mod tests {
             };
             for d in datagrams(&buf[..n], seg) {
                 assert!(d.len() <= mtu);
+                let d = ra.open(d).expect("a valid tag");
                 if let Ok(Some(m)) = decode(d, &mut r) {
                     assert_eq!(m[0], MSG_FRAME);
                     got.push(m[1..].to_vec());
@@ -588,8 +431,16 @@ mod tests {
             .iter()
             .map(|&n| (0..n).map(|i| (i * 7 % 256) as u8).collect())
             .collect();
+        let key = UdpKey::new(b"a key of some twenty bytes").unwrap();
         for gso in [false, true] {
-            assert_eq!(round_trip(gso, 1472, &frames), frames, "gso={gso}");
+            for k in [None, Some(&key)] {
+                assert_eq!(
+                    round_trip(gso, 1472, k, &frames),
+                    frames,
+                    "gso={gso} key={}",
+                    k.is_some()
+                );
+            }
         }
     }
 }
