@@ -160,13 +160,18 @@ impl FuseFs {
         !io.refilled.remove(&ino)
     }
 
-    /// Answers an open of `ino` with passthrough if it can (see the module
-    /// comment); gives `reply` back otherwise.
+    /// Whether `max_open_dirs` directories are open already.
+    fn dirs_full(&self) -> bool {
+        lock(&self.dirs).len() >= self.fs.options().max_open_dirs
+    }
+
     /// The open directory `fh`.
     fn open_dir(&self, fh: FileHandle) -> Result<Arc<OpenDir>, Errno> {
         lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// Answers an open of `ino` with passthrough if it can (see the module
+    /// comment); gives `reply` back otherwise.
     fn open_passthrough(&self, ino: u64, o: &Opened, reply: ReplyOpen) -> Option<ReplyOpen> {
         if !self.passthrough {
             return Some(reply);
@@ -579,6 +584,10 @@ impl fuser::Filesystem for FuseFs {
     /// (FOPEN_KEEP_CACHE) while the listing is the one it last got, so
     /// listing an unchanged directory again does not reach the daemon.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // At most `max_open_dirs` open at once (checked again below).
+        if self.dirs_full() {
+            return reply.error(Errno::EMFILE);
+        }
         let mut r = DirReader::new(ino.0);
         let first = match self.fs.read_dir_batch(&mut r) {
             Ok(b) => b.unwrap_or_default(),
@@ -612,8 +621,13 @@ impl fuser::Filesystem for FuseFs {
                 dir
             }
         };
+        let mut dirs = lock(&self.dirs);
+        if dirs.len() >= self.fs.options().max_open_dirs {
+            return reply.error(Errno::EMFILE);
+        }
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, dir);
+        dirs.insert(fh, dir);
+        drop(dirs);
         reply.opened(FileHandle(fh), flags);
     }
 

@@ -7,7 +7,7 @@
 //! gets an EINVAL reply (or, with no readable header, an error), never a
 //! panic. Layouts follow `include/uapi/linux/fuse.h`, protocol 7.31.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -193,11 +193,28 @@ fn dtype(k: Kind) -> u32 {
 }
 
 /// Serves raw FUSE requests from [`Fs`].
+///
+/// What one guest session holds is bounded: open files by
+/// [`crate::client::FsOptions::max_open_files`] (in [`Fs`]), open
+/// directories by `max_open_dirs` (EMFILE past it) and the entries their
+/// listings hold, together, by `max_dir_entries` (ENOMEM past it). INIT
+/// (a guest that rebooted) and DESTROY release everything the session
+/// still held, so a guest that never sent RELEASE does not keep it.
 pub struct FuseHandler {
     fs: Arc<Fs>,
     ttl: Duration,
-    dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    session: Mutex<Session>,
     next_dir: AtomicU64,
+}
+
+/// Handles a guest session holds.
+#[derive(Default)]
+struct Session {
+    dirs: HashMap<u64, Arc<Vec<DirItem>>>,
+    /// Entries of all `dirs` together.
+    dir_entries: usize,
+    /// Open files (handles of [`Fs`]).
+    files: HashSet<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -214,8 +231,41 @@ impl FuseHandler {
         FuseHandler {
             fs,
             ttl,
-            dirs: Mutex::new(HashMap::new()),
+            session: Mutex::new(Session::default()),
             next_dir: AtomicU64::new(1),
+        }
+    }
+
+    /// Releases every file and directory the session holds (a new session
+    /// starts, or the guest unmounted).
+    fn end_session(&self) {
+        let old = std::mem::take(&mut *lock(&self.session));
+        for fh in old.files {
+            let _ = self.fs.release(fh);
+        }
+    }
+
+    /// Keeps a listing for an open directory, within the session's bounds.
+    fn add_dir(&self, items: Vec<DirItem>) -> Result<u64, i32> {
+        let opts = self.fs.options();
+        let mut s = lock(&self.session);
+        if s.dirs.len() >= opts.max_open_dirs {
+            return Err(libc::EMFILE);
+        }
+        let entries = s.dir_entries.saturating_add(items.len());
+        if entries > opts.max_dir_entries {
+            return Err(libc::ENOMEM);
+        }
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        s.dirs.insert(fh, Arc::new(items));
+        s.dir_entries = entries;
+        Ok(fh)
+    }
+
+    fn remove_dir(&self, fh: u64) {
+        let mut s = lock(&self.session);
+        if let Some(d) = s.dirs.remove(&fh) {
+            s.dir_entries = s.dir_entries.saturating_sub(d.len());
         }
     }
 
@@ -305,6 +355,7 @@ impl FuseHandler {
         let mut o = Out::default();
         match h.opcode {
             opcode::INIT => {
+                self.end_session();
                 let major = b.u32()?;
                 let minor = b.u32()?;
                 let max_readahead = b.u32()?;
@@ -335,7 +386,7 @@ impl FuseHandler {
                 o.u32(0); // flags2
                 o.zeros(28);
             }
-            opcode::DESTROY => {}
+            opcode::DESTROY => self.end_session(),
             opcode::LOOKUP => {
                 let name = b.name()?;
                 let e = fs.lookup(ino, name).map_err(err)?;
@@ -425,6 +476,7 @@ impl FuseHandler {
             opcode::OPEN => {
                 let flags = b.u32()?;
                 let op = fs.open(ino, flags).map_err(err)?;
+                lock(&self.session).files.insert(op.fh);
                 o.u64(op.fh);
                 o.u32(if op.keep_cache { FOPEN_KEEP_CACHE } else { 0 });
                 o.u32(0);
@@ -438,6 +490,7 @@ impl FuseHandler {
                 let (e, fh) = fs
                     .create(ino, name, mode & !umask & 0o7777, flags, h.uid, h.gid)
                     .map_err(err)?;
+                lock(&self.session).files.insert(fh);
                 self.entry(&mut o, e.ino, &e.attr);
                 o.u64(fh);
                 o.u32(0);
@@ -476,7 +529,10 @@ impl FuseHandler {
             }
             opcode::RELEASE => {
                 let fh = b.u64()?;
-                let _ = fs.release(fh);
+                // Only what this session opened (and has not released).
+                if lock(&self.session).files.remove(&fh) {
+                    let _ = fs.release(fh);
+                }
             }
             opcode::FLUSH | opcode::ACCESS | opcode::FSYNCDIR => {}
             opcode::FSYNC => {
@@ -486,8 +542,7 @@ impl FuseHandler {
             }
             opcode::OPENDIR => {
                 let items = fs.readdir(ino).map_err(err)?;
-                let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-                lock(&self.dirs).insert(fh, Arc::new(items));
+                let fh = self.add_dir(items)?;
                 o.u64(fh);
                 o.u32(0);
                 o.u32(0);
@@ -496,7 +551,11 @@ impl FuseHandler {
                 let fh = b.u64()?;
                 let offset = b.u64()?;
                 let size = b.u32()? as usize;
-                let items = lock(&self.dirs).get(&fh).cloned().ok_or(libc::EBADF)?;
+                let items = lock(&self.session)
+                    .dirs
+                    .get(&fh)
+                    .cloned()
+                    .ok_or(libc::EBADF)?;
                 let plus = h.opcode == opcode::READDIRPLUS;
                 for (i, it) in items.iter().enumerate().skip(offset as usize) {
                     let namelen = it.name.len();
@@ -520,7 +579,7 @@ impl FuseHandler {
             }
             opcode::RELEASEDIR => {
                 let fh = b.u64()?;
-                lock(&self.dirs).remove(&fh);
+                self.remove_dir(fh);
             }
             _ => return Err(libc::ENOSYS),
         }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod client;
 pub mod fuse;
 pub mod fuse_proto;
+mod limit;
 pub mod proto;
 pub mod server;
 mod sys;

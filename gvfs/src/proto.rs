@@ -27,6 +27,16 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_TARGET: usize = 4096;
 /// Largest authentication token.
 pub const MAX_TOKEN: usize = 1024;
+/// Largest [`Hello`] frame body (magic, version, token length and the
+/// largest token): all a server reads from a peer before it is
+/// authenticated.
+pub const MAX_HELLO_FRAME: usize = 4 + 2 + 4 + MAX_TOKEN;
+/// Size of a [`Welcome`] frame body (magic, version, status, read-only
+/// flag): all a client reads from a server before it knows it speaks GVFS.
+pub const WELCOME_FRAME: usize = 4 + 2 + 1 + 1;
+/// Bytes of a frame body allocated before they arrive; a larger body
+/// grows as it is read, so that a length alone does not cost memory.
+const FRAME_PREALLOC: usize = 64 * 1024;
 /// Budget in bytes of encoded entries for one readdir answer.
 pub const MAX_READDIR_BYTES: u32 = 1024 * 1024;
 /// The root of an export always has this node id.
@@ -1087,6 +1097,13 @@ pub fn write_whole_frame(w: &mut impl Write, frame: &[u8]) -> Result<(), ProtoEr
 
 /// Reads one frame body. `Ok(None)` is a clean end of stream between frames.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, ProtoError> {
+    read_frame_max(r, MAX_FRAME)
+}
+
+/// Reads one frame body of at most `max` bytes (a longer one is refused
+/// before its body is read). `Ok(None)` is a clean end of stream between
+/// frames.
+pub fn read_frame_max(r: &mut impl Read, max: usize) -> Result<Option<Vec<u8>>, ProtoError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -1099,17 +1116,14 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Vec<u8>>, ProtoError> {
         }
     }
     let n = u32::from_le_bytes(len) as usize;
-    if n > MAX_FRAME {
+    if n > max.min(MAX_FRAME) {
         return Err(ProtoError::FrameTooLarge(n));
     }
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtoError::Truncated
-        } else {
-            ProtoError::Io(e)
-        }
-    })?;
+    let mut body = Vec::with_capacity(n.min(FRAME_PREALLOC));
+    r.take(n as u64).read_to_end(&mut body)?;
+    if body.len() < n {
+        return Err(ProtoError::Truncated);
+    }
     Ok(Some(body))
 }
 
@@ -1490,5 +1504,35 @@ mod tests {
             Err(ProtoError::Truncated)
         ));
         assert!(write_frame(&mut Vec::new(), &vec![0; MAX_FRAME + 1]).is_err());
+    }
+
+    #[test]
+    fn a_hello_frame_fits_its_bound_and_nothing_larger_is_read() {
+        let hello = encode_hello(&Hello {
+            version: VERSION,
+            token: vec![7; MAX_TOKEN],
+        });
+        assert_eq!(hello.len(), MAX_HELLO_FRAME);
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &hello).unwrap();
+        let got = read_frame_max(&mut &buf[..], MAX_HELLO_FRAME).unwrap();
+        assert_eq!(got.unwrap(), hello);
+        // One byte more: refused on its length alone.
+        let len = ((MAX_HELLO_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(
+            read_frame_max(&mut &len[..], MAX_HELLO_FRAME),
+            Err(ProtoError::FrameTooLarge(_))
+        ));
+        let welcome = encode_welcome(&Welcome {
+            version: VERSION,
+            status: HelloStatus::Accepted,
+            read_only: true,
+        });
+        assert_eq!(welcome.len(), WELCOME_FRAME);
+        // A body larger than what is preallocated still reads whole.
+        let big = vec![3u8; 3 * FRAME_PREALLOC + 5];
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &big).unwrap();
+        assert_eq!(read_frame(&mut &buf[..]).unwrap().unwrap(), big);
     }
 }

@@ -264,17 +264,42 @@ pub fn getdents<'a>(fd: BorrowedFd<'_>, buf: &'a mut [u8]) -> io::Result<Vec<Raw
 
 /// Raises the open-file limit to its hard maximum (the server keeps one
 /// descriptor per open handle).
-pub fn raise_nofile_limit() {
+/// Waits until `fd` is readable (for a listener: a connection is
+/// pending) or `timeout` passes; whether it is readable. Unlike a
+/// blocking accept(2), which reserves a descriptor for the connection it
+/// waits for, this holds none.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `p` is one valid pollfd and we pass a count of one.
+    let n = check(unsafe { libc::poll(&mut p, 1, ms) })?;
+    Ok(n > 0)
+}
+
+/// Raises the soft descriptor limit to the hard one; returns the soft
+/// limit now in force (1024, the usual default, if it cannot be read).
+pub fn raise_nofile_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid rlimit for the kernel to fill.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
     }
+    let raised = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: `raised` is a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        lim = raised;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 fn termination_set() -> libc::sigset_t {

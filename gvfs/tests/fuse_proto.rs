@@ -7,6 +7,7 @@ use common::*;
 use gvfs::client::FsOptions;
 use gvfs::fuse_proto::{FuseHandler, IN_HEADER, OUT_HEADER};
 use std::fs;
+use std::time::Duration;
 
 fn req(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let mut r = Vec::new();
@@ -216,6 +217,117 @@ fn malformed_requests_get_errors_not_panics() {
                 let _ = h.handle(&req(op, 6, 1, &body));
             }
         }
+        server.shutdown();
+    });
+}
+
+fn init(h: &FuseHandler, unique: u64) {
+    let mut init = Vec::new();
+    for v in [7u32, 31, 1 << 20, 0] {
+        init.extend_from_slice(&v.to_le_bytes());
+    }
+    init.extend_from_slice(&[0; 48]);
+    let (e, _) = reply(h.handle(&req(26, unique, 0, &init)).unwrap(), unique);
+    assert_eq!(e, 0);
+}
+
+/// (errno, handle) of an OPEN (opcode 14) or OPENDIR (27) of `node`.
+fn open(h: &FuseHandler, opcode: u32, node: u64) -> (i32, u64) {
+    let (e, out) = reply(h.handle(&req(opcode, 100, node, &[0; 8])).unwrap(), 100);
+    (e, if e == 0 { u64_at(&out, 0) } else { 0 })
+}
+
+fn release(h: &FuseHandler, opcode: u32, node: u64, fh: u64) {
+    let mut b = fh.to_le_bytes().to_vec();
+    b.extend_from_slice(&[0; 16]);
+    let (e, _) = reply(h.handle(&req(opcode, 101, node, &b)).unwrap(), 101);
+    assert_eq!(e, 0);
+}
+
+#[test]
+fn open_files_are_capped_per_session_and_released_by_a_new_session() {
+    const CAP: usize = 16;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("f"), b"x").unwrap();
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let opts = FsOptions {
+            max_open_files: CAP,
+            ..FsOptions::default()
+        };
+        let h = FuseHandler::new(client(server.local_addr(), opts));
+        init(&h, 1);
+        let (e, out) = reply(h.handle(&req(1, 2, 1, &cstr("f"))).unwrap(), 2);
+        assert_eq!(e, 0);
+        let f = u64_at(&out, 0);
+        // OPEN without RELEASE, past the cap: EMFILE, and the server
+        // holds no more than the cap.
+        let mut fhs = Vec::new();
+        for _ in 0..CAP {
+            let (e, fh) = open(&h, 14, f);
+            assert_eq!(e, 0);
+            fhs.push(fh);
+        }
+        for _ in 0..3 {
+            assert_eq!(open(&h, 14, f).0, libc::EMFILE);
+        }
+        assert_eq!(server.open_handles(), CAP);
+        // A RELEASE makes room for one more.
+        release(&h, 18, f, fhs[0]);
+        assert_eq!(open(&h, 14, f).0, 0);
+        assert_eq!(open(&h, 14, f).0, libc::EMFILE);
+        // A new session (the guest rebooted and sent INIT again) releases
+        // what the old one left open.
+        init(&h, 3);
+        assert!(
+            eventually(Duration::from_secs(5), || server.open_handles() == 0),
+            "{} handles left on the server",
+            server.open_handles()
+        );
+        assert_eq!(open(&h, 14, f).0, 0);
+        server.shutdown();
+    });
+}
+
+#[test]
+fn open_directories_are_capped_per_session() {
+    const CAP: usize = 8;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir(tmp.path().join("d")).unwrap();
+    for i in 0..20 {
+        fs::write(tmp.path().join(format!("d/f{i}")), b"x").unwrap();
+    }
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        // Up to CAP open directories, and listings of up to 50 entries
+        // held in all.
+        let opts = FsOptions {
+            max_open_dirs: CAP,
+            max_dir_entries: 50,
+            ..FsOptions::default()
+        };
+        let h = FuseHandler::new(client(server.local_addr(), opts));
+        init(&h, 1);
+        let (e, out) = reply(h.handle(&req(1, 2, 1, &cstr("d"))).unwrap(), 2);
+        assert_eq!(e, 0);
+        let d = u64_at(&out, 0);
+        // The root has one entry: CAP of them fit.
+        let mut fhs = Vec::new();
+        for _ in 0..CAP {
+            let (e, fh) = open(&h, 27, 1);
+            assert_eq!(e, 0);
+            fhs.push(fh);
+        }
+        assert_eq!(open(&h, 27, 1).0, libc::EMFILE);
+        for fh in fhs.drain(..) {
+            release(&h, 29, 1, fh);
+        }
+        // d has 20 entries: two listings of it fit in 50, a third not.
+        fhs.push(open(&h, 27, d).1);
+        fhs.push(open(&h, 27, d).1);
+        assert_eq!(open(&h, 27, d).0, libc::ENOMEM);
+        release(&h, 29, d, fhs[0]);
+        assert_eq!(open(&h, 27, d).0, 0);
         server.shutdown();
     });
 }

@@ -624,3 +624,46 @@ fn held_passed_through_open_sees_a_server_change_after_the_attr_timeout() {
     });
     server.shutdown();
 }
+
+#[test]
+fn open_files_and_directories_are_capped_per_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(export.join("d")).unwrap();
+    fs::write(export.join("f"), b"x").unwrap();
+    let server = start(server_config(&export), "127.0.0.1:0");
+    let opts = FsOptions {
+        max_open_files: 8,
+        max_open_dirs: 4,
+        ..FsOptions::default()
+    };
+    let fs_ = client(server.local_addr(), opts);
+    let m = mnt.clone();
+    bounded(60, Some(mnt.clone()), move || {
+        let guard = MountGuard::mount(fs_, &m);
+        fn errno<T>(r: std::io::Result<T>) -> Option<i32> {
+            r.map(drop).unwrap_err().raw_os_error()
+        }
+        // Eight files open at once, not nine.
+        let mut files: Vec<fs::File> = (0..8)
+            .map(|_| fs::File::open(m.join("f")).unwrap())
+            .collect();
+        assert_eq!(errno(fs::File::open(m.join("f"))), Some(libc::EMFILE));
+        assert_eq!(server.open_handles(), 8);
+        // Closing one makes room (RELEASE comes after close returns).
+        files.pop();
+        assert!(eventually(Duration::from_secs(5), || fs::File::open(
+            m.join("f")
+        )
+        .map(|f| files.push(f))
+        .is_ok()));
+        drop(files);
+        // Four open directories, not five.
+        let dirs: Vec<fs::ReadDir> = (0..4).map(|_| fs::read_dir(m.join("d")).unwrap()).collect();
+        assert_eq!(errno(fs::read_dir(m.join("d"))), Some(libc::EMFILE));
+        drop(dirs);
+        guard.unmount();
+        server.shutdown();
+    });
+}

@@ -623,3 +623,130 @@ fn a_hung_server_gives_eio_after_the_request_timeout() {
         hung.join().unwrap();
     });
 }
+
+fn create(c: &Conn, name: &str, flags: i32, uid: u32) -> Response {
+    c.call(&Request::Create {
+        parent: proto::ROOT_NODE,
+        name: name.as_bytes().to_vec(),
+        mode: 0o644,
+        flags: flags as u32,
+        uid,
+        gid: uid,
+    })
+    .unwrap()
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn create_refuses_an_existing_device_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A character device that reads as zeros (as /dev/zero).
+    mknod(
+        &tmp.path().join("dev"),
+        libc::S_IFCHR | 0o666,
+        libc::makedev(1, 5),
+    );
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let c = raw(server.local_addr());
+        for flags in [libc::O_RDONLY, libc::O_RDWR, libc::O_WRONLY | libc::O_TRUNC] {
+            let r = create(&c, "dev", flags, 0);
+            assert_eq!(errno(r), libc::EOPNOTSUPP, "CREATE on a device node");
+        }
+        // Nothing was changed: still the same device.
+        let st = fs::symlink_metadata(tmp.path().join("dev")).unwrap();
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        assert!(st.file_type().is_char_device());
+        assert_eq!(st.rdev(), libc::makedev(1, 5));
+        server.shutdown();
+    });
+}
+
+#[test]
+fn create_on_a_fifo_does_not_block_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    mknod(&tmp.path().join("pipe"), libc::S_IFIFO | 0o666, 0);
+    fs::write(tmp.path().join("f"), b"ok").unwrap();
+    let server = start(
+        gvfs::server::ServerConfig {
+            workers: 2,
+            ..server_config(tmp.path())
+        },
+        "127.0.0.1:0",
+    );
+    bounded(30, None, move || {
+        let c = Conn::connect(&ConnectConfig {
+            request_timeout: Duration::from_secs(5),
+            ..connect_config(server.local_addr())
+        })
+        .unwrap();
+        // Two CREATEs that would each block a worker in open(2) (one per
+        // worker), then a request that needs a free worker.
+        let mut pending = Vec::new();
+        for flags in [libc::O_WRONLY, libc::O_WRONLY | libc::O_APPEND] {
+            pending.push(
+                c.send(&Request::Create {
+                    parent: proto::ROOT_NODE,
+                    name: b"pipe".to_vec(),
+                    mode: 0o644,
+                    flags: flags as u32,
+                    uid: 0,
+                    gid: 0,
+                })
+                .unwrap(),
+            );
+        }
+        let r = c
+            .call(&Request::Lookup {
+                parent: proto::ROOT_NODE,
+                name: b"f".to_vec(),
+            })
+            .expect("the server must go on serving");
+        assert!(matches!(r, Response::Attr(a) if a.size == 2));
+        for p in pending {
+            assert_eq!(errno(p.wait().unwrap()), libc::EOPNOTSUPP);
+        }
+        server.shutdown();
+    });
+}
+
+#[test]
+fn create_keeps_the_owner_of_an_existing_file() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("theirs");
+    fs::write(&theirs, b"their data").unwrap();
+    std::os::unix::fs::chown(&theirs, Some(1234), Some(1234)).unwrap();
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        let c = raw(server.local_addr());
+        // An existing file is opened, not taken over.
+        assert!(matches!(
+            create(&c, "theirs", libc::O_RDWR, 4321),
+            Response::Opened { attr, .. } if attr.size == 10
+        ));
+        let st = fs::metadata(&theirs).unwrap();
+        assert_eq!((st.uid(), st.gid()), (1234, 1234), "owner unchanged");
+        // O_EXCL still refuses it; a new file gets the caller's ids.
+        assert_eq!(
+            errno(create(&c, "theirs", libc::O_RDWR | libc::O_EXCL, 4321)),
+            libc::EEXIST
+        );
+        assert!(matches!(
+            create(&c, "mine", libc::O_RDWR, 4321),
+            Response::Opened { .. }
+        ));
+        let st = fs::metadata(tmp.path().join("mine")).unwrap();
+        assert_eq!((st.uid(), st.gid()), (4321, 4321));
+        // A directory by that name: EISDIR, as open(2) says.
+        fs::create_dir(tmp.path().join("d")).unwrap();
+        assert_eq!(errno(create(&c, "d", libc::O_RDWR, 0)), libc::EISDIR);
+        server.shutdown();
+    });
+}

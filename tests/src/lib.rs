@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: find the `vmplant` binary and the
-//! test guest, start a VM as a child process, and read its serial console
-//! line by line with time limits.
+//! test guest, start a VM as a child process, read its serial console
+//! line by line with time limits, and start a GVFS server for file
+//! shares.
 //!
 //! The binary is built by the test command (`cargo build -p agent` in
 //! `scripts/test`), the guest by `tests/probe/build.sh`.
@@ -96,6 +97,55 @@ impl Finished {
             .filter(|v| v.get("probe").is_some())
             .collect()
     }
+
+    /// The JSON lines the probe in VM `vm` printed, when several VMs share
+    /// the output (`vmplant run --config`, lines behind `NAME: `), each
+    /// with its line number in the whole console (for the order of events
+    /// across VMs).
+    pub fn vm_events(&self, vm: &str) -> Vec<(usize, serde_json::Value)> {
+        let prefix = format!("{vm}: ");
+        self.lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| Some((i, l.strip_prefix(&prefix)?)))
+            .filter_map(|(i, l)| Some((i, serde_json::from_str::<serde_json::Value>(l).ok()?)))
+            .filter(|(_, v)| v.get("probe").is_some())
+            .collect()
+    }
+
+    /// The first line of kind `kind` that VM `vm` printed, with its line
+    /// number; panics with the console if there is none.
+    #[track_caller]
+    pub fn vm_event(&self, vm: &str, kind: &str) -> (usize, serde_json::Value) {
+        self.vm_events(vm)
+            .into_iter()
+            .find(|(_, v)| v["probe"] == kind)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind} line from VM {vm}; console:\n{}\nstderr:\n{}",
+                    self.console(),
+                    self.stderr
+                )
+            })
+    }
+
+    /// The console for a failure message, long lines shortened.
+    pub fn console(&self) -> String {
+        shown(&self.lines)
+    }
+}
+
+/// Console lines for a failure message: lines longer than 300 characters
+/// shortened (a guest may write 64 KiB without a newline).
+fn shown(lines: &[String]) -> String {
+    lines
+        .iter()
+        .map(|l| match l.char_indices().nth(300) {
+            Some((at, _)) => format!("{}... ({} bytes)", &l[..at], l.len()),
+            None => l.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Vmm {
@@ -203,9 +253,23 @@ impl Vmm {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+                    self.seen.push(line);
+                }
+                let stderr: Vec<String> = self.take_stderr().lines().map(String::from).collect();
+                let stderr = if stderr.len() > 80 {
+                    format!(
+                        "{}\n... ({} lines in all) ...\n{}",
+                        stderr[..40].join("\n"),
+                        stderr.len(),
+                        stderr[stderr.len() - 40..].join("\n")
+                    )
+                } else {
+                    stderr.join("\n")
+                };
                 panic!(
-                    "the VMM did not exit within {timeout:?}; console:\n{}",
-                    self.seen.join("\n")
+                    "the VMM did not exit within {timeout:?}; console:\n{}\nstderr:\n{stderr}",
+                    shown(&self.seen),
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -239,5 +303,79 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A helper process (a file server, say), killed and reaped on drop, and
+/// its test's scratch directory removed.
+pub struct Process {
+    pub child: Child,
+    pub dir: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `vmplant gvfs serve` child on a loopback port the kernel picks,
+/// exporting `DIR/export` with the token in `DIR/token` (plaintext).
+pub struct GvfsServer {
+    pub process: Process,
+    /// Where it listens, `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl GvfsServer {
+    /// Serves `dir`/export (which must exist) with a token it writes to
+    /// `dir`/token; returns once the server listens. `dir` is removed
+    /// when the server is dropped.
+    pub fn start(dir: &Path) -> GvfsServer {
+        let token = dir.join("token");
+        std::fs::write(&token, "fs-test-token\n").unwrap();
+        let mut child = Command::new(vmplant())
+            .args(["gvfs", "serve", "--plaintext", "--listen", "127.0.0.1:0"])
+            .arg("--export")
+            .arg(dir.join("export"))
+            .arg("--token-file")
+            .arg(&token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start vmplant gvfs serve");
+        let stderr = child.stderr.take().unwrap();
+        let process = Process {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        // "gvfs: serving on 127.0.0.1:PORT"; read on a thread so a silent
+        // server cannot hang the test, and keep draining stderr after.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("gvfs: serving on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gvfs serve did not say where it listens");
+        GvfsServer { process, addr }
+    }
+
+    /// A share of this server for `vmplant run --fs` (or a `--config`
+    /// VM's `shares`): `TAG=ADDR,token-file=DIR/token,plaintext`.
+    pub fn share(&self, tag: &str) -> String {
+        format!(
+            "{tag}={},token-file={},plaintext",
+            self.addr,
+            self.process.dir.join("token").display()
+        )
     }
 }

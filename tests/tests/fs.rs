@@ -29,78 +29,14 @@
 //! is killed when the test ends, also on failure.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-use vmplant_tests::{Finished, Vmm, virtiofsd, vmplant};
+use vmplant_tests::{Finished, GvfsServer, Process, Vmm, virtiofsd};
 
 const RUN: Duration = Duration::from_secs(60);
 const BIG: usize = (1 << 20) + 123;
 const WRITTEN: usize = 100_000;
-
-/// A server child, killed and reaped on drop, and the test's scratch
-/// directory removed.
-struct Process {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A `vmplant gvfs serve` child.
-struct Server {
-    _process: Process,
-    addr: String,
-}
-
-impl Server {
-    /// Serves `dir`/export with `dir`/token; returns once it listens.
-    fn start(dir: &Path) -> Server {
-        let token = dir.join("token");
-        std::fs::write(&token, "fs-test-token\n").unwrap();
-        let mut child = Command::new(vmplant())
-            .args(["gvfs", "serve", "--plaintext", "--listen", "127.0.0.1:0"])
-            .arg("--export")
-            .arg(dir.join("export"))
-            .arg("--token-file")
-            .arg(&token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start vmplant gvfs serve");
-        let stderr = child.stderr.take().unwrap();
-        let process = Process {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        // "gvfs: serving on 127.0.0.1:PORT"; read on a thread so a silent
-        // server cannot hang the test, and keep draining stderr after.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("gvfs: serving on ") {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("gvfs serve did not say where it listens");
-        Server {
-            _process: process,
-            addr,
-        }
-    }
-}
 
 /// Deterministic pseudo-random bytes (xorshift64*).
 fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
@@ -195,12 +131,8 @@ fn check_guest_io(done: &Finished, export: &Path, big: &[u8]) {
 fn guest_lists_reads_and_writes_files_over_virtio_fs() {
     let dir = std::env::temp_dir().join(format!("vmplant-fs-{}", std::process::id()));
     let (export, big) = make_export(&dir);
-    let server = Server::start(&dir);
-    let share = format!(
-        "data={},token-file={},plaintext",
-        server.addr,
-        dir.join("token").display()
-    );
+    let server = GvfsServer::start(&dir);
+    let share = server.share("data");
     let done = Vmm::probe(STEPS, &["--fs", &share, "--mem", "64"]).wait(RUN);
     check_guest_io(&done, &export, &big);
     drop(server);

@@ -14,18 +14,7 @@ const RUN: Duration = Duration::from_secs(60);
 
 /// The probe's JSON line of kind `kind` from VM `vm` ("a: {...}").
 fn event(done: &Finished, vm: &str, kind: &str) -> Value {
-    let prefix = format!("{vm}: ");
-    done.lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["probe"] == kind)
-        .unwrap_or_else(|| {
-            panic!(
-                "no {kind} line from VM {vm}; console:\n{}",
-                done.lines.join("\n")
-            )
-        })
+    done.vm_event(vm, kind).1
 }
 
 fn run_pair(a_steps: &str, b_steps: &str) -> Finished {

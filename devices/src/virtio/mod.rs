@@ -66,8 +66,9 @@ impl VirtioInterrupt {
         if self.needs_reset.swap(true, Ordering::SeqCst) {
             return;
         }
+        let raised = self.signal_config_change();
         tracing::warn!("{device}: {why}; the device stops until the driver resets it");
-        if let Err(e) = self.signal_config_change() {
+        if let Err(e) = raised {
             tracing::warn!("{device}: cannot interrupt the guest: {e}");
         }
     }

@@ -111,6 +111,27 @@ impl<K: Ord + Copy + std::hash::Hash, V> Lru<K, V> {
     }
 }
 
+impl<V> Lru<BlockKey, V> {
+    /// The keys held of blocks `first..=last` of `(dev, ino)`. The work
+    /// is bounded by the entries held, not by the range: a file size near
+    /// u64::MAX (from the server) makes a range of 2^47 blocks.
+    fn keys_in(&self, dev: u64, ino: u64, first: u64, last: u64) -> Vec<BlockKey> {
+        let span = last.saturating_sub(first).saturating_add(1);
+        if span <= self.map.len() as u64 {
+            (first..=last)
+                .map(|block| BlockKey { dev, ino, block })
+                .filter(|k| self.map.contains_key(k))
+                .collect()
+        } else {
+            self.map
+                .keys()
+                .filter(|k| k.dev == dev && k.ino == ino && (first..=last).contains(&k.block))
+                .copied()
+                .collect()
+        }
+    }
+}
+
 /// A block in memory: the file version it was read at, and its bytes.
 type MemBlock = (u64, Arc<Vec<u8>>);
 
@@ -258,13 +279,18 @@ impl BlockCache {
 
     /// Drops blocks `first..=last` of a file, in memory and on disk.
     pub fn invalidate(&self, dev: u64, ino: u64, first: u64, last: u64) {
-        for block in first..=last {
-            let key = BlockKey { dev, ino, block };
-            lock(&self.mem).remove(&key);
-            if let Some(d) = &self.disk
-                && lock(&d.index).remove(&key).is_some()
-            {
-                let _ = fs::remove_file(d.dir.join(file_name(&key)));
+        {
+            let mut mem = lock(&self.mem);
+            for key in mem.keys_in(dev, ino, first, last) {
+                mem.remove(&key);
+            }
+        }
+        if let Some(d) = &self.disk {
+            let keys = lock(&d.index).keys_in(dev, ino, first, last);
+            for key in keys {
+                if lock(&d.index).remove(&key).is_some() {
+                    let _ = fs::remove_file(d.dir.join(file_name(&key)));
+                }
             }
         }
     }
@@ -386,5 +412,26 @@ mod tests {
         assert_eq!(n, 3);
         assert!(c.get(&key(9), 1).is_some());
         assert!(c.get(&key(0), 1).is_none());
+    }
+
+    #[test]
+    fn invalidating_a_huge_range_costs_only_what_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::new(1 << 20, Some(dir.path()), 1 << 20).unwrap();
+        for b in [0, 5, u64::MAX / BLOCK_SIZE] {
+            c.put(key(b), 1, Arc::new(vec![1; 10]));
+        }
+        let other = BlockKey { ino: 3, ..key(5) };
+        c.put(other, 1, Arc::new(vec![1; 10]));
+        // Every block index a file of u64::MAX bytes has (2^47 of them).
+        c.invalidate(1, 2, 1, u64::MAX / BLOCK_SIZE);
+        assert!(c.contains(&key(0), 1));
+        assert!(!c.contains(&key(5), 1));
+        assert!(!c.contains(&key(u64::MAX / BLOCK_SIZE), 1));
+        assert!(c.contains(&other, 1), "another file's block stays");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        // A small range is looked up block by block.
+        c.invalidate(1, 2, 0, 0);
+        assert!(!c.contains(&key(0), 1));
     }
 }

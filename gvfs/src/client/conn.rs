@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
+use crate::limit::LogLimiter;
 use crate::proto::{self, HelloStatus, Request, Response};
 use crate::transport::{self, Split, TransportError};
 
@@ -34,13 +35,17 @@ pub enum ClientError {
     Unexpected,
     #[error("local copy failed")]
     Local(#[source] io::Error),
+    #[error("over a bound of the client (errno {0})")]
+    Limit(i32),
+    #[error("the server's listing passed {entries} entries or {batches} batches")]
+    ListingTooLong { entries: usize, batches: usize },
 }
 
 impl ClientError {
     /// The errno a file-system caller should see.
     pub fn errno(&self) -> i32 {
         match self {
-            ClientError::Remote(e) => *e,
+            ClientError::Remote(e) | ClientError::Limit(e) => *e,
             ClientError::Refused(_) => libc::EACCES,
             _ => libc::EIO,
         }
@@ -85,6 +90,10 @@ impl ConnectConfig {
 
 type Waiters = HashMap<u64, mpsc::SyncSender<Response>>;
 
+/// Log lines a server can make a client repeat (on every reconnect).
+static NO_ANSWER_LOG: LogLimiter = LogLimiter::new();
+static MALFORMED_LOG: LogLimiter = LogLimiter::new();
+
 /// One live connection; many requests may be in flight at once.
 pub struct Conn {
     writer: Mutex<Box<dyn io::Write + Send>>,
@@ -112,7 +121,9 @@ impl Pending {
         match self.rx.recv_timeout(self.timeout) {
             Ok(r) => Ok(r),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                warn!(timeout = ?self.timeout, "no answer from the server; dropping the connection");
+                if let Some(held_back) = NO_ANSWER_LOG.allow() {
+                    warn!(timeout = ?self.timeout, held_back, "no answer from the server; dropping the connection");
+                }
                 self.dead.store(true, Ordering::SeqCst);
                 transport::shutdown(&self.socket);
                 Err(ClientError::Disconnected)
@@ -157,7 +168,7 @@ impl Conn {
                 token: cfg.token.clone(),
             }),
         )?;
-        let body = proto::read_frame(&mut reader)
+        let body = proto::read_frame_max(&mut reader, proto::WELCOME_FRAME)
             .map_err(ClientError::Handshake)?
             .ok_or(ClientError::Disconnected)?;
         let welcome = proto::decode_welcome(&body).map_err(ClientError::Handshake)?;
@@ -195,7 +206,9 @@ impl Conn {
                                 }
                             }
                             Err(e) => {
-                                warn!(error = %e, "malformed answer; dropping the connection");
+                                if let Some(held_back) = MALFORMED_LOG.allow() {
+                                    warn!(error = %e, held_back, "malformed answer; dropping the connection");
+                                }
                                 break;
                             }
                         }

@@ -73,7 +73,10 @@ const IDLE: Duration = Duration::from_secs(5);
 /// Evicts least recently used copies (complete ones, or ones left idle)
 /// until `size` more bytes fit in `budget`; false if they cannot.
 fn make_room(g: &mut Inner, size: u64, budget: u64) -> bool {
-    while g.used + size > budget {
+    if size > budget {
+        return false;
+    }
+    while g.used.saturating_add(size) > budget {
         let victim = g
             .map
             .iter()
@@ -155,6 +158,11 @@ fn write_blocks(jobs: mpsc::Receiver<Job>) {
 }
 
 impl Copies {
+    /// The most bytes all copies may hold (and so one copy).
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+
     /// Copies in `dir` (unnamed files), at most `budget` bytes in all.
     pub(crate) fn new(dir: PathBuf, budget: u64) -> Copies {
         let (tx, rx) = mpsc::sync_channel(QUEUE);

@@ -166,3 +166,131 @@ pub fn read_ops(h: &ServerHandle) -> (u64, u64) {
     let c = h.op_stats(gvfs::proto::op::READ);
     (c.count, c.bytes)
 }
+
+/// A tiny server speaking the wire protocol that answers every request
+/// with `answer`: what a hostile or broken server can send a client.
+/// Its threads end with the test process.
+pub fn fake_server<F>(answer: F) -> SocketAddr
+where
+    F: Fn(gvfs::proto::Request) -> gvfs::proto::Response + Send + Sync + 'static,
+{
+    use gvfs::proto;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut s) = sock else { return };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let Ok(Some(_hello)) = proto::read_frame(&mut s) else {
+                    return;
+                };
+                let welcome = proto::encode_welcome(&proto::Welcome {
+                    version: proto::VERSION,
+                    status: proto::HelloStatus::Accepted,
+                    read_only: false,
+                });
+                if proto::write_frame(&mut s, &welcome).is_err() {
+                    return;
+                }
+                while let Ok(Some(body)) = proto::read_frame(&mut s) {
+                    let Ok((id, Ok(req))) = proto::decode_request(&body) else {
+                        return;
+                    };
+                    let frame = proto::response_frame(id, &answer(req));
+                    if proto::write_whole_frame(&mut s, &frame).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The client's handshake frame with the test token.
+pub fn hello_frame() -> Vec<u8> {
+    let body = gvfs::proto::encode_hello(&gvfs::proto::Hello {
+        version: gvfs::proto::VERSION,
+        token: TOKEN.to_vec(),
+    });
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+/// A TCP connection to `dst` from the loopback address `src` (another
+/// peer, as far as the server can tell).
+pub fn connect_from(src: [u8; 4], dst: SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        panic!("IPv4 only")
+    };
+    let sin = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a socket we just created and own.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let local = sin(src, 0);
+    // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
+    let r = unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let remote = sin(dst.ip().octets(), dst.port());
+    // SAFETY: `remote` is a valid sockaddr_in of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) };
+    assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+    stream
+}
+
+/// Whether the server closed `s` (end of stream or reset) within
+/// `within`; false if it is still open then. Data already sent is read
+/// and dropped.
+pub fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let end = std::time::Instant::now() + within;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Polls `f` until it holds or `within` has passed; whether it held.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

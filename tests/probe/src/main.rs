@@ -13,6 +13,7 @@ mod acpi;
 mod boot;
 mod clock;
 mod fs;
+mod hostile;
 mod hw;
 mod net;
 mod serial;

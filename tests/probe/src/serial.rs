@@ -38,22 +38,41 @@ fn put(b: u8) {
     outb(COM1, b);
 }
 
-/// Writes one line (the text plus `\n`) without interleaving with other
-/// vCPUs. A vCPU that died holding the lock delays others by a bounded time.
-pub fn line(args: fmt::Arguments<'_>) {
-    let mut locked = false;
+/// Takes the line lock, waiting a bounded time; false if it was not
+/// taken (then it must not be released).
+fn lock() -> bool {
     for _ in 0..LOCK_SPINS {
         if LOCK
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            locked = true;
-            break;
+            return true;
         }
         core::hint::spin_loop();
     }
+    false
+}
+
+/// Writes one line (the text plus `\n`) without interleaving with other
+/// vCPUs. A vCPU that died holding the lock delays others by a bounded time.
+pub fn line(args: fmt::Arguments<'_>) {
+    let locked = lock();
     let _ = Uart.write_fmt(args);
     put(b'\n');
+    if locked {
+        LOCK.store(false, Ordering::Release);
+    }
+}
+
+/// Writes `n` times the byte `b` and then `\n`, as one line, as fast as
+/// the port takes them: without waiting for THR-empty (a careless driver;
+/// one VM exit per byte instead of two).
+pub fn repeat_line(b: u8, n: u64) {
+    let locked = lock();
+    for _ in 0..n {
+        outb(COM1, b);
+    }
+    outb(COM1, b'\n');
     if locked {
         LOCK.store(false, Ordering::Release);
     }

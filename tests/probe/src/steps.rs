@@ -2,7 +2,7 @@
 //! `name[:arg[:arg...]]`, run in order on vCPU 0.
 
 use crate::serial::{self, Json};
-use crate::{boot, clock, fs, hw, net, smp};
+use crate::{boot, clock, fs, hostile, hw, net, smp};
 use core::arch::asm;
 
 /// One parsed step.
@@ -15,6 +15,7 @@ enum Step<'a> {
     Fault,
     Net(net::Cmd),
     Fs(fs::Cmd<'a>),
+    Hostile(hostile::Cmd),
 }
 
 /// How `shutdown` ends the VM.
@@ -64,7 +65,7 @@ pub fn run(program: &str, cmdline: &str) {
     let mut fs = fs::Ctx::new(cmdline);
     for text in steps(program) {
         if let Ok(step) = parse(text) {
-            exec(step, &mut net, &mut fs);
+            exec(step, cmdline, &mut net, &mut fs);
         }
     }
 }
@@ -88,6 +89,13 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
         return match parts.next() {
             Some(extra) => Err(StepError::BadArg(name, extra)),
             None => Ok(Step::Fs(cmd)),
+        };
+    }
+    if let Some(cmd) = hostile::parse(name, &mut parts) {
+        let cmd = cmd.map_err(|arg| StepError::BadArg(name, arg))?;
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Hostile(cmd)),
         };
     }
     if name == "shutdown" {
@@ -127,10 +135,11 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
     }
 }
 
-fn exec(step: Step<'_>, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<'_>) {
+fn exec(step: Step<'_>, cmdline: &str, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<'_>) {
     match step {
         Step::Net(cmd) => net.exec(cmd),
         Step::Fs(cmd) => fs.exec(cmd),
+        Step::Hostile(cmd) => hostile::exec(cmd, cmdline, net),
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),

@@ -22,7 +22,7 @@ mod transport;
 
 use crate::serial::{self, Json};
 use core::net::Ipv4Addr;
-use stack::Stack;
+pub use stack::Stack;
 
 /// One parsed network step.
 #[derive(Clone, Copy)]
@@ -39,6 +39,7 @@ pub enum Cmd {
     Ping {
         to: Ipv4Addr,
         count: u32,
+        interval_ms: u64,
     },
     Burst {
         to: [u8; 6],
@@ -107,6 +108,10 @@ pub fn parse<'a>(
             "ping" => Cmd::Ping {
                 to: ipv4(next()?)?,
                 count: num(next()?, 1, 100_000)? as u32,
+                interval_ms: match next() {
+                    Err(_) => 0,
+                    Ok(a) => num(a, 0, 60_000)?,
+                },
             },
             "burst" => {
                 let a = next()?;
@@ -162,7 +167,8 @@ fn num(a: &str, min: u64, max: u64) -> Result<u64, &str> {
     a.parse().ok().filter(|v| (min..=max).contains(v)).ok_or(a)
 }
 
-fn secs(a: &str) -> Result<u64, &str> {
+/// A number of seconds for a step (at most an hour).
+pub fn secs(a: &str) -> Result<u64, &str> {
     num(a, 0, MAX_SECS)
 }
 
@@ -176,7 +182,7 @@ fn ipv4(a: &str) -> Result<Ipv4Addr, &str> {
 
 /// A MAC as six hex bytes separated by `-` (`:` separates arguments), or
 /// twelve hex digits, or `broadcast`.
-fn mac(a: &str) -> Option<[u8; 6]> {
+pub fn mac(a: &str) -> Option<[u8; 6]> {
     if a == "broadcast" {
         return Some([0xff; 6]);
     }
@@ -261,7 +267,11 @@ impl<'a> Ctx<'a> {
         match cmd {
             Cmd::Up { .. } => {}
             Cmd::Serve { secs } => stack::serve(stack, secs),
-            Cmd::Ping { to, count } => ping::ping(stack, to, count),
+            Cmd::Ping {
+                to,
+                count,
+                interval_ms,
+            } => ping::ping(stack, to, count, interval_ms),
             Cmd::Burst { to, n, size } => raw::burst(stack, to, n, size),
             Cmd::CountRx { secs, until } => raw::count_rx(stack, secs, until),
             Cmd::TcpEchoServer { port, secs } => tcp::echo_server(stack, port, secs),
@@ -269,6 +279,11 @@ impl<'a> Ctx<'a> {
             Cmd::TcpBulkSend { to, port, bytes } => tcp::bulk_send(stack, to, port, bytes),
             Cmd::TcpBulkRecv { port, secs } => tcp::bulk_recv(stack, port, secs),
         }
+    }
+
+    /// The interface, once `net` brought it up.
+    pub fn stack(&mut self) -> Option<&mut Stack> {
+        self.stack.as_deref_mut()
     }
 
     fn up(&mut self, ip: Ipv4Addr, prefix: u8, index: u32, stepwise: bool) {

@@ -1,9 +1,10 @@
-//! `ping:IP:COUNT`: ICMP echo requests, one at a time, each waiting up to
-//! 1 s for its reply; RTT from the TSC.
+//! `ping:IP:COUNT[:INTERVAL_MS]`: ICMP echo requests, one at a time, each
+//! waiting up to 1 s for its reply, and each sent at least INTERVAL_MS
+//! after the one before; RTT from the TSC.
 
 use super::stack::Stack;
 use super::time::{self, Deadline};
-use crate::{hw, serial};
+use crate::{clock, hw, serial};
 use core::net::Ipv4Addr;
 use smoltcp::iface::{SocketSet, SocketStorage};
 use smoltcp::phy::ChecksumCapabilities;
@@ -17,7 +18,7 @@ const TIMEOUT_MS: u64 = 1000;
 /// Replies whose RTT goes into the median.
 const SAMPLES: usize = 512;
 
-pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
+pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32, interval_ms: u64) {
     let mut rx_meta = [icmp::PacketMetadata::EMPTY; 4];
     let mut rx_data = [0u8; 1024];
     let mut tx_meta = [icmp::PacketMetadata::EMPTY; 4];
@@ -44,7 +45,15 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
     let mut samples = [0u32; SAMPLES];
     let mut nsamples = 0;
     let mut sent = 0u32;
+    let start = hw::rdtsc();
     for seq in 0..count {
+        if seq > 0 && interval_ms > 0 {
+            // Until this request's turn; the interface keeps answering.
+            let due = clock::ticks_ms(interval_ms.saturating_mul(u64::from(seq)));
+            while hw::rdtsc().wrapping_sub(start) < due {
+                stack.poll(&mut sockets);
+            }
+        }
         let socket = sockets.get_mut::<icmp::Socket>(handle);
         let payload = [0x5au8; PAYLOAD];
         let repr = Icmpv4Repr::EchoRequest {
@@ -87,17 +96,19 @@ pub fn ping(stack: &mut Stack, to: Ipv4Addr, count: u32) {
             }
         }
     }
+    let ms = time::ns(hw::rdtsc().wrapping_sub(start)) / 1_000_000;
     if received == 0 {
         serial::line(format_args!(
-            r#"{{"probe":"ping","to":"{}","sent":{},"received":0}}"#,
-            to, sent
+            r#"{{"probe":"ping","to":"{}","sent":{},"received":0,"ms":{}}}"#,
+            to, sent, ms
         ));
     } else {
         serial::line(format_args!(
-            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{},"rtt_us_median":{},"rtt_us_first":{}}}"#,
+            r#"{{"probe":"ping","to":"{}","sent":{},"received":{},"ms":{},"rtt_us_min":{},"rtt_us_avg":{},"rtt_us_max":{},"rtt_us_median":{},"rtt_us_first":{}}}"#,
             to,
             sent,
             received,
+            ms,
             min,
             sum / u64::from(received),
             max,
