@@ -13,6 +13,7 @@
 //! 8-entry queues in pool memory) rather than through virtio-drivers,
 //! whose queues cannot be made to misbehave.
 
+use crate::net::mmio::reg::*;
 use crate::net::mmio::{self, MmioDevice};
 use crate::net::time::{self, Deadline};
 use crate::net::{self, ErrorField, Mac, pool};
@@ -94,33 +95,6 @@ pub fn exec(cmd: Cmd, cmdline: &str, net: &mut net::Ctx<'_>) {
         Cmd::Spoof { mac, secs } => spoof(net, mac, secs),
     }
 }
-
-const VERSION: u64 = 0x04;
-const DEVICE_FEATURES: u64 = 0x10;
-const DEVICE_FEATURES_SEL: u64 = 0x14;
-const DRIVER_FEATURES: u64 = 0x20;
-const DRIVER_FEATURES_SEL: u64 = 0x24;
-const QUEUE_SEL: u64 = 0x30;
-const QUEUE_NUM_MAX: u64 = 0x34;
-const QUEUE_NUM: u64 = 0x38;
-const QUEUE_READY: u64 = 0x44;
-const QUEUE_NOTIFY: u64 = 0x50;
-const INTERRUPT_STATUS: u64 = 0x60;
-/// InterruptStatus bit: the configuration changed (or the device failed).
-const INT_CONFIG: u32 = 2;
-const STATUS: u64 = 0x70;
-const QUEUE_DESC: u64 = 0x80;
-const QUEUE_DRIVER: u64 = 0x90;
-const QUEUE_DEVICE: u64 = 0xa0;
-
-const ACKNOWLEDGE: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-const DEVICE_NEEDS_RESET: u32 = 0x40;
-const FAILED: u32 = 0x80;
-/// VIRTIO_F_VERSION_1 is feature bit 32: bit 0 of feature word 1.
-const VERSION_1_WORD1: u32 = 1;
 
 /// Entries in each queue.
 const QSIZE: u16 = 8;

@@ -9,6 +9,39 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 /// Virtio device id of a network card.
 pub const DEVICE_NET: u32 = 1;
 
+/// Register offsets and bits of virtio-mmio version 2 (virtio 1.2, 4.2.2),
+/// for the drivers the probe writes itself.
+pub mod reg {
+    pub const VERSION: u64 = 0x04;
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM_MAX: u64 = 0x34;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const QUEUE_NOTIFY: u64 = 0x50;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC: u64 = 0x80;
+    pub const QUEUE_DRIVER: u64 = 0x90;
+    pub const QUEUE_DEVICE: u64 = 0xa0;
+    pub const CONFIG: u64 = 0x100;
+
+    /// Status bits.
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+    /// VIRTIO_F_VERSION_1 is feature bit 32: bit 0 of feature word 1.
+    pub const VERSION_1_WORD1: u32 = 1;
+    /// InterruptStatus bit: the configuration changed (or the device failed).
+    pub const INT_CONFIG: u32 = 2;
+}
+
 /// One announced device.
 #[derive(Clone, Copy)]
 pub struct MmioDevice {

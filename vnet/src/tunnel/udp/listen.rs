@@ -7,7 +7,7 @@
 //! listener's admission bounds. So a forged source address gets no
 //! port and at most one small datagram back per datagram sent.
 
-use super::sys::{datagrams, recv_gro, set_offloads};
+use super::sys::{self, datagrams, recv_gro, set_offloads};
 use super::{RECV_BUF, UdpSink, decode, deliver, reassembler};
 use crate::counters::DropReason;
 use crate::frame::Bytes;
@@ -19,7 +19,6 @@ use crate::tunnel::stream::Sessions;
 use crate::tunnel::wire::{self, MSG_COOKIE, MSG_HELLO};
 use crate::tunnel::{DEAD_AFTER, Proto, Role, Status, TICK, TunnelError, lock, next_id};
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Instant;
@@ -86,14 +85,7 @@ pub(crate) fn listen_loop(
         let (n, from, seg) = match recv_gro(&l.sock, &mut buf) {
             Ok((n, Some(from), seg)) => (n, from, seg),
             Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if sys::nothing_yet(&e) => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
                 continue;

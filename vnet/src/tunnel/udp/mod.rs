@@ -306,14 +306,7 @@ fn session(
         }
         let (n, seg) = match recv_gro(&sock, &mut buf) {
             Ok((n, _, seg)) => (n, seg),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
+            Err(e) if sys::nothing_yet(&e) => continue,
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Err(TunnelError::Refused),
             Err(e) => return Err(e.into()),
         };

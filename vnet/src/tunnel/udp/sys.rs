@@ -52,6 +52,16 @@ pub(super) fn clear_segment(s: &UdpSocket) {
 
 /// recvmsg(2) that also returns the source and the GRO segment size
 /// (0 when the buffer holds a single datagram).
+/// Whether a receive error only means "nothing yet" (the socket's read
+/// timeout, or a signal): the receive loop goes round again.
+pub(super) fn nothing_yet(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
 pub(super) fn recv_gro(
     s: &UdpSocket,
     buf: &mut [u8],
