@@ -236,6 +236,20 @@ impl Vmm {
         }
     }
 
+    /// The console lines that arrive within `period`.
+    pub fn lines_for(&mut self, period: Duration) -> Vec<String> {
+        let deadline = Instant::now() + period;
+        let mut got = Vec::new();
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line.clone());
+            got.push(line);
+        }
+        got
+    }
+
     /// Sends a signal to the VMM process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory effects.

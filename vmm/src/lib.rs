@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod event_loop;
 pub mod host;
 pub mod layout;

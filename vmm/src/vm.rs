@@ -2,6 +2,7 @@
 //! threads and the event loop, from build to exit.
 
 use crate::config::{HostLimits, SerialOutput, VmConfig};
+use crate::control::RunState;
 use crate::event_loop::{ConsoleInput, ExitEvent, ExitSlot, ExitWatcher, route_stop_signals};
 use crate::host::{self, HostInfo};
 use crate::layout::{KVM_TSS_START, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
@@ -522,25 +523,22 @@ impl Vm {
             vcpus.push(VcpuHandle::spawn(vcpu)?);
         }
         let host_stop_evt = self.host_stop_evt.try_clone().map_err(VmError::Event)?;
-        let boot_time = self.boot_time.clone();
-        let mem = self.mem.clone();
         let running = RunningVm {
-            vcpus,
+            vcpus: Mutex::new(vcpus),
+            state: Mutex::new(RunState::Paused),
             host_stop_evt,
-            boot_time,
-            mem,
+            boot_time: self.boot_time.clone(),
+            mem: self.mem.clone(),
             console: self.console.clone(),
-            events: None,
+            events: Mutex::new(None),
         };
         running.resume()?;
         let events = std::thread::Builder::new()
             .name("vm-events".into())
             .spawn(move || self.event_loop())
             .map_err(VmError::Event)?;
-        Ok(RunningVm {
-            events: Some(events),
-            ..running
-        })
+        *running.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events);
+        Ok(running)
     }
 
     fn event_loop(mut self) -> Result<VmExit, VmError> {
@@ -564,35 +562,58 @@ impl Vm {
     }
 }
 
-/// A VM whose vCPUs have started: pause, resume, stop, or wait for it.
+/// A VM whose vCPUs have started: pause, resume, stop, or wait for it,
+/// from any thread (the control socket's, say).
 pub struct RunningVm {
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Mutex<Vec<VcpuHandle>>,
+    /// Held while the vCPUs change state, so that changes never overlap.
+    state: Mutex<RunState>,
     host_stop_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     mem: GuestMemoryMmap,
     console: crate::console::ConsoleHandle,
-    events: Option<std::thread::JoinHandle<Result<VmExit, VmError>>>,
+    events: Mutex<Option<std::thread::JoinHandle<Result<VmExit, VmError>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl RunningVm {
     /// Stops every vCPU at its next exit and waits until all have; the
     /// console then shows everything the guest wrote before the pause.
+    /// Pausing a paused VM does nothing.
     pub fn pause(&self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Pause, VcpuState::Paused)?;
+        let mut state = lock(&self.state);
+        if *state == RunState::Running {
+            self.command_all(VcpuCommand::Pause, VcpuState::Paused)?;
+            *state = RunState::Paused;
+        }
         self.console.flush();
         Ok(())
     }
 
-    /// Lets every vCPU run again.
+    /// Lets every vCPU run again. Resuming a running VM does nothing.
     pub fn resume(&self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Resume, VcpuState::Running)
+        let mut state = lock(&self.state);
+        if *state == RunState::Paused {
+            self.command_all(VcpuCommand::Resume, VcpuState::Running)?;
+            *state = RunState::Running;
+        }
+        Ok(())
+    }
+
+    /// Whether the vCPUs run, are paused, or the VM is ending.
+    pub fn state(&self) -> RunState {
+        *lock(&self.state)
     }
 
     fn command_all(&self, cmd: VcpuCommand, state: VcpuState) -> Result<(), VmError> {
-        for v in &self.vcpus {
+        let vcpus = lock(&self.vcpus);
+        for v in vcpus.iter() {
             v.send(cmd)?;
         }
-        for v in &self.vcpus {
+        for v in vcpus.iter() {
             v.wait_for(state, VCPU_ACK_TIMEOUT)?;
         }
         Ok(())
@@ -601,6 +622,7 @@ impl RunningVm {
     /// Asks the VM to stop; [`RunningVm::wait`] then returns
     /// [`VmExit::Stopped`].
     pub fn stop(&self) -> Result<(), VmError> {
+        *lock(&self.state) = RunState::Stopping;
         self.host_stop_evt.write(1).map_err(VmError::Event)
     }
 
@@ -614,13 +636,16 @@ impl RunningVm {
     }
 
     /// Waits until the VM ends, then stops and joins its vCPU threads.
-    pub fn wait(mut self) -> Result<VmExit, VmError> {
-        let result = match self.events.take().map(|t| t.join()) {
+    /// Only the first call waits; later ones find no event loop.
+    pub fn wait(&self) -> Result<VmExit, VmError> {
+        let events = lock(&self.events).take();
+        let result = match events.map(|t| t.join()) {
             Some(Ok(result)) => result,
             Some(Err(_)) => Ok(VmExit::VmmError("the event loop panicked".into())),
             None => Ok(VmExit::VmmError("the VM has no event loop".into())),
         };
-        for v in self.vcpus.drain(..) {
+        *lock(&self.state) = RunState::Stopping;
+        for v in lock(&self.vcpus).drain(..) {
             v.stop();
         }
         result

@@ -6,6 +6,7 @@ mod host;
 mod run;
 mod share;
 mod switch;
+mod vm;
 mod vnet;
 
 pub use switch::chain;
@@ -28,7 +29,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot one guest with its serial console on standard output.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
+    /// Control a running VM through its control socket.
+    Vm(vm::VmArgs),
     /// Run a VNET switch with no VMs (TAP and tunnel ports only).
     Vnet(vnet::VnetArgs),
     /// GVFS: serve a directory, or mount a served one with FUSE.
@@ -59,7 +62,8 @@ pub type CliResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
 
 pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResult {
     match command {
-        Command::Run(args) => run::run(args, process_start),
+        Command::Run(args) => run::run(*args, process_start),
+        Command::Vm(args) => vm::run(args),
         Command::Vnet(args) => vnet::run(args),
         Command::Gvfs(cmd) => gvfs::run(cmd),
         Command::Host => host::run(),

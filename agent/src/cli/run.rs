@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vmm::control::{ControlServer, DeviceInfo, VmControl};
 use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 
 #[derive(Debug, Args)]
@@ -59,11 +60,15 @@ pub struct RunArgs {
     /// Guest memory is then a memfd the backend maps.
     #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
     pub vhost_user_shares: Vec<VhostUserShare>,
+    /// Serve the VM's control API on a unix socket at PATH (see `vmplant
+    /// vm`); the socket is removed when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
     /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
-    /// "serial_file"}]}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares"])]
+    /// "serial_file", "control"}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "control"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.
     #[command(flatten)]
@@ -112,6 +117,8 @@ struct VmSpec {
     boot: Boot,
     #[serde(default)]
     nets: Vec<String>,
+    /// The VM's control socket.
+    control: Option<PathBuf>,
     /// `--fs` values.
     #[serde(default)]
     shares: Vec<String>,
@@ -137,6 +144,7 @@ struct Planned {
     nets: Vec<vnet::Mac>,
     shares: Vec<Share>,
     vhost_user_shares: Vec<VhostUserShare>,
+    control: Option<PathBuf>,
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -195,6 +203,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 nets,
                 shares,
                 vhost_user_shares,
+                control: vm.control.map(|c| base.join(c)),
             })
         })
         .collect()
@@ -222,6 +231,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             nets: args.nets,
             shares: args.shares,
             vhost_user_shares: args.vhost_user_shares,
+            control: args.control,
         }],
     };
     let several = planned.len() > 1;
@@ -232,29 +242,54 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             Box::new(e)
         }
     };
+    for path in planned.iter().filter_map(|p| p.control.as_ref()) {
+        vmm::control::clear_stale(path)?;
+    }
     let vnet = args.switch.start()?;
     let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
     for p in planned {
         let mut vm = Vm::build(&p.config, process_start).map_err(|e| named(&p.name, e))?;
+        let mut devices = Vec::new();
         for (i, mac) in p.nets.iter().enumerate() {
             let port = format!("{}-net{i}", p.name);
             let nic = Arc::new(Mutex::new(Net::new(switch.clone(), &port, *mac)?));
             vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
+            devices.push(DeviceInfo::Net {
+                mac: mac.to_string(),
+                port,
+            });
         }
         for share in &p.shares {
             let fs = Fs::new(&share.tag, share.connect()?)?;
             vm.add_virtio_device(Box::new(fs), None)?;
+            devices.push(DeviceInfo::Fs {
+                tag: share.tag.clone(),
+                server: share.server.clone(),
+            });
         }
         for share in &p.vhost_user_shares {
             let fs = VhostUserFs::connect(&share.tag, &share.socket)?;
             vm.add_virtio_device(Box::new(fs), None)?;
+            devices.push(DeviceInfo::VhostUserFs {
+                tag: share.tag.clone(),
+                socket: share.socket.display().to_string(),
+            });
         }
-        running.push((p.name.clone(), vm.start().map_err(|e| named(&p.name, e))?));
+        let vm = Arc::new(vm.start().map_err(|e| named(&p.name, e))?);
+        let control = match &p.control {
+            Some(path) => {
+                let handler = VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices);
+                Some(ControlServer::serve(path, Arc::new(handler))?)
+            }
+            None => None,
+        };
+        running.push((p.name.clone(), vm, control));
     }
     let mut code = 0;
-    for (name, vm) in running {
+    for (name, vm, control) in running {
         let exit = vm.wait()?;
+        drop(control);
         let who = if several {
             format!("VM {name}: ")
         } else {

@@ -1,0 +1,45 @@
+//! One request to a VMM's control socket and its response.
+
+use super::ControlError;
+use super::protocol::{MAX_LINE, Request, Response};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a request may take: a pause waits for every vCPU (5 s each at
+/// most), so this is well above that.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `request` to the VMM at `path` and returns its result.
+pub fn call(path: &Path, request: &Request) -> Result<serde_json::Value, ControlError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
+        .map_err(ControlError::Io)?;
+    stream
+        .write_all(request.to_line().as_bytes())
+        .map_err(ControlError::Io)?;
+    let mut line = Vec::new();
+    BufReader::new(stream)
+        .take(MAX_LINE as u64 * 16)
+        .read_until(b'\n', &mut line)
+        .map_err(ControlError::Io)?;
+    let response: Response = serde_json::from_slice(&line).map_err(|e| {
+        ControlError::BadResponse(format!("{e}: {}", String::from_utf8_lossy(&line)))
+    })?;
+    match (response.ok, response.result, response.error) {
+        (true, Some(result), _) => Ok(result),
+        (false, _, Some(e)) => Err(ControlError::Remote {
+            code: e.code,
+            message: e.message,
+        }),
+        _ => Err(ControlError::BadResponse(
+            String::from_utf8_lossy(&line).into_owned(),
+        )),
+    }
+}

@@ -1,0 +1,287 @@
+//! The control socket: a listener thread, a thread per connection (at
+//! most [`MAX_CONNECTIONS`]), one request line and one response line at a
+//! time. Requests are small and rare, so threads are simpler than an
+//! event loop here and keep a slow request (a pause waits for every vCPU)
+//! from holding up the VM's own event loop.
+
+use super::ControlError;
+use super::protocol::{ErrorCode, MAX_LINE, Request, Response};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Control connections served at once; one more is told `busy`. A VMM
+/// has one owner (the agent or a user), so a handful is plenty.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a response may take to write before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whoever carries out the requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Carries out one request: its result, or an error code and message.
+    fn handle(&self, request: Request) -> Result<serde_json::Value, (ErrorCode, String)>;
+}
+
+/// A control socket being served; dropping it stops serving and removes
+/// the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Serves `handler` on a unix socket at `path`, readable and writable
+    /// by this user only. A socket file left by a VMM that is gone is
+    /// replaced; one a live VMM serves is not.
+    pub fn serve(path: &Path, handler: Arc<dyn Handler>) -> Result<ControlServer, ControlError> {
+        clear_stale(path)?;
+        let bind = |source| ControlError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(bind)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let thread = std::thread::Builder::new()
+            .name("vm-control".into())
+            .spawn(move || accept_loop(listener, handler, stop))
+            .map_err(bind)?;
+        tracing::debug!(?path, "control socket ready");
+        Ok(ControlServer {
+            path: path.to_owned(),
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wake the accept loop with a connection of our own.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Checks that a control socket can be served at `path` (nothing there, or
+/// a socket file a VMM that is gone left behind, which is removed), so
+/// that a VM is not started only to find its socket taken.
+pub fn clear_stale(path: &Path) -> Result<(), ControlError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ControlError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(ControlError::InUse {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::remove_file(path).map_err(|source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn accept_loop(listener: UnixListener, handler: Arc<dyn Handler>, stopping: Arc<AtomicBool>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                // Out of descriptors, say: give the others time to close.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            let busy = Response::from_result(Err((
+                ErrorCode::Busy,
+                format!("{MAX_CONNECTIONS} control connections are open already"),
+            )));
+            let _ = stream.write_all(busy.to_line().as_bytes());
+            continue;
+        }
+        let (handler, open) = (handler.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("vm-control-conn".into())
+            .spawn(move || {
+                serve_connection(stream, handler.as_ref());
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("control socket: cannot serve a connection: {e}");
+        }
+    }
+}
+
+/// Answers requests on one connection until the client closes it, sends
+/// a line longer than [`MAX_LINE`], or stops reading.
+fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let limit = (MAX_LINE + 1) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let complete = line.last() == Some(&b'\n');
+        let response = if !complete && line.len() > MAX_LINE {
+            Response::from_result(Err((
+                ErrorCode::BadRequest,
+                format!("a request line is at most {MAX_LINE} bytes"),
+            )))
+        } else {
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            Response::from_result(Request::from_line(text).and_then(|r| {
+                tracing::debug!(request = ?r, "control request");
+                handler.handle(r)
+            }))
+        };
+        if out.write_all(response.to_line().as_bytes()).is_err() || !complete {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Answers every request with its own operation name.
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(&self, request: Request) -> Result<serde_json::Value, (ErrorCode, String)> {
+            match request {
+                Request::Stop => Err((ErrorCode::Failed, "no".into())),
+                r => Ok(serde_json::json!({ "did": format!("{r:?}") })),
+            }
+        }
+    }
+
+    fn ask(stream: &mut UnixStream, line: &str) -> serde_json::Value {
+        stream.write_all(line.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8];
+        while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            got.push(byte[0]);
+        }
+        serde_json::from_slice(&got).unwrap()
+    }
+
+    #[test]
+    fn requests_get_answers_in_order_on_one_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let server = ControlServer::serve(&path, Arc::new(Echo)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut s = UnixStream::connect(&path).unwrap();
+        assert_eq!(
+            ask(&mut s, "{\"v\":1,\"op\":\"pause\"}\n")["result"]["did"],
+            "Pause"
+        );
+        let e = ask(&mut s, "{\"v\":1,\"op\":\"stop\"}\n");
+        assert_eq!(
+            (e["ok"].as_bool(), e["error"]["code"].as_str()),
+            (Some(false), Some("failed"))
+        );
+        let e = ask(&mut s, "{\"v\":9,\"op\":\"info\"}\n");
+        assert_eq!(e["error"]["code"], "unsupported-version");
+        let e = ask(&mut s, "garbage\n");
+        assert_eq!(e["error"]["code"], "bad-request");
+        // The connection survives bad requests.
+        assert_eq!(ask(&mut s, &Request::Info.to_line())["ok"], true);
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed");
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_and_the_connection_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let _server = ControlServer::serve(&path, Arc::new(Echo)).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        let e = ask(&mut s, &"x".repeat(MAX_LINE + 10));
+        assert_eq!(e["error"]["code"], "bad-request");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed after the refusal");
+    }
+
+    #[test]
+    fn connections_past_the_bound_are_told_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let _server = ControlServer::serve(&path, Arc::new(Echo)).unwrap();
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        // Each held connection is served: answer one request on each.
+        for s in &mut held {
+            assert_eq!(ask(s, &Request::Info.to_line())["ok"], true);
+        }
+        let mut extra = UnixStream::connect(&path).unwrap();
+        assert_eq!(
+            ask(&mut extra, &Request::Info.to_line())["error"]["code"],
+            "busy"
+        );
+        drop(held.pop());
+        // Once one closes, a new one is served (the count drops when its
+        // thread ends).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = UnixStream::connect(&path).unwrap();
+            if ask(&mut s, &Request::Info.to_line())["ok"] == true {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "still busy");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        // Left by a VMM that is gone: a socket file nobody listens on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let server = ControlServer::serve(&path, Arc::new(Echo)).unwrap();
+        let again = ControlServer::serve(&path, Arc::new(Echo));
+        assert!(matches!(again, Err(ControlError::InUse { .. })));
+        drop(server);
+        std::fs::write(&path, b"a file").unwrap();
+        let file = ControlServer::serve(&path, Arc::new(Echo));
+        assert!(matches!(file, Err(ControlError::NotASocket { .. })));
+    }
+}
