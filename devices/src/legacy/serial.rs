@@ -18,6 +18,8 @@ pub enum SerialError {
     InputFull,
     #[error("cannot raise the serial interrupt")]
     Interrupt(#[source] std::io::Error),
+    #[error("a saved UART state holds {0} input bytes, more than its FIFO")]
+    BadState(usize),
 }
 
 /// A UART whose transmitted bytes go to `out`, and whose interrupt line
@@ -52,19 +54,26 @@ impl Serial {
         SerialPersist::from(self.inner.state())
     }
 
-    pub fn restore(
-        state: &SerialPersist,
-        interrupt: EventFd,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, SerialError> {
-        let inner = vm_superio::Serial::from_state(
-            &SerialState::from(state),
-            EventFdTrigger(interrupt),
-            NoEvents,
-            out,
-        )
-        .map_err(|_| SerialError::InputFull)?;
-        Ok(Serial { inner })
+    /// Puts the UART back into a saved state, keeping its interrupt line
+    /// and its output.
+    pub fn set_state(&mut self, state: &SerialPersist) -> Result<(), SerialError> {
+        let trigger = || {
+            self.inner
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map(EventFdTrigger)
+                .map_err(SerialError::Interrupt)
+        };
+        let (keep, placeholder) = (trigger()?, trigger()?);
+        let old = std::mem::replace(
+            &mut self.inner,
+            vm_superio::Serial::new(placeholder, Box::new(std::io::sink())),
+        );
+        let out = old.into_writer();
+        self.inner = vm_superio::Serial::from_state(&SerialState::from(state), keep, NoEvents, out)
+            .map_err(|_| SerialError::BadState(state.in_buffer.len()))?;
+        Ok(())
     }
 }
 
@@ -181,8 +190,8 @@ mod tests {
         let saved = s.save();
         let json: SerialPersist =
             serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
-        let mut r =
-            Serial::restore(&json, EventFd::new(0).unwrap(), Box::new(std::io::sink())).unwrap();
+        let mut r = Serial::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        r.set_state(&json).unwrap();
         let mut b = [0];
         r.read(7, &mut b);
         assert_eq!(b[0], 0x5a);

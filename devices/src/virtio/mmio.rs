@@ -14,6 +14,7 @@ use crate::throttle::Throttle;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Size of one device's register window.
@@ -200,7 +201,10 @@ impl MmioTransport {
             == status::FEATURES_OK
     }
 
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+    /// Applies a queue register write to the selected queue, if queue
+    /// registers may change now and the value is one virtio allows (a
+    /// power-of-two size within the maximum, aligned ring addresses).
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue) -> Result<(), virtio_queue::Error>) {
         if !self.queue_config_allowed() {
             if let Some(n) = self.refused.hit() {
                 tracing::warn!(
@@ -211,8 +215,17 @@ impl MmioTransport {
             }
             return;
         }
-        if let Some(q) = self.selected_queue() {
-            f(q);
+        let refused = match self.selected_queue() {
+            Some(q) => f(q).err(),
+            None => None,
+        };
+        if let Some(e) = refused
+            && let Some(n) = self.refused.hit()
+        {
+            tracing::warn!(
+                refused = n,
+                "virtio-mmio: queue register value refused: {e}"
+            );
         }
     }
 
@@ -288,10 +301,15 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let all_valid = self
-            .queues
-            .iter()
-            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        // virtio-queue takes rings at address 0 for "not set up": a ready
+        // queue with one there would be walked as empty forever.
+        let all_valid = self.queues.iter().all(|q| {
+            !q.ready()
+                || (q.is_valid(&self.mem)
+                    && q.desc_table() != 0
+                    && q.avail_ring() != 0
+                    && q.used_ring() != 0)
+        });
         let events: Result<Vec<_>, _> = self.queue_events.iter().map(|e| e.try_clone()).collect();
         // The device gets its own copies; the transport keeps the registers.
         let queues: Result<Vec<Queue>, _> = self
@@ -317,10 +335,13 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(msg) => {
-                tracing::error!(
-                    device = self.device.device_type(),
-                    "virtio device did not start: {msg}"
-                );
+                if let Some(n) = self.refused.hit() {
+                    tracing::error!(
+                        device = self.device.device_type(),
+                        refused = n,
+                        "virtio device did not start: {msg}"
+                    );
+                }
                 self.status |= status::DEVICE_NEEDS_RESET;
                 self.config_generation = self.config_generation.wrapping_add(1);
                 // Tell the driver to look at the status.
@@ -370,8 +391,14 @@ impl MmioTransport {
             },
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
-            0x38 => self.with_queue(|q| q.set_size(v as u16)),
-            0x44 => self.with_queue(|q| q.set_ready(v == 1)),
+            0x38 => self.with_queue(|q| match u16::try_from(v) {
+                Ok(size) => q.try_set_size(size),
+                Err(_) => Err(virtio_queue::Error::InvalidSize),
+            }),
+            0x44 => self.with_queue(|q| {
+                q.set_ready(v == 1);
+                Ok(())
+            }),
             0x50 => match self.queue_events.get(v as usize) {
                 Some(evt) if self.activated => {
                     if let Err(e) = evt.write(1) {
@@ -382,14 +409,29 @@ impl MmioTransport {
             },
             0x64 => self.interrupt.ack(v),
             0x70 => self.set_status(v),
-            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            0x80 | 0x84 => self.with_queue(|q| {
+                let at = half(q.desc_table(), offset == 0x84, v);
+                q.try_set_desc_table_address(GuestAddress(at))
+            }),
+            0x90 | 0x94 => self.with_queue(|q| {
+                let at = half(q.avail_ring(), offset == 0x94, v);
+                q.try_set_avail_ring_address(GuestAddress(at))
+            }),
+            0xa0 | 0xa4 => self.with_queue(|q| {
+                let at = half(q.used_ring(), offset == 0xa4, v);
+                q.try_set_used_ring_address(GuestAddress(at))
+            }),
             _ => tracing::debug!(offset, value = v, "virtio-mmio: write ignored"),
         }
+    }
+}
+
+/// `addr` with its high (`high`) or low 32 bits replaced by `v`.
+fn half(addr: u64, high: bool, v: u32) -> u64 {
+    if high {
+        (addr & 0xffff_ffff) | (u64::from(v) << 32)
+    } else {
+        (addr & !0xffff_ffff) | u64::from(v)
     }
 }
 
@@ -722,6 +764,41 @@ mod tests {
             (8..=30).contains(&logged),
             "{logged} log lines for 200,000 refused writes"
         );
+    }
+
+    #[test]
+    fn bad_queue_register_values_are_refused_and_counted() {
+        let mut t = transport(Recorder::default());
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, 0x30, 0);
+        let logged = crate::virtio::test_utils::count_log_events(|| {
+            for _ in 0..10_000 {
+                w(&mut t, 0x38, 3); // not a power of two
+                w(&mut t, 0x38, 0x1_0010); // not 16 bits
+                w(&mut t, 0x80, 0x1001); // misaligned
+            }
+        });
+        assert_eq!(t.refused_writes(), 30_000);
+        assert!((8..=30).contains(&logged), "{logged} log lines");
+        assert_eq!(t.queues[0].size(), 16, "the size is unchanged");
+    }
+
+    #[test]
+    fn a_ready_queue_with_a_ring_at_zero_is_not_activated() {
+        let mut t = transport(Recorder::default());
+        negotiate(&mut t, 1 << VIRTIO_F_VERSION_1);
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x80, 0x1000);
+        w(&mut t, 0xa0, 0x3000);
+        // The avail ring is left at 0.
+        w(&mut t, 0x44, 1);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(!t.is_activated());
+        assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
     }
 
     #[test]

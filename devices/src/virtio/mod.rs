@@ -13,7 +13,7 @@ mod test_utils;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -155,7 +155,7 @@ pub enum QueueError {
     HeadInFlight(u16),
     #[error("the driver made chain {head} available on a queue of {size}")]
     HeadOutOfRange { head: u16, size: u16 },
-    #[error("the queue's rings are not in guest memory")]
+    #[error("the queue's rings are not set up, or not in guest memory")]
     Rings,
 }
 
@@ -163,6 +163,11 @@ pub enum QueueError {
 /// queue holds (virtio 1.2, 2.7.6): an available index further ahead
 /// would have the device walk stale ring entries forever.
 pub fn check_avail(mem: &GuestMemoryMmap, queue: &Queue) -> Result<(), QueueError> {
+    if !queue.ready() || queue.avail_ring() == 0 {
+        // Not set up (virtio-queue takes an avail ring at 0 for "not
+        // ready" too): nothing there may be walked.
+        return Err(QueueError::Rings);
+    }
     let avail = queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .map_err(|_| QueueError::Rings)?;
@@ -174,39 +179,76 @@ pub fn check_avail(mem: &GuestMemoryMmap, queue: &Queue) -> Result<(), QueueErro
     Ok(())
 }
 
-/// Serves every chain the driver has made available on `queue`: `serve`
+/// What the `serve` of [`drain_queue_deferred`] did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Give it back now, with this many bytes written into it.
+    Done(u32),
+    /// The caller keeps it and gives it back later itself; `full`: take
+    /// no more in this pass (a budget of the caller's is spent).
+    Kept { full: bool },
+}
+
+/// The outcome of one pass over a queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Chains went back to the driver: an interrupt may be due.
+    pub used: bool,
+    /// The pass stopped with chains left (it took a queue's worth, or the
+    /// caller's budget is spent): notifications stay off, so the caller
+    /// must come back (signal the queue's event) when it can take more.
+    pub more: bool,
+}
+
+/// Serves the chains the driver has made available on `queue`: `serve`
 /// handles one chain and returns how many bytes it wrote into it; the
 /// chain then goes back to the driver. Notifications stay off while the
-/// queue is drained, and it is drained again if chains arrived meanwhile.
-/// Returns whether any chain went back (an interrupt may be due), or why
-/// the queue is broken (the caller fails the device).
+/// queue is drained, and it is drained again if chains arrived meanwhile,
+/// up to one queue's worth of chains per call, so that a driver refilling
+/// as fast as the device takes cannot hold the caller's thread. Returns
+/// what the pass did, or why the queue is broken (the caller fails the
+/// device).
 pub fn drain_queue<'m>(
     mem: &'m GuestMemoryMmap,
     queue: &mut Queue,
     mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> u32,
-) -> Result<bool, QueueError> {
-    drain_queue_deferred(mem, queue, |chain| Ok(Some(serve(chain))))
+) -> Result<Drained, QueueError> {
+    drain_queue_deferred(mem, queue, |chain| Ok(Served::Done(serve(chain))))
 }
 
 /// Like [`drain_queue`], but `serve` may keep a chain to give back later
-/// (by returning `Ok(None)`; the caller then adds it to the used ring
-/// itself), and may find the queue broken (`Err`, which ends the pass);
-/// `Ok(Some(len))` gives the chain back now with `len` bytes written.
+/// ([`Served::Kept`]), and may find the queue broken (`Err`, which ends
+/// the pass).
 pub fn drain_queue_deferred<'m>(
     mem: &'m GuestMemoryMmap,
     queue: &mut Queue,
-    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Result<Option<u32>, QueueError>,
-) -> Result<bool, QueueError> {
+    mut serve: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Result<Served, QueueError>,
+) -> Result<Drained, QueueError> {
     if !queue.ready() {
-        return Ok(false);
+        return Ok(Drained::default());
     }
+    let budget = queue.size();
+    let mut taken = 0u16;
     let mut used = false;
     loop {
         queue
             .disable_notification(mem)
             .map_err(|_| QueueError::Rings)?;
         check_avail(mem, queue)?;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            if taken == budget {
+                return Ok(Drained { used, more: true });
+            }
+            // `iter` tells a broken queue from an empty one, where
+            // `pop_descriptor_chain` says "nothing" to both.
+            let chain = match queue.iter(mem) {
+                Ok(mut chains) => chains.next(),
+                Err(_) => return Err(QueueError::Rings),
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            taken += 1;
             let head = chain.head_index();
             if head >= queue.size() {
                 return Err(QueueError::HeadOutOfRange {
@@ -214,19 +256,22 @@ pub fn drain_queue_deferred<'m>(
                     size: queue.size(),
                 });
             }
-            let Some(len) = serve(chain)? else {
-                continue;
-            };
-            queue
-                .add_used(mem, head, len)
-                .map_err(|_| QueueError::Rings)?;
-            used = true;
+            match serve(chain)? {
+                Served::Done(len) => {
+                    queue
+                        .add_used(mem, head, len)
+                        .map_err(|_| QueueError::Rings)?;
+                    used = true;
+                }
+                Served::Kept { full: false } => {}
+                Served::Kept { full: true } => return Ok(Drained { used, more: true }),
+            }
         }
         if !queue
             .enable_notification(mem)
             .map_err(|_| QueueError::Rings)?
         {
-            return Ok(used);
+            return Ok(Drained { used, more: false });
         }
     }
 }
@@ -317,6 +362,52 @@ mod tests {
                 }),
                 0
             )
+        );
+    }
+
+    /// virtio-queue takes an avail ring at 0 for "not set up", but the
+    /// index there still reads as chains waiting: the queue is broken,
+    /// not empty forever.
+    #[test]
+    fn a_ready_queue_with_its_avail_ring_at_zero_breaks_instead_of_spinning() {
+        let outcome = finishes_within(10, || {
+            let m = mem();
+            let mq = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+            let mut q: Queue = mq.create_queue().unwrap();
+            q.set_avail_ring_address(Some(0), Some(0));
+            // avail->idx at guest address 2: five chains "waiting".
+            vm_memory::Bytes::write_obj(&m, 5u16, GuestAddress(2)).unwrap();
+            drain_queue(&m, &mut q, |_| 0)
+        });
+        assert_eq!(outcome, Err(QueueError::Rings));
+    }
+
+    /// A driver that refills the ring as fast as the device takes from it
+    /// cannot keep one pass going: it stops after a queue's worth.
+    #[test]
+    fn one_pass_takes_at_most_a_queue_s_worth() {
+        let (served, drained) = finishes_within(10, || {
+            let m = mem();
+            let mq = MockSplitQueue::new(&m, 16);
+            let mut q: Queue = mq.create_queue().unwrap();
+            add_chain(&mq, 0, &[(0x8000, 64, false)]);
+            let mut served = 0;
+            let avail = mq.avail_addr();
+            let drained = drain_queue(&m, &mut q, |chain| {
+                served += 1;
+                // The driver posts the chain again as soon as it comes back.
+                repost(&m, avail, 16, chain.head_index(), 1);
+                0
+            });
+            (served, drained)
+        });
+        assert_eq!(served, 16);
+        assert_eq!(
+            drained,
+            Ok(Drained {
+                used: true,
+                more: true
+            })
         );
     }
 

@@ -1,7 +1,7 @@
 //! The virtio-fs device and the thread that serves its queues.
 
 use super::queue::{self, InFlight, Job};
-use super::{FuseServer, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
+use super::{FuseServer, MAX_REQUEST, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
     VirtioInterrupt,
@@ -124,12 +124,20 @@ impl VirtioDevice for Fs {
                     Mutex::new(RequestQueue {
                         queue,
                         in_flight: InFlight::default(),
+                        throttled: false,
+                        stopped: false,
                     })
                 })
                 .collect(),
             interrupt: ctx.interrupt,
             server: self.server.clone(),
             counters: self.counters.clone(),
+            kicks: ctx
+                .queue_events
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<Result<_, _>>()
+                .map_err(ActivateError::Events)?,
             stopping: AtomicBool::new(false),
         });
         let serve = Serve {
@@ -155,10 +163,19 @@ impl VirtioDevice for Fs {
 /// (a cold read, say) does not hold up the others behind it.
 const HANDLERS: usize = 4;
 
+/// The largest request the high-priority queue takes: Linux sends only
+/// FORGET and INTERRUPT there (a header and a few words).
+const MAX_HIPRIO_REQUEST: usize = 4096;
+
 /// A queue and the requests taken off it that are not answered yet.
 struct RequestQueue {
     queue: Queue,
     in_flight: InFlight,
+    /// The queue stopped taking requests at its byte budget: the answer
+    /// that frees room signals its event.
+    throttled: bool,
+    /// The device stopped (a reset): nothing more goes back on this queue.
+    stopped: bool,
 }
 
 /// What the queue thread and the handlers share.
@@ -168,7 +185,9 @@ struct Shared {
     interrupt: Arc<VirtioInterrupt>,
     server: Arc<dyn FuseServer>,
     counters: Arc<FsCounters>,
-    /// The device is stopping: requests not yet answered are dropped.
+    /// Each queue's event, to come back to a queue left with chains.
+    kicks: Vec<EventFd>,
+    /// The device is stopping: requests not yet started are dropped.
     stopping: AtomicBool,
 }
 
@@ -186,20 +205,49 @@ impl Shared {
         }
     }
 
-    /// Answers one request and gives its chain back; once the device is
-    /// stopping (a reset), requests still queued are dropped unanswered.
+    /// Answers one request and gives its chain back; once the device has
+    /// stopped (a reset), requests still queued are dropped unanswered,
+    /// and one answered meanwhile does not go back (the queue may be the
+    /// driver's new one at the same address by then).
     fn answer(&self, i: usize, job: Job) {
         if self.stopping.load(Relaxed) {
             return;
         }
         let reply = self.server.handle(&job.request);
-        if self.stopping.load(Relaxed) {
+        let mut q = self.queue(i);
+        if q.stopped {
             return;
         }
-        let mut q = self.queue(i);
-        let RequestQueue { queue, in_flight } = &mut *q;
+        let RequestQueue {
+            queue,
+            in_flight,
+            throttled,
+            ..
+        } = &mut *q;
         if queue::complete(&self.mem, queue, in_flight, job, reply.as_deref()) {
             self.notify(queue);
+        }
+        if *throttled && !in_flight.full() {
+            *throttled = false;
+            self.kick(i);
+        }
+    }
+
+    /// Has the queue thread come back to queue `i`.
+    fn kick(&self, i: usize) {
+        if let Some(Err(e)) = self.kicks.get(i).map(|k| k.write(1)) {
+            tracing::warn!("virtio-fs: cannot signal queue {i}: {e}");
+        }
+    }
+
+    /// Stops the device: no answer goes back after this returns, and
+    /// requests not yet started are dropped. Handlers busy with a request
+    /// are not waited for (it may wait on the remote server for a
+    /// minute); they drop its answer.
+    fn stop(&self) {
+        self.stopping.store(true, Relaxed);
+        for i in 0..self.queues.len() {
+            self.queue(i).stopped = true;
         }
     }
 }
@@ -216,6 +264,9 @@ impl Serve {
     fn run(self) {
         let (jobs, rx) = mpsc::channel::<(usize, Job)>();
         let rx = Arc::new(Mutex::new(rx));
+        // Not joined: a handler may be waiting on the remote server when
+        // the device stops, and a reset must not wait for it. Each ends
+        // once the channel is closed and its request is done.
         let handlers: Vec<JoinHandle<()>> = (0..HANDLERS)
             .filter_map(|n| {
                 let (shared, rx) = (self.shared.clone(), rx.clone());
@@ -257,8 +308,6 @@ impl Serve {
                 }
             };
             if ready[..n].iter().any(|ev| ev.data() == u64::MAX) {
-                // Requests the handlers have not started are dropped.
-                self.shared.stopping.store(true, Relaxed);
                 break;
             }
             for ev in &ready[..n] {
@@ -269,13 +318,9 @@ impl Serve {
                 }
             }
         }
-        self.shared.stopping.store(true, Relaxed);
+        self.shared.stop();
         drop(jobs);
-        for h in handlers {
-            if h.join().is_err() {
-                tracing::error!("virtio-fs handler panicked");
-            }
-        }
+        drop(handlers);
     }
 
     fn take(&self, i: usize, dispatch: &impl Fn(usize, Job)) {
@@ -288,13 +333,38 @@ impl Serve {
         }
         let mut pass = queue::Pass::default();
         let mut taken = Vec::new();
+        let max_request = if i == 0 {
+            MAX_HIPRIO_REQUEST
+        } else {
+            MAX_REQUEST
+        };
         {
             let mut q = s.queue(i);
-            let RequestQueue { queue, in_flight } = &mut *q;
-            match queue::take(&s.mem, queue, in_flight, &mut pass, |job| taken.push(job)) {
-                // Malformed chains went back at once.
-                Ok(true) => s.notify(queue),
-                Ok(false) => {}
+            let RequestQueue {
+                queue,
+                in_flight,
+                throttled,
+                ..
+            } = &mut *q;
+            match queue::take(&s.mem, queue, in_flight, max_request, &mut pass, |job| {
+                taken.push(job)
+            }) {
+                Ok(drained) => {
+                    // Malformed chains went back at once.
+                    if drained.used {
+                        s.notify(queue);
+                    }
+                    if drained.more {
+                        if in_flight.full() {
+                            // The answer that frees room comes back.
+                            *throttled = true;
+                        } else {
+                            // A queue's worth taken: come back after the
+                            // other events.
+                            s.kick(i);
+                        }
+                    }
+                }
                 Err(e) => s.interrupt.device_failed("virtio-fs", &e),
             }
         }
@@ -471,6 +541,7 @@ mod tests {
         kick: EventFd,
         mem: GuestMemoryMmap,
         avail: vm_memory::GuestAddress,
+        used: vm_memory::GuestAddress,
     }
 
     fn started_share(
@@ -514,6 +585,7 @@ mod tests {
             interrupt,
             kick,
             avail: requests.avail_addr(),
+            used: requests.used_addr(),
             mem,
         }
     }
@@ -559,19 +631,102 @@ mod tests {
         assert_eq!(gate.started.load(Relaxed), 1, "the copies were not run");
     }
 
+    /// Waits until no handler thread holds `server` any more (the test's
+    /// own reference and the device's remain).
+    fn wait_handlers_gone(server: &Arc<Gate>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(server) > 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "handlers still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// A reset drops the requests the handlers have not started on.
     #[test]
     fn reset_drops_queued_requests() {
         let gate = Arc::new(Gate::default());
         let mut s = started_share(gate.clone(), 8, |_, _| {});
         gate.wait_started(HANDLERS as u64);
-        let g = gate.clone();
-        let opener = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            g.open();
-        });
         s.fs.reset();
-        opener.join().unwrap();
+        gate.open();
+        wait_handlers_gone(&gate);
         assert_eq!(gate.started.load(Relaxed), HANDLERS as u64);
+        use vm_memory::{Address, Bytes};
+        let used_idx: u16 = s.mem.read_obj(s.used.unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 0, "no answer went back after the reset");
+    }
+
+    /// A reset (a guest write to Status, on a vCPU) does not wait for a
+    /// request stuck on the remote server.
+    #[test]
+    fn reset_does_not_wait_for_a_request_on_the_server() {
+        use crate::virtio::test_utils::finishes_within;
+        let gate = Arc::new(Gate::default());
+        let s = started_share(gate.clone(), 1, |_, _| {});
+        gate.wait_started(1);
+        let mut fs = s.fs;
+        finishes_within(5, move || fs.reset());
+        gate.open();
+        wait_handlers_gone(&gate);
+    }
+
+    /// Requests held past the byte budget stay on the ring until answers
+    /// free room; then they are taken and answered too.
+    #[test]
+    fn held_requests_are_bounded_in_bytes() {
+        use super::queue::MAX_HELD_BYTES;
+        use crate::virtio::test_utils::add_chain;
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress};
+
+        const MIB: u32 = 1 << 20;
+        let n = (MAX_HELD_BYTES / MIB as usize) as u16 + 8;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let requests = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 128);
+        // Every request is the same 1 MiB GETATTR (a header, then
+        // padding), as a guest can post the same buffer again and again.
+        let mut req = vec![0u8; 40];
+        req[..4].copy_from_slice(&MIB.to_le_bytes());
+        req[4..8].copy_from_slice(&3u32.to_le_bytes());
+        mem.write_slice(&req, GuestAddress(0x100_0000)).unwrap();
+        for i in 0..n {
+            let reply = 0x10_0000 + u64::from(i) * 0x100;
+            add_chain(
+                &requests,
+                2 * i,
+                &[(0x100_0000, MIB, false), (reply, 64, true)],
+            );
+        }
+        let gate = Arc::new(Gate::default());
+        let mut fs = Fs::new("data", gate.clone()).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fs.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![
+                hiprio.create_queue().unwrap(),
+                requests.create_queue().unwrap(),
+            ],
+            queue_events: vec![evt(), evt()],
+            interrupt: Arc::new(VirtioInterrupt::new(evt())),
+        })
+        .unwrap();
+        gate.wait_started(HANDLERS as u64);
+        let taken = fs.counters().requests.load(Relaxed);
+        assert_eq!(taken, (MAX_HELD_BYTES / MIB as usize) as u64);
+        gate.open();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while requests.used().idx().load() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} answered",
+                requests.used().idx().load()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fs.counters().requests.load(Relaxed), u64::from(n));
     }
 }

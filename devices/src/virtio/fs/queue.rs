@@ -4,7 +4,7 @@
 //! the request's id can be read) and never stop the device.
 
 use super::{FuseServer, MAX_REQUEST};
-use crate::virtio::{GuestMemoryMmap, QueueError, drain_queue_deferred};
+use crate::virtio::{Drained, GuestMemoryMmap, QueueError, Served, drain_queue_deferred};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -19,8 +19,8 @@ pub enum RequestError {
     OutOfMemory,
     #[error("a readable descriptor follows a writable one")]
     Order,
-    #[error("the request is larger than {MAX_REQUEST} bytes")]
-    TooLarge,
+    #[error("the request is larger than the {0} bytes this queue takes")]
+    TooLarge(usize),
     #[error("the reply does not fit in the guest's buffers")]
     ReplyTooLarge,
 }
@@ -43,6 +43,7 @@ struct Scratch {
 fn gather(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    max_request: usize,
     s: &mut Scratch,
 ) -> Result<(), RequestError> {
     s.request.clear();
@@ -58,8 +59,8 @@ fn gather(
             if !s.writable.is_empty() {
                 return Err(RequestError::Order);
             }
-            if s.request.len() + len > MAX_REQUEST {
-                return Err(RequestError::TooLarge);
+            if s.request.len() + len > max_request {
+                return Err(RequestError::TooLarge(max_request));
             }
             let at = s.request.len();
             s.request.resize(at + len, 0);
@@ -101,46 +102,64 @@ fn eio_reply(unique: u64) -> [u8; OUT_HEADER] {
     r
 }
 
+/// Bytes of requests one queue may hold (taken, not yet answered): past
+/// this the device takes no more chains off that queue until answers free
+/// room (the guest waits, as for a slow disk). 32 MiB is 32 full-size
+/// writes in flight, more than a guest needs to keep a server busy, and
+/// bounds what a guest can make the host hold at once.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
+
 /// The chains of one queue that the device holds: taken off the queue and
-/// not yet answered. The driver may not make a chain available again
-/// before the device gives it back, so the device holds at most one
-/// request per queue entry (each at most [`MAX_REQUEST`] bytes), however
-/// fast the guest posts.
+/// not yet answered, with their requests' sizes. The driver may not make
+/// a chain available again before the device gives it back, so the device
+/// holds at most one request per queue entry, and at most about
+/// [`MAX_HELD_BYTES`] in all.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    held: Vec<u64>,
+    /// The request size of each held chain, by head.
+    held: Vec<Option<usize>>,
+    bytes: usize,
 }
 
 impl InFlight {
-    fn bit(head: u16) -> (usize, u64) {
-        (usize::from(head / 64), 1 << (head % 64))
-    }
-
-    /// Marks `head` as held; false if it already was.
-    fn hold(&mut self, head: u16) -> bool {
-        let (word, bit) = Self::bit(head);
-        if self.held.len() <= word {
-            self.held.resize(word + 1, 0);
+    /// Marks `head` as held with a request of `bytes`; false if it
+    /// already was.
+    fn hold(&mut self, head: u16, bytes: usize) -> bool {
+        let i = usize::from(head);
+        if self.held.len() <= i {
+            self.held.resize(i + 1, None);
         }
-        let fresh = self.held[word] & bit == 0;
-        self.held[word] |= bit;
-        fresh
+        if self.held[i].is_some() {
+            return false;
+        }
+        self.held[i] = Some(bytes);
+        self.bytes += bytes;
+        true
     }
 
     fn release(&mut self, head: u16) {
-        let (word, bit) = Self::bit(head);
-        if let Some(w) = self.held.get_mut(word) {
-            *w &= !bit;
+        if let Some(bytes) = self.held.get_mut(usize::from(head)).and_then(Option::take) {
+            self.bytes -= bytes;
         }
     }
 
     /// How many chains are held.
     pub fn len(&self) -> usize {
-        self.held.iter().map(|w| w.count_ones() as usize).sum()
+        self.held.iter().filter(|h| h.is_some()).count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.bytes == 0 && self.len() == 0
+    }
+
+    /// Bytes of the requests held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the queue may not take more until answers free room.
+    pub fn full(&self) -> bool {
+        self.bytes >= MAX_HELD_BYTES
     }
 }
 
@@ -156,33 +175,49 @@ pub struct Job {
 /// Takes every available request off `queue`. Each well-formed one goes
 /// to `dispatch` as a [`Job`], to be answered later, in any order, with
 /// [`complete`]; a malformed one goes back to the guest at once, with an
-/// EIO reply when its id can be read. Notifications stay off while the
-/// queue is drained. Returns whether any chain went back, or why the
-/// queue is broken (a chain the device still holds made available again,
-/// say); the requests taken before still go to `dispatch`.
+/// EIO reply when its id can be read. A request longer than
+/// `max_request` is malformed. Notifications stay off while the queue is
+/// drained; the pass stops once `in_flight` is [full](InFlight::full)
+/// (then [`Drained::more`]). Returns what the pass did, or why the queue
+/// is broken (a chain the device still holds made available again, say);
+/// the requests taken before still go to `dispatch`.
 pub fn take(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     in_flight: &mut InFlight,
+    max_request: usize,
     pass: &mut Pass,
     mut dispatch: impl FnMut(Job),
-) -> Result<bool, QueueError> {
+) -> Result<Drained, QueueError> {
+    if in_flight.full() {
+        return Ok(Drained {
+            used: false,
+            more: true,
+        });
+    }
     let mut s = Scratch::default();
     let mut jobs = Vec::new();
-    let used = drain_queue_deferred(mem, queue, |chain| {
+    let drained = drain_queue_deferred(mem, queue, |chain| {
         let head = chain.head_index();
-        if !in_flight.hold(head) {
+        if in_flight
+            .held
+            .get(usize::from(head))
+            .is_some_and(Option::is_some)
+        {
             return Err(QueueError::HeadInFlight(head));
         }
-        Ok(match gather(mem, chain, &mut s) {
+        Ok(match gather(mem, chain, max_request, &mut s) {
             Ok(()) => {
                 pass.requests += 1;
+                in_flight.hold(head, s.request.len());
                 jobs.push(Job {
                     head,
                     request: std::mem::take(&mut s.request),
                     writable: std::mem::take(&mut s.writable),
                 });
-                None
+                Served::Kept {
+                    full: in_flight.full(),
+                }
             }
             Err(e) => {
                 pass.malformed += 1;
@@ -195,13 +230,12 @@ pub fn take(
                 } else {
                     0
                 };
-                in_flight.release(head);
-                Some(len as u32)
+                Served::Done(len as u32)
             }
         })
     });
     jobs.into_iter().for_each(&mut dispatch);
-    used
+    drained
 }
 
 /// Writes `reply` (`None`: the request gets none, as FORGET) into the
@@ -248,7 +282,10 @@ pub fn process(
     let mut pass = Pass::default();
     let mut jobs = Vec::new();
     let mut in_flight = InFlight::default();
-    pass.used = take(mem, queue, &mut in_flight, &mut pass, |job| jobs.push(job))?;
+    pass.used = take(mem, queue, &mut in_flight, MAX_REQUEST, &mut pass, |job| {
+        jobs.push(job)
+    })?
+    .used;
     for job in jobs {
         let reply = server.handle(&job.request);
         pass.used |= complete(mem, queue, &mut in_flight, job, reply.as_deref());

@@ -330,8 +330,17 @@ impl Net {
         c.tx_malformed.fetch_add(pass.malformed, Relaxed);
         if let Some(e) = pass.broken {
             tx.interrupt.device_failed("virtio-net TX", &e);
-        } else if pass.used {
+            return;
+        }
+        if pass.used {
             tx.notify();
+        }
+        if pass.more {
+            // A queue's worth sent: the event loop comes back after its
+            // other events.
+            if let Some(Err(e)) = self.queue_events.get(TX).map(|e| e.write(1)) {
+                tracing::warn!("virtio-net: cannot signal the TX queue: {e}");
+            }
         }
     }
 

@@ -152,6 +152,8 @@ pub struct TxPass {
     pub malformed: u64,
     /// Whether any chain went back to the guest (an interrupt may be due).
     pub used: bool,
+    /// The pass stopped at its budget with chains left: come back.
+    pub more: bool,
     /// The driver broke the queue: the device must fail.
     pub broken: Option<QueueError>,
 }
@@ -186,7 +188,10 @@ pub fn transmit(
         0
     });
     match drained {
-        Ok(used) => pass.used = used,
+        Ok(drained) => {
+            pass.used = drained.used;
+            pass.more = drained.more;
+        }
         Err(e) => pass.broken = Some(e),
     }
     pass
@@ -405,6 +410,7 @@ mod tests {
                 bytes: 100,
                 malformed: 0,
                 used: true,
+                more: false,
                 broken: None,
             }
         );
