@@ -2,6 +2,7 @@
 //! clear error before anything is created.
 
 use crate::layout::CMDLINE_MAX_SIZE;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// The command line a guest gets when none is given.
@@ -10,7 +11,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 pub const MIN_MEM_MIB: u64 = 4;
 
 /// Which entry point of the kernel to use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BootProtocol {
     /// PVH when the ELF kernel has a PVH note, else the Linux 64-bit entry.
     #[default]
@@ -22,7 +23,7 @@ pub enum BootProtocol {
 }
 
 /// Where the serial console's output goes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SerialOutput {
     #[default]
     Stdout,
@@ -34,7 +35,7 @@ pub enum SerialOutput {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,

@@ -13,6 +13,7 @@ pub mod host;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod x86_64;

@@ -15,7 +15,13 @@
 //! return (now, or the next time it is entered) with EINTR. Every change
 //! of state is acknowledged on a second channel. The thread is joined
 //! when its handle is dropped.
+//!
+//! A paused vCPU's KVM state can be read on its own thread, which owns
+//! its file descriptor: [`VcpuHandle::save_state`] sends a save request
+//! down the same channel and waits for the answer on a channel of its own,
+//! so acknowledgements of state changes are never mixed with it.
 
+use crate::x86_64::vcpu_state::{self, VcpuStateError};
 use devices::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -80,6 +86,24 @@ pub enum VcpuError {
     Gone(u8),
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, Duration),
+    #[error("vCPU {0} is {1:?}: its state can only be saved while it is paused")]
+    NotPaused(u8, VcpuState),
+    #[error("cannot save the state of vCPU {0}")]
+    Save(u8, #[source] VcpuStateError),
+}
+
+/// The answer to a save request.
+type SaveReply = Result<vcpu_state::VcpuState, VcpuError>;
+
+/// What a vCPU thread is asked to do.
+enum Request {
+    /// Change state.
+    Command(VcpuCommand),
+    /// Read the vCPU's state, if it is paused, and send it back.
+    Save {
+        msr_index_list: Vec<u32>,
+        reply: Sender<SaveReply>,
+    },
 }
 
 thread_local! {
@@ -124,7 +148,7 @@ pub struct Vcpu {
 /// The VM's side of a vCPU thread.
 pub struct VcpuHandle {
     id: u8,
-    commands: Sender<VcpuCommand>,
+    commands: Sender<Request>,
     acks: Receiver<VcpuState>,
     thread: Option<JoinHandle<()>>,
 }
@@ -157,17 +181,50 @@ impl VcpuHandle {
     /// the channel (a kick would only cost its first KVM_RUN an EINTR).
     pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
         self.commands
-            .send(cmd)
+            .send(Request::Command(cmd))
             .map_err(|_| VcpuError::Gone(self.id))?;
-        if cmd == VcpuCommand::Resume {
-            return Ok(());
+        if cmd != VcpuCommand::Resume {
+            self.kick();
         }
+        Ok(())
+    }
+
+    fn kick(&self) {
         if let Some(t) = &self.thread {
-            // A thread that already left KVM_RUN picks the command up from
+            // A thread that already left KVM_RUN picks the request up from
             // the channel; a failed kick of a finished thread is harmless.
             let _ = t.kill(kick_signal());
         }
-        Ok(())
+    }
+
+    /// Reads the vCPU's KVM state on its thread; `msr_index_list` is
+    /// KVM_GET_MSR_INDEX_LIST's answer ([`vcpu_state::save`]). Only a
+    /// paused vCPU answers with its state; any other gives
+    /// [`VcpuError::NotPaused`] (a running one is kicked out of KVM_RUN to
+    /// answer, and goes on running).
+    ///
+    /// The state is consistent: a vCPU only pauses after a KVM_RUN that
+    /// returned EINTR, and on x86 KVM completes a port or MMIO access it
+    /// handed to us (the instruction's result, RIP past it) before it
+    /// checks `immediate_exit` and returns.
+    pub fn save_state(
+        &self,
+        msr_index_list: &[u32],
+        timeout: Duration,
+    ) -> Result<vcpu_state::VcpuState, VcpuError> {
+        let (reply, answer) = mpsc::channel();
+        self.commands
+            .send(Request::Save {
+                msr_index_list: msr_index_list.to_vec(),
+                reply,
+            })
+            .map_err(|_| VcpuError::Gone(self.id))?;
+        self.kick();
+        match answer.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(self.id, timeout)),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone(self.id)),
+        }
     }
 
     /// Waits for the thread to acknowledge a state.
@@ -189,7 +246,7 @@ impl VcpuHandle {
 
     fn stop_and_join(&mut self) {
         if let Some(t) = self.thread.take() {
-            let _ = self.commands.send(VcpuCommand::Stop);
+            let _ = self.commands.send(Request::Command(VcpuCommand::Stop));
             let _ = t.kill(kick_signal());
             if t.join().is_err() {
                 tracing::error!(vcpu = self.id, "vCPU thread panicked");
@@ -211,7 +268,7 @@ enum Next {
 }
 
 impl Vcpu {
-    fn run(mut self, commands: Receiver<VcpuCommand>, acks: Sender<VcpuState>) {
+    fn run(mut self, commands: Receiver<Request>, acks: Sender<VcpuState>) {
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(flag));
         let mut state = VcpuState::Created;
@@ -221,15 +278,22 @@ impl Vcpu {
         loop {
             state = match state {
                 VcpuState::Created | VcpuState::Paused => match commands.recv() {
-                    Ok(VcpuCommand::Resume) => {
+                    Ok(Request::Command(VcpuCommand::Resume)) => {
                         ack(VcpuState::Running);
                         VcpuState::Running
                     }
-                    Ok(VcpuCommand::Pause) => {
+                    Ok(Request::Command(VcpuCommand::Pause)) => {
                         ack(VcpuState::Paused);
                         VcpuState::Paused
                     }
-                    Ok(VcpuCommand::Stop) | Err(_) => break,
+                    Ok(Request::Command(VcpuCommand::Stop)) | Err(_) => break,
+                    Ok(Request::Save {
+                        msr_index_list,
+                        reply,
+                    }) => {
+                        self.answer_save(state, &msr_index_list, &reply);
+                        state
+                    }
                 },
                 VcpuState::Running => match self.run_once() {
                     Ok(Next::Continue) => VcpuState::Running,
@@ -241,11 +305,20 @@ impl Vcpu {
                     Err(Interrupted) => {
                         self.fd.set_kvm_immediate_exit(0);
                         let mut next = VcpuState::Running;
-                        while let Ok(cmd) = commands.try_recv() {
-                            next = match cmd {
-                                VcpuCommand::Resume => VcpuState::Running,
-                                VcpuCommand::Pause => VcpuState::Paused,
-                                VcpuCommand::Stop => VcpuState::Stopped,
+                        while let Ok(req) = commands.try_recv() {
+                            next = match req {
+                                Request::Command(VcpuCommand::Resume) => VcpuState::Running,
+                                Request::Command(VcpuCommand::Pause) => VcpuState::Paused,
+                                Request::Command(VcpuCommand::Stop) => VcpuState::Stopped,
+                                // Answered in the state the requests before
+                                // it left: out of KVM_RUN either way.
+                                Request::Save {
+                                    msr_index_list,
+                                    reply,
+                                } => {
+                                    self.answer_save(next, &msr_index_list, &reply);
+                                    next
+                                }
                             };
                         }
                         if next == VcpuState::Stopped {
@@ -258,16 +331,34 @@ impl Vcpu {
                     }
                 },
                 VcpuState::Stopped => match commands.recv() {
-                    Ok(VcpuCommand::Stop) | Err(_) => break,
-                    Ok(_) => {
+                    Ok(Request::Command(VcpuCommand::Stop)) | Err(_) => break,
+                    Ok(Request::Command(_)) => {
                         ack(VcpuState::Stopped);
                         VcpuState::Stopped
+                    }
+                    Ok(Request::Save {
+                        msr_index_list,
+                        reply,
+                    }) => {
+                        self.answer_save(state, &msr_index_list, &reply);
+                        state
                     }
                 },
             };
         }
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         ack(VcpuState::Stopped);
+    }
+
+    /// Saves the vCPU's state if it is paused, and answers.
+    fn answer_save(&self, state: VcpuState, msr_index_list: &[u32], reply: &Sender<SaveReply>) {
+        let result = if state == VcpuState::Paused {
+            vcpu_state::save(&self.fd, msr_index_list).map_err(|e| VcpuError::Save(self.id, e))
+        } else {
+            Err(VcpuError::NotPaused(self.id, state))
+        };
+        // The owner may have stopped waiting.
+        let _ = reply.send(result);
     }
 
     fn report(&self, reason: StopReason) {

@@ -77,6 +77,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot set up a virtio device")]
     Virtio(#[from] devices::virtio::mmio::MmioError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("KVM set only {set} of {wanted} boot MSRs on vCPU {vcpu} (first refused: {first:#x})")]
     Msrs {
         vcpu: u8,
@@ -208,10 +210,10 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vm {
     // Kept open for the VM's lifetime.
     _kvm: Kvm,
-    fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     host: HostInfo,
-    vcpu_fds: Vec<VcpuFd>,
+    pub(crate) vcpu_fds: Vec<VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: EventManager<Subscriber>,
@@ -221,7 +223,10 @@ pub struct Vm {
     host_stop_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     console: crate::console::ConsoleHandle,
-    config: VmConfig,
+    pub(crate) config: VmConfig,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// The virtio devices' transports, in the order they were added.
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// `virtio_mmio.device=` parameters for the devices added so far.
     virtio_params: Vec<String>,
     /// The same devices, for the ACPI DSDT.
@@ -232,6 +237,24 @@ impl Vm {
     /// Creates the VM described by `config`. `process_start` is when the
     /// VMM process started, for the boot-complete marker.
     pub fn build(config: &VmConfig, process_start: Instant) -> Result<Vm, VmError> {
+        Self::build_on(config, None, process_start)
+    }
+
+    /// Creates the VM described by `config` on `mem` (guest RAM mapped
+    /// from a snapshot, say) instead of new memory.
+    pub fn build_with_memory(
+        config: &VmConfig,
+        mem: GuestMemoryMmap,
+        process_start: Instant,
+    ) -> Result<Vm, VmError> {
+        Self::build_on(config, Some(mem), process_start)
+    }
+
+    fn build_on(
+        config: &VmConfig,
+        mem: Option<GuestMemoryMmap>,
+        process_start: Instant,
+    ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != kvm_bindings::KVM_API_VERSION as i32 {
@@ -257,7 +280,10 @@ impl Vm {
         // Guest memory first: on a PVM host, registering it after the
         // in-kernel interrupt controller exists costs milliseconds
         // (measured 6.3 ms against 0.1 ms for 128 MiB).
-        let mem = crate::memory::create(config.mem_bytes(), config.shared_memory)?;
+        let mem = match mem {
+            Some(mem) => mem,
+            None => crate::memory::create(config.mem_bytes(), config.shared_memory)?,
+        };
         register_memory(&fd, &mem)?;
 
         fd.set_tss_address(KVM_TSS_START as usize)
@@ -332,7 +358,7 @@ impl Vm {
 
         Ok(Vm {
             _kvm: kvm,
-            fd,
+            fd: Arc::new(fd),
             mem,
             host,
             vcpu_fds: Vec::new(),
@@ -346,6 +372,8 @@ impl Vm {
             boot_time,
             console,
             config: config.clone(),
+            serial,
+            transports: Vec::new(),
             virtio_params: Vec::new(),
             virtio_acpi: Vec::new(),
         })
@@ -479,7 +507,9 @@ impl Vm {
                 .map_err(kvm_err("a virtio queue notifier"))?;
         }
         let mmio = Arc::get_mut(&mut self.mmio).expect("devices are added before the VM runs");
-        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_LEN)?;
+        self.transports.push(transport);
         if let Some(s) = subscriber {
             self.events.add_subscriber(s);
         }
@@ -510,6 +540,12 @@ impl Vm {
     /// thread of its own until the VM ends.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         self.load_guest()?;
+        self.launch()
+    }
+
+    /// Starts the vCPUs created so far (their registers set), and the
+    /// event loop on a thread of its own.
+    pub(crate) fn launch(mut self) -> Result<RunningVm, VmError> {
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (id, fd) in self.vcpu_fds.drain(..).enumerate() {
             let vcpu = Vcpu {
@@ -522,15 +558,18 @@ impl Vm {
             };
             vcpus.push(VcpuHandle::spawn(vcpu)?);
         }
-        let host_stop_evt = self.host_stop_evt.try_clone().map_err(VmError::Event)?;
         let running = RunningVm {
             vcpus: Mutex::new(vcpus),
             state: Mutex::new(RunState::Paused),
-            host_stop_evt,
+            host_stop_evt: self.host_stop_evt.try_clone().map_err(VmError::Event)?,
             boot_time: self.boot_time.clone(),
             mem: self.mem.clone(),
             console: self.console.clone(),
             events: Mutex::new(None),
+            fd: self.fd.clone(),
+            serial: self.serial.clone(),
+            transports: self.transports.clone(),
+            config: self.config.clone(),
         };
         running.resume()?;
         let events = std::thread::Builder::new()
@@ -573,9 +612,14 @@ pub struct RunningVm {
     mem: GuestMemoryMmap,
     console: crate::console::ConsoleHandle,
     events: Mutex<Option<std::thread::JoinHandle<Result<VmExit, VmError>>>>,
+    // What a snapshot saves besides the vCPUs and memory.
+    pub(crate) fd: Arc<VmFd>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) config: VmConfig,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -606,6 +650,11 @@ impl RunningVm {
     /// Whether the vCPUs run, are paused, or the VM is ending.
     pub fn state(&self) -> RunState {
         *lock(&self.state)
+    }
+
+    /// The vCPU threads (empty once the VM has ended).
+    pub(crate) fn vcpu_handles(&self) -> std::sync::MutexGuard<'_, Vec<VcpuHandle>> {
+        lock(&self.vcpus)
     }
 
     fn command_all(&self, cmd: VcpuCommand, state: VcpuState) -> Result<(), VmError> {

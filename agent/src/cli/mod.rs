@@ -3,6 +3,7 @@
 mod bench;
 mod gvfs;
 mod host;
+mod nic;
 mod run;
 mod share;
 mod switch;

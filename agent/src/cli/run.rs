@@ -6,6 +6,7 @@
 //! name or in a file of its own.
 
 use super::CliResult;
+use super::nic::Nic;
 use super::share::{Share, VhostUserShare};
 use super::switch::SwitchArgs;
 use clap::{Args, ValueEnum};
@@ -22,7 +23,7 @@ use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "restore"])]
     pub kernel: Option<PathBuf>,
     /// An initial ramdisk for the kernel.
     #[arg(long)]
@@ -47,9 +48,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_stdin: bool,
     /// Give the guest a virtio-net NIC with this MAC address on the
-    /// process's VNET switch (repeatable).
-    #[arg(long = "net", value_name = "MAC")]
-    pub nets: Vec<vnet::Mac>,
+    /// process's VNET switch (repeatable). It sends from MAC only, or from
+    /// any address with `,any-source`.
+    #[arg(long = "net", value_name = "MAC[,any-source]")]
+    pub nets: Vec<Nic>,
     /// Give the guest a virtio-fs share served by a GVFS client in this
     /// process (repeatable): TAG=HOST:PORT,token-file=FILE,(tls-ca=FILE|plaintext)[,cache-dir=DIR].
     /// The guest mounts it with `mount -t virtiofs TAG DIR`.
@@ -60,13 +62,18 @@ pub struct RunArgs {
     /// Guest memory is then a memfd the backend maps.
     #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
     pub vhost_user_shares: Vec<VhostUserShare>,
+    /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
+    /// booting a kernel: it goes on where it was paused. Its vCPUs, memory
+    /// and kernel come from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config"])]
+    pub restore: Option<PathBuf>,
     /// Serve the VM's control API on a unix socket at PATH (see `vmplant
     /// vm`); the socket is removed when the VM ends.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
-    /// "vcpus", "mem_mib", "boot", "nets": [MAC...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
+    /// "vcpus", "mem_mib", "boot", "nets": [MAC[,any-source]...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
     /// "serial_file", "control"}]}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "control"])]
     pub config: Option<PathBuf>,
@@ -106,7 +113,9 @@ struct RunFile {
 #[serde(deny_unknown_fields)]
 struct VmSpec {
     name: String,
-    kernel: PathBuf,
+    /// The kernel to boot, or (`restore`) a snapshot directory to restore.
+    kernel: Option<PathBuf>,
+    restore: Option<PathBuf>,
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
     #[serde(default = "one")]
@@ -141,10 +150,49 @@ fn default_mem() -> u64 {
 struct Planned {
     name: String,
     config: VmConfig,
-    nets: Vec<vnet::Mac>,
+    nets: Vec<Nic>,
     shares: Vec<Share>,
     vhost_user_shares: Vec<VhostUserShare>,
     control: Option<PathBuf>,
+    /// A snapshot to restore instead of booting `config`'s kernel.
+    restore: Option<vmm::snapshot::Snapshot>,
+}
+
+/// What a snapshot keeps of a VM's devices, for its restore: the NICs'
+/// MACs (file shares cannot be saved yet).
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+struct DevicePlan {
+    nets: Vec<vnet::Mac>,
+}
+
+impl Planned {
+    fn device_plan(&self) -> String {
+        let plan = DevicePlan {
+            nets: self.nets.iter().map(|n| n.mac).collect(),
+        };
+        serde_json::to_string(&plan).unwrap_or_default()
+    }
+}
+
+/// The NICs of a restored VM: the MACs given with `--net` in place of the
+/// saved ones, in order (clones need their own), or the saved ones.
+fn restored_nets(
+    snapshot: &vmm::snapshot::Snapshot,
+    given: Vec<Nic>,
+) -> Result<Vec<Nic>, String> {
+    let plan: DevicePlan = serde_json::from_str(&snapshot.state.owner)
+        .map_err(|e| format!("the snapshot's device plan cannot be read: {e}"))?;
+    if given.is_empty() {
+        return Ok(plan.nets.into_iter().map(Nic::from).collect());
+    }
+    if given.len() != plan.nets.len() {
+        return Err(format!(
+            "the snapshot's VM has {} NIC(s), and {} --net MAC(s) were given",
+            plan.nets.len(),
+            given.len()
+        ));
+    }
+    Ok(given)
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -165,7 +213,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 .nets
                 .iter()
                 .map(|m| m.parse().map_err(|e| format!("VM {:?}: {e}", vm.name)))
-                .collect::<Result<Vec<vnet::Mac>, _>>()?;
+                .collect::<Result<Vec<Nic>, _>>()?;
             let shares = vm
                 .shares
                 .iter()
@@ -187,10 +235,39 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 Some(f) => SerialOutput::File(base.join(f)),
                 None => SerialOutput::StdoutPrefixed(format!("{}: ", vm.name)),
             };
+            let kernel = match (vm.kernel, vm.restore) {
+                (Some(kernel), None) => kernel,
+                (None, Some(dir)) => {
+                    let snapshot = vmm::snapshot::Snapshot::open(&base.join(dir))
+                        .map_err(|e| format!("VM {:?}: {}", vm.name, super::chain(&e)))?;
+                    let nets = restored_nets(&snapshot, nets)
+                        .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
+                    return Ok(Planned {
+                        name: vm.name,
+                        config: VmConfig {
+                            serial,
+                            serial_input: false,
+                            ..snapshot.state.config.clone()
+                        },
+                        nets,
+                        shares,
+                        vhost_user_shares,
+                        control: vm.control.map(|c| base.join(c)),
+                        restore: Some(snapshot),
+                    });
+                }
+                _ => {
+                    return Err(format!(
+                        "{path:?}: VM {:?} needs either \"kernel\" or \"restore\"",
+                        vm.name
+                    )
+                    .into());
+                }
+            };
             Ok(Planned {
                 name: vm.name,
                 config: VmConfig {
-                    kernel: base.join(vm.kernel),
+                    kernel: base.join(kernel),
                     initrd: vm.initrd.map(|p| base.join(p)),
                     cmdline: vm.cmdline,
                     vcpus: vm.vcpus,
@@ -204,15 +281,36 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 shares,
                 vhost_user_shares,
                 control: vm.control.map(|c| base.join(c)),
+                restore: None,
             })
         })
         .collect()
 }
 
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
-    let planned = match &args.config {
-        Some(path) => read_run_file(path)?,
-        None => vec![Planned {
+    let serial = args
+        .serial_file
+        .clone()
+        .map_or(SerialOutput::Stdout, SerialOutput::File);
+    let planned = match (&args.config, &args.restore) {
+        (Some(path), _) => read_run_file(path)?,
+        (None, Some(dir)) => {
+            let snapshot = vmm::snapshot::Snapshot::open(dir)?;
+            vec![Planned {
+                name: "vm".into(),
+                config: VmConfig {
+                    serial,
+                    serial_input: !args.no_stdin,
+                    ..snapshot.state.config.clone()
+                },
+                nets: restored_nets(&snapshot, args.nets)?,
+                shares: args.shares,
+                vhost_user_shares: args.vhost_user_shares,
+                control: args.control,
+                restore: Some(snapshot),
+            }]
+        }
+        (None, None) => vec![Planned {
             name: "vm".into(),
             config: VmConfig {
                 // clap requires --kernel when there is no --config.
@@ -222,9 +320,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 vcpus: args.vcpus,
                 mem_mib: args.mem,
                 boot: args.boot.into(),
-                serial: args
-                    .serial_file
-                    .map_or(SerialOutput::Stdout, SerialOutput::File),
+                serial,
                 serial_input: !args.no_stdin,
                 shared_memory: !args.vhost_user_shares.is_empty(),
             },
@@ -232,6 +328,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             shares: args.shares,
             vhost_user_shares: args.vhost_user_shares,
             control: args.control,
+            restore: None,
         }],
     };
     let several = planned.len() > 1;
@@ -248,12 +345,19 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let vnet = args.switch.start()?;
     let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
-    for p in planned {
-        let mut vm = Vm::build(&p.config, process_start).map_err(|e| named(&p.name, e))?;
+    for mut p in planned {
+        let restore = p.restore.take();
+        let owner = p.device_plan();
+        let mut vm = match &restore {
+            Some(s) => Vm::build_with_memory(&p.config, s.memory.clone(), process_start),
+            None => Vm::build(&p.config, process_start),
+        }
+        .map_err(|e| named(&p.name, e))?;
         let mut devices = Vec::new();
         for (i, mac) in p.nets.iter().enumerate() {
             let port = format!("{}-net{i}", p.name);
-            let nic = Arc::new(Mutex::new(Net::new(switch.clone(), &port, *mac)?));
+            let nic = Net::with_source(switch.clone(), &port, mac.mac, mac.source())?;
+            let nic = Arc::new(Mutex::new(nic));
             vm.add_virtio_device(Box::new(nic.clone()), Some(nic))?;
             devices.push(DeviceInfo::Net {
                 mac: mac.to_string(),
@@ -276,10 +380,15 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 socket: share.socket.display().to_string(),
             });
         }
-        let vm = Arc::new(vm.start().map_err(|e| named(&p.name, e))?);
+        let started = match &restore {
+            Some(s) => vm.start_restored(&s.state),
+            None => vm.start(),
+        };
+        let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
         let control = match &p.control {
             Some(path) => {
-                let handler = VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices);
+                let handler =
+                    VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices, owner);
                 Some(ControlServer::serve(path, Arc::new(handler))?)
             }
             None => None,
@@ -296,7 +405,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             String::new()
         };
         match &exit {
-            VmExit::GuestShutdown => tracing::info!("{who}{exit}"),
+            VmExit::GuestShutdown | VmExit::Stopped => tracing::info!("{who}{exit}"),
             VmExit::Signal(_) => tracing::warn!("{who}{exit}"),
             _ => eprintln!("vmplant: {who}{exit}"),
         }

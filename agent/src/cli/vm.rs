@@ -26,6 +26,15 @@ enum Op {
     Resume,
     /// End the VM; its `vmplant run` exits 0.
     Stop,
+    /// Pause the VM, save it into DIR (`state` and a sparse `memory`
+    /// file), and let it run again; print what was written as JSON.
+    /// `vmplant run --restore DIR` brings it back in a new process.
+    Snapshot {
+        dir: PathBuf,
+        /// End the VM once it is saved, instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 pub fn run(args: VmArgs) -> CliResult {
@@ -34,10 +43,17 @@ pub fn run(args: VmArgs) -> CliResult {
         Op::Pause => Request::Pause,
         Op::Resume => Request::Resume,
         Op::Stop => Request::Stop,
+        Op::Snapshot { dir, stop } => Request::Snapshot {
+            // The VMM may run in another directory.
+            dir: std::path::absolute(&dir)?,
+            stop,
+        },
     };
     let result = control::call(&args.control, &request)?;
-    if request == Request::Info {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+    match request {
+        Request::Info => println!("{}", serde_json::to_string_pretty(&result)?),
+        Request::Snapshot { .. } => println!("{result}"),
+        _ => {}
     }
     Ok(ExitCode::SUCCESS)
 }

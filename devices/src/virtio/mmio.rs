@@ -113,6 +113,8 @@ pub enum MmioError {
     Queue(u16),
     #[error("cannot create a queue event")]
     Event(#[source] std::io::Error),
+    #[error("cannot restore the virtio device: {0}")]
+    Restore(String),
 }
 
 impl MmioTransport {
@@ -178,7 +180,19 @@ impl MmioTransport {
         self.activated
     }
 
+    /// The transport's state, with the device's live queue positions
+    /// once it runs (the device works on copies of the queues).
     pub fn save(&self) -> MmioPersist {
+        let live = if self.activated {
+            self.device.queue_states()
+        } else {
+            Vec::new()
+        };
+        let queues = if live.len() == self.queues.len() {
+            live
+        } else {
+            self.queues.iter().map(QueuePersist::from).collect()
+        };
         MmioPersist {
             status: self.status(),
             device_features_sel: self.device_features_sel,
@@ -187,8 +201,75 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            queues: self.queues.iter().map(QueuePersist::from).collect(),
+            queues,
         }
+    }
+
+    /// Puts a saved state back into a transport whose device was just
+    /// built again (the same kind, with the same queues), and restarts the
+    /// device where it was if the driver had started it.
+    pub fn restore(&mut self, state: &MmioPersist) -> Result<(), MmioError> {
+        let refuse = |why: String| Err(MmioError::Restore(why));
+        if state.queues.len() != self.queues.len() {
+            return refuse(format!(
+                "{} queues saved for a device with {}",
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (saved, now)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != now.max_size() {
+                return refuse(format!(
+                    "queue {i} was saved with {} entries at most, the device has {}",
+                    saved.max_size,
+                    now.max_size()
+                ));
+            }
+            match Queue::try_from(saved) {
+                Ok(q) => queues.push(q),
+                Err(e) => return refuse(format!("queue {i}: {e}")),
+            }
+        }
+        if state.driver_features & !self.device.features() != 0 {
+            return refuse(format!(
+                "the driver had features {:#x} the device does not offer",
+                state.driver_features
+            ));
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        use status::*;
+        let started = DRIVER_OK | FEATURES_OK;
+        if state.status & started == started && state.status & (FAILED | DEVICE_NEEDS_RESET) == 0 {
+            self.device.ack_features(state.driver_features);
+            self.activate();
+            if !self.activated {
+                return refuse("the device did not start again".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`VirtioDevice::quiesce`].
+    pub fn quiesce(&mut self) {
+        self.device.quiesce();
+    }
+
+    /// See [`VirtioDevice::unquiesce`].
+    pub fn unquiesce(&mut self) {
+        self.device.unquiesce();
+    }
+
+    /// See [`VirtioDevice::can_snapshot`].
+    pub fn can_snapshot(&self) -> Result<(), String> {
+        self.device.can_snapshot()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

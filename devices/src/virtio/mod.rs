@@ -101,6 +101,11 @@ impl VirtioInterrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the InterruptStatus bits (a restored device).
+    fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// The driver reset the device: no interrupt pending, no failure.
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -144,6 +149,22 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the device after a driver reset, so it can be activated again.
     fn reset(&mut self);
+    /// Stops touching guest memory and the queues (frames for the guest
+    /// are dropped meanwhile), so that a snapshot sees them still, until
+    /// [`Self::unquiesce`]. Only a device that can be saved needs it.
+    fn quiesce(&mut self) {}
+    /// Goes on after [`Self::quiesce`].
+    fn unquiesce(&mut self) {}
+    /// Whether the device's state can be saved in a snapshot; `Err` says
+    /// why not.
+    fn can_snapshot(&self) -> Result<(), String> {
+        Err("this kind of device cannot be saved in a snapshot yet".into())
+    }
+    /// The live state of the device's queues (where the device is in each
+    /// ring), in order, once it is activated; empty before.
+    fn queue_states(&self) -> Vec<mmio::QueuePersist> {
+        Vec::new()
+    }
 }
 
 /// A queue the driver broke: the device must stop walking it.
@@ -323,6 +344,22 @@ impl<T: VirtioDevice> VirtioDevice for Arc<Mutex<T>> {
     }
     fn reset(&mut self) {
         self.lock().unwrap_or_else(|p| p.into_inner()).reset()
+    }
+    fn quiesce(&mut self) {
+        self.lock().unwrap_or_else(|p| p.into_inner()).quiesce()
+    }
+    fn unquiesce(&mut self) {
+        self.lock().unwrap_or_else(|p| p.into_inner()).unquiesce()
+    }
+    fn can_snapshot(&self) -> Result<(), String> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .can_snapshot()
+    }
+    fn queue_states(&self) -> Vec<mmio::QueuePersist> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_states()
     }
 }
 

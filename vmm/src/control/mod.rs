@@ -19,7 +19,7 @@ mod server;
 
 pub use client::call;
 pub use protocol::{DeviceInfo, ErrorCode, Info, Request, RunState, VERSION};
-pub use server::{ControlServer, Handler, clear_stale};
+pub use server::{ControlServer, Handler, Reply, clear_stale};
 
 use crate::vm::RunningVm;
 use std::sync::Arc;
@@ -56,21 +56,30 @@ pub struct VmControl {
     vcpus: u8,
     mem_mib: u64,
     devices: Vec<DeviceInfo>,
+    /// What a snapshot keeps for the owner to build the devices again.
+    owner: String,
 }
 
 impl VmControl {
-    pub fn new(vm: Arc<RunningVm>, vcpus: u8, mem_mib: u64, devices: Vec<DeviceInfo>) -> Self {
+    pub fn new(
+        vm: Arc<RunningVm>,
+        vcpus: u8,
+        mem_mib: u64,
+        devices: Vec<DeviceInfo>,
+        owner: String,
+    ) -> Self {
         VmControl {
             vm,
             vcpus,
             mem_mib,
             devices,
+            owner,
         }
     }
 }
 
 impl Handler for VmControl {
-    fn handle(&self, request: Request) -> Result<serde_json::Value, (ErrorCode, String)> {
+    fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)> {
         let failed = |e: crate::VmError| {
             let mut msg = e.to_string();
             let causes = std::iter::successors(std::error::Error::source(&e), |s| s.source());
@@ -78,6 +87,22 @@ impl Handler for VmControl {
                 msg = format!("{msg}: {cause}");
             }
             (ErrorCode::Failed, msg)
+        };
+        let json = |v: Result<serde_json::Value, serde_json::Error>| {
+            v.map_err(|e| (ErrorCode::Failed, e.to_string()))
+        };
+        // Ending the VM ends the process: only once the client has its
+        // answer.
+        let then_stop = |result: serde_json::Value| {
+            let vm = self.vm.clone();
+            Reply {
+                result,
+                then: Some(Box::new(move || {
+                    if let Err(e) = vm.stop() {
+                        tracing::error!("cannot stop the VM: {e}");
+                    }
+                })),
+            }
         };
         match request {
             Request::Info => {
@@ -88,23 +113,33 @@ impl Handler for VmControl {
                     devices: self.devices.clone(),
                     protocol: VERSION,
                 };
-                serde_json::to_value(info).map_err(|e| (ErrorCode::Failed, e.to_string()))
+                json(serde_json::to_value(info)).map(Reply::from)
             }
             Request::Pause => self
                 .vm
                 .pause()
                 .map_err(failed)
-                .map(|()| serde_json::json!({})),
+                .map(|()| serde_json::json!({}).into()),
             Request::Resume => self
                 .vm
                 .resume()
                 .map_err(failed)
-                .map(|()| serde_json::json!({})),
-            Request::Stop => self
-                .vm
-                .stop()
-                .map_err(failed)
-                .map(|()| serde_json::json!({})),
+                .map(|()| serde_json::json!({}).into()),
+            Request::Stop => Ok(then_stop(serde_json::json!({}))),
+            Request::Snapshot { dir, stop } => {
+                let saved = self.vm.snapshot(&dir, &self.owner, stop).map_err(failed)?;
+                let result = json(serde_json::to_value(protocol::Saved {
+                    state_bytes: saved.state_bytes,
+                    memory_bytes: saved.memory.size,
+                    memory_data_bytes: saved.memory.data,
+                    ms: saved.took.as_secs_f64() * 1e3,
+                }))?;
+                Ok(if stop {
+                    then_stop(result)
+                } else {
+                    result.into()
+                })
+            }
         }
     }
 }

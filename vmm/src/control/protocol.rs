@@ -27,6 +27,26 @@ pub enum Request {
     Resume,
     /// Ends the VM (the VMM process then exits with status 0).
     Stop,
+    /// Pauses the VM, saves it into `dir` ([`Saved`]), and resumes it,
+    /// or ends it with `stop`. A paused VM stays paused.
+    Snapshot {
+        dir: std::path::PathBuf,
+        #[serde(default)]
+        stop: bool,
+    },
+}
+
+/// The answer to [`Request::Snapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// The memory file's size (all of guest RAM) and the bytes of it that
+    /// hold data (the rest are holes).
+    pub memory_bytes: u64,
+    pub memory_data_bytes: u64,
+    /// From the pause to the files being on disk.
+    pub ms: f64,
 }
 
 impl Request {

@@ -24,7 +24,20 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whoever carries out the requests.
 pub trait Handler: Send + Sync + 'static {
     /// Carries out one request: its result, or an error code and message.
-    fn handle(&self, request: Request) -> Result<serde_json::Value, (ErrorCode, String)>;
+    fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)>;
+}
+
+/// A request's result, and what to do once the client has it (ending
+/// the VM, whose process then exits, must wait for the answer to go out).
+pub struct Reply {
+    pub result: serde_json::Value,
+    pub then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl From<serde_json::Value> for Reply {
+    fn from(result: serde_json::Value) -> Self {
+        Reply { result, then: None }
+    }
 }
 
 /// A control socket being served; dropping it stops serving and removes
@@ -155,19 +168,28 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
             Ok(_) => {}
         }
         let complete = line.last() == Some(&b'\n');
-        let response = if !complete && line.len() > MAX_LINE {
-            Response::from_result(Err((
+        let (response, then) = if !complete && line.len() > MAX_LINE {
+            let too_long = Err((
                 ErrorCode::BadRequest,
                 format!("a request line is at most {MAX_LINE} bytes"),
-            )))
+            ));
+            (Response::from_result(too_long), None)
         } else {
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            Response::from_result(Request::from_line(text).and_then(|r| {
+            let reply = Request::from_line(text).and_then(|r| {
                 tracing::debug!(request = ?r, "control request");
                 handler.handle(r)
-            }))
+            });
+            match reply {
+                Ok(Reply { result, then }) => (Response::from_result(Ok(result)), then),
+                Err(e) => (Response::from_result(Err(e)), None),
+            }
         };
-        if out.write_all(response.to_line().as_bytes()).is_err() || !complete {
+        let written = out.write_all(response.to_line().as_bytes());
+        if let Some(then) = then {
+            then();
+        }
+        if written.is_err() || !complete {
             return;
         }
     }
@@ -181,10 +203,10 @@ mod tests {
     /// Answers every request with its own operation name.
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, request: Request) -> Result<serde_json::Value, (ErrorCode, String)> {
+        fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)> {
             match request {
                 Request::Stop => Err((ErrorCode::Failed, "no".into())),
-                r => Ok(serde_json::json!({ "did": format!("{r:?}") })),
+                r => Ok(serde_json::json!({ "did": format!("{r:?}") }).into()),
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The x86_64 boot path: descriptor tables, page tables, boot parameters,
 //! CPUID, MSRs, the MP table, the ACPI tables and the registers a kernel
-//! expects at entry.
+//! expects at entry; and the vCPU state that snapshots save and restore.
 
 pub mod acpi;
 pub mod boot_params;
@@ -10,3 +10,4 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod vcpu_state;

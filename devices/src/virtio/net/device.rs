@@ -3,6 +3,7 @@
 use super::backlog::Backlog;
 use super::queue::{self, Segment};
 use super::{LINK_UP, NET_HDR_LEN, QUEUE_SIZE, VIRTIO_ID_NET, features};
+use crate::virtio::mmio::QueuePersist;
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
     VirtioInterrupt, check_avail, read_config_bytes,
@@ -96,6 +97,9 @@ struct RxSide {
     /// RX notifications are on, so that the guest's refill wakes the event
     /// loop to deliver them, and new frames queue behind them.
     backlog: Backlog,
+    /// A snapshot is being taken: guest memory must not change, so frames
+    /// are dropped (as a full ring would drop them).
+    frozen: bool,
 }
 
 impl RxSide {
@@ -107,8 +111,9 @@ impl RxSide {
         offloads: bool,
         counters: &NetCounters,
     ) -> Result<(), DropReason> {
-        if self.queue.is_none() {
-            // The driver has not started the device: the link is down.
+        if self.queue.is_none() || self.frozen {
+            // The driver has not started the device (the link is down), or
+            // a snapshot is being taken.
             counters.rx_dropped.fetch_add(1, Relaxed);
             return Err(DropReason::TxError);
         }
@@ -256,19 +261,31 @@ pub struct Net {
     pub(super) activate_evt: EventFd,
     pub(super) queue_events: Vec<EventFd>,
     pub(super) events_registered: bool,
+    /// A snapshot is being taken: the TX queue waits.
+    tx_frozen: bool,
 }
 
 impl Net {
     /// A NIC with address `mac`, plugged into `switch` as port `name`.
     pub fn new(switch: Arc<Switch>, name: &str, mac: Mac) -> Result<Net, NetError> {
+        Net::with_source(switch, name, mac, vnet::SourcePolicy::Only(mac))
+    }
+
+    /// A NIC whose port lets through frames from the `source` addresses
+    /// ([`Net::new`]: from `mac` only).
+    pub fn with_source(
+        switch: Arc<Switch>,
+        name: &str,
+        mac: Mac,
+        source: vnet::SourcePolicy,
+    ) -> Result<Net, NetError> {
         if mac.is_multicast() {
             return Err(NetError::GroupMac(mac));
         }
         let rx = Arc::new(Mutex::new(RxSide::default()));
         let counters = Arc::new(NetCounters::default());
         let rx_offloads = Arc::new(AtomicBool::new(false));
-        // The guest may send from its NIC's address only (an operator can
-        // relax that through the switch).
+        // By default the guest may send from its NIC's address only.
         let port = switch.add_port_with(
             name,
             PortKind::Guest,
@@ -277,7 +294,7 @@ impl Net {
                 counters: counters.clone(),
                 offloads: rx_offloads.clone(),
             }),
-            vnet::SourcePolicy::Only(mac),
+            source,
         );
         Ok(Net {
             mac,
@@ -291,6 +308,7 @@ impl Net {
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Event)?,
             queue_events: Vec::new(),
             events_registered: false,
+            tx_frozen: false,
         })
     }
 
@@ -316,7 +334,7 @@ impl Net {
         let Some(tx) = self.tx.as_mut() else {
             return;
         };
-        if tx.interrupt.needs_reset() {
+        if tx.interrupt.needs_reset() || self.tx_frozen {
             return;
         }
         let (switch, port) = (&self.switch, self.port);
@@ -348,7 +366,13 @@ impl Net {
     pub fn process_rx_refill(&mut self) {
         let offloads = self.rx_offloads.load(Relaxed);
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-        rx.flush(offloads, &self.counters);
+        if !rx.frozen {
+            rx.flush(offloads, &self.counters);
+        }
+    }
+
+    fn rx(&self) -> std::sync::MutexGuard<'_, RxSide> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn config_bytes(&self) -> [u8; 12] {
@@ -442,6 +466,33 @@ impl VirtioDevice for Net {
         self.activate_evt.write(1).map_err(ActivateError::Events)?;
         tracing::debug!(mac = %self.mac, header = NET_HDR_LEN, "virtio-net started");
         Ok(())
+    }
+
+    fn quiesce(&mut self) {
+        self.tx_frozen = true;
+        // Taken under the lock: no frame is being written once this returns.
+        self.rx().frozen = true;
+    }
+
+    fn unquiesce(&mut self) {
+        self.rx().frozen = false;
+        self.tx_frozen = false;
+        // Frames the guest queued meanwhile go out now.
+        if let Some(Err(e)) = self.queue_events.get(TX).map(|e| e.write(1)) {
+            tracing::warn!("virtio-net: cannot signal the TX queue: {e}");
+        }
+    }
+
+    fn can_snapshot(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<QueuePersist> {
+        let rx = self.rx();
+        match (&rx.queue, &self.tx) {
+            (Some(r), Some(t)) => vec![QueuePersist::from(&r.queue), QueuePersist::from(&t.queue)],
+            _ => Vec::new(),
+        }
     }
 
     fn reset(&mut self) {

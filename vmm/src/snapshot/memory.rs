@@ -1,0 +1,249 @@
+//! The snapshot's `memory` file: guest RAM, the regions one after the
+//! other, as a sparse file. Pages the guest never touched (not resident,
+//! by `mincore`) and pages of zeros are left as holes, so a 4 GiB guest
+//! that used 100 MiB writes about 100 MiB. A restore maps the file
+//! `MAP_PRIVATE`: pages load on first touch and are copy-on-write, so all
+//! VMs restored from one snapshot share the pages they have not written.
+
+use devices::virtio::GuestMemoryMmap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
+
+const PAGE: usize = 4096;
+/// Guest memory is read in chunks of this size.
+const CHUNK: usize = 2 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    #[error("cannot write the memory file {path:?}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read guest memory at {addr:#x}")]
+    Guest {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("cannot open the memory file {path:?}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the memory file {path:?} is {len} bytes, but the snapshot's guest has {want}")]
+    Size { path: PathBuf, len: u64, want: u64 },
+    #[error("cannot map the memory file {path:?}")]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("the snapshot's memory regions overlap or are empty")]
+    Layout,
+}
+
+/// Where guest RAM is: (guest-physical start, length) of each region, in
+/// file order.
+pub type Layout = Vec<(u64, u64)>;
+
+/// The layout of `mem`, as the state file records it.
+pub fn layout(mem: &GuestMemoryMmap) -> Layout {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// What [`save`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Saved {
+    /// The file's size: all of guest RAM.
+    pub size: u64,
+    /// Bytes of it that hold data (the rest are holes).
+    pub data: u64,
+}
+
+/// Writes guest RAM to a new sparse file at `path`. The vCPUs and the
+/// devices must not change guest memory meanwhile.
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Saved, MemoryFileError> {
+    let werr = |source| MemoryFileError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::create(path).map_err(werr)?;
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(size).map_err(werr)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut resident = vec![0u8; CHUNK / PAGE];
+    let mut data = 0u64;
+    let mut file_at = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let mut off = 0usize;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            let pages = n.div_ceil(PAGE);
+            // Pages never touched need not even be read.
+            let in_core = mincore(region.as_ptr(), off, n, &mut resident[..pages]);
+            let gerr = |source| MemoryFileError::Guest {
+                addr: region.start_addr().0 + off as u64,
+                source,
+            };
+            let slice = region
+                .get_slice(MemoryRegionAddress(off as u64), n)
+                .map_err(gerr)?;
+            slice.copy_to(&mut buf[..n]);
+            // Runs of pages with data, written one pwrite each.
+            let mut run: Option<usize> = None;
+            for p in 0..=pages {
+                let has_data = p < pages && {
+                    let page = &buf[p * PAGE..((p + 1) * PAGE).min(n)];
+                    (!in_core || resident[p] & 1 != 0) && page.iter().any(|&b| b != 0)
+                };
+                match (has_data, run) {
+                    (true, None) => run = Some(p),
+                    (false, Some(start)) => {
+                        let bytes = &buf[start * PAGE..(p * PAGE).min(n)];
+                        file.write_all_at(bytes, file_at + (off + start * PAGE) as u64)
+                            .map_err(werr)?;
+                        data += bytes.len() as u64;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            off += n;
+        }
+        file_at += region.len();
+    }
+    file.sync_all().map_err(werr)?;
+    Ok(Saved { size, data })
+}
+
+/// Fills `out` with the residency of the pages of `[base+off, +len)`;
+/// false when it cannot tell (then every page is read).
+fn mincore(base: *mut u8, off: usize, len: usize, out: &mut [u8]) -> bool {
+    let addr = base.wrapping_add(off);
+    // SAFETY: `addr` lies in a live mapping of guest memory (`base` is a
+    // region's start and `off + len` is within the region), page-aligned
+    // because regions and chunks are; mincore only reads the page tables
+    // and writes one byte per page into `out`, which holds
+    // `len.div_ceil(PAGE)` bytes.
+    let rc = unsafe { libc::mincore(addr.cast(), len, out.as_mut_ptr()) };
+    rc == 0
+}
+
+/// Maps the memory file at `path` as guest RAM laid out as `layout`,
+/// private and copy-on-write.
+pub fn map(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let file = File::open(path).map_err(|source| MemoryFileError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| MemoryFileError::Open {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let want = layout
+        .iter()
+        .try_fold(0u64, |sum, &(_, l)| sum.checked_add(l))
+        .ok_or(MemoryFileError::Layout)?;
+    if len != want {
+        return Err(MemoryFileError::Size {
+            path: path.to_owned(),
+            len,
+            want,
+        });
+    }
+    let file = Arc::new(file);
+    let mut regions = Vec::with_capacity(layout.len());
+    let mut offset = 0u64;
+    for &(gpa, size) in layout {
+        let size_usize = usize::try_from(size).map_err(|_| MemoryFileError::Layout)?;
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(size_usize, AtomicBitmap::with_len(size_usize))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+                .build()
+                .map_err(|source| MemoryFileError::Map {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        regions
+            .push(GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or(MemoryFileError::Layout)?);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryFileError::Layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn untouched_and_zero_pages_are_holes_and_data_maps_back() {
+        let mem = crate::memory::create(64 << 20, false).unwrap();
+        mem.write_slice(&[0xab; 3 * PAGE], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress((64 << 20) - 4))
+            .unwrap();
+        // Touched, but zero.
+        mem.write_slice(&[0; PAGE], GuestAddress(0x20_0000))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let saved = save(&mem, &path).unwrap();
+        assert_eq!(
+            saved,
+            Saved {
+                size: 64 << 20,
+                data: 4 * PAGE as u64
+            }
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            meta.blocks() * 512 <= 64 * 1024,
+            "{} bytes on disk",
+            meta.blocks() * 512
+        );
+
+        let back = map(&path, &layout(&mem)).unwrap();
+        let mut page = [0u8; PAGE];
+        back.read_slice(&mut page, GuestAddress(0x10_2000)).unwrap();
+        assert_eq!(page, [0xab; PAGE]);
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress((64 << 20) - 4)).unwrap(),
+            0x1234_5678
+        );
+        // Writes stay private to this mapping.
+        back.write_obj(7u8, GuestAddress(0x10_0000)).unwrap();
+        let again = map(&path, &layout(&mem)).unwrap();
+        assert_eq!(again.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xab);
+    }
+
+    #[test]
+    fn a_memory_file_of_the_wrong_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let e = map(&path, &[(0, 8192)]).unwrap_err().to_string();
+        assert!(
+            e.contains("is 4096 bytes, but the snapshot's guest has 8192"),
+            "{e}"
+        );
+    }
+}
