@@ -67,34 +67,63 @@ fn snapshot_a_counting_guest(dir: &Path, vcpus: &str, steps: &str) -> u64 {
         .expect("counted")
 }
 
-fn restore_goes_on(vcpus: &str, steps: &str) {
+fn tick_n(line: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    (v["probe"] == "tick").then(|| v["n"].as_u64())?
+}
+
+/// A guest that fills memory and ticks is saved after two ticks and
+/// restored in a new process: it ticks on from 3 (no new boot), and the
+/// memory it filled before verifies after.
+fn restore_goes_on(vcpus: &str, smp: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snap");
-    let last = snapshot_a_counting_guest(&dir, vcpus, steps);
+    let control = tmp.path().join("vm.sock");
+    let mut vmm = Vmm::probe(
+        &format!("{smp}fill:16:3+tick:100:12+verify:16:3+shutdown"),
+        &[
+            "--vcpus",
+            vcpus,
+            "--mem",
+            "64",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(saved["memory_bytes"], 64 << 20);
+    let data = saved["memory_data_bytes"].as_u64().unwrap();
+    assert!(
+        (16 << 20..24 << 20).contains(&data),
+        "{data} bytes saved of a guest that filled 16 MiB"
+    );
+    let before = vmm.wait(Duration::from_secs(10));
+    assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
+    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
     // On disk, the memory file is sparse: about what the guest used.
     use std::os::unix::fs::MetadataExt;
     let disk = std::fs::metadata(dir.join("memory")).unwrap().blocks() * 512;
-    assert!(disk < 8 << 20, "the memory file takes {disk} bytes");
+    assert!(disk < 24 << 20, "the memory file takes {disk} bytes");
 
-    let control = tmp.path().join("restored.sock");
-    let mut restored = Vmm::start(&[
-        "run",
-        "--restore",
-        dir.to_str().unwrap(),
-        "--control",
-        control.to_str().unwrap(),
-    ]);
-    let first = restored.expect_line("a count line", Duration::from_secs(20), |l| {
-        count_at(l).is_some()
-    });
-    assert_eq!(
-        count_at(&first),
-        Some(last + EVERY),
-        "it goes on from {last}"
-    );
-    assert!(vm(&control, &["stop"]).status.success());
-    let done = restored.wait(Duration::from_secs(10));
-    assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
+    let done =
+        Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(30));
+    done.assert_success();
+    let ticks: Vec<u64> = done.lines.iter().filter_map(|l| tick_n(l)).collect();
+    let expected: Vec<u64> = (last + 1..=12).collect();
+    assert_eq!(ticks, expected, "ticks go on from {last}");
+    let verify = done
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .expect("verify");
+    assert_eq!(verify["ok"], true, "{verify}");
     assert!(
         !done.lines.iter().any(|l| l.contains(r#""probe":"ready""#)),
         "the restored guest booted again: {:?}",
@@ -103,13 +132,68 @@ fn restore_goes_on(vcpus: &str, steps: &str) {
 }
 
 #[test]
-fn a_counting_guest_goes_on_after_restore() {
+fn a_ticking_guest_goes_on_after_restore() {
     restore_goes_on("1", "");
 }
 
 #[test]
 fn a_guest_with_two_vcpus_goes_on_after_restore() {
     restore_goes_on("2", "smp+");
+}
+
+/// Twenty clones of one snapshot run at once on one switch, each with the
+/// MAC it was given and a generation ID of its own, each with the memory
+/// the original filled.
+#[test]
+fn twenty_clones_run_with_their_own_macs_and_generation_ids() {
+    const CLONES: usize = 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    let control = tmp.path().join("vm.sock");
+    let mut base = Vmm::probe(
+        "fill:8:5+tick:100:6+identity+verify:8:5+shutdown",
+        &[
+            "--mem",
+            "48",
+            "--net",
+            "52:54:00:00:01:00",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    base.expect_line("tick 1", Duration::from_secs(30), |l| tick_n(l) == Some(1));
+    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(base.wait(Duration::from_secs(10)).status.code(), Some(0));
+
+    let mac = |i: usize| format!("52:54:00:00:02:{i:02x}");
+    let vms: Vec<Value> = (0..CLONES)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "restore": dir, "nets": [mac(i)]}))
+        .collect();
+    let config = tmp.path().join("vms.json");
+    std::fs::write(&config, serde_json::json!({ "vms": vms }).to_string()).unwrap();
+    let done =
+        Vmm::start(&["run", "--config", config.to_str().unwrap()]).wait(Duration::from_secs(60));
+    done.assert_success();
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..CLONES {
+        let name = format!("c{i}");
+        let (_, identity) = done.vm_event(&name, "identity");
+        assert_eq!(identity["macs"], serde_json::json!([mac(i)]), "{name}");
+        let id = identity["vmgenid"]
+            .as_str()
+            .expect("a generation ID")
+            .to_string();
+        assert_eq!(id.len(), 32);
+        ids.insert(id);
+        let (_, verify) = done.vm_event(&name, "verify");
+        assert_eq!(verify["ok"], true, "{name}: {verify}");
+    }
+    assert_eq!(ids.len(), CLONES, "every clone has its own generation ID");
 }
 
 /// Runs `vmplant run --restore DIR` and expects a one-line error naming

@@ -32,6 +32,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 /// The longest command line we pass (Linux x86's COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
+/// The VM generation ID, 16 bytes, in the reserved area below 1 MiB; the
+/// DSDT's VMGenID device points to it.
+pub const VMGENID_START: u64 = 0x9ff00;
 /// The ACPI tables: the RSDP first (16-byte aligned in 0xE0000..0xFFFFF,
 /// where guests search for it), the other tables after it, all below the
 /// MP table. The whole BIOS area is reserved in the memory map.

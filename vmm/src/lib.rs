@@ -16,6 +16,7 @@ pub mod memory;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vmgenid;
 pub mod x86_64;
 
 pub use config::{BootProtocol, ConfigError, SerialOutput, VmConfig};

@@ -79,6 +79,8 @@ pub enum VmError {
     Virtio(#[from] devices::virtio::mmio::MmioError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    VmGenId(#[from] crate::vmgenid::VmGenIdError),
     #[error("KVM set only {set} of {wanted} boot MSRs on vCPU {vcpu} (first refused: {first:#x})")]
     Msrs {
         vcpu: u8,
@@ -211,7 +213,7 @@ pub struct Vm {
     // Kept open for the VM's lifetime.
     _kvm: Kvm,
     pub(crate) fd: Arc<VmFd>,
-    mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMemoryMmap,
     host: HostInfo,
     pub(crate) vcpu_fds: Vec<VcpuFd>,
     pio: Arc<Bus>,
@@ -407,6 +409,7 @@ impl Vm {
         };
         let cmdline_size = loader::load_cmdline(mem, &self.cmdline())?;
         mptable::write(mem, usize::from(config.vcpus))?;
+        crate::vmgenid::renew(mem)?;
         let rsdp = Some(acpi::write(
             mem,
             usize::from(config.vcpus),

@@ -6,7 +6,9 @@
 //! long mode (PVH entry), `lgdt`, `lidt`, `ltr`, `iretq` to CPL3 with IOPL=3
 //! and IF=0. CPU exceptions 0..31 go to a stub that returns to a CPL3
 //! reporter (see [`exception_main`]), except the deliberate #GPs of `hlt`
-//! ([`halt`]) and `lidt` ([`triple_fault`]) at CPL3.
+//! ([`halt`], [`sleep`]) and `lidt` ([`triple_fault`]) at CPL3. Vector 32
+//! is the local APIC timer (EOI, `iretq`), vector 33 the APIC's spurious
+//! vector (`iretq`).
 //!
 //! Memory map (identity mapped, all 2 MiB pages of 0..4 GiB, U/W set on
 //! every level, 3..4 GiB with PCD|PWT):
@@ -20,7 +22,7 @@
 //! | 0x106000           | GDT (null, kcode64, kdata, udata, ucode64, kcode32, 8 TSS descriptors) |
 //! | 0x106200..0x106600 | 8 TSSs (RSP0 = per-CPU kernel stack top)      |
 //! | 0x106600..0x106800 | I/O permission bitmap (ports 0..0xff7 open)   |
-//! | 0x106800..0x106a00 | IDT (vectors 0..31)                           |
+//! | 0x106800..0x106a20 | IDT (vectors 0..33)                           |
 //! | 0x107100..0x107700 | CPL0 code, entries, trampoline template       |
 //! | 0x180000..0x190000 | kernel stacks, 8 x 8 KiB                      |
 //! | 0x190000..0x1d0000 | user stacks, 8 x 32 KiB                       |
@@ -50,6 +52,8 @@ const AP64: u64 = BOOT_BASE + 0x7500;
 const USER_BSP: u64 = BOOT_BASE + 0x7580;
 const USER_AP: u64 = BOOT_BASE + 0x75c0;
 const USER_EXC: u64 = BOOT_BASE + 0x75e0;
+const TIMER_ISR: u64 = BOOT_BASE + 0x73c0;
+const SPURIOUS_ISR: u64 = BOOT_BASE + 0x73e0;
 /// The AP trampoline template inside the image.
 pub const TRAMPOLINE_TEMPLATE: u64 = BOOT_BASE + 0x7600;
 /// Size of the AP trampoline.
@@ -65,7 +69,17 @@ const USTACKS: u64 = 0x19_0000;
 const USTACK_SIZE: u64 = 0x8000;
 
 const GDT_LIMIT: u64 = 0x30 + 16 * MAX_CPUS - 1;
-const IDT_LIMIT: u64 = 32 * 16 - 1;
+const IDT_LIMIT: u64 = 34 * 16 - 1;
+
+/// Interrupt vector of the local APIC timer (its handler: EOI, `iretq`).
+pub const TIMER_VECTOR: u32 = 32;
+/// The local APIC's spurious-interrupt vector (its handler: `iretq`).
+pub const SPURIOUS_VECTOR: u32 = 33;
+/// EAX for a `hlt` at CPL3 that asks to sleep until an interrupt (see
+/// [`sleep`]); any other value halts the vCPU for good.
+const SLEEP_MAGIC: u32 = 0x534c_4550;
+/// The xAPIC end-of-interrupt register.
+const LAPIC_EOI: u64 = 0xfee0_00b0;
 
 global_asm!(
     r#"
@@ -158,6 +172,22 @@ global_asm!(
     .long 0
     .set probe_h, probe_h + 16
     .endr
+    .org 0x6a00                 /* vector 32: local APIC timer */
+    .word {timer_isr} & 0xffff
+    .word 0x08
+    .byte 0
+    .byte 0x8e
+    .word ({timer_isr} >> 16) & 0xffff
+    .long 0
+    .long 0
+    .org 0x6a10                 /* vector 33: APIC spurious interrupt */
+    .word {spurious_isr} & 0xffff
+    .word 0x08
+    .byte 0
+    .byte 0x8e
+    .word ({spurious_isr} >> 16) & 0xffff
+    .long 0
+    .long 0
 
     /* ---- exception stubs, 16 bytes each: push [0,] vector; jmp common ---- */
     .macro probe_stub v, err
@@ -235,20 +265,50 @@ probe_exc_common:
 
     /* #GP. CPL3 cannot use software interrupts under PVM (KVM's emulator
        fails INT n outside real mode and injects #UD), so CPL3 asks for CPL0
-       services by faulting on purpose: `hlt` (F4) -> halt this vCPU,
-       `lidt` (0F 01) -> triple fault. Anything else is reported. */
+       services by faulting on purpose: `hlt` (F4) with EAX = the sleep
+       magic -> sleep until an interrupt and return after the `hlt`;
+       other `hlt` -> halt this vCPU; `lidt` (0F 01) -> triple fault.
+       Anything else is reported. Clobbers RCX (the sleep's caller says
+       so). The sleep is 12 instructions, all interpreted on PVM: STI's
+       one-instruction shadow makes `sti; hlt` atomic, so an interrupt
+       that came while CPL3 ran with IF=0 (pending in the APIC) wakes the
+       `hlt` at once and none is lost. `iretq` restores the CPL3 RFLAGS,
+       IF=0 again. */
     .org 0x7360
 probe_gp:
     test byte ptr [rsp + 16], 3
     jz 2f
-    mov rax, [rsp + 8]
-    cmp byte ptr [rax], 0xf4
-    je probe_halt_loop
-    cmp word ptr [rax], 0x010f
+    mov rcx, [rsp + 8]
+    cmp byte ptr [rcx], 0xf4
+    jne 1f
+    cmp eax, {sleep_magic}
+    jne probe_halt_loop
+    add qword ptr [rsp + 8], 1  /* resume after the hlt */
+    add rsp, 8                  /* drop the error code */
+    sti
+    hlt
+    iretq
+1:
+    cmp word ptr [rcx], 0x010f
     je probe_triple_fault
 2:
     push 13
     jmp probe_exc_common
+
+    /* Vector 32, the local APIC timer: EOI (the xAPIC page is identity
+       mapped) and return to the sleep above. */
+    .org 0x73c0
+probe_timer:
+    push rax
+    mov eax, {lapic_eoi}
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
+    /* Vector 33, the APIC's spurious interrupt: no EOI. */
+    .org 0x73e0
+probe_spurious:
+    iretq
 
     /* ---- 64-bit entry (ELF e_entry): long mode, CPL0, RSI = boot_params ---- */
     .org 0x7400
@@ -409,6 +469,10 @@ probe_pvh32:
     pvh64 = const PVH64,
     ap64 = const AP64,
     tramp = const TRAMPOLINE,
+    sleep_magic = const SLEEP_MAGIC,
+    timer_isr = const TIMER_ISR,
+    spurious_isr = const SPURIOUS_ISR,
+    lapic_eoi = const LAPIC_EOI,
     bsp_main = sym crate::bsp_main,
     ap_main = sym crate::smp::ap_main,
     exc_main = sym exception_main,
@@ -454,14 +518,30 @@ pub fn reset_ap_slots() {
 }
 
 /// Halts this vCPU for good: `hlt` at CPL3 raises #GP, whose CPL0 handler
-/// sees the `hlt` and enters a `cli; hlt` loop, so the vCPU sleeps in the
-/// hypervisor instead of spinning.
+/// sees the `hlt` (and EAX not the sleep magic) and enters a `cli; hlt`
+/// loop, so the vCPU sleeps in the hypervisor instead of spinning.
 pub fn halt() -> ! {
     loop {
         // SAFETY: `hlt` at CPL3 only raises #GP, which the `.boot` handler
-        // turns into a halt loop; it never returns and touches no memory.
-        unsafe { asm!("hlt", options(nomem, nostack)) };
+        // turns into a halt loop (EAX = 0 is not the sleep magic); it never
+        // returns and touches no memory.
+        unsafe { asm!("hlt", in("eax") 0u32, options(nomem, nostack)) };
     }
+}
+
+/// Sleeps until the next interrupt (the local APIC timer, see
+/// [`crate::lapic`]): `hlt` at CPL3 with EAX = the sleep magic raises #GP,
+/// whose CPL0 handler does `sti; hlt` and returns after our `hlt` with
+/// IF=0 again. An interrupt that became pending before the call wakes it at
+/// once; without any interrupt it sleeps for good, so arm a timer first.
+pub fn sleep() {
+    // SAFETY: `hlt` at CPL3 only raises #GP; with EAX = SLEEP_MAGIC the
+    // `.boot` handler halts with interrupts enabled (on its kernel stack;
+    // the interrupt handlers there touch only the APIC's EOI register) and
+    // `iretq`s to the instruction after the `hlt` with our RFLAGS. It
+    // clobbers RCX, declared here; no memory Rust knows is touched. Not
+    // `nomem`: the caller's MMIO writes that arm the timer must come first.
+    unsafe { asm!("hlt", in("eax") SLEEP_MAGIC, out("rcx") _, options(nostack)) };
 }
 
 /// Triple-faults the VM: `lidt` at CPL3 raises #GP, whose CPL0 handler
@@ -495,39 +575,110 @@ pub struct BootInfo {
     pub cmdline: u64,
     /// Physical address of the ACPI RSDP if the VMM said (0 if not).
     pub rsdp: u64,
+    /// The RAM entries of the memory map: (boot_params' e820 table, or
+    /// hvm_start_info's memmap from version 1 on), empty if there is none.
+    pub ram: RamMap,
 }
 
 /// Magic of the PVH `struct hvm_start_info`.
 const HVM_START_MAGIC: u32 = 0x336e_c578;
+/// Most memory-map entries kept (boot_params holds at most 128).
+const RAM_MAX: usize = 128;
+/// Memory-map type of usable RAM (E820_RAM, and PVH's XEN_HVM_MEMMAP_TYPE_RAM).
+const MAP_RAM: u32 = 1;
+
+/// The RAM ranges (start, end) of the boot memory map.
+#[derive(Clone, Copy)]
+pub struct RamMap {
+    ranges: [(u64, u64); RAM_MAX],
+    len: usize,
+}
+
+impl RamMap {
+    const EMPTY: RamMap = RamMap {
+        ranges: [(0, 0); RAM_MAX],
+        len: 0,
+    };
+
+    /// Reads `entries` entries of `stride` bytes at `table`, each
+    /// (addr u64, size u64, type u32, ...).
+    fn read(table: u64, entries: u64, stride: u64) -> Self {
+        use crate::hw::{read_u32, read_u64};
+        let mut map = RamMap::EMPTY;
+        for i in 0..entries.min(RAM_MAX as u64) {
+            let e = table + i * stride;
+            let (addr, size) = (read_u64(e), read_u64(e + 8));
+            if read_u32(e + 16) == MAP_RAM && size != 0 {
+                map.ranges[map.len] = (addr, addr.saturating_add(size));
+                map.len += 1;
+            }
+        }
+        map
+    }
+
+    /// Whether the VMM gave a memory map with RAM in it.
+    pub fn known(&self) -> bool {
+        self.len != 0
+    }
+
+    /// The end of the run of RAM (adjacent or overlapping entries) that
+    /// contains `addr`; `addr` itself if it is not RAM.
+    pub fn run_end(&self, addr: u64) -> u64 {
+        let mut end = addr;
+        // Each pass can only extend `end`; at most one pass per entry.
+        for _ in 0..=self.len {
+            let next = self.ranges[..self.len]
+                .iter()
+                .filter(|&&(s, e)| s <= end && end < e)
+                .map(|&(_, e)| e)
+                .max();
+            match next {
+                Some(e) => end = e,
+                None => break,
+            }
+        }
+        end
+    }
+}
 
 impl BootInfo {
     /// Decodes the boot protocol: `proto` 0 is the Linux 64-bit entry
     /// (`info` = boot_params), 1 is PVH (`info` = hvm_start_info).
     pub fn read(info: u64, proto: u64) -> Self {
-        use crate::hw::{read_u32, read_u64};
+        use crate::hw::{read_u8, read_u32, read_u64};
+        let none = BootInfo {
+            cmdline: 0,
+            rsdp: 0,
+            ram: RamMap::EMPTY,
+        };
         if info == 0 {
-            return BootInfo {
-                cmdline: 0,
-                rsdp: 0,
-            };
+            return none;
         }
         if proto == 1 {
             if read_u32(info) != HVM_START_MAGIC {
-                return BootInfo {
-                    cmdline: 0,
-                    rsdp: 0,
-                };
+                return none;
             }
+            // Version 1 added memmap_paddr (40) and memmap_entries (48);
+            // entries are 24 bytes.
+            let ram = if read_u32(info + 4) >= 1 {
+                RamMap::read(read_u64(info + 40), u64::from(read_u32(info + 48)), 24)
+            } else {
+                RamMap::EMPTY
+            };
             BootInfo {
                 cmdline: read_u64(info + 24),
                 rsdp: read_u64(info + 32),
+                ram,
             }
         } else {
             let lo = u64::from(read_u32(info + 0x228));
             let hi = u64::from(read_u32(info + 0xc8));
+            // e820_entries (0x1e8) entries of 20 bytes at e820_table (0x2d0).
+            let ram = RamMap::read(info + 0x2d0, u64::from(read_u8(info + 0x1e8)), 20);
             BootInfo {
                 cmdline: (hi << 32) | lo,
                 rsdp: read_u64(info + 0x70),
+                ram,
             }
         }
     }

@@ -24,9 +24,15 @@ pub fn tsc_khz() -> Option<u64> {
     (khz != UNKNOWN).then_some(khz)
 }
 
+/// The TSC frequency in kHz, 3 GHz if no source gave it (as every
+/// timeout assumes then).
+pub fn tsc_khz_or_assumed() -> u64 {
+    tsc_khz().unwrap_or(ASSUMED_KHZ)
+}
+
 /// TSC ticks in `ms` milliseconds (assuming 3 GHz if unknown).
 pub fn ticks_ms(ms: u64) -> u64 {
-    tsc_khz().unwrap_or(ASSUMED_KHZ).saturating_mul(ms)
+    tsc_khz_or_assumed().saturating_mul(ms)
 }
 
 /// Spins for about `us` microseconds.
@@ -94,17 +100,21 @@ impl Stamp {
     }
 }
 
-/// TSC kHz from two stamps `us` microseconds apart on the reference clock,
+/// TSC kHz from two stamps `ns` nanoseconds apart on the reference clock,
 /// if the stamps are tight (their widths under 1% of the interval: a vCPU
-/// preempted at an end point gives a loose stamp, so try again).
-fn khz_between(start: Stamp, end: Stamp, us: u64) -> Option<u64> {
+/// preempted at an end point gives a loose stamp, so try again). Both
+/// stamps must be the same kind of read, so that where the reference was
+/// sampled inside them (each port access is a VM exit, 50 µs on PVM) is
+/// the same and cancels out.
+fn khz_between(start: Stamp, end: Stamp, ns: u64) -> Option<u64> {
     let total = end.before.wrapping_sub(start.after);
     let slack = (start.after - start.before) + (end.after - end.before);
-    if us == 0 || slack > total / 100 {
+    if ns == 0 || slack > total / 100 {
         return None;
     }
     let mid = |s: Stamp| s.before / 2 + s.after / 2;
-    let khz = mid(end).wrapping_sub(mid(start)) * 1000 / us;
+    let cycles = mid(end).wrapping_sub(mid(start));
+    let khz = (u128::from(cycles) * 1_000_000 / u128::from(ns)) as u64;
     plausible(khz).then_some(khz)
 }
 
@@ -120,13 +130,16 @@ fn retry(f: impl Fn() -> Result<Option<u64>, ()>) -> Option<u64> {
     None
 }
 
-/// TSC kHz from PIT channel 0 counting down for 20 ms (its counter read
-/// back with latch commands; channel 2 needs the speaker port 0x61 for its
+/// TSC kHz from PIT channel 0 counting down for 20 ms, or up to 50 ms
+/// while the reads are too slow for 1% (its counter read back with latch
+/// commands at both ends, three port accesses each: 100 µs in vmplant on
+/// PVM, 160 µs in QEMU; channel 2 needs the speaker port 0x61 for its
 /// gate, which QEMU microvm lacks). Interrupts are off, so the channel 0
 /// interrupt does not matter. `None` without a working PIT.
 fn pit_calibrate() -> Option<u64> {
     const HZ: u64 = 1_193_182;
     const TICKS: u16 = 23_864; // 20 ms
+    const MAX_TICKS: u16 = 59_659; // 50 ms (mode 0 from 0xffff: 55 ms)
     let latched = || {
         outb(0x43, 0x00); // latch channel 0
         let lo = inb(0x40);
@@ -135,18 +148,28 @@ fn pit_calibrate() -> Option<u64> {
     retry(|| {
         outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0
         outb(0x40, 0xff);
-        let (start, ()) = Stamp::take(|| outb(0x40, 0xff));
+        outb(0x40, 0xff);
         // A PIT is there if its counter moves (absent, it reads constant).
         let c1 = latched();
         if !(0..1000).any(|_| latched() != c1) {
             return Err(());
         }
+        // Start and end are both latched reads (the latch, the first of
+        // three port accesses, samples the count), so that they match.
+        let (start, c0) = Stamp::take(latched);
         let limit = ASSUMED_KHZ * 200; // 200 ms at 3 GHz
         loop {
             let (now, count) = Stamp::take(latched);
-            let ticks = 0xffff - count;
-            if ticks >= TICKS {
-                return Ok(khz_between(start, now, u64::from(ticks) * 1_000_000 / HZ));
+            let ticks = c0.wrapping_sub(count);
+            let total = now.before.wrapping_sub(start.after);
+            let slack = (start.after - start.before) + (now.after - now.before);
+            let tight = slack <= total / 100;
+            if ticks >= TICKS && (tight || ticks >= MAX_TICKS) {
+                return Ok(khz_between(
+                    start,
+                    now,
+                    u64::from(ticks) * 1_000_000_000 / HZ,
+                ));
             }
             if now.after.wrapping_sub(start.after) > limit {
                 return Err(());
@@ -169,7 +192,11 @@ fn pm_timer_calibrate() -> Option<u64> {
             let (now, p) = Stamp::take(read);
             let ticks = p.wrapping_sub(p0) & 0x00ff_ffff;
             if ticks >= TICKS {
-                return Ok(khz_between(start, now, u64::from(ticks) * 1_000_000 / HZ));
+                return Ok(khz_between(
+                    start,
+                    now,
+                    u64::from(ticks) * 1_000_000_000 / HZ,
+                ));
             }
             if now.after.wrapping_sub(start.after) > limit {
                 return Err(());

@@ -82,6 +82,15 @@ pub fn mmio_write_u8(addr: u64, value: u8) {
     unsafe { core::ptr::write_volatile(addr as *mut u8, value) };
 }
 
+/// Reads one byte of MMIO (or of RAM that changes behind our back, such
+/// as the VM generation ID) through the identity map.
+pub fn mmio_read_u8(addr: u64) -> u8 {
+    assert!(mapped(addr, 1));
+    // SAFETY: inside the identity map; an MMIO register or RAM no Rust
+    // object lives in, read once (volatile).
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
 /// CPUID leaf/subleaf: (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
     let (a, b, c, d): (u32, u32, u32, u32);

@@ -15,6 +15,9 @@ mod clock;
 mod fs;
 mod hostile;
 mod hw;
+mod identity;
+mod lapic;
+mod mem;
 mod net;
 mod serial;
 mod smp;
@@ -54,6 +57,7 @@ extern "C" fn bsp_main(info: u64, proto: u64) -> ! {
     ));
     hw::mmio_write_u8(BOOT_DONE_ADDR, BOOT_DONE_VALUE);
     acpi::set_rsdp_hint(boot.rsdp);
+    mem::set_ram_map(&boot.ram);
     steps::run(steps::program(cmdline), cmdline);
     serial::line(format_args!(r#"{{"probe":"done"}}"#));
     boot::halt()

@@ -11,7 +11,6 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 const LAPIC: u64 = 0xfee0_0000;
 const LAPIC_ID: u64 = LAPIC + 0x20;
-const LAPIC_SVR: u64 = LAPIC + 0xf0;
 const LAPIC_ICR_LO: u64 = LAPIC + 0x300;
 const LAPIC_ICR_HI: u64 = LAPIC + 0x310;
 const ICR_PENDING: u32 = 1 << 12;
@@ -76,8 +75,7 @@ fn copy_trampoline() {
 }
 
 fn send_init_sipi() {
-    let svr = hw::mmio_read_u32(LAPIC_SVR);
-    hw::mmio_write_u32(LAPIC_SVR, svr | 0x1ff); // software enable
+    crate::lapic::enable();
     send_ipi(ICR_INIT_ALL);
     clock::delay_us(10_000);
     let sipi = ICR_SIPI_ALL | (TRAMPOLINE >> 12) as u32;

@@ -2,7 +2,7 @@
 //! `name[:arg[:arg...]]`, run in order on vCPU 0.
 
 use crate::serial::{self, Json};
-use crate::{boot, clock, fs, hostile, hw, net, smp};
+use crate::{boot, clock, fs, hostile, hw, identity, lapic, mem, net, smp};
 use core::arch::asm;
 
 /// One parsed step.
@@ -16,6 +16,9 @@ enum Step<'a> {
     Net(net::Cmd),
     Fs(fs::Cmd<'a>),
     Hostile(hostile::Cmd),
+    Mem(mem::Cmd),
+    Tick { ms: u64, n: Option<u64> },
+    Identity,
 }
 
 /// How `shutdown` ends the VM.
@@ -98,6 +101,13 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
             None => Ok(Step::Hostile(cmd)),
         };
     }
+    if let Some(cmd) = mem::parse(name, &mut parts) {
+        let cmd = cmd.map_err(|arg| StepError::BadArg(name, arg))?;
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Mem(cmd)),
+        };
+    }
     if name == "shutdown" {
         let via = match parts.next() {
             None => Via::Any,
@@ -114,7 +124,7 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
         match parts.next() {
             None => Ok(None),
             Some(a) => match a.parse::<u64>() {
-                Ok(v) if v >= min => Ok(Some(v)),
+                Ok(v) if v >= min && (name != "tick" || v <= TICK_MAX_MS) => Ok(Some(v)),
                 _ => Err(StepError::BadArg(name, a)),
             },
         }
@@ -127,6 +137,11 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
             every: arg(1)?.unwrap_or(0),
         },
         "fault" => Step::Fault,
+        "identity" => Step::Identity,
+        "tick" => match arg(1)? {
+            Some(ms) => Step::Tick { ms, n: arg(0)? },
+            None => return Err(StepError::BadArg(name, "")),
+        },
         _ => return Err(StepError::Unknown(name)),
     };
     match parts.next() {
@@ -140,6 +155,9 @@ fn exec(step: Step<'_>, cmdline: &str, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<
         Step::Net(cmd) => net.exec(cmd),
         Step::Fs(cmd) => fs.exec(cmd),
         Step::Hostile(cmd) => hostile::exec(cmd, cmdline, net),
+        Step::Mem(cmd) => mem::exec(cmd),
+        Step::Tick { ms, n } => tick(ms, n),
+        Step::Identity => identity::exec(cmdline),
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),
@@ -181,6 +199,34 @@ fn count(n: u64, every: u64) {
             r#"{{"probe":"count","vcpu":0,"n":{},"cycles":{}}}"#,
             n, cycles
         )),
+    }
+}
+
+/// Longest tick period (and largest tick count), a day in ms.
+const TICK_MAX_MS: u64 = 86_400_000;
+
+/// Prints `{"probe":"tick","n":K}` every `ms` ms, `n` times or forever,
+/// the vCPU asleep in between (see [`lapic::wait`]). K lives in guest
+/// memory, so a restored or migrated VM goes on from the next K. Each
+/// period starts at the previous deadline (no drift), unless that is a
+/// period or more ago or the TSC went backwards (a restore, a migration, a
+/// long pause): then it starts afresh from now, without a burst of
+/// catch-up ticks.
+fn tick(ms: u64, n: Option<u64>) {
+    let period = clock::ticks_ms(ms);
+    let mut start = hw::rdtsc();
+    let mut k = 0u64;
+    while n.is_none_or(|n| k < n) {
+        lapic::wait(start, period);
+        let now = hw::rdtsc();
+        let deadline = start.wrapping_add(period);
+        start = if now.wrapping_sub(deadline) < period {
+            deadline
+        } else {
+            now
+        };
+        k += 1;
+        serial::line(format_args!(r#"{{"probe":"tick","n":{}}}"#, k));
     }
 }
 

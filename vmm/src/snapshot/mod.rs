@@ -280,6 +280,8 @@ impl Vm {
         crate::vm::lock(&self.serial)
             .set_state(&state.serial)
             .map_err(SnapshotError::Serial)?;
+        // Every restore may be a clone: each gets its own generation ID.
+        crate::vmgenid::renew(&self.mem)?;
         for (index, (t, saved)) in self.transports.iter().zip(&state.devices).enumerate() {
             crate::vm::lock(t)
                 .restore(&saved.transport)

@@ -25,7 +25,7 @@
 //! ACPI means without overrides, and what our MP table says too. A
 //! hardware-reduced Linux does not use the PIT as its timer anyway.
 
-use crate::layout::{ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START};
+use crate::layout::{ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START, VMGENID_START};
 use acpi_tables::Aml;
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -157,6 +157,22 @@ fn dsdt(virtio: &[VirtioMmio]) -> Result<Vec<u8>, AcpiError> {
                     // Consumer, edge-triggered, active high, exclusive.
                     &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
                 ]),
+            ),
+        ],
+    )));
+    // The VM generation ID device (ACPI's "Virtual Machine Generation ID"
+    // spec): Linux's vmgenid driver matches the _HID, other guests the
+    // _CID; ADDR is the ID's guest-physical address, low then high half.
+    let (genid_low, genid_high) = (VMGENID_START as u32, (VMGENID_START >> 32) as u32);
+    body.extend(aml_bytes(&aml::Device::new(
+        "_SB_.VMGN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new(
+                "ADDR".into(),
+                &aml::Package::new(vec![&genid_low, &genid_high]),
             ),
         ],
     )));
@@ -464,6 +480,22 @@ mod tests {
         assert_eq!(dsdt[at - 1], 0x08, "NameOp");
         assert_eq!(&dsdt[at + 4..at + 11], &[0x12, 6, 2, 0x0a, 5, 0x0a, 5]);
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+    }
+
+    #[test]
+    fn dsdt_points_the_vmgenid_device_at_the_id() {
+        let t = build(1, &[], ACPI_START).unwrap();
+        let dsdt = parse(&t).dsdt();
+        let at = dsdt.windows(4).position(|w| w == b"VMGN").expect("VMGN");
+        let dev = &dsdt[at..];
+        assert!(dev.windows(8).any(|w| w == b"VMGENCTR"), "_HID");
+        assert!(dev.windows(14).any(|w| w == b"VM_Gen_Counter"), "_CID");
+        // Name (ADDR, Package (2) { DWord low, Zero }).
+        let mut addr = b"ADDR".to_vec();
+        addr.extend([0x12, 0x08, 0x02, 0x0c]);
+        addr.extend((VMGENID_START as u32).to_le_bytes());
+        addr.push(0x00);
+        assert!(dev.windows(addr.len()).any(|w| w == addr), "ADDR {dev:x?}");
     }
 
     #[test]
