@@ -342,7 +342,7 @@ fn a_vm_with_a_file_share_is_refused_and_runs_on() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("virtio device 0 (type 26) cannot be saved"),
+        stderr.contains("the virtio-fs share \"data\" cannot be saved yet"),
         "{stderr}"
     );
     vmm.expect_line(

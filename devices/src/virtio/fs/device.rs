@@ -157,6 +157,13 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.stop_worker();
     }
+
+    fn can_snapshot(&self) -> Result<(), String> {
+        Err(format!(
+            "the virtio-fs share {:?} cannot be saved yet (its GVFS session is not)",
+            self.tag()
+        ))
+    }
 }
 
 /// Threads answering requests: a request that waits on the remote server

@@ -258,6 +258,14 @@ impl VirtioDevice for VhostUserFs {
         VIRTIO_ID_FS
     }
 
+    fn can_snapshot(&self) -> Result<(), String> {
+        Err(format!(
+            "the vhost-user-fs share {:?} keeps its state in its backend at {:?}, which vmplant cannot save",
+            self.tag.as_str(),
+            self.socket
+        ))
+    }
+
     fn queue_max_sizes(&self) -> Vec<u16> {
         vec![QUEUE_SIZE; NUM_QUEUES]
     }
