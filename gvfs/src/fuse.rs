@@ -663,7 +663,7 @@ impl fuser::Filesystem for FuseFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        dir_ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
@@ -677,18 +677,20 @@ impl fuser::Filesystem for FuseFs {
             Err(e) => return reply.error(e),
         };
         for (i, it) in listed.items.iter().enumerate().skip(offset as usize) {
+            // The kernel holds a reference to each entry it is given.
+            let ino = self.fs.remember_entry(dir_ino.0, it);
             if reply.add(
-                INodeNo(it.ino),
+                INodeNo(ino),
                 i as u64 + 1,
                 OsStr::from_bytes(&it.name),
                 &self.ttl,
-                &fattr(it.ino, &it.attr),
+                &fattr(ino, &it.attr),
                 Generation(0),
             ) {
+                // No room left: not given after all.
+                self.fs.forget(ino, 1);
                 break;
             }
-            // The kernel now holds a reference to this entry.
-            self.fs.remember(it.ino);
         }
         reply.ok();
     }

@@ -207,10 +207,13 @@ pub struct FuseHandler {
     next_dir: AtomicU64,
 }
 
+/// An open directory: its inode and listing.
+type OpenDir = (u64, Arc<Vec<DirItem>>);
+
 /// Handles a guest session holds.
 #[derive(Default)]
 struct Session {
-    dirs: HashMap<u64, Arc<Vec<DirItem>>>,
+    dirs: HashMap<u64, OpenDir>,
     /// Entries of all `dirs` together.
     dir_entries: usize,
     /// Open files (handles of [`Fs`]).
@@ -245,8 +248,17 @@ impl FuseHandler {
         }
     }
 
-    /// Keeps a listing for an open directory, within the session's bounds.
-    fn add_dir(&self, items: Vec<DirItem>) -> Result<u64, i32> {
+    /// EMFILE if the session holds its most open directories.
+    fn dir_room(&self) -> Result<(), i32> {
+        if lock(&self.session).dirs.len() >= self.fs.options().max_open_dirs {
+            return Err(libc::EMFILE);
+        }
+        Ok(())
+    }
+
+    /// Keeps the listing of the open directory `ino`, within the
+    /// session's bounds.
+    fn add_dir(&self, ino: u64, items: Vec<DirItem>) -> Result<u64, i32> {
         let opts = self.fs.options();
         let mut s = lock(&self.session);
         if s.dirs.len() >= opts.max_open_dirs {
@@ -257,14 +269,14 @@ impl FuseHandler {
             return Err(libc::ENOMEM);
         }
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        s.dirs.insert(fh, Arc::new(items));
+        s.dirs.insert(fh, (ino, Arc::new(items)));
         s.dir_entries = entries;
         Ok(fh)
     }
 
     fn remove_dir(&self, fh: u64) {
         let mut s = lock(&self.session);
-        if let Some(d) = s.dirs.remove(&fh) {
+        if let Some((_, d)) = s.dirs.remove(&fh) {
             s.dir_entries = s.dir_entries.saturating_sub(d.len());
         }
     }
@@ -541,8 +553,11 @@ impl FuseHandler {
                 fs.fsync(fh, flags & 1 != 0).map_err(err)?;
             }
             opcode::OPENDIR => {
+                // The cap before the listing: a guest past it costs the
+                // server nothing (checked again once listed).
+                self.dir_room()?;
                 let items = fs.readdir(ino).map_err(err)?;
-                let fh = self.add_dir(items)?;
+                let fh = self.add_dir(ino, items)?;
                 o.u64(fh);
                 o.u32(0);
                 o.u32(0);
@@ -551,7 +566,7 @@ impl FuseHandler {
                 let fh = b.u64()?;
                 let offset = b.u64()?;
                 let size = b.u32()? as usize;
-                let items = lock(&self.session)
+                let (dir, items) = lock(&self.session)
                     .dirs
                     .get(&fh)
                     .cloned()
@@ -564,12 +579,14 @@ impl FuseHandler {
                     if o.0.len() + need > size {
                         break;
                     }
+                    let mut ino = it.ino;
                     if plus {
-                        self.entry(&mut o, it.ino, &it.attr);
-                        self.fs.remember(it.ino);
+                        // The guest now holds a reference to this entry.
+                        ino = self.fs.remember_entry(dir, it);
+                        self.entry(&mut o, ino, &it.attr);
                     }
                     let start = o.0.len();
-                    o.u64(it.ino);
+                    o.u64(ino);
                     o.u64(i as u64 + 1);
                     o.u32(namelen as u32);
                     o.u32(dtype(it.attr.kind));

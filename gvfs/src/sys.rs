@@ -8,6 +8,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::Duration;
 
 fn cstr(p: &OsStr) -> io::Result<CString> {
     CString::new(p.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -191,19 +192,9 @@ pub fn chown_at(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Re
     check(unsafe { libc::fchownat(dir.as_raw_fd(), n.as_ptr(), uid, gid, flags) }).map(drop)
 }
 
-pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid descriptor.
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
-}
-
 pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
     // SAFETY: plain syscall on a valid descriptor.
     check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }).map(drop)
-}
-
-pub fn futimens(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
-    // SAFETY: `times` points to two valid timespecs.
-    check(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
 }
 
 pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
@@ -262,22 +253,114 @@ pub fn getdents<'a>(fd: BorrowedFd<'_>, buf: &'a mut [u8]) -> io::Result<Vec<Raw
     Ok(out)
 }
 
-/// Raises the open-file limit to its hard maximum (the server keeps one
-/// descriptor per open handle).
+/// Waits until `fd` has one of `events` (or an error or hang-up) or
+/// `timeout` passes; whether it has. The timeout is rounded up to whole
+/// milliseconds, so that a wait for what is left of a deadline never
+/// spins on a zero timeout.
+fn wait_for(fd: BorrowedFd<'_>, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms =
+        libc::c_int::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `p` is one valid pollfd and we pass a count of one.
+    let n = check(unsafe { libc::poll(&mut p, 1, ms) })?;
+    Ok(n > 0)
+}
+
 /// Waits until `fd` is readable (for a listener: a connection is
 /// pending) or `timeout` passes; whether it is readable. Unlike a
 /// blocking accept(2), which reserves a descriptor for the connection it
 /// waits for, this holds none.
-pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait_for(fd, libc::POLLIN, timeout)
+}
+
+/// Waits until the socket `fd` can take more bytes (or failed) or
+/// `timeout` passes; whether it can.
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait_for(fd, libc::POLLOUT, timeout)
+}
+
+/// Sends what the socket `fd` takes of `buf` now, without blocking
+/// (`MSG_DONTWAIT`: the descriptor's own blocking mode, shared with its
+/// reader, is left alone) and without SIGPIPE; `WouldBlock` if it takes
+/// nothing.
+pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is readable for `buf.len()` bytes; the kernel only
+    // reads it.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `p` is one valid pollfd and we pass a count of one.
-    let n = check(unsafe { libc::poll(&mut p, 1, ms) })?;
-    Ok(n > 0)
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// The `/proc` path of our own descriptor `fd`: what the calls that take
+/// no empty path on an `O_PATH` descriptor (on older kernels) act on.
+fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+/// `fchmodat2(fd, "", mode, AT_EMPTY_PATH)`: changes the mode of what
+/// `fd` (also an `O_PATH` descriptor) refers to, without opening it. On a
+/// kernel without fchmodat2 (before 6.6), through `/proc/self/fd`.
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: the path is a valid NUL-terminated (empty) string; with
+    // AT_EMPTY_PATH the call acts on `fd` itself.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            mode,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    let p = proc_fd_path(fd);
+    // SAFETY: `p` is a valid NUL-terminated path naming our own
+    // descriptor.
+    check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+}
+
+/// `utimensat(fd, "", times, AT_EMPTY_PATH)`: sets the times of what `fd`
+/// (also an `O_PATH` descriptor) refers to, without opening it; through
+/// `/proc/self/fd` on a kernel that refuses the empty path.
+pub fn utimens_fd(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: the path is a valid NUL-terminated (empty) string and
+    // `times` points to two valid timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            times.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    let p = proc_fd_path(fd);
+    // SAFETY: `p` is a valid NUL-terminated path naming our own
+    // descriptor and `times` points to two valid timespecs.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
 /// Raises the soft descriptor limit to the hard one; returns the soft
@@ -324,7 +407,7 @@ pub fn block_termination_signals() {
 }
 
 /// Waits up to `timeout` for a blocked termination signal; returns it.
-pub fn wait_termination(timeout: std::time::Duration) -> Option<i32> {
+pub fn wait_termination(timeout: Duration) -> Option<i32> {
     let set = termination_set();
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as i64,

@@ -3,12 +3,15 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::sys;
 
 /// What can go wrong while setting up a transport.
 #[derive(Debug, thiserror::Error)]
@@ -88,15 +91,93 @@ pub struct Split {
     pub reader: Box<dyn Read + Send>,
     pub writer: Box<dyn Write + Send>,
     pub socket: TcpStream,
+    /// When the writer's writes must be done by (none: plain blocking
+    /// writes, bounded only by the socket's `SO_SNDTIMEO`).
+    pub deadline: WriteDeadline,
+}
+
+/// A deadline for the writes of a [`Split`]'s writer, set by its user
+/// (say, before each answer). With one, a write waits in `poll(2)` and
+/// sends without blocking, and fails with `TimedOut` once the deadline
+/// has passed, however the peer paces its reads: unlike `SO_SNDTIMEO`,
+/// which only asks for some progress, a peer taking a byte now and then
+/// cannot stretch a write forever.
+#[derive(Debug, Clone, Default)]
+pub struct WriteDeadline(Arc<Mutex<Option<Instant>>>);
+
+impl WriteDeadline {
+    pub fn set(&self, at: Option<Instant>) {
+        *lock(&self.0) = at;
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *lock(&self.0)
+    }
+}
+
+/// Sends some of `buf` (at least one byte) on `sock`: by `deadline` if
+/// there is one, else with a plain blocking write.
+fn send_by(sock: &TcpStream, buf: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
+    let Some(at) = deadline else {
+        let mut s = sock;
+        return s.write(buf);
+    };
+    loop {
+        match sys::send_nonblocking(sock.as_fd(), buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "write deadline passed",
+                    ));
+                }
+                sys::wait_writable(sock.as_fd(), left)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// Sends all of `buf` on `sock`, by `deadline` if there is one.
+fn send_all_by(sock: &TcpStream, mut buf: &[u8], deadline: Option<Instant>) -> io::Result<()> {
+    while !buf.is_empty() {
+        match send_by(sock, buf, deadline)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// The write half of a plain TCP stream.
+struct SocketWriter {
+    sock: TcpStream,
+    deadline: WriteDeadline,
+}
+
+impl Write for SocketWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        send_by(&self.sock, data, self.deadline.get())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Split {
     /// Plain TCP.
     pub fn plain(sock: TcpStream) -> Result<Split, TransportError> {
+        let deadline = WriteDeadline::default();
         Ok(Split {
             reader: Box::new(sock.try_clone()?),
-            writer: Box::new(sock.try_clone()?),
+            writer: Box::new(SocketWriter {
+                sock: sock.try_clone()?,
+                deadline: deadline.clone(),
+            }),
             socket: sock,
+            deadline,
         })
     }
 
@@ -145,14 +226,19 @@ impl Split {
             conn: Mutex::new(conn),
             write_lock: Mutex::new(sock.try_clone()?),
         });
+        let deadline = WriteDeadline::default();
         Ok(Split {
             reader: Box::new(TlsReader {
                 shared: shared.clone(),
                 sock: sock.try_clone()?,
                 pending: Vec::new(),
             }),
-            writer: Box::new(TlsWriter { shared }),
+            writer: Box::new(TlsWriter {
+                shared,
+                deadline: deadline.clone(),
+            }),
             socket: sock,
+            deadline,
         })
     }
 }
@@ -218,11 +304,12 @@ impl Read for TlsReader {
 
 struct TlsWriter {
     shared: Arc<TlsShared>,
+    deadline: WriteDeadline,
 }
 
 impl Write for TlsWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut sock = lock(&self.shared.write_lock);
+        let sock = lock(&self.shared.write_lock);
         let mut out = Vec::with_capacity(data.len() + 256);
         {
             let mut conn = lock(&self.shared.conn);
@@ -240,7 +327,7 @@ impl Write for TlsWriter {
                 done += n;
             }
         }
-        sock.write_all(&out)?;
+        send_all_by(&sock, &out, self.deadline.get())?;
         Ok(data.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -101,6 +101,8 @@ fn guest_style_requests_are_served() {
             got.extend(out);
         }
         assert_eq!(got, content);
+        // (An open file keeps its inode: close it before the FORGETs below.)
+        release(&h, 18, file, fh);
         // CREATE + WRITE: the server has the bytes.
         let mut cr = Vec::new();
         for v in [libc::O_WRONLY as u32, 0o100644, 0o022, 0] {
@@ -328,6 +330,100 @@ fn open_directories_are_capped_per_session() {
         assert_eq!(open(&h, 27, d).0, libc::ENOMEM);
         release(&h, 29, d, fhs[0]);
         assert_eq!(open(&h, 27, d).0, 0);
+        server.shutdown();
+    });
+}
+
+#[test]
+fn opendir_past_the_cap_lists_nothing() {
+    const CAP: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        fs::write(tmp.path().join(format!("f{i}")), b"x").unwrap();
+    }
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        // No listing cache: every OPENDIR that lists asks the server.
+        let opts = FsOptions {
+            max_open_dirs: CAP,
+            attr_timeout: Duration::ZERO,
+            ..FsOptions::default()
+        };
+        let h = FuseHandler::new(client(server.local_addr(), opts));
+        init(&h, 1);
+        for _ in 0..CAP {
+            assert_eq!(open(&h, 27, 1).0, 0);
+        }
+        let listed = server.op_stats(gvfs::proto::op::READDIR).count;
+        for _ in 0..5 {
+            assert_eq!(open(&h, 27, 1).0, libc::EMFILE);
+        }
+        assert_eq!(
+            server.op_stats(gvfs::proto::op::READDIR).count,
+            listed,
+            "an OPENDIR past the cap fetched the listing"
+        );
+        server.shutdown();
+    });
+}
+
+#[test]
+fn entries_given_out_stay_valid_after_their_idle_inodes_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..50 {
+        fs::write(tmp.path().join(format!("f{i:02}")), format!("{i}")).unwrap();
+    }
+    let server = start(server_config(tmp.path()), "127.0.0.1:0");
+    bounded(30, None, move || {
+        // The listing interns 50 inodes nothing holds; only 10 are kept.
+        let opts = FsOptions {
+            max_idle_inodes: 10,
+            ..FsOptions::default()
+        };
+        let fs_ = client(server.local_addr(), opts);
+        let h = FuseHandler::new(fs_.clone());
+        init(&h, 1);
+        let (e, dfh) = open(&h, 27, 1);
+        assert_eq!(e, 0);
+        assert!(fs_.inode_count() <= 11);
+        // READDIRPLUS hands every entry out; each is a live inode.
+        let mut rd = Vec::new();
+        rd.extend_from_slice(&dfh.to_le_bytes());
+        rd.extend_from_slice(&0u64.to_le_bytes());
+        rd.extend_from_slice(&(64u32 << 10).to_le_bytes());
+        rd.extend_from_slice(&[0; 20]);
+        let (e, out) = reply(h.handle(&req(44, 2, 1, &rd)).unwrap(), 2);
+        assert_eq!(e, 0);
+        let mut pos = 0;
+        let mut given = Vec::new();
+        while pos < out.len() {
+            let ino = u64_at(&out, pos);
+            assert_eq!(u64_at(&out, pos + 128), ino, "entry and dirent agree");
+            let namelen = u32_at(&out, pos + 128 + 16) as usize;
+            let name = out[pos + 128 + 24..pos + 128 + 24 + namelen].to_vec();
+            given.push((ino, name));
+            pos += 128 + (24 + namelen).div_ceil(8) * 8;
+        }
+        assert_eq!(given.len(), 50);
+        for (i, (ino, name)) in given.iter().enumerate() {
+            let (e, out) = reply(
+                h.handle(&req(3, 10 + i as u64, *ino, &[0; 16])).unwrap(),
+                10 + i as u64,
+            );
+            assert_eq!(e, 0, "GETATTR of {}", String::from_utf8_lossy(name));
+            let want = format!(
+                "{}",
+                String::from_utf8_lossy(&name[1..]).parse::<u32>().unwrap()
+            );
+            assert_eq!(
+                u64_at(&out, 16 + 8),
+                want.len() as u64,
+                "size of {}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        // Held by the guest: all kept, whatever the bound on idle ones.
+        assert!(fs_.inode_count() >= 51);
         server.shutdown();
     });
 }

@@ -132,3 +132,113 @@ fn a_file_size_near_u64_max_does_not_wrap_or_hang() {
         fs.release(o.fh).unwrap();
     });
 }
+
+#[test]
+fn names_a_server_invents_do_not_grow_the_inode_table() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Every listing of the root is 1,000 names never seen before.
+    let next = AtomicU64::new(0);
+    let addr = fake_server(move |req| match req {
+        Request::Readdir { .. } => {
+            let base = next.fetch_add(1000, Ordering::SeqCst);
+            Response::Dir {
+                entries: (base..base + 1000)
+                    .map(|i| DirEntry {
+                        name: format!("n{i}").into_bytes(),
+                        attr: attr(10 + i, Kind::File, 1),
+                    })
+                    .collect(),
+                next: None,
+            }
+        }
+        _ => Response::Error(libc::ENOSYS),
+    });
+    bounded(120, None, move || {
+        let fs = client(
+            addr,
+            FsOptions {
+                attr_timeout: std::time::Duration::ZERO,
+                ..FsOptions::default()
+            },
+        );
+        for _ in 0..200 {
+            assert_eq!(fs.readdir(ROOT_INO).unwrap().len(), 1000);
+        }
+        // 200,000 names listed; no one holds a reference to any.
+        assert!(
+            fs.inode_count() <= gvfs::client::DEFAULT_MAX_IDLE_INODES + 1,
+            "{} inodes kept",
+            fs.inode_count()
+        );
+    });
+}
+
+#[test]
+fn cached_listings_are_bounded() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    // 20 directories of 1,000 entries each, against a bound of 10,000
+    // entries in all.
+    const DIRS: u64 = 20;
+    const CACHED: usize = 10_000;
+    let listed: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+    let counts = listed.clone();
+    let addr = fake_server(move |req| match req {
+        Request::Lookup { name, .. } => {
+            let Some(i) = std::str::from_utf8(&name[1..])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .filter(|&i| name[0] == b'd' && i < DIRS)
+            else {
+                return Response::Error(libc::ENOENT);
+            };
+            Response::Attr(attr(1000 + i, Kind::Dir, 0))
+        }
+        Request::Readdir { node, .. } => {
+            *counts.lock().unwrap().entry(node).or_default() += 1;
+            Response::Dir {
+                entries: (0..1000u64)
+                    .map(|i| DirEntry {
+                        name: format!("e{i}").into_bytes(),
+                        attr: attr(node * 10_000 + i, Kind::File, 1),
+                    })
+                    .collect(),
+                next: None,
+            }
+        }
+        _ => Response::Error(libc::ENOSYS),
+    });
+    bounded(120, None, move || {
+        // Listings stay fresh for the whole test, and so many idle inodes
+        // are kept that only the bound on listings drops the first one.
+        let fs = client(
+            addr,
+            FsOptions {
+                attr_timeout: std::time::Duration::from_secs(3600),
+                max_idle_inodes: 1 << 20,
+                max_cached_dir_entries: CACHED,
+                ..FsOptions::default()
+            },
+        );
+        let d0 = fs.lookup(ROOT_INO, b"d0").unwrap().ino;
+        fs.readdir(d0).unwrap();
+        fs.readdir(d0).unwrap();
+        assert_eq!(
+            listed.lock().unwrap()[&1000],
+            1,
+            "a fresh listing is cached"
+        );
+        for i in 1..DIRS {
+            let d = fs.lookup(ROOT_INO, format!("d{i}").as_bytes()).unwrap().ino;
+            assert_eq!(fs.readdir(d).unwrap().len(), 1000);
+        }
+        assert!(fs.cached_dir_entries() <= CACHED);
+        // 19,000 entries listed since: the first listing made room.
+        fs.readdir(d0).unwrap();
+        assert_eq!(
+            listed.lock().unwrap()[&1000],
+            2,
+            "the first listing was kept with 19,000 entries listed after it"
+        );
+    });
+}

@@ -750,3 +750,210 @@ fn create_keeps_the_owner_of_an_existing_file() {
         server.shutdown();
     });
 }
+
+/// A character device major number no driver has registered (from the
+/// ranges set aside for local use): opening such a node fails (ENXIO),
+/// so a server that opens it cannot change it.
+fn unused_char_major() -> u32 {
+    let devices = fs::read_to_string("/proc/devices").unwrap();
+    let chars = devices
+        .split("Block devices:")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let used: Vec<u32> = chars
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    (60..=63)
+        .chain(120..=127)
+        .chain(240..=254)
+        .find(|m| !used.contains(m))
+        .expect("a free character major")
+}
+
+#[test]
+fn setattr_never_opens_device_nodes_or_fifos() {
+    use gvfs::proto::{SetAttr, SetTime, Time};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let rdev = libc::makedev(unused_char_major(), 0);
+    mknod(&tmp.path().join("dev"), libc::S_IFCHR | 0o600, rdev);
+    mknod(&tmp.path().join("pipe"), libc::S_IFIFO | 0o600, 0);
+    // One worker: a SETATTR that blocked would stop the server.
+    let server = start(
+        gvfs::server::ServerConfig {
+            workers: 1,
+            ..server_config(tmp.path())
+        },
+        "127.0.0.1:0",
+    );
+    bounded(30, None, move || {
+        let c = Conn::connect(&ConnectConfig {
+            request_timeout: Duration::from_secs(5),
+            ..connect_config(server.local_addr())
+        })
+        .unwrap();
+        let setattr = |node, set| c.call(&Request::Setattr { node, set }).unwrap();
+        for name in ["dev", "pipe"] {
+            let n = node(lookup(&c, proto::ROOT_NODE, name.as_bytes()));
+            let r = setattr(
+                n,
+                SetAttr {
+                    mode: Some(0o640),
+                    ..SetAttr::default()
+                },
+            );
+            assert!(
+                matches!(r, Response::Attr(a) if a.perm == 0o640),
+                "chmod {name}: {r:?}"
+            );
+            let r = setattr(
+                n,
+                SetAttr {
+                    uid: Some(123),
+                    gid: Some(456),
+                    ..SetAttr::default()
+                },
+            );
+            assert!(
+                matches!(r, Response::Attr(a) if (a.uid, a.gid) == (123, 456)),
+                "chown {name}: {r:?}"
+            );
+            let r = setattr(
+                n,
+                SetAttr {
+                    mtime: Some(SetTime::At(Time {
+                        sec: 1_000_000,
+                        nsec: 0,
+                    })),
+                    atime: Some(SetTime::Now),
+                    ..SetAttr::default()
+                },
+            );
+            assert!(
+                matches!(r, Response::Attr(a) if a.mtime.sec == 1_000_000),
+                "utimes {name}: {r:?}"
+            );
+            // Only a regular file has a size to set.
+            let r = setattr(
+                n,
+                SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                },
+            );
+            assert_eq!(errno(r), libc::EINVAL, "truncate {name}");
+            let st = fs::symlink_metadata(tmp.path().join(name)).unwrap();
+            assert_eq!(st.mode() & 0o7777, 0o640);
+            assert_eq!((st.uid(), st.gid(), st.mtime()), (123, 456, 1_000_000));
+        }
+        let st = fs::symlink_metadata(tmp.path().join("dev")).unwrap();
+        assert!(st.file_type().is_char_device() && st.rdev() == rdev);
+        assert!(
+            fs::symlink_metadata(tmp.path().join("pipe"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        // The worker is free.
+        assert!(matches!(
+            c.call(&Request::Getattr {
+                node: proto::ROOT_NODE
+            }),
+            Ok(Response::Attr(_))
+        ));
+        server.shutdown();
+    });
+}
+
+#[test]
+fn a_tls_client_reading_too_slowly_is_dropped() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    fs::create_dir_all(&export).unwrap();
+    fs::write(export.join("f"), data(1 << 20, 3)).unwrap();
+    let pki = make_pki(tmp.path());
+    let mut cfg = server_config(&export);
+    cfg.tls = Some(gvfs::transport::server_tls_config(&pki.cert, &pki.key).unwrap());
+    let limits = gvfs::server::ServerLimits {
+        write_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let server = gvfs::server::Server::bind(cfg, "127.0.0.1:0".parse().unwrap())
+        .unwrap()
+        .with_limits(limits)
+        .spawn();
+    let ca = pki.ca.clone();
+    bounded(60, None, move || {
+        let addr = server.local_addr();
+        let tls = gvfs::transport::client_tls_config(&ca).unwrap();
+        let f = node(lookup(
+            &Conn::connect(&ConnectConfig {
+                tls: Some(tls.clone()),
+                ..connect_config(addr)
+            })
+            .unwrap(),
+            proto::ROOT_NODE,
+            b"f",
+        ));
+        assert!(eventually(Duration::from_secs(5), || server.connections() == 0));
+        // Log in over TLS, ask for 200 MiB, then read the raw stream at
+        // 512 KiB/s: always some progress, but a 1 MiB answer cannot go
+        // out within its 1 s.
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        let split =
+            gvfs::transport::Split::tls_client(sock, tls, "localhost", Duration::from_secs(5))
+                .unwrap();
+        let (mut reader, mut writer, socket) = (split.reader, split.writer, split.socket);
+        proto::write_frame(&mut writer, &hello_frame()[4..]).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let w = proto::read_frame(&mut reader).unwrap().unwrap();
+        assert_eq!(
+            proto::decode_welcome(&w).unwrap().status,
+            HelloStatus::Accepted
+        );
+        std::thread::spawn(move || {
+            let mut reqs = proto::request_frame(1, &Request::Open { node: f, flags: 0 });
+            for id in 2..202 {
+                reqs.extend(proto::request_frame(
+                    id,
+                    &Request::Read {
+                        handle: 1,
+                        offset: 0,
+                        len: proto::MAX_IO,
+                    },
+                ));
+            }
+            let _ = writer.write_all(&reqs);
+        });
+        let mut raw = socket.try_clone().unwrap();
+        raw.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let slow = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 128 << 10];
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                match raw.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        assert!(
+            eventually(Duration::from_secs(15), || server.connections() == 0),
+            "a TLS client reading 512 KiB/s was kept"
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        gvfs::transport::shutdown(&socket);
+        slow.join().unwrap();
+        server.shutdown();
+    });
+}

@@ -10,10 +10,12 @@ use gvfs::client::conn::{Conn, ConnectConfig};
 use gvfs::proto::{self, Request, Response};
 use gvfs::server::{Server, ServerConfig, ServerHandle, ServerLimits};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 fn start_with(cfg: ServerConfig, limits: ServerLimits) -> ServerHandle {
     let server = Server::bind(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -66,7 +68,7 @@ fn server_descriptors_are_capped_per_client_and_in_all() {
     let tmp = tempfile::tempdir().unwrap();
     export_with_file(tmp.path(), 10);
     let limits = ServerLimits {
-        max_handles_per_conn: 16,
+        max_handles_per_conn: 8,
         max_handles: 24,
         ..ServerLimits::default()
     };
@@ -74,22 +76,55 @@ fn server_descriptors_are_capped_per_client_and_in_all() {
     bounded(30, None, move || {
         let a = raw(server.local_addr());
         let f = lookup_node(&a, b"f");
-        for _ in 0..16 {
+        for _ in 0..8 {
             assert!(matches!(open_file(&a, f), Response::Opened { .. }));
         }
         // One client past its share: EMFILE, and nothing more held.
         assert_eq!(open_file(&a, f), Response::Error(libc::EMFILE));
-        assert_eq!(server.open_handles(), 16);
-        // Another client still gets descriptors, up to what is left in all.
+        assert_eq!(server.open_handles(), 8);
+        // Another client (of the same peer) still gets descriptors, up to
+        // what one peer may hold of all while it is alone: half.
         let b = raw(server.local_addr());
-        for _ in 0..8 {
+        for _ in 0..4 {
             assert!(matches!(open_file(&b, f), Response::Opened { .. }));
         }
         assert_eq!(open_file(&b, f), Response::Error(libc::ENFILE));
+        assert_eq!(server.open_handles(), 12);
         // A client that goes away gives its descriptors back.
         drop(a);
-        assert!(eventually(Duration::from_secs(5), || server.open_handles() == 8));
+        assert!(eventually(Duration::from_secs(5), || server.open_handles() == 4));
         assert!(matches!(open_file(&b, f), Response::Opened { .. }));
+        server.shutdown();
+    });
+}
+
+#[test]
+fn descriptors_are_capped_per_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    export_with_file(tmp.path(), 10);
+    let limits = ServerLimits {
+        max_handles_per_conn: 8,
+        max_handles_per_peer: 12,
+        max_handles: 1000,
+        ..ServerLimits::default()
+    };
+    let server = start_with(server_config(tmp.path()), limits);
+    bounded(30, None, move || {
+        let addr = server.local_addr();
+        let f = lookup_node(&raw(addr), b"f");
+        // Two connections of one peer: 8 + 4, then EMFILE on both.
+        let mut a1 = Peer::login([127, 0, 0, 2], addr);
+        let mut a2 = Peer::login([127, 0, 0, 2], addr);
+        assert_eq!(a1.open_all(f, 20), (8, libc::EMFILE));
+        assert_eq!(a2.open_all(f, 20), (4, libc::EMFILE));
+        // Another peer is not held up by it.
+        let mut b = Peer::login([127, 0, 0, 3], addr);
+        assert_eq!(b.open_all(f, 20), (8, libc::EMFILE));
+        assert_eq!(server.open_handles(), 20);
+        // The peer's files close with its connection: room again.
+        drop(a1);
+        assert!(eventually(Duration::from_secs(5), || server.open_handles() == 12));
+        assert_eq!(a2.open_all(f, 20), (4, libc::EMFILE));
         server.shutdown();
     });
 }
@@ -299,14 +334,61 @@ fn a_client_that_stops_reading_does_not_stop_the_others() {
     });
 }
 
+/// Answers to READ sent so far (built by a worker, written or not).
+fn reads_answered(server: &ServerHandle) -> u64 {
+    server.op_stats(proto::op::READ).count
+}
+
+/// Waits (up to 20 s) until the server has answered no READ for 300 ms:
+/// the clients that stopped reading hold all they can.
+fn wait_until_reads_settle(server: &ServerHandle) {
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut last = (reads_answered(server), Instant::now());
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+        let n = reads_answered(server);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_millis(300) {
+            return;
+        }
+    }
+}
+
+/// A client that logs in and asks for `reads` reads of `len` bytes of
+/// the file `node`, then reads nothing.
+fn stalled_client(addr: SocketAddr, node: u64, reads: u64, len: u32) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    assert!(handshake(&mut s));
+    let mut reqs = proto::request_frame(1, &Request::Open { node, flags: 0 });
+    for id in 2..2 + reads {
+        reqs.extend(proto::request_frame(
+            id,
+            &Request::Read {
+                handle: 1,
+                offset: 0,
+                len,
+            },
+        ));
+    }
+    // The server stops reading before it has all of them: write from a
+    // thread, which ends when the server drops the connection.
+    let mut w = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&reqs);
+    });
+    s
+}
+
 #[test]
 fn queued_requests_are_bounded_per_connection_and_in_all() {
+    // Default bounds, but the write deadline long enough that no client
+    // is dropped during the test.
+    const STALLED: usize = 10;
     let tmp = tempfile::tempdir().unwrap();
     export_with_file(tmp.path(), 1 << 20);
     let limits = ServerLimits {
-        max_requests_per_conn: 8,
-        max_requests: 12,
-        write_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(120),
         ..ServerLimits::default()
     };
     let server = start_with(
@@ -316,39 +398,237 @@ fn queued_requests_are_bounded_per_connection_and_in_all() {
         },
         limits,
     );
+    bounded(90, None, move || {
+        let addr = server.local_addr();
+        let f = lookup_node(&raw(addr), b"f");
+        // More clients than it takes to hold every request place if
+        // places were held until answers are written (512 / 64 = 8), each
+        // asking for 50 MiB and reading nothing.
+        let stalled: Vec<TcpStream> = (0..STALLED)
+            .map(|_| stalled_client(addr, f, 200, 256 << 10))
+            .collect();
+        wait_until_reads_settle(&server);
+        assert!(server.requests_in_flight() <= gvfs::server::DEFAULT_MAX_REQUESTS);
+        // What they hold waiting to be written is bounded per connection.
+        let queued = server.queued_answer_bytes();
+        assert!(
+            queued <= STALLED * gvfs::server::DEFAULT_MAX_ANSWER_BYTES_PER_CONN,
+            "{queued} bytes of answers queued"
+        );
+        // A healthy client is served promptly all along.
+        let c = Conn::connect(&ConnectConfig {
+            request_timeout: Duration::from_secs(5),
+            ..connect_config(addr)
+        })
+        .unwrap();
+        for _ in 0..20 {
+            let h = match c.call(&Request::Open { node: f, flags: 0 }) {
+                Ok(Response::Opened { handle, .. }) => handle,
+                r => panic!("a healthy client was not served: {r:?}"),
+            };
+            let r = c.call(&Request::Read {
+                handle: h,
+                offset: 0,
+                len: 4096,
+            });
+            assert!(
+                matches!(r, Ok(Response::Data(ref d)) if d.len() == 4096),
+                "{r:?}"
+            );
+            c.call(&Request::Release { handle: h }).unwrap();
+        }
+        // The stalled clients are still there: it was not their going
+        // that let it in.
+        assert_eq!(server.connections(), STALLED + 1);
+        drop(stalled);
+        server.shutdown();
+    });
+}
+
+#[test]
+fn a_client_reading_too_slowly_is_dropped() {
+    // A client that reads 128 KiB every 250 ms: always some progress
+    // (a write time-out on progress alone never fires), but far below
+    // what it takes to write a 1 MiB answer within the 1 s deadline.
+    let tmp = tempfile::tempdir().unwrap();
+    export_with_file(tmp.path(), 1 << 20);
+    let limits = ServerLimits {
+        write_timeout: Duration::from_secs(1),
+        ..ServerLimits::default()
+    };
+    let server = start_with(server_config(tmp.path()), limits);
     bounded(60, None, move || {
         let addr = server.local_addr();
         let f = lookup_node(&raw(addr), b"f");
-        // Two clients pipeline 500 reads of 1 MiB each and read nothing.
-        let mut stalled = Vec::new();
-        for _ in 0..2 {
-            let mut s = TcpStream::connect(addr).unwrap();
-            assert!(handshake(&mut s));
-            let mut reqs = proto::request_frame(1, &Request::Open { node: f, flags: 0 });
-            for id in 2..502 {
-                reqs.extend(proto::request_frame(
-                    id,
-                    &Request::Read {
-                        handle: 1,
-                        offset: 0,
-                        len: proto::MAX_IO,
-                    },
-                ));
+        assert!(eventually(Duration::from_secs(5), || server.connections() == 0));
+        let s = stalled_client(addr, f, 200, proto::MAX_IO);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (mut s, stop) = (s.try_clone().unwrap(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 128 << 10];
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                while !stop.load(Ordering::SeqCst) {
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match s.read(&mut buf[got..]) {
+                            Ok(0) => return,
+                            Ok(n) => got += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(_) => return,
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+        };
+        assert!(
+            eventually(Duration::from_secs(15), || server.connections() == 0),
+            "a client reading 512 KiB/s was kept while 1 MiB answers must go out within 1 s"
+        );
+        stop.store(true, Ordering::SeqCst);
+        drop(s);
+        reader.join().unwrap();
+        server.shutdown();
+    });
+}
+
+/// A logged-in connection from the loopback address `src`, speaking the
+/// protocol by hand (one request at a time).
+struct Peer {
+    s: TcpStream,
+    id: u64,
+}
+
+impl Peer {
+    fn login(src: [u8; 4], addr: SocketAddr) -> Peer {
+        let mut s = connect_from(src, addr);
+        assert!(handshake(&mut s), "{src:?} could not log in");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Peer { s, id: 0 }
+    }
+
+    fn call(&mut self, req: &Request) -> Response {
+        self.id += 1;
+        self.s
+            .write_all(&proto::request_frame(self.id, req))
+            .unwrap();
+        let body = proto::read_frame(&mut self.s).unwrap().unwrap();
+        let (id, resp) = proto::decode_response(&body).unwrap();
+        assert_eq!(id, self.id);
+        resp
+    }
+
+    /// Opens `node` until refused: how many it got, and the refusal.
+    fn open_all(&mut self, node: u64, most: usize) -> (usize, i32) {
+        for n in 0..most {
+            match self.call(&Request::Open { node, flags: 0 }) {
+                Response::Opened { .. } => {}
+                Response::Error(e) => return (n, e),
+                r => panic!("{r:?}"),
             }
-            s.write_all(&reqs).unwrap();
-            stalled.push(s);
         }
-        let mut most = 0;
-        for _ in 0..50 {
-            most = most.max(server.requests_in_flight());
-            std::thread::sleep(Duration::from_millis(10));
+        (most, 0)
+    }
+}
+
+#[test]
+fn descriptors_are_shared_fairly_between_peers() {
+    let tmp = tempfile::tempdir().unwrap();
+    export_with_file(tmp.path(), 10);
+    let limits = ServerLimits {
+        max_handles_per_conn: 16,
+        max_handles: 40,
+        ..ServerLimits::default()
+    };
+    let server = start_with(server_config(tmp.path()), limits);
+    bounded(30, None, move || {
+        let addr = server.local_addr();
+        let f = lookup_node(&raw(addr), b"f");
+        // Peer A opens all it can over three connections (a host with
+        // three shares that never close their files).
+        let mut a: Vec<Peer> = (0..3).map(|_| Peer::login([127, 0, 0, 2], addr)).collect();
+        let got_a: usize = a.iter_mut().map(|p| p.open_all(f, 16).0).sum();
+        assert!(got_a <= 20, "one peer took {got_a} of 40 descriptors");
+        // Three more peers each still get a share.
+        for (i, src) in [[127, 0, 0, 3], [127, 0, 0, 4], [127, 0, 0, 5]]
+            .into_iter()
+            .enumerate()
+        {
+            let mut p = Peer::login(src, addr);
+            let (got, e) = p.open_all(f, 16);
+            assert!(
+                got >= 4,
+                "peer {i} got only {got} descriptors (then errno {e})"
+            );
+            assert_eq!(e, libc::ENFILE);
+            a.push(p);
         }
-        assert!(most > 0);
-        assert!(most <= 12, "{most} requests held at once");
-        // A third client is answered (at the latest once the stalled ones
-        // are dropped).
-        let c = raw(addr);
-        assert!(matches!(open_file(&c, f), Response::Opened { .. }));
+        assert!(server.open_handles() <= 40);
+        server.shutdown();
+    });
+}
+
+#[test]
+fn idle_handshakes_from_many_addresses_do_not_keep_a_client_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Default bounds, but idle handshakes are never cut at their
+    // deadline during the test: only making room lets a client in.
+    let limits = ServerLimits {
+        handshake_timeout: Duration::from_secs(120),
+        ..ServerLimits::default()
+    };
+    let server = start_with(server_config(tmp.path()), limits);
+    bounded(90, None, move || {
+        let addr = server.local_addr();
+        // 20 addresses open 10 connections each and say nothing: more
+        // than every handshake place.
+        let mut idle = Vec::new();
+        for a in 0..20u8 {
+            for _ in 0..10 {
+                idle.push(connect_from([127, 0, 1, 10 + a], addr));
+            }
+        }
+        // And go on opening new ones, as an attacker reconnecting would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                let mut i = 0u8;
+                while !stop.load(Ordering::SeqCst) {
+                    held.push_back(connect_from([127, 0, 1, 10 + i % 20], addr));
+                    if held.len() > 200 {
+                        held.pop_front();
+                    }
+                    i = i.wrapping_add(1);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        // A real client logs in promptly, again and again.
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut s = connect_from([127, 0, 0, 2], addr);
+            assert!(handshake(&mut s), "a client could not log in");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "a login took {:?}",
+                t.elapsed()
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        churn.join().unwrap();
+        // The idle ones hold no more than the handshake places.
+        assert!(server.handshakes() <= gvfs::server::DEFAULT_MAX_HANDSHAKES);
+        assert!(
+            eventually(Duration::from_secs(10), || server.connections()
+                <= gvfs::server::DEFAULT_MAX_HANDSHAKES),
+            "{} connections",
+            server.connections()
+        );
+        drop(idle);
         server.shutdown();
     });
 }

@@ -157,6 +157,7 @@ impl Conn {
             mut reader,
             mut writer,
             socket,
+            ..
         } = split;
         socket
             .set_read_timeout(Some(cfg.connect_timeout))

@@ -13,8 +13,14 @@
 //! each inode remembers its parent and name, and its server node id is
 //! looked up again when the connection epoch changes (a restarted server
 //! hands out new node ids). Open files are reopened the same way.
+//!
+//! Memory is bounded whatever the server lists: inodes nothing holds (no
+//! caller reference, open file or inode below them, such as the entries
+//! of a plain listing) are dropped least recently used first past
+//! `max_idle_inodes`, and cached listings past `max_cached_dir_entries`
+//! entries in all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +79,21 @@ pub const DEFAULT_MAX_DIR_ENTRIES: usize = 1 << 20;
 /// this many the listing gets EIO (a server handing out cookies forever).
 pub const MAX_LISTING_BATCHES: usize = 16_384;
 
+/// Inodes nothing holds (no caller reference, open file or inode below
+/// them) kept as a cache, such as the entries of a plain listing, which
+/// the kernel looks up by name only later: past this many the least
+/// recently used are dropped. About 250 bytes each with its name (some
+/// 32 MiB in all), and more than the entries of all but the largest
+/// directories, so that a listing's entries stay while it is read.
+pub const DEFAULT_MAX_IDLE_INODES: usize = 1 << 17;
+
+/// Entries of all cached directory listings together (a name and an
+/// inode number each, about 60 bytes: some 8 MiB in all): past it the
+/// listings least recently used are dropped, and a larger listing is not
+/// cached at all. As many as [`DEFAULT_MAX_IDLE_INODES`], as a cached
+/// listing answers only while its entries' inodes are kept.
+pub const DEFAULT_MAX_CACHED_DIR_ENTRIES: usize = 1 << 17;
+
 /// Client options.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -97,6 +118,11 @@ pub struct FsOptions {
     /// Entries of one listing, and of a session's open directories in all
     /// ([`DEFAULT_MAX_DIR_ENTRIES`]).
     pub max_dir_entries: usize,
+    /// Inodes kept that nothing holds ([`DEFAULT_MAX_IDLE_INODES`]).
+    pub max_idle_inodes: usize,
+    /// Entries of all cached listings together
+    /// ([`DEFAULT_MAX_CACHED_DIR_ENTRIES`]).
+    pub max_cached_dir_entries: usize,
 }
 
 impl Default for FsOptions {
@@ -112,6 +138,8 @@ impl Default for FsOptions {
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             max_open_dirs: DEFAULT_MAX_OPEN_DIRS,
             max_dir_entries: DEFAULT_MAX_DIR_ENTRIES,
+            max_idle_inodes: DEFAULT_MAX_IDLE_INODES,
+            max_cached_dir_entries: DEFAULT_MAX_CACHED_DIR_ENTRIES,
         }
     }
 }
@@ -179,12 +207,189 @@ struct Inode {
     listing: Option<(Listing, Instant)>,
     /// Entries handed out and not yet forgotten (FUSE lookup count).
     lookups: u64,
+    /// Inodes in the table whose parent this is: a parent stays while
+    /// they do (they are looked up again through it).
+    children: usize,
+    /// Files open on it through this client (reopened through it).
+    opens: usize,
+    /// When it was last used: a tick of [`Inodes::clock`], its place in
+    /// the least-recently-used orders.
+    used: u64,
 }
 
+impl Inode {
+    /// Whether anything holds it (else it is only a cache entry).
+    fn held(&self) -> bool {
+        self.lookups > 0 || self.children > 0 || self.opens > 0
+    }
+}
+
+/// The inode table, and what bounds it: inodes nothing holds and cached
+/// listings, each in least-recently-used order.
 struct Inodes {
     map: HashMap<u64, Inode>,
     names: HashMap<(u64, Vec<u8>), u64>,
     next: u64,
+    /// Counts uses, for the orders below.
+    clock: u64,
+    /// Inodes nothing holds, by (last use, inode).
+    idle: BTreeSet<(u64, u64)>,
+    max_idle: usize,
+    /// Directories with a cached listing, by (last use, inode).
+    listed: BTreeSet<(u64, u64)>,
+    /// Entries of all cached listings.
+    listed_entries: usize,
+    max_listed_entries: usize,
+}
+
+impl Inodes {
+    fn new(opts: &FsOptions) -> Inodes {
+        let mut map = HashMap::new();
+        map.insert(
+            ROOT_INO,
+            Inode {
+                parent: ROOT_INO,
+                name: Vec::new(),
+                node: None,
+                attr: None,
+                listing: None,
+                lookups: 1,
+                children: 0,
+                opens: 0,
+                used: 0,
+            },
+        );
+        Inodes {
+            map,
+            names: HashMap::new(),
+            next: ROOT_INO + 1,
+            clock: 0,
+            idle: BTreeSet::new(),
+            max_idle: opts.max_idle_inodes,
+            listed: BTreeSet::new(),
+            listed_entries: 0,
+            max_listed_entries: opts.max_cached_dir_entries,
+        }
+    }
+
+    /// Marks `ino` used now: last to be dropped.
+    fn touch(&mut self, ino: u64) {
+        self.clock += 1;
+        let now = self.clock;
+        let Some(i) = self.map.get_mut(&ino) else {
+            return;
+        };
+        let old = std::mem::replace(&mut i.used, now);
+        if self.idle.remove(&(old, ino)) {
+            self.idle.insert((now, ino));
+        }
+        if self.listed.remove(&(old, ino)) {
+            self.listed.insert((now, ino));
+        }
+    }
+
+    /// Puts `ino` in the idle order, or takes it out, as its counts say.
+    fn settle(&mut self, ino: u64) {
+        let Some(i) = self.map.get(&ino) else {
+            return;
+        };
+        let key = (i.used, ino);
+        if i.held() || ino == ROOT_INO {
+            self.idle.remove(&key);
+        } else {
+            self.idle.insert(key);
+        }
+    }
+
+    /// Drops the least recently used inodes nothing holds, past the bound.
+    fn trim(&mut self) {
+        while self.idle.len() > self.max_idle {
+            let Some((_, ino)) = self.idle.pop_first() else {
+                break;
+            };
+            self.remove(ino);
+        }
+    }
+
+    /// Adds the new inode `ino` as `name` in `parent`.
+    fn insert(&mut self, ino: u64, parent: u64, name: &[u8], mut inode: Inode) {
+        self.clock += 1;
+        inode.used = self.clock;
+        self.map.insert(ino, inode);
+        self.names.insert((parent, name.to_vec()), ino);
+        self.adopt(parent, 1);
+        self.settle(ino);
+        self.trim();
+    }
+
+    /// `parent` has `n` more children (or, negative, fewer).
+    fn adopt(&mut self, parent: u64, n: isize) {
+        if let Some(p) = self.map.get_mut(&parent) {
+            p.children = p.children.saturating_add_signed(n);
+            self.settle(parent);
+        }
+    }
+
+    /// Removes `ino` with its name and listing (never the root).
+    fn remove(&mut self, ino: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        self.drop_listing(ino);
+        let Some(i) = self.map.remove(&ino) else {
+            return;
+        };
+        self.idle.remove(&(i.used, ino));
+        let parent = i.parent;
+        let key = (parent, i.name);
+        if self.names.get(&key) == Some(&ino) {
+            self.names.remove(&key);
+        }
+        self.adopt(parent, -1);
+    }
+
+    /// Moves `ino` under `parent` (renamed there).
+    fn reparent(&mut self, ino: u64, parent: u64, name: &[u8]) {
+        let Some(i) = self.map.get_mut(&ino) else {
+            return;
+        };
+        let old = std::mem::replace(&mut i.parent, parent);
+        i.name = name.to_vec();
+        i.attr = None; // ctime changed
+        self.adopt(old, -1);
+        self.adopt(parent, 1);
+    }
+
+    /// Caches `list` as the listing of `ino`, dropping the listings used
+    /// least recently past the bound (a listing past it alone is not kept).
+    fn set_listing(&mut self, ino: u64, list: Listing) {
+        self.drop_listing(ino);
+        if list.len() > self.max_listed_entries || !self.map.contains_key(&ino) {
+            return;
+        }
+        self.touch(ino);
+        let Some(i) = self.map.get_mut(&ino) else {
+            return;
+        };
+        self.listed_entries += list.len();
+        self.listed.insert((i.used, ino));
+        i.listing = Some((list, Instant::now()));
+        while self.listed_entries > self.max_listed_entries {
+            let Some((_, d)) = self.listed.first().copied() else {
+                break;
+            };
+            self.drop_listing(d);
+        }
+    }
+
+    fn drop_listing(&mut self, ino: u64) {
+        if let Some(i) = self.map.get_mut(&ino)
+            && let Some((list, _)) = i.listing.take()
+        {
+            self.listed.remove(&(i.used, ino));
+            self.listed_entries = self.listed_entries.saturating_sub(list.len());
+        }
+    }
 }
 
 /// The caching file-system client.
@@ -242,25 +447,9 @@ impl Fs {
             opts.cache_dir.as_deref(),
             opts.disk_cache_bytes,
         )?;
-        let mut map = HashMap::new();
-        map.insert(
-            ROOT_INO,
-            Inode {
-                parent: ROOT_INO,
-                name: Vec::new(),
-                node: None,
-                attr: None,
-                listing: None,
-                lookups: 1,
-            },
-        );
         Ok(Fs {
             remote: Remote::new(cfg),
-            inodes: Mutex::new(Inodes {
-                map,
-                names: HashMap::new(),
-                next: ROOT_INO + 1,
-            }),
+            inodes: Mutex::new(Inodes::new(&opts)),
             files: Mutex::new(HashMap::new()),
             open_files: Budget::new(opts.max_open_files),
             next_fh: AtomicU64::new(1),
@@ -369,70 +558,110 @@ impl Fs {
 
     // ------------------------------------------------------------ inodes
 
-    fn intern(&self, parent: u64, name: &[u8], attr: Attr, epoch: u64) -> u64 {
+    /// The inode of `name` in `parent` (a new one if there is none),
+    /// with attributes `attr` from connection epoch `epoch`, counting
+    /// `refs` references for the caller.
+    fn intern(&self, parent: u64, name: &[u8], attr: Attr, epoch: u64, refs: u64) -> u64 {
         let mut t = lock(&self.inodes);
-        let key = (parent, name.to_vec());
         let now = Instant::now();
-        if let Some(&ino) = t.names.get(&key)
+        if let Some(&ino) = t.names.get(&(parent, name.to_vec()))
             && let Some(i) = t.map.get_mut(&ino)
         {
             i.node = Some((epoch, attr.node));
             i.attr = Some((attr, now));
+            i.lookups += refs;
+            t.touch(ino);
+            t.settle(ino);
             return ino;
         }
         let ino = t.next;
         t.next += 1;
-        t.map.insert(
-            ino,
-            Inode {
-                parent,
-                name: name.to_vec(),
-                node: Some((epoch, attr.node)),
-                attr: Some((attr, now)),
-                listing: None,
-                lookups: 0,
-            },
-        );
-        t.names.insert(key, ino);
+        let inode = Inode {
+            parent,
+            name: name.to_vec(),
+            node: Some((epoch, attr.node)),
+            attr: Some((attr, now)),
+            listing: None,
+            lookups: refs,
+            children: 0,
+            opens: 0,
+            used: 0,
+        };
+        t.insert(ino, parent, name, inode);
         ino
     }
 
     /// Counts one more reference held by the caller (the kernel) to `ino`;
-    /// every call that returns an [`Entry`] counts one itself. Call it for
-    /// each entry given out by a READDIRPLUS answer.
+    /// every call that returns an [`Entry`] counts one itself.
     pub fn remember(&self, ino: u64) {
-        if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
+        let mut t = lock(&self.inodes);
+        if let Some(i) = t.map.get_mut(&ino) {
             i.lookups += 1;
+            t.settle(ino);
         }
     }
 
-    fn counted(&self, e: Result<Entry, ClientError>) -> Result<Entry, ClientError> {
-        if let Ok(e) = &e {
-            self.remember(e.ino);
+    /// Counts one reference held by the caller to the entry `item` of a
+    /// listing of `parent` (call it for each entry a READDIRPLUS answer
+    /// gives out), and returns the inode number to give out with it: the
+    /// entry's own, or, if its inode was dropped meanwhile (nothing held
+    /// it), the one its name has now or the same number made anew.
+    pub fn remember_entry(&self, parent: u64, item: &DirItem) -> u64 {
+        let mut t = lock(&self.inodes);
+        let found = if t.map.contains_key(&item.ino) {
+            Some(item.ino)
+        } else {
+            t.names.get(&(parent, item.name.clone())).copied()
+        };
+        if let Some(ino) = found
+            && let Some(i) = t.map.get_mut(&ino)
+        {
+            i.lookups += 1;
+            t.touch(ino);
+            t.settle(ino);
+            return ino;
         }
-        e
+        // Its server node id and attributes are looked up again by name.
+        let inode = Inode {
+            parent,
+            name: item.name.clone(),
+            node: None,
+            attr: None,
+            listing: None,
+            lookups: 1,
+            children: 0,
+            opens: 0,
+            used: 0,
+        };
+        t.insert(item.ino, parent, &item.name, inode);
+        item.ino
     }
 
     /// The caller dropped `n` references to `ino` (FUSE FORGET); an inode
-    /// with none left is removed. The root is never removed.
+    /// with none left is removed unless an open file or an inode below it
+    /// holds it (it is then dropped once nothing does and it is least
+    /// recently used). The root is never removed.
     pub fn forget(&self, ino: u64, n: u64) {
         let mut t = lock(&self.inodes);
         let Some(i) = t.map.get_mut(&ino) else { return };
         i.lookups = i.lookups.saturating_sub(n);
-        if i.lookups > 0 || ino == ROOT_INO {
+        if ino == ROOT_INO || i.lookups > 0 {
             return;
         }
-        if let Some(i) = t.map.remove(&ino) {
-            let key = (i.parent, i.name);
-            if t.names.get(&key) == Some(&ino) {
-                t.names.remove(&key);
-            }
+        if i.held() {
+            return;
         }
+        t.remove(ino);
     }
 
     /// How many inodes the client holds (for tests and monitoring).
     pub fn inode_count(&self) -> usize {
         lock(&self.inodes).map.len()
+    }
+
+    /// Entries of all cached listings (for tests and monitoring).
+    pub fn cached_dir_entries(&self) -> usize {
+        lock(&self.inodes).listed_entries
     }
 
     fn set_attr(&self, ino: u64, mut attr: Attr) {
@@ -447,9 +676,7 @@ impl Fs {
     }
 
     fn drop_listing(&self, ino: u64) {
-        if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
-            i.listing = None;
-        }
+        lock(&self.inodes).drop_listing(ino);
     }
 
     fn forget_name(&self, parent: u64, name: &[u8]) {
@@ -460,9 +687,7 @@ impl Fs {
             i.node = None;
             i.attr = None;
         }
-        if let Some(p) = t.map.get_mut(&parent) {
-            p.listing = None;
-        }
+        t.drop_listing(parent);
     }
 
     /// The server node id of `ino` in session `s`, looked up again along
@@ -509,31 +734,32 @@ impl Fs {
 
     // ------------------------------------------------------------ metadata
 
-    /// Looks up `name` in directory `parent`.
+    /// Looks up `name` in directory `parent`; counts one reference to the
+    /// entry.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Entry, ClientError> {
-        self.counted(self.lookup_uncounted(parent, name))
-    }
-
-    fn lookup_uncounted(&self, parent: u64, name: &[u8]) -> Result<Entry, ClientError> {
         if name == b"." {
-            return Ok(Entry {
-                ino: parent,
-                attr: self.getattr(parent)?,
-            });
+            let attr = self.getattr(parent)?;
+            self.remember(parent);
+            return Ok(Entry { ino: parent, attr });
         }
         // A fresh listing answers both hits and misses.
         {
-            let t = lock(&self.inodes);
+            let mut t = lock(&self.inodes);
             if let Some((list, at)) = t.map.get(&parent).and_then(|p| p.listing.clone())
                 && at.elapsed() < self.opts.attr_timeout
             {
+                t.touch(parent);
                 match list.iter().find(|(n, _)| n == name) {
                     None => return Err(ClientError::Remote(libc::ENOENT)),
-                    Some((_, ino)) => {
-                        if let Some((a, at)) = t.map.get(ino).and_then(|i| i.attr)
+                    Some(&(_, ino)) => {
+                        if let Some(i) = t.map.get_mut(&ino)
+                            && let Some((a, at)) = i.attr
                             && at.elapsed() < self.opts.attr_timeout
                         {
-                            return Ok(Entry { ino: *ino, attr: a });
+                            i.lookups += 1;
+                            t.touch(ino);
+                            t.settle(ino);
+                            return Ok(Entry { ino, attr: a });
                         }
                     }
                 }
@@ -546,7 +772,7 @@ impl Fs {
                 name: name.to_vec(),
             })?)?;
             Ok(Entry {
-                ino: self.intern(parent, name, attr, self.node_gen(s)),
+                ino: self.intern(parent, name, attr, self.node_gen(s), 1),
                 attr,
             })
         })
@@ -601,11 +827,12 @@ impl Fs {
     /// The listing of `ino` while the directory cache holds it (within the
     /// attribute time-out), without asking the server.
     pub fn cached_readdir(&self, ino: u64) -> Option<Vec<DirItem>> {
-        let t = lock(&self.inodes);
+        let mut t = lock(&self.inodes);
         let (list, at) = t.map.get(&ino)?.listing.clone()?;
         if at.elapsed() >= self.opts.attr_timeout {
             return None;
         }
+        t.touch(ino);
         list.iter()
             .map(|(name, child)| {
                 let a = t.map.get(child)?.attr?.0;
@@ -662,7 +889,7 @@ impl Fs {
         }
         let mut items = Vec::with_capacity(entries.len());
         for e in entries {
-            let child = self.intern(ino, &e.name, e.attr, epoch);
+            let child = self.intern(ino, &e.name, e.attr, epoch, 0);
             r.names.push((e.name.clone(), child));
             items.push(DirItem {
                 name: e.name,
@@ -673,9 +900,7 @@ impl Fs {
         r.next = next;
         if next.is_none() {
             let list = Arc::new(std::mem::take(&mut r.names));
-            if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
-                i.listing = Some((list, Instant::now()));
-            }
+            lock(&self.inodes).set_listing(ino, list);
         }
         Ok(Some(items))
     }
@@ -717,12 +942,12 @@ impl Fs {
             let pnode = self.node(s, parent)?;
             let attr = attr_of(s.conn.call(&req(pnode))?)?;
             Ok(Entry {
-                ino: self.intern(parent, name, attr, self.node_gen(s)),
+                ino: self.intern(parent, name, attr, self.node_gen(s), 1),
                 attr,
             })
         });
         self.drop_listing(parent);
-        self.counted(r)
+        r
     }
 
     pub fn mkdir(
@@ -769,7 +994,7 @@ impl Fs {
                 new_name: new_name.to_vec(),
             })?)?;
             Ok(Entry {
-                ino: self.intern(new_parent, new_name, attr, self.node_gen(s)),
+                ino: self.intern(new_parent, new_name, attr, self.node_gen(s), 1),
                 attr,
             })
         });
@@ -778,7 +1003,7 @@ impl Fs {
         if let Some(i) = lock(&self.inodes).map.get_mut(&ino) {
             i.attr = None;
         }
-        self.counted(r)
+        r
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
@@ -835,17 +1060,11 @@ impl Fs {
             }
             if let Some(ino) = t.names.remove(&(parent, name.to_vec())) {
                 t.names.insert((new_parent, new_name.to_vec()), ino);
-                if let Some(i) = t.map.get_mut(&ino) {
-                    i.parent = new_parent;
-                    i.name = new_name.to_vec();
-                    i.attr = None; // ctime changed
-                }
+                t.reparent(ino, new_parent, new_name);
             }
         }
         for p in [parent, new_parent] {
-            if let Some(i) = t.map.get_mut(&p) {
-                i.listing = None;
-            }
+            t.drop_listing(p);
         }
         r
     }

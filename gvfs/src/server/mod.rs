@@ -10,13 +10,16 @@
 //! `AT_SYMLINK_NOFOLLOW`): symlinks are returned to the client as links.
 //!
 //! What a peer or client may hold is bounded ([`ServerLimits`]):
-//! connections per peer address and in all, handshakes (each within one
-//! deadline, its first frame no larger than a hello), requests read and
-//! not yet answered per connection and in all, open files per connection
-//! and in all. Answers are written by a thread of each connection, with a
-//! write time-out, so a client that stops reading holds only its own
-//! places until it is dropped. Running out of descriptors makes the
-//! accept loop back off instead of spinning.
+//! connections per peer address and in all, handshakes per peer and in
+//! all (each within one deadline, its first frame no larger than a hello;
+//! a newcomer pushes out the oldest handshake of the busiest peer when
+//! all places are taken), requests being worked on in all, requests and
+//! answer bytes queued per connection, open files per connection, per
+//! peer and in all (a fair share each past half). Answers are written by
+//! a thread of each connection, each within a deadline, so a client that
+//! stops or slows its reading holds only its own places until it is
+//! dropped. Running out of descriptors makes the accept loop back off
+//! instead of spinning.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -42,12 +45,12 @@ mod limits;
 mod ops;
 
 pub use limits::{
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER,
-    DEFAULT_MAX_HANDLES, DEFAULT_MAX_HANDLES_PER_CONN, DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_HANDSHAKES_PER_PEER, DEFAULT_MAX_REQUESTS, DEFAULT_MAX_REQUESTS_PER_CONN,
-    DEFAULT_WRITE_TIMEOUT, ServerLimits,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_ANSWER_BYTES_PER_CONN, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MAX_HANDLES, DEFAULT_MAX_HANDLES_PER_CONN,
+    DEFAULT_MAX_HANDLES_PER_PEER, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_PEER,
+    DEFAULT_MAX_REQUESTS, DEFAULT_MAX_REQUESTS_PER_CONN, DEFAULT_WRITE_TIMEOUT, ServerLimits,
 };
-use limits::{Deadlines, Peers, Slots};
+use limits::{Deadlines, Handles, Peers, Slots};
 
 /// What can go wrong while starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +227,7 @@ impl Nodes {
 struct Logs {
     accept: LogLimiter,
     refused: LogLimiter,
+    evicted: LogLimiter,
     handshake: LogLimiter,
     stalled: LogLimiter,
     handles: LogLimiter,
@@ -253,14 +257,15 @@ struct Shared {
     /// its handshake deadline).
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
-    /// Connections per peer and in all.
+    /// Connections and handshakes per peer and in all.
     peers: Peers,
-    /// Connections in their handshake, in all.
-    handshakes: Slots,
-    /// Requests read and not yet answered, in all.
+    /// Requests read and being worked on, in all.
     requests: Arc<Slots>,
-    /// Files open, in all.
-    handles: Budget,
+    /// Bytes of answers queued (or reserved for requests being worked
+    /// on) and not yet written, in all: a gauge, bounded per connection.
+    answer_bytes: Budget,
+    /// Files open, per peer and in all.
+    handles: Handles,
     deadlines: Deadlines,
     logs: Logs,
 }
@@ -340,9 +345,12 @@ impl Server {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             peers: Peers::default(),
-            handshakes: Slots::new(l.max_handshakes),
             requests: Arc::new(Slots::new(l.max_requests)),
-            handles: Budget::new(l.handle_budget(workers, self.nofile)),
+            answer_bytes: Budget::new(usize::MAX),
+            handles: Handles::new(
+                l.handle_budget(workers, self.nofile),
+                l.max_handles_per_peer,
+            ),
             deadlines: Deadlines::default(),
             logs: Logs::default(),
             limits: l,
@@ -467,21 +475,29 @@ fn serve(shared: Arc<Shared>, listener: TcpListener) {
 
 impl Shared {
     /// Takes a new connection in if the limits allow, and starts its
-    /// thread; closes it otherwise. Waits (not accepting meanwhile) while
-    /// all handshake places are taken.
+    /// thread; closes it otherwise. Never waits: with every handshake
+    /// place taken, the oldest handshake of the peer holding the most is
+    /// shut down to make room.
     fn admit(self: &Arc<Self>, sock: TcpStream, ip: IpAddr, jobs: &mpsc::Sender<Job>) {
         let ip = limits::peer_key(ip);
-        if let Err(why) = self.peers.admit(ip, &self.limits) {
-            if let Some(held_back) = self.logs.refused.allow() {
-                warn!(peer = %ip, ?why, held_back, "connection refused: over the limit");
-            }
-            return;
-        }
-        if !self.handshakes.take(|| self.stop.load(Ordering::SeqCst)) {
-            self.peers.gone(ip);
-            return;
-        }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        match self.peers.admit(id, ip, &self.limits) {
+            Err(why) => {
+                if let Some(held_back) = self.logs.refused.allow() {
+                    warn!(peer = %ip, ?why, held_back, "connection refused: over the limit");
+                }
+                return;
+            }
+            Ok(Some(victim)) => {
+                if let Some(c) = lock(&self.conns).get(&victim) {
+                    if let Some(held_back) = self.logs.evicted.allow() {
+                        info!(peer = ?c.peer_addr().ok(), held_back, "handshake dropped to make room for a new one");
+                    }
+                    transport::shutdown(c);
+                }
+            }
+            Ok(None) => {}
+        }
         // From here `admitted` gives back what was counted, however the
         // connection ends.
         let admitted = conn::Admitted::new(self.clone(), id, ip);
@@ -560,9 +576,19 @@ impl ServerHandle {
     pub fn open_handles(&self) -> usize {
         self.shared.handles.used()
     }
-    /// Requests read and not yet answered.
+    /// Requests read and being worked on (not those whose answers wait
+    /// to be written).
     pub fn requests_in_flight(&self) -> usize {
         self.shared.requests.used()
+    }
+    /// Bytes of answers waiting to be written (or reserved for requests
+    /// being worked on), all connections together.
+    pub fn queued_answer_bytes(&self) -> usize {
+        self.shared.answer_bytes.used()
+    }
+    /// Connections in their handshake.
+    pub fn handshakes(&self) -> usize {
+        self.shared.peers.handshakes()
     }
     /// Stops accepting and drops every connection, as if the server died.
     pub fn shutdown(mut self) {

@@ -1,11 +1,12 @@
 //! The requests a logged-in client sends, run against the export, and
 //! the connection state they use: its open files, counted against the
-//! connection's share and the server's total.
+//! connection's share, its peer's and the server's total.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
@@ -17,17 +18,19 @@ use tracing::{debug, warn};
 
 use super::{ServerConfig, Shared, lock};
 use crate::limit::Budget;
-use crate::proto::{self, Attr, DirEntry, Kind, Request, Response, SetTime, Time};
+use crate::proto::{self, Attr, DirEntry, Kind, Request, Response, SetAttr, SetTime, Time};
 use crate::sys;
 
 /// Bytes of entries per READDIR reply (at most [`proto::MAX_READDIR_BYTES`]):
 /// about a thousand entries, so that a client can hand out the first
 /// entries of a large directory while the server reads the rest.
-const READDIR_BATCH_BYTES: usize = 128 * 1024;
+pub(super) const READDIR_BATCH_BYTES: usize = 128 * 1024;
 
 /// A logged-in connection's state.
 pub(super) struct Conn {
     pub(super) shared: Arc<Shared>,
+    /// The peer it comes from (as counted: an IPv6 peer by its /64).
+    ip: IpAddr,
     handles: Mutex<HashMap<u64, Arc<File>>>,
     next_handle: AtomicU64,
     /// This connection's share of open files.
@@ -56,7 +59,7 @@ impl Drop for HandleSlot<'_> {
     fn drop(&mut self) {
         if !self.kept {
             self.conn.handle_budget.give(1);
-            self.conn.shared.handles.give(1);
+            self.conn.shared.handles.give(self.conn.ip, 1);
         }
     }
 }
@@ -65,7 +68,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         // Its files close with it.
         let n = lock(&self.handles).len();
-        self.shared.handles.give(n);
+        self.shared.handles.give(self.ip, n);
     }
 }
 
@@ -102,10 +105,11 @@ fn time_of(sec: i64, nsec: i64) -> Time {
 }
 
 impl Conn {
-    pub(super) fn new(shared: Arc<Shared>) -> Conn {
+    pub(super) fn new(shared: Arc<Shared>, ip: IpAddr) -> Conn {
         Conn {
             handle_budget: Budget::new(shared.limits.max_handles_per_conn),
             shared,
+            ip,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             dead: AtomicBool::new(false),
@@ -197,12 +201,14 @@ impl Conn {
     }
 
     /// A place for one more open file: EMFILE past this connection's
-    /// share, ENFILE past the server's total.
+    /// share or its peer's, ENFILE past the server's total (or, once more
+    /// than half of it is open, past the peer's fair share).
     fn reserve_handle(&self) -> Result<HandleSlot<'_>, i32> {
         let refuse = |errno: i32| {
             if let Some(held_back) = self.shared.logs.handles.allow() {
                 warn!(
                     errno,
+                    peer = %self.ip,
                     held = self.handle_budget.used(),
                     in_all = self.shared.handles.used(),
                     held_back,
@@ -214,9 +220,9 @@ impl Conn {
         if !self.handle_budget.try_take() {
             return refuse(libc::EMFILE);
         }
-        if !self.shared.handles.try_take() {
+        if let Err(why) = self.shared.handles.try_take(self.ip) {
             self.handle_budget.give(1);
-            return refuse(libc::ENFILE);
+            return refuse(why.errno());
         }
         Ok(HandleSlot {
             conn: self,
@@ -227,7 +233,7 @@ impl Conn {
     fn release(&self, handle: u64) {
         if lock(&self.handles).remove(&handle).is_some() {
             self.handle_budget.give(1);
-            self.shared.handles.give(1);
+            self.shared.handles.give(self.ip, 1);
         }
     }
 
@@ -332,55 +338,7 @@ impl Conn {
                 )?))
             }
             Request::Getattr { node } => Ok(Response::Attr(self.node_attr(node)?)),
-            Request::Setattr { node, set } => {
-                self.writable()?;
-                let path = self.path(node)?;
-                let flags = if set.size.is_some() {
-                    libc::O_WRONLY
-                } else {
-                    libc::O_RDONLY
-                };
-                // O_NOFOLLOW: a symlink is refused (ELOOP), never followed.
-                let fd = sys::open_beneath(
-                    self.root(),
-                    &path,
-                    flags | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
-                    0,
-                )
-                .map_err(errno)?;
-                if let Some(mode) = set.mode {
-                    let st = sys::fstat(fd.as_fd()).map_err(errno)?;
-                    let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                    sys::fchmod(fd.as_fd(), client_mode(mode, dir)).map_err(errno)?;
-                }
-                if set.uid.is_some() || set.gid.is_some() {
-                    let uid = set.uid.map_or(u32::MAX, |u| self.cfg().uid_map.to_local(u));
-                    let gid = set.gid.map_or(u32::MAX, |g| self.cfg().gid_map.to_local(g));
-                    sys::chown_at(fd.as_fd(), OsStr::new(""), uid, gid).map_err(errno)?;
-                }
-                if let Some(size) = set.size {
-                    sys::ftruncate(fd.as_fd(), size).map_err(errno)?;
-                }
-                if set.atime.is_some() || set.mtime.is_some() {
-                    let ts = |t: Option<SetTime>| match t {
-                        None => libc::timespec {
-                            tv_sec: 0,
-                            tv_nsec: libc::UTIME_OMIT,
-                        },
-                        Some(SetTime::Now) => libc::timespec {
-                            tv_sec: 0,
-                            tv_nsec: libc::UTIME_NOW,
-                        },
-                        Some(SetTime::At(t)) => libc::timespec {
-                            tv_sec: t.sec,
-                            tv_nsec: t.nsec as i64,
-                        },
-                    };
-                    sys::futimens(fd.as_fd(), &[ts(set.atime), ts(set.mtime)]).map_err(errno)?;
-                }
-                let st = sys::fstat(fd.as_fd()).map_err(errno)?;
-                Ok(Response::Attr(self.attr(node, &st)))
-            }
+            Request::Setattr { node, set } => self.setattr(node, set),
             Request::Readdir { node, cookie } => self.readdir(node, cookie),
             Request::Open { node, flags } => {
                 let flags = flags as i32;
@@ -560,6 +518,57 @@ impl Conn {
             }
             Request::Stats => Ok(Response::Stats(self.shared.counters.snapshot())),
         }
+    }
+
+    /// SETATTR. Everything but the size is changed through an `O_PATH`
+    /// descriptor: nothing is opened, so a device node's driver is never
+    /// called and a FIFO never waited on. Only a regular file has a size
+    /// to set (opened as OPEN opens it); a symlink is refused (ELOOP),
+    /// never followed.
+    fn setattr(&self, node: u64, set: SetAttr) -> OpResult {
+        self.writable()?;
+        let path = self.path(node)?;
+        let fd = sys::open_beneath(self.root(), &path, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .map_err(errno)?;
+        let kind = sys::fstat(fd.as_fd()).map_err(errno)?.st_mode & libc::S_IFMT;
+        match kind {
+            libc::S_IFLNK => return Err(libc::ELOOP),
+            libc::S_IFREG => {}
+            libc::S_IFDIR if set.size.is_some() => return Err(libc::EISDIR),
+            _ if set.size.is_some() => return Err(libc::EINVAL),
+            _ => {}
+        }
+        if let Some(mode) = set.mode {
+            sys::chmod_fd(fd.as_fd(), client_mode(mode, kind == libc::S_IFDIR)).map_err(errno)?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.map_or(u32::MAX, |u| self.cfg().uid_map.to_local(u));
+            let gid = set.gid.map_or(u32::MAX, |g| self.cfg().gid_map.to_local(g));
+            sys::chown_at(fd.as_fd(), OsStr::new(""), uid, gid).map_err(errno)?;
+        }
+        if let Some(size) = set.size {
+            let (file, _) = self.open_plain(&path, libc::O_WRONLY, false)?;
+            sys::ftruncate(file.as_fd(), size).map_err(errno)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let ts = |t: Option<SetTime>| match t {
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(SetTime::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
+                Some(SetTime::At(t)) => libc::timespec {
+                    tv_sec: t.sec,
+                    tv_nsec: t.nsec as i64,
+                },
+            };
+            sys::utimens_fd(fd.as_fd(), &[ts(set.atime), ts(set.mtime)]).map_err(errno)?;
+        }
+        let st = sys::fstat(fd.as_fd()).map_err(errno)?;
+        Ok(Response::Attr(self.attr(node, &st)))
     }
 
     fn remove(&self, parent: u64, name: &[u8], flags: i32) -> OpResult {

@@ -93,6 +93,14 @@ impl Fs {
     }
 
     fn new_fh(&self, ino: u64, flags: u32, epoch: u64, handle: u64) -> u64 {
+        // The inode stays while the file is open (it is reopened through it).
+        {
+            let mut t = lock(&self.inodes);
+            if let Some(i) = t.map.get_mut(&ino) {
+                i.opens += 1;
+                t.settle(ino);
+            }
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(
             fh,
@@ -187,7 +195,7 @@ impl Fs {
                 gid,
             })?)? {
                 Response::Opened { handle, attr } => {
-                    let ino = self.intern(parent, name, attr, self.node_gen(s));
+                    let ino = self.intern(parent, name, attr, self.node_gen(s), 1);
                     Ok((
                         Entry { ino, attr },
                         self.new_fh(ino, flags, s.epoch, handle),
@@ -197,9 +205,8 @@ impl Fs {
             }
         });
         self.drop_listing(parent);
-        match &r {
-            Ok((e, _)) => self.remember(e.ino),
-            Err(_) => self.open_files.give(1),
+        if r.is_err() {
+            self.open_files.give(1);
         }
         r
     }
@@ -460,6 +467,14 @@ impl Fs {
             return Err(ClientError::Remote(libc::EBADF));
         };
         self.open_files.give(1);
+        {
+            let mut t = lock(&self.inodes);
+            if let Some(i) = t.map.get_mut(&f.ino) {
+                i.opens = i.opens.saturating_sub(1);
+                t.settle(f.ino);
+                t.trim();
+            }
+        }
         let remote = *lock(&f.remote);
         if let (Some((epoch, handle)), Ok(s)) = (remote, self.remote.session())
             && s.epoch == epoch
