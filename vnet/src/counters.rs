@@ -38,10 +38,13 @@ pub enum DropReason {
     SpoofedSource,
     /// A tunnel datagram without a valid tag where a key is set.
     Unauthenticated,
+    /// A tunnel datagram whose counter was seen already (sent again by
+    /// someone who recorded it), or too far behind the newest.
+    Replayed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::BadSource,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::Offload,
         DropReason::SpoofedSource,
         DropReason::Unauthenticated,
+        DropReason::Replayed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +78,7 @@ impl DropReason {
             DropReason::Offload => "offload",
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::Unauthenticated => "unauthenticated",
+            DropReason::Replayed => "replayed",
         }
     }
 }

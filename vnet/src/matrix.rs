@@ -7,8 +7,8 @@ use crate::frame::Mac;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Seconds of history kept per pair (the longest window).
 const HISTORY: usize = 60;
@@ -17,7 +17,11 @@ const MAX_PAIRS: usize = 65536;
 /// At most this many remote switches (origins) are kept; each is
 /// relayed to every neighbour every second, so this bounds the memory
 /// and the per-second work whatever origins peers make up. VNET
-/// overlays are tens of hosts; 64 leaves room.
+/// overlays are tens of hosts; 64 leaves room. When it is full, a new
+/// origin pushes out one introduced by the neighbour that introduced the
+/// most (its own, on a tie): so each neighbour keeps at least its share
+/// (64 over the number of neighbours), and one that makes up origins
+/// pushes out only its own.
 pub const MAX_REMOTE_ORIGINS: usize = 64;
 /// A remote report keeps at most this many entries, its biggest pairs
 /// over 60 s (the topology inference keeps the heavy pairs only): with
@@ -26,6 +30,17 @@ pub const MAX_REMOTE_ORIGINS: usize = 64;
 pub const MAX_REPORT_ENTRIES: usize = 1024;
 /// A remote report older than this is left out of the global matrix.
 const REMOTE_TTL_MS: u64 = 10_000;
+/// The reports to send are built this often at most (per message size),
+/// however many neighbours take them: the period they are sent at.
+pub const REPORT_REUSE: Duration = Duration::from_secs(1);
+/// Message sizes whose reports are kept built: one per transport and
+/// UDP MTU in use (UDP with and without a key, streams); more are built
+/// each time, evicting the oldest.
+const MAX_ENCODINGS: usize = 4;
+/// No entry's JSON is shorter than this (a unit test checks): bounds how
+/// many entries a message of a given size can hold, so that only that
+/// many of the biggest are measured.
+const MIN_ENTRY_JSON: usize = 160;
 
 /// Kind of traffic; only `Unicast` feeds the topology inference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -81,6 +96,13 @@ pub struct MatrixReport {
     /// Milliseconds since the Unix epoch when it was made; newer wins.
     pub seq: u64,
     pub entries: Vec<MatrixEntry>,
+    /// Entries left out (the smallest) to fit a message or a cap.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 struct Pair {
@@ -94,6 +116,15 @@ struct Remote {
     received_ms: u64,
     /// Order of arrival, to push out the one heard of least lately.
     order: u64,
+    /// The neighbour that introduced it.
+    via: u128,
+}
+
+/// Reports built for one message size.
+struct Encoded {
+    max_len: usize,
+    built: Instant,
+    bytes: Arc<Vec<u8>>,
 }
 
 /// The matrix of one switch. It counts frames that enter by a local
@@ -106,6 +137,8 @@ pub struct TrafficMatrix {
     remote: Mutex<HashMap<u64, Remote>>,
     /// Reports taken in so far (orders [`Remote`]s).
     received: AtomicU64,
+    /// The reports to send, as built lately per message size.
+    encoded: Mutex<Vec<Encoded>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +176,7 @@ impl TrafficMatrix {
             pairs: Mutex::new(HashMap::with_capacity(64)),
             remote: Mutex::new(HashMap::new()),
             received: AtomicU64::new(0),
+            encoded: Mutex::new(Vec::new()),
         }
     }
 
@@ -212,14 +246,24 @@ impl TrafficMatrix {
             origin: self.origin,
             seq: unix_ms(),
             entries,
+            omitted: 0,
         }
     }
 
-    /// Takes in reports received from another switch; keeps the newest
-    /// per origin and ignores this switch's own. Keeps at most
-    /// [`MAX_REMOTE_ORIGINS`] origins (a new one pushes out the one heard
-    /// of least lately) and [`MAX_REPORT_ENTRIES`] entries per report.
+    /// Takes in reports from a neighbour that is not told apart from
+    /// others ([`TrafficMatrix::merge_from`] with neighbour 0).
     pub fn merge(&self, reports: Vec<MatrixReport>) {
+        self.merge_from(0, reports)
+    }
+
+    /// Takes in reports received from neighbour `neighbour` (any id of
+    /// the peer they came by; tunnels use its address: an IPv4 address,
+    /// or an IPv6 /64). Keeps the newest per origin and ignores this
+    /// switch's own. Keeps at most [`MAX_REMOTE_ORIGINS`] origins: a new
+    /// one pushes out the one heard of least lately of those introduced
+    /// by the neighbour that introduced the most (this one's own on a
+    /// tie); and at most [`MAX_REPORT_ENTRIES`] entries per report.
+    pub fn merge_from(&self, neighbour: u128, reports: Vec<MatrixReport>) {
         let now = unix_ms();
         let mut remote = lock(&self.remote);
         remote.retain(|_, r| now.saturating_sub(r.received_ms) <= REMOTE_TTL_MS * 6);
@@ -229,27 +273,57 @@ impl TrafficMatrix {
             if r.origin == self.origin {
                 continue;
             }
-            match remote.get(&r.origin) {
+            let via = match remote.get(&r.origin) {
                 Some(old) if old.report.seq >= r.seq => continue,
-                Some(_) => {}
-                None if remote.len() >= MAX_REMOTE_ORIGINS => {
-                    let stalest = remote.iter().min_by_key(|(_, r)| r.order).map(|(&o, _)| o);
-                    if let Some(o) = stalest {
+                Some(old) => old.via,
+                None => {
+                    if remote.len() >= MAX_REMOTE_ORIGINS
+                        && let Some(o) = make_room(&remote, neighbour)
+                    {
                         remote.remove(&o);
                     }
+                    neighbour
                 }
-                None => {}
+            };
+            if r.entries.len() > MAX_REPORT_ENTRIES {
+                r.omitted += (r.entries.len() - MAX_REPORT_ENTRIES) as u64;
+                keep_biggest(&mut r.entries, MAX_REPORT_ENTRIES);
             }
-            keep_biggest(&mut r.entries, MAX_REPORT_ENTRIES);
             remote.insert(
                 r.origin,
                 Remote {
                     report: r,
                     received_ms: now,
                     order: self.received.fetch_add(1, Relaxed),
+                    via,
                 },
             );
         }
+    }
+
+    /// The reports to send to a neighbour ([`Self::reports_to_send`]) as
+    /// the JSON of a `MATRIX` message of at most `max_len` bytes: the
+    /// biggest pairs of all reports that fit (the others counted in each
+    /// report's `omitted`). Built at most once per [`REPORT_REUSE`] per
+    /// size, whatever the number of neighbours.
+    pub fn encoded_reports(&self, max_len: usize) -> Arc<Vec<u8>> {
+        let mut cache = lock(&self.encoded);
+        if let Some(e) = cache.iter().find(|e| e.max_len == max_len)
+            && e.built.elapsed() < REPORT_REUSE
+        {
+            return e.bytes.clone();
+        }
+        let bytes = Arc::new(encode_within(self.reports_to_send(), max_len));
+        cache.retain(|e| e.max_len != max_len);
+        if cache.len() >= MAX_ENCODINGS {
+            cache.remove(0);
+        }
+        cache.push(Encoded {
+            max_len,
+            built: Instant::now(),
+            bytes: bytes.clone(),
+        });
+        bytes
     }
 
     /// What to send to a neighbour: this switch's report and the fresh
@@ -303,6 +377,128 @@ impl TrafficMatrix {
             }
         }
         sum.into_values().collect()
+    }
+}
+
+/// The origin to push out for a new one from `neighbour`: the one heard
+/// of least lately of the neighbour that introduced the most (this one on
+/// a tie).
+fn make_room(remote: &HashMap<u64, Remote>, neighbour: u128) -> Option<u64> {
+    let mut count: HashMap<u128, usize> = HashMap::new();
+    for r in remote.values() {
+        *count.entry(r.via).or_default() += 1;
+    }
+    let most = count.values().copied().max()?;
+    let gives_way = |via: u128| {
+        if count.get(&neighbour) == Some(&most) {
+            via == neighbour
+        } else {
+            count.get(&via) == Some(&most)
+        }
+    };
+    remote
+        .iter()
+        .filter(|(_, r)| gives_way(r.via))
+        .min_by_key(|(_, r)| r.order)
+        .map(|(&o, _)| o)
+}
+
+/// Counts the bytes written to it.
+#[derive(Default)]
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_len<T: Serialize>(v: &T) -> usize {
+    let mut c = Count::default();
+    // Writing to a counter does not fail (nor does serializing these).
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// `reports` as JSON of at most `max_len` bytes: all of them if they
+/// fit; else the biggest pairs (by bytes over 60 s, across reports) that
+/// fit, each report saying in `omitted` how many of its own were left
+/// out. A report whose header alone does not fit goes (remote ones
+/// first: this switch's own is first in the list).
+fn encode_within(mut reports: Vec<MatrixReport>, max_len: usize) -> Vec<u8> {
+    let total: usize = reports.iter().map(|r| r.entries.len()).sum();
+    // Few enough entries that they may all fit: try (a message's worth
+    // of work at most).
+    if total.saturating_mul(MIN_ENTRY_JSON) <= max_len
+        && let Ok(v) = serde_json::to_vec(&reports)
+        && v.len() <= max_len
+    {
+        return v;
+    }
+    // Each report without entries and `omitted` as big as it can get,
+    // with its comma; the list's brackets.
+    let header = |r: &MatrixReport| {
+        json_len(&MatrixReport {
+            origin: r.origin,
+            seq: r.seq,
+            entries: Vec::new(),
+            omitted: r.omitted + r.entries.len() as u64,
+        }) + 1
+    };
+    let mut budget = max_len.saturating_sub(1);
+    let mut keep = 0;
+    for r in &reports {
+        let h = header(r);
+        if h > budget {
+            break;
+        }
+        budget -= h;
+        keep += 1;
+    }
+    reports.truncate(keep);
+    // The biggest entries, as many as could fit at the shortest.
+    let mut order: Vec<(u64, usize, usize)> = reports
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.entries
+                .iter()
+                .enumerate()
+                .map(move |(j, e)| (e.last_60s.bytes, i, j))
+        })
+        .collect();
+    let most = (budget / MIN_ENTRY_JSON + 1).min(order.len());
+    if most < order.len() {
+        order.select_nth_unstable_by(most, |a, b| b.0.cmp(&a.0));
+        order.truncate(most);
+    }
+    order.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
+    let mut chosen: Vec<Vec<bool>> = reports
+        .iter()
+        .map(|r| vec![false; r.entries.len()])
+        .collect();
+    for &(_, i, j) in &order {
+        // Its JSON and a comma.
+        let n = json_len(&reports[i].entries[j]) + 1;
+        if n > budget {
+            break;
+        }
+        budget -= n;
+        chosen[i][j] = true;
+    }
+    for (r, chosen) in reports.iter_mut().zip(chosen) {
+        let before = r.entries.len();
+        let mut it = chosen.into_iter();
+        r.entries.retain(|_| it.next().unwrap_or(false));
+        r.omitted += (before - r.entries.len()) as u64;
+    }
+    match serde_json::to_vec(&reports) {
+        Ok(v) if v.len() <= max_len => v,
+        _ => b"[]".to_vec(),
     }
 }
 
@@ -512,6 +708,7 @@ mod tests {
         let report = |origin: u64, entries: usize| MatrixReport {
             origin,
             seq: 1,
+            omitted: 0,
             entries: (0..entries)
                 .map(|i| MatrixEntry {
                     src: Mac::local(i as u32),
@@ -545,5 +742,113 @@ mod tests {
             kept.entries.iter().all(|e| e.last_60s.bytes >= 10),
             "the biggest are kept"
         );
+    }
+
+    fn report(origin: u64, entries: u32) -> MatrixReport {
+        MatrixReport {
+            origin,
+            seq: 1,
+            omitted: 0,
+            entries: (0..entries)
+                .map(|i| MatrixEntry {
+                    src: Mac::local(i),
+                    dst: Mac::local(0),
+                    class: TrafficClass::Unicast,
+                    last_1s: Volume::default(),
+                    last_10s: Volume::default(),
+                    last_60s: Volume {
+                        bytes: u64::from(i),
+                        frames: 1,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_neighbour_making_up_origins_pushes_out_only_its_own() {
+        let m = TrafficMatrix::new();
+        // A hub (neighbour 1) relays 20 real switches.
+        m.merge_from(1, (100..120).map(|o| report(o, 1)).collect());
+        // Neighbour 2 makes up thousands, heard of after the real ones.
+        for k in 0..100 {
+            m.merge_from(2, (0..50).map(|i| report(10_000 + k * 50 + i, 0)).collect());
+        }
+        let has = |o: std::ops::Range<u64>| {
+            let origins = m.remote_origins();
+            o.clone().all(|x| origins.contains(&x))
+        };
+        assert_eq!(m.remote_origins().len(), MAX_REMOTE_ORIGINS);
+        assert!(has(100..120), "real origins pushed out");
+        // A third neighbour's own origin gets in, in place of one of 2's.
+        m.merge_from(3, vec![report(7, 1)]);
+        assert!(has(7..8) && has(100..120));
+        // As more switches join behind the hub, it takes places from the
+        // one making up until they hold as many (the third keeps its
+        // one), then gives up its own least lately heard.
+        m.merge_from(1, (120..150).map(|o| report(o, 1)).collect());
+        assert_eq!(m.remote_origins().len(), MAX_REMOTE_ORIGINS);
+        let count =
+            |r: std::ops::Range<u64>| m.remote_origins().iter().filter(|o| r.contains(o)).count();
+        assert_eq!((count(100..150), count(10_000..20_000)), (32, 31));
+        assert!(has(118..150) && has(7..8));
+    }
+
+    #[test]
+    fn the_reports_are_built_once_per_tick_and_fit_the_limit() {
+        let m = TrafficMatrix::new();
+        for i in 0..3000u32 {
+            m.record(
+                Mac::local(i),
+                Mac::local(0xffff),
+                TrafficClass::Unicast,
+                60 + i as usize,
+            );
+        }
+        m.merge_from(1, vec![report(5, 500)]);
+        const LIMIT: usize = 64 * 1024;
+        let a = m.encoded_reports(LIMIT);
+        assert!(
+            std::sync::Arc::ptr_eq(&a, &m.encoded_reports(LIMIT)),
+            "built again within the tick"
+        );
+        assert!(a.len() <= LIMIT, "{} bytes", a.len());
+        let v: Vec<MatrixReport> = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v.len(), 2, "both reports, trimmed");
+        assert_eq!(v[0].origin, m.origin());
+        // The biggest pairs are kept: every pair left out is smaller than
+        // every pair kept.
+        let kept = &v[0].entries;
+        assert!(kept.len() > 100 && kept.len() < 3000, "{}", kept.len());
+        let smallest = kept.iter().map(|e| e.last_60s.bytes).min().unwrap();
+        assert_eq!(smallest, 60 + 3000 - kept.len() as u64);
+        assert_eq!(v[0].omitted, 3000 - kept.len() as u64, "it says so");
+        assert_eq!(v[1].entries.len() as u64 + v[1].omitted, 500);
+        // A size that holds everything gets everything.
+        let all: Vec<MatrixReport> = serde_json::from_slice(&m.encoded_reports(4 << 20)).unwrap();
+        assert_eq!((all[0].entries.len(), all[0].omitted), (3000, 0));
+        // One too small for any entry still says who is there.
+        let none: Vec<MatrixReport> = serde_json::from_slice(&m.encoded_reports(300)).unwrap();
+        assert!(
+            none.iter().all(|r| r.entries.is_empty() && r.omitted > 0),
+            "{none:?}"
+        );
+        assert!(!none.is_empty());
+        assert_eq!(&m.encoded_reports(10)[..], b"[]");
+    }
+
+    #[test]
+    fn no_entry_is_shorter_than_the_shortest_assumed() {
+        let e = MatrixEntry {
+            src: Mac::default(),
+            dst: Mac::default(),
+            class: TrafficClass::Arp,
+            last_1s: Volume::default(),
+            last_10s: Volume::default(),
+            last_60s: Volume::default(),
+        };
+        let n = json_len(&e);
+        assert!(n >= MIN_ENTRY_JSON, "{n}");
+        assert!(n < MIN_ENTRY_JSON + 20, "{n}: the bound could be closer");
     }
 }

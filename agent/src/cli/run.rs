@@ -176,10 +176,7 @@ impl Planned {
 
 /// The NICs of a restored VM: the MACs given with `--net` in place of the
 /// saved ones, in order (clones need their own), or the saved ones.
-fn restored_nets(
-    snapshot: &vmm::snapshot::Snapshot,
-    given: Vec<Nic>,
-) -> Result<Vec<Nic>, String> {
+fn restored_nets(snapshot: &vmm::snapshot::Snapshot, given: Vec<Nic>) -> Result<Vec<Nic>, String> {
     let plan: DevicePlan = serde_json::from_str(&snapshot.state.owner)
         .map_err(|e| format!("the snapshot's device plan cannot be read: {e}"))?;
     if given.is_empty() {

@@ -35,8 +35,9 @@ pub struct SwitchArgs {
     /// fragmented within the tunnel.
     #[arg(long, default_value_t = DEFAULT_UDP_MTU as u16, value_parser = clap::value_parser!(u16).range(64..=65000))]
     pub udp_mtu: u16,
-    /// Pre-shared key of UDP tunnels (the file's content, at least 16
-    /// bytes): every datagram is authenticated; peers without it are
+    /// Pre-shared key of UDP tunnels, in hex or base64, at least 16 bytes
+    /// once decoded (`openssl rand -hex 32 > FILE`): every datagram is
+    /// authenticated and replays are dropped; peers without it are
     /// refused. Give both ends the same.
     #[arg(long, value_name = "FILE")]
     pub udp_key: Option<PathBuf>,

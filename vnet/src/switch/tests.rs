@@ -568,3 +568,31 @@ fn a_guest_port_sends_only_from_its_own_mac_until_relaxed() {
         Err(SwitchError::NoSuchPort(999))
     );
 }
+
+#[test]
+fn a_guest_port_made_with_any_source_sends_from_any_address() {
+    // What `vmplant run --net MAC,any-source` makes (a guest that bridges
+    // other hosts): a guest port whose rule lets every source through.
+    let s = sw(SwitchConfig::default());
+    let ct = Arc::new(Collector::default());
+    let g = s.add_port_with(
+        "vm-bridge",
+        PortKind::Guest,
+        Arc::new(Collector::default()),
+        SourcePolicy::Any,
+    );
+    s.add_port("tap", PortKind::Tap, ct.clone());
+    assert_eq!(s.port(g).unwrap().source, SourcePolicy::Any);
+    for m in [A, B, C] {
+        s.ingress_bytes(g, &eth(Mac::BROADCAST, m));
+        assert_eq!(s.lookup(m, None), Some(g));
+    }
+    assert_eq!(ct.take().len(), 3);
+    assert_eq!(
+        s.port(g)
+            .unwrap()
+            .counters
+            .dropped(DropReason::SpoofedSource),
+        0
+    );
+}

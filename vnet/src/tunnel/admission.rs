@@ -30,8 +30,9 @@ pub const MAX_PENDING: usize = 32;
 /// at a time; a few allow several switches behind one address (NAT).
 pub const MAX_PENDING_PER_ADDR: usize = 4;
 /// Tunnels (pending or up) per listener: each up tunnel is a port that
-/// every flooded frame is copied to, and holds about 1.6 MiB of buffers
-/// (TCP, TLS); 256 covers the hub of a large star.
+/// every flooded frame is copied to, and holds about 256 KiB of buffers
+/// (TCP, TLS; its message buffer grows to its biggest message, at most
+/// 256 KiB more); 256 covers the hub of a large star.
 pub const MAX_PEERS: usize = 256;
 /// Tunnels (pending or up) per peer address: a host runs a few switches
 /// (one per `vmplant` process); 16 leaves room for NAT.
@@ -50,6 +51,15 @@ pub(crate) fn addr_key(ip: IpAddr) -> IpAddr {
                 IpAddr::V6(o.into())
             }
         },
+    }
+}
+
+/// A peer's address as the traffic matrix tells neighbours apart: its
+/// [`addr_key`], as an IPv6 address's bits (IPv4 mapped).
+pub(crate) fn neighbour_id(ip: IpAddr) -> u128 {
+    match addr_key(ip) {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
     }
 }
 

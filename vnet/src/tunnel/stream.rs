@@ -7,7 +7,7 @@
 //! must be a hello of exactly a hello's size. The big buffers come after.
 //! A listener admits connections within the bounds of [`super::admission`].
 
-use super::admission::{Admission, HANDSHAKE_DEADLINE, Ticket};
+use super::admission::{Admission, HANDSHAKE_DEADLINE, Ticket, neighbour_id};
 use super::wire::{self, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX};
 use super::{
     DEAD_AFTER, Endpoint, Proto, Role, Status, TICK, TlsConfig, TunnelError, TxQueue, lock,
@@ -37,10 +37,13 @@ const QUEUE_FRAMES: usize = 1024;
 const HANDSHAKE_READ_BUF: usize = 4 * 1024;
 /// TLS ciphertext read at a time once up: a few records per system call.
 const TLS_READ_BUF: usize = 64 * 1024;
-/// Plaintext read-ahead once up: many small frames per system call.
-const READ_BUF: usize = 256 * 1024;
-/// Outgoing bytes (a batch of messages, encrypted) once up.
-const WRITE_BUF: usize = 256 * 1024;
+/// Plaintext read-ahead once up: a 64 KiB super-frame, or a thousand
+/// small frames, per system call (a bigger one gained nothing measurable
+/// and cost every peer, up to [`super::MAX_PEERS`] of them, more).
+const READ_BUF: usize = 64 * 1024;
+/// Outgoing bytes (a batch of messages, encrypted) set aside once up;
+/// a bigger batch grows it.
+const WRITE_BUF: usize = 64 * 1024;
 /// While accept(2) fails (no descriptors left, say), wait this long
 /// before trying again: the peer's connection stays in the backlog, so
 /// trying at once would spin. Short enough that peers get in soon after.
@@ -217,12 +220,18 @@ fn read_hello(r: &mut impl Read) -> Result<u64, TunnelError> {
     Ok(wire::parse_hello(&m[5..])?)
 }
 
-fn read_msg<'a>(r: &mut impl Read, buf: &'a mut [u8]) -> Result<&'a [u8], TunnelError> {
+/// Reads one message into `buf`, which grows to the biggest message so
+/// far (at most [`wire::MAX_STREAM_MSG`]) rather than starting there.
+fn read_msg<'a>(r: &mut impl Read, buf: &'a mut Vec<u8>) -> Result<&'a [u8], TunnelError> {
     let mut h = [0u8; 4];
     r.read_exact(&mut h).map_err(io_err)?;
     let n = wire::stream_len(h)?;
-    r.read_exact(&mut buf[..n]).map_err(io_err)?;
-    Ok(&buf[..n])
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    let m = &mut buf[..n];
+    r.read_exact(m).map_err(io_err)?;
+    Ok(m)
 }
 
 /// Runs one connected stream until it fails or the tunnel stops. An
@@ -301,7 +310,8 @@ fn session(
     r.tmp.resize(TLS_READ_BUF, 0);
     w.out.reserve(WRITE_BUF);
     let mut r = BufReader::with_capacity(READ_BUF, r);
-    let mut buf = vec![0u8; wire::MAX_STREAM_MSG];
+    let mut buf = Vec::new();
+    let neighbour = neighbour_id(sock.peer_addr()?.ip());
     let q = Arc::new(TxQueue::new(QUEUE_FRAMES));
     let port = switch.add_port(
         name,
@@ -315,7 +325,7 @@ fn session(
         .spawn(move || writer_loop(w, q2, sw));
     let res = match writer {
         Ok(writer) => {
-            let res = reader_loop(&mut r, &mut buf, switch, status, port);
+            let res = reader_loop(&mut r, &mut buf, switch, status, port, neighbour);
             q.close();
             let _ = sock.shutdown(Shutdown::Both);
             let _ = writer.join();
@@ -329,10 +339,11 @@ fn session(
 
 fn reader_loop(
     r: &mut impl Read,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     switch: &Switch,
     status: &Status,
     port: u32,
+    neighbour: u128,
 ) -> Result<(), TunnelError> {
     loop {
         let m = match read_msg(r, buf) {
@@ -343,7 +354,7 @@ fn reader_loop(
         match m[0] {
             MSG_FRAME | MSG_FRAME_HDR => super::ingress_msg(switch, port, m[0], &m[1..]),
             MSG_MATRIX => match serde_json::from_slice::<Vec<MatrixReport>>(&m[1..]) {
-                Ok(v) => switch.matrix().merge(v),
+                Ok(v) => switch.matrix().merge_from(neighbour, v),
                 Err(_) => switch.count_drop(port, DropReason::Malformed),
             },
             MSG_KEEPALIVE | MSG_HELLO => {}
@@ -354,7 +365,7 @@ fn reader_loop(
 
 fn writer_loop(mut w: Writer, q: Arc<TxQueue>, switch: Arc<Switch>) {
     let mut batch = VecDeque::with_capacity(QUEUE_FRAMES);
-    let mut out = Vec::with_capacity(512 * 1024);
+    let mut out = Vec::with_capacity(WRITE_BUF);
     let mut last_tick = Instant::now();
     loop {
         let open = q.pop_all(&mut batch, TICK / 2);
@@ -369,11 +380,10 @@ fn writer_loop(mut w: Writer, q: Arc<TxQueue>, switch: Arc<Switch>) {
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
             wire::encode_stream(&mut out, MSG_KEEPALIVE, &[]);
-            if let Ok(m) = serde_json::to_vec(&switch.matrix().reports_to_send())
-                && m.len() < wire::MAX_STREAM_MSG
-            {
-                wire::encode_stream(&mut out, MSG_MATRIX, &m);
-            }
+            // Trimmed to one message (type byte included); built once a
+            // tick for all peers.
+            let m = switch.matrix().encoded_reports(wire::MAX_STREAM_MSG - 1);
+            wire::encode_stream(&mut out, MSG_MATRIX, &m);
         }
         if (!out.is_empty() || w.tls.is_some()) && w.write_all(&out).is_err() {
             break;
@@ -520,5 +530,38 @@ fn spawn_accepted(a: &Accepting, sock: TcpStream, peer: SocketAddr) {
     match t {
         Ok(t) => lock(&a.sessions).push((status, Some(t))),
         Err(e) => tracing::warn!(error = %e, "cannot start a tunnel thread"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_buffer_grows_with_the_messages_up_to_the_limit() {
+        let mut input = Vec::new();
+        wire::encode_stream(&mut input, MSG_KEEPALIVE, &[]);
+        wire::encode_stream(&mut input, MSG_FRAME, &[7; 1500]);
+        wire::encode_stream(&mut input, MSG_MATRIX, &vec![1; wire::MAX_STREAM_MSG - 1]);
+        input.extend_from_slice(&(wire::MAX_STREAM_MSG as u32 + 1).to_be_bytes());
+        let mut r = &input[..];
+        let mut buf = Vec::new();
+        assert_eq!(read_msg(&mut r, &mut buf).unwrap(), [MSG_KEEPALIVE]);
+        assert_eq!(
+            buf.len(),
+            1,
+            "a peer that sends small messages costs little"
+        );
+        assert_eq!(read_msg(&mut r, &mut buf).unwrap().len(), 1501);
+        assert_eq!(buf.len(), 1501);
+        assert_eq!(
+            read_msg(&mut r, &mut buf).unwrap().len(),
+            wire::MAX_STREAM_MSG
+        );
+        assert!(matches!(
+            read_msg(&mut r, &mut buf),
+            Err(TunnelError::Wire(wire::WireError::BadLength(_)))
+        ));
+        assert_eq!(buf.len(), wire::MAX_STREAM_MSG);
     }
 }

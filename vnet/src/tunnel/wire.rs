@@ -8,12 +8,17 @@
 //! with offload metadata (TCP super-frames from a TAP) travel whole as
 //! `FRAME_HDR` messages with their virtio-net header.
 //!
-//! Version 2 (this one) adds the UDP handshake: a UDP hello carries a
-//! cookie after the hello payload (zeroes the first time); a listener
-//! answers a hello that does not echo a valid cookie with a `COOKIE`
-//! message only, and creates a port only for one that does. With a key,
-//! every UDP datagram ends with a tag ([`super::auth`]). Versions 1 and
-//! 2 do not talk to each other (the hello says which).
+//! Version 2 added the UDP handshake: a UDP hello carries a cookie after
+//! the hello payload (zeroes the first time); a listener answers a hello
+//! that does not echo a valid cookie with a `COOKIE` message only.
+//! Version 3 (this one) binds UDP links to sessions: the connector's
+//! hello carries a random nonce, the listener answers a hello with a
+//! valid cookie with its own hello (the connector's nonce echoed, a nonce
+//! of its own), and makes a port only when a datagram of that session
+//! comes back; with a key, every datagram of a session carries a counter
+//! and a tag under keys derived from both nonces ([`super::auth`]), and
+//! stream messages are at most [`MAX_STREAM_MSG`]. Versions do not talk
+//! to each other (the hello says which).
 
 use std::time::{Duration, Instant};
 
@@ -28,15 +33,17 @@ pub const MSG_FRAME_HDR: u8 = 6;
 /// confirmed: `[COOKIE][cookie]`, to be echoed in the next hello.
 pub const MSG_COOKIE: u8 = 7;
 
-/// Largest message over a stream (type byte included).
-pub const MAX_STREAM_MSG: usize = 1 << 20;
+/// Largest message over a stream (type byte included): a 64 KiB
+/// super-frame with its header fits, and a matrix message is trimmed to
+/// it; bigger only costs each peer's reader a bigger buffer.
+pub const MAX_STREAM_MSG: usize = 256 * 1024;
 /// UDP fragment header length.
 pub const FRAG_HEADER: usize = 15;
 /// At most this many fragments per message.
 pub const MAX_FRAGS: usize = 64;
 
 const MAGIC: &[u8; 4] = b"VNET";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 pub const HELLO_LEN: usize = 4 + 1 + 8;
 /// Bytes of a UDP cookie: 128 bits (as WireGuard's cookie MAC), which
 /// cannot be guessed, and small enough that the `COOKIE` reply is
@@ -44,8 +51,23 @@ pub const HELLO_LEN: usize = 4 + 1 + 8;
 pub const COOKIE_LEN: usize = 16;
 /// The cookie of a first hello.
 pub const NO_COOKIE: [u8; COOKIE_LEN] = [0; COOKIE_LEN];
-/// A UDP hello's payload: a hello, then a cookie.
-pub const UDP_HELLO_LEN: usize = HELLO_LEN + COOKIE_LEN;
+/// Bytes of a handshake nonce: 128 random bits, so that no two sessions
+/// of a key share one (and so their keys).
+pub const NONCE_LEN: usize = 16;
+/// Zero bytes at the end of a connector's UDP hello: as many as the
+/// counter that the listener's answering hello carries as the first
+/// datagram of its session, so that the answer is never bigger than the
+/// hello (no amplification towards a replayed hello's address).
+pub const HELLO_PAD: usize = 8;
+/// A connector's UDP hello payload: a hello, the cookie, its nonce, the
+/// padding.
+pub const UDP_HELLO_LEN: usize = HELLO_LEN + COOKIE_LEN + NONCE_LEN + HELLO_PAD;
+/// A listener's UDP hello payload: a hello, the connector's nonce echoed,
+/// the listener's nonce.
+pub const UDP_REPLY_LEN: usize = HELLO_LEN + 2 * NONCE_LEN;
+
+/// A handshake nonce.
+pub type Nonce = [u8; NONCE_LEN];
 
 /// Errors decoding messages.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,22 +103,54 @@ pub fn parse_hello(p: &[u8]) -> Result<u64, WireError> {
     ))
 }
 
-/// UDP hello payload: a hello and the cookie the listener gave (or
-/// [`NO_COOKIE`]).
-pub fn udp_hello(origin: u64, cookie: &[u8; COOKIE_LEN]) -> [u8; UDP_HELLO_LEN] {
+/// A connector's UDP hello payload: a hello, the cookie the listener gave
+/// (or [`NO_COOKIE`]) and the connector's nonce.
+pub fn udp_hello(origin: u64, cookie: &[u8; COOKIE_LEN], nonce: &Nonce) -> [u8; UDP_HELLO_LEN] {
     let mut b = [0u8; UDP_HELLO_LEN];
     b[..HELLO_LEN].copy_from_slice(&hello(origin));
-    b[HELLO_LEN..].copy_from_slice(cookie);
+    b[HELLO_LEN..HELLO_LEN + COOKIE_LEN].copy_from_slice(cookie);
+    b[HELLO_LEN + COOKIE_LEN..HELLO_LEN + COOKIE_LEN + NONCE_LEN].copy_from_slice(nonce);
     b
 }
 
-/// Parses a UDP hello payload: the peer's switch id and its cookie.
-pub fn parse_udp_hello(p: &[u8]) -> Result<(u64, [u8; COOKIE_LEN]), WireError> {
+/// Parses a connector's UDP hello payload: the peer's switch id, its
+/// cookie and its nonce.
+pub fn parse_udp_hello(p: &[u8]) -> Result<(u64, [u8; COOKIE_LEN], Nonce), WireError> {
     if p.len() != UDP_HELLO_LEN {
         return Err(WireError::BadHello);
     }
-    let (h, c) = p.split_at(HELLO_LEN);
-    Ok((parse_hello(h)?, parse_cookie(c)?))
+    let (h, rest) = p.split_at(HELLO_LEN);
+    let (c, rest) = rest.split_at(COOKIE_LEN);
+    let nonce = rest[..NONCE_LEN]
+        .try_into()
+        .map_err(|_| WireError::BadHello)?;
+    Ok((parse_hello(h)?, parse_cookie(c)?, nonce))
+}
+
+/// A listener's UDP hello payload: a hello, the connector's nonce, the
+/// listener's.
+pub fn udp_reply(origin: u64, theirs: &Nonce, ours: &Nonce) -> [u8; UDP_REPLY_LEN] {
+    let mut b = [0u8; UDP_REPLY_LEN];
+    b[..HELLO_LEN].copy_from_slice(&hello(origin));
+    b[HELLO_LEN..HELLO_LEN + NONCE_LEN].copy_from_slice(theirs);
+    b[HELLO_LEN + NONCE_LEN..].copy_from_slice(ours);
+    b
+}
+
+/// Parses a listener's UDP hello payload: its switch id, the nonce it
+/// echoes and its own.
+pub fn parse_udp_reply(p: &[u8]) -> Result<(u64, Nonce, Nonce), WireError> {
+    if p.len() != UDP_REPLY_LEN {
+        return Err(WireError::BadHello);
+    }
+    let (h, rest) = p.split_at(HELLO_LEN);
+    let (echo, ours) = rest.split_at(NONCE_LEN);
+    let bad = |_| WireError::BadHello;
+    Ok((
+        parse_hello(h)?,
+        echo.try_into().map_err(bad)?,
+        ours.try_into().map_err(bad)?,
+    ))
 }
 
 /// Parses a cookie payload.
@@ -280,11 +334,18 @@ mod tests {
         let mut h = hello(1);
         h[4] = 9;
         assert_eq!(parse_hello(&h), Err(WireError::BadHello));
-        h[4] = 1;
-        assert_eq!(parse_hello(&h), Err(WireError::BadHello), "version 1");
-        let c = [7; COOKIE_LEN];
-        assert_eq!(parse_udp_hello(&udp_hello(42, &c)), Ok((42, c)));
+        for old in [1, 2] {
+            h[4] = old;
+            assert_eq!(parse_hello(&h), Err(WireError::BadHello), "version {old}");
+        }
+        let (c, n, m) = ([7; COOKIE_LEN], [8; NONCE_LEN], [9; NONCE_LEN]);
+        assert_eq!(parse_udp_hello(&udp_hello(42, &c, &n)), Ok((42, c, n)));
         assert_eq!(parse_udp_hello(&hello(42)), Err(WireError::BadHello));
+        assert_eq!(parse_udp_reply(&udp_reply(42, &n, &m)), Ok((42, n, m)));
+        assert_eq!(
+            parse_udp_reply(&udp_hello(42, &c, &n)),
+            Err(WireError::BadHello)
+        );
         assert_eq!(parse_cookie(&[1; 3]), Err(WireError::BadCookie));
         assert!(stream_len([0, 0, 0, 0]).is_err());
         assert!(stream_len([0xff, 0, 0, 0]).is_err());

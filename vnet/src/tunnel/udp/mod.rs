@@ -3,20 +3,24 @@
 //! the receiving, the hellos, keepalives and matrix reports; frames are
 //! sent straight from the switch's threads.
 //!
-//! A connecting tunnel says hello until the listener answers with its
-//! own; a listener answers a hello from an address it has not confirmed
-//! with a cookie only (see `listen.rs`). With a key, every datagram carries a
-//! tag and those without a valid one are dropped ([`super::auth`]).
+//! A connecting tunnel says hello (with a fresh nonce) until the listener
+//! answers with its own, the first datagram of their session; a listener
+//! answers a hello from an address it has not confirmed with a cookie
+//! only, and makes a port once a datagram of the session comes back (see
+//! `listen.rs`). With a key, handshake datagrams carry a tag, session
+//! datagrams a counter and a tag; those without a valid tag are dropped,
+//! and so are those whose counter was seen ([`super::auth`]).
 
 mod listen;
 mod sys;
 
 pub(crate) use listen::listen_loop;
 
-use super::auth::{Auth, End, UdpKey};
+use super::admission::neighbour_id;
+use super::auth::{self, Auth, End, Receiver, Sender, UdpKey};
 use super::wire::{
-    self, MSG_COOKIE, MSG_FRAG, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO, MSG_KEEPALIVE, MSG_MATRIX,
-    Reassembler,
+    self, FRAG_HEADER, HELLO_LEN, MSG_COOKIE, MSG_FRAG, MSG_FRAME, MSG_FRAME_HDR, MSG_HELLO,
+    MSG_KEEPALIVE, MSG_MATRIX, NONCE_LEN, Nonce, Reassembler,
 };
 use super::{
     BACKOFF_MIN, DEAD_AFTER, Endpoint, Status, TICK, TunnelError, lock, next_backoff, reconnect,
@@ -63,8 +67,8 @@ pub(crate) struct UdpSink {
     next_id: AtomicU32,
     /// The socket cuts big sends into `mtu` datagrams (UDP_SEGMENT).
     gso: AtomicBool,
-    /// Tags each datagram (with a key).
-    auth: Auth,
+    /// Numbers and tags each datagram (with a key).
+    session: Sender,
     scratch: Mutex<Scratch>,
 }
 
@@ -74,7 +78,7 @@ impl UdpSink {
         dest: Option<SocketAddr>,
         mtu: usize,
         gso: bool,
-        auth: Auth,
+        session: Sender,
     ) -> UdpSink {
         UdpSink {
             sock,
@@ -82,7 +86,7 @@ impl UdpSink {
             mtu,
             next_id: AtomicU32::new(0),
             gso: AtomicBool::new(gso),
-            auth,
+            session,
             scratch: Mutex::new(Scratch {
                 msg: Vec::with_capacity(16 * 1024),
                 dgram: Vec::with_capacity(mtu),
@@ -154,11 +158,12 @@ impl UdpSink {
         if !super::append_frame(payload, &head[..hl], msg) {
             return Err(DropReason::TxError);
         }
-        // Each datagram is at most `mtu` bytes, its tag included.
-        let tag_len = self.auth.overhead();
+        // Each datagram is at most `mtu` bytes, its counter and tag
+        // included.
+        let tag_len = self.session.overhead();
         if msg.len() + tag_len <= self.mtu {
-            let tag = self.auth.tag(msg);
-            msg.extend_from_slice(tag.as_slice());
+            let t = self.session.seal(msg)?;
+            msg.extend_from_slice(t.as_slice());
             return self.send_dgram(msg);
         }
         let id = self.next_id.fetch_add(1, Relaxed);
@@ -171,8 +176,15 @@ impl UdpSink {
         let mut k = 0;
         batch.clear();
         let r = wire::fragment(msg, id, self.mtu.saturating_sub(tag_len), dgram, |d| {
+            let t = match self.session.seal(d) {
+                Ok(t) => t,
+                Err(e) => {
+                    res = Err(e);
+                    return false;
+                }
+            };
             batch.extend_from_slice(d);
-            batch.extend_from_slice(self.auth.tag(d).as_slice());
+            batch.extend_from_slice(t.as_slice());
             k += 1;
             if k == per {
                 res = self.send_batch(batch);
@@ -190,11 +202,23 @@ impl UdpSink {
         res
     }
 
+    /// Largest message (type byte included) this sink sends: what
+    /// [`wire::MAX_FRAGS`] fragments carry, and a peer reassembles.
+    fn max_msg(&self) -> usize {
+        let per = self
+            .mtu
+            .saturating_sub(self.session.overhead() + FRAG_HEADER);
+        (wire::MAX_FRAGS * per).min(MAX_MSG)
+    }
+
+    /// A keepalive and the matrix reports, trimmed to what one message
+    /// carries (built once per tick for all peers).
     fn send_control(&self, switch: &Switch) {
         let _ = self.send_msg(MSG_KEEPALIVE, &Bytes(&[]));
-        if let Ok(m) = serde_json::to_vec(&switch.matrix().reports_to_send()) {
-            let _ = self.send_msg(MSG_MATRIX, &Bytes(&m));
-        }
+        let m = switch
+            .matrix()
+            .encoded_reports(self.max_msg().saturating_sub(1));
+        let _ = self.send_msg(MSG_MATRIX, &Bytes(&m));
     }
 }
 
@@ -220,12 +244,13 @@ fn decode<'a>(d: &'a [u8], r: &'a mut Reassembler) -> Result<Option<&'a [u8]>, w
     }
 }
 
-/// Handles a message of a peer that is up.
-fn deliver(switch: &Switch, port: PortId, m: &[u8]) {
+/// Handles a message of a peer that is up; `neighbour` names it to the
+/// traffic matrix.
+fn deliver(switch: &Switch, port: PortId, neighbour: u128, m: &[u8]) {
     match m[0] {
         MSG_FRAME | MSG_FRAME_HDR => super::ingress_msg(switch, port, m[0], &m[1..]),
         MSG_MATRIX => match serde_json::from_slice::<Vec<MatrixReport>>(&m[1..]) {
-            Ok(v) => switch.matrix().merge(v),
+            Ok(v) => switch.matrix().merge_from(neighbour, v),
             Err(_) => switch.count_drop(port, DropReason::Malformed),
         },
         MSG_KEEPALIVE | MSG_HELLO | MSG_COOKIE => {}
@@ -252,6 +277,75 @@ pub(crate) fn connect_loop(
     });
 }
 
+/// Sends handshake datagram `body` on `sock` (connected, or to `to`),
+/// tagged over `body` and `context`.
+fn send_handshake(
+    sock: &UdpSocket,
+    to: Option<SocketAddr>,
+    auth: &Auth,
+    body: &[u8],
+    context: &[u8],
+) {
+    let mut d = [0u8; 1 + wire::UDP_HELLO_LEN + auth::TAG_LEN];
+    let Some(out) = auth.seal_handshake(body, context, &mut d) else {
+        return;
+    };
+    let _ = match to {
+        Some(a) => sock.send_to(out, a),
+        None => sock.send(out),
+    };
+}
+
+/// A link that is up: its port, how it sends and how it checks.
+struct Up {
+    port: PortId,
+    sink: Arc<UdpSink>,
+    recv: Receiver,
+    /// The listener's switch id.
+    peer: u64,
+}
+
+/// What a connector makes of a datagram before its session is up: a
+/// cookie to echo, or the listener's hello that starts the session.
+enum Answer {
+    Cookie([u8; wire::COOKIE_LEN]),
+    Hello(Box<Up>),
+}
+
+/// The listener's answer to the hello with `nonce`, if `d` is one (its
+/// type, size and echoed nonce are looked at before any tag).
+fn answer(
+    d: &[u8],
+    auth: &Auth,
+    nonce: &Nonce,
+    mk: impl FnOnce(Sender) -> Arc<UdpSink>,
+) -> Option<Answer> {
+    let cookie_len = 1 + wire::COOKIE_LEN + auth.handshake_overhead();
+    let hello_len = 1 + wire::UDP_REPLY_LEN + auth.session_overhead();
+    match d.first() {
+        Some(&MSG_COOKIE) if d.len() == cookie_len => {
+            let m = auth.open_handshake(d, nonce)?;
+            wire::parse_cookie(&m[1..]).ok().map(Answer::Cookie)
+        }
+        Some(&MSG_HELLO)
+            if d.len() == hello_len
+                && d.get(1 + HELLO_LEN..1 + HELLO_LEN + NONCE_LEN) == Some(&nonce[..]) =>
+        {
+            let (_, _, theirs) = wire::parse_udp_reply(&d[1..1 + wire::UDP_REPLY_LEN]).ok()?;
+            let (send, mut recv) = auth.session(nonce, &theirs);
+            let m = recv.open(d).ok()?;
+            let (peer, _, _) = wire::parse_udp_reply(&m[1..]).ok()?;
+            Some(Answer::Hello(Box::new(Up {
+                port: 0,
+                sink: mk(send),
+                recv,
+                peer,
+            })))
+        }
+        _ => None,
+    }
+}
+
 fn session(
     switch: &Arc<Switch>,
     status: &Status,
@@ -271,8 +365,10 @@ fn session(
         return Ok(());
     }
     let gso = set_offloads(&sock, mtu);
-    let sink = Arc::new(UdpSink::new(sock.clone(), None, mtu, gso, auth.clone()));
     let origin = switch.matrix().origin();
+    let neighbour = neighbour_id(addr.ip());
+    // This session's: a new one each time.
+    let nonce = auth::nonce();
     // What the listener gave us to echo; none at first.
     let mut cookie = wire::NO_COOKIE;
     let started = Instant::now();
@@ -281,12 +377,16 @@ fn session(
     let mut buf = vec![0u8; RECV_BUF];
     let mut reasm = reassembler();
     let name = format!("udp:{}", ep.addr);
+    let mut up: Option<Up> = None;
     while !status.stopped() {
         let now = Instant::now();
-        match port {
+        match &up {
             None => {
                 if now >= next_hello {
-                    let _ = sink.send_msg(MSG_HELLO, &Bytes(&wire::udp_hello(origin, &cookie)));
+                    let mut m = [0u8; 1 + wire::UDP_HELLO_LEN];
+                    m[0] = MSG_HELLO;
+                    m[1..].copy_from_slice(&wire::udp_hello(origin, &cookie, &nonce));
+                    send_handshake(&sock, None, auth, &m, &[]);
                     next_hello = now + hello_every;
                     hello_every = next_backoff(hello_every);
                 }
@@ -294,13 +394,13 @@ fn session(
                     return Err(TunnelError::Silent(DEAD_AFTER));
                 }
             }
-            Some(_) => {
+            Some(u) => {
                 if now.duration_since(last_rx) > DEAD_AFTER {
                     return Err(TunnelError::Silent(DEAD_AFTER));
                 }
                 if now.duration_since(last_tick) >= TICK {
                     last_tick = now;
-                    sink.send_control(switch);
+                    u.sink.send_control(switch);
                 }
             }
         }
@@ -311,50 +411,44 @@ fn session(
             Err(e) => return Err(e.into()),
         };
         for d in datagrams(&buf[..n], seg) {
-            let Some(d) = auth.open(d) else {
-                if let Some(p) = *port {
-                    switch.count_drop(p, DropReason::Unauthenticated);
-                }
-                continue;
-            };
-            last_rx = Instant::now();
-            let lost = reasm.take_lost();
-            let m = match decode(d, &mut reasm) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(_) => {
-                    if let Some(p) = *port {
-                        switch.count_drop(p, DropReason::Malformed);
-                    }
-                    continue;
-                }
-            };
-            match *port {
-                Some(p) => {
-                    for _ in 0..lost {
-                        switch.count_drop(p, DropReason::Reassembly);
-                    }
-                    deliver(switch, p, m)
-                }
-                None if m[0] == MSG_COOKIE => {
-                    // Echo it at once: the listener makes a port for a
-                    // hello with a valid cookie.
-                    if let Ok(c) = wire::parse_cookie(&m[1..]) {
+            let Some(u) = &mut up else {
+                let mk = |send| Arc::new(UdpSink::new(sock.clone(), None, mtu, gso, send));
+                match answer(d, auth, &nonce, mk) {
+                    // Echo it at once: the listener answers a hello with
+                    // a valid cookie.
+                    Some(Answer::Cookie(c)) => {
                         cookie = c;
                         next_hello = Instant::now();
                     }
+                    Some(Answer::Hello(mut u)) => {
+                        u.port = switch.add_port(&name, PortKind::Tunnel, u.sink.clone());
+                        *port = Some(u.port);
+                        status.up(u.port, u.peer);
+                        // The first datagrams of the session: the
+                        // listener makes its port when they come.
+                        (last_rx, last_tick) = (Instant::now(), Instant::now());
+                        u.sink.send_control(switch);
+                        up = Some(*u);
+                    }
+                    None => {}
                 }
-                None if m[0] == MSG_HELLO => {
-                    let Ok((peer, _)) = wire::parse_udp_hello(&m[1..]) else {
-                        continue;
-                    };
-                    let p = switch.add_port(&name, PortKind::Tunnel, sink.clone());
-                    *port = Some(p);
-                    status.up(p, peer);
-                    last_tick = Instant::now();
-                    sink.send_control(switch);
+                continue;
+            };
+            let d = match u.recv.open(d) {
+                Ok(d) => d,
+                Err(why) => {
+                    switch.count_drop(u.port, why);
+                    continue;
                 }
-                None => {}
+            };
+            last_rx = Instant::now();
+            for _ in 0..reasm.take_lost() {
+                switch.count_drop(u.port, DropReason::Reassembly);
+            }
+            match decode(d, &mut reasm) {
+                Ok(Some(m)) => deliver(switch, u.port, neighbour, m),
+                Ok(None) => {}
+                Err(_) => switch.count_drop(u.port, DropReason::Malformed),
             }
         }
     }
@@ -388,13 +482,9 @@ mod tests {
         tx.connect(rx.local_addr().unwrap()).unwrap();
         let gso = gso_wanted && set_offloads(&tx, mtu);
         assert_eq!(gso, gso_wanted, "this kernel has UDP_SEGMENT");
-        let (ta, ra) = match key {
-            Some(k) => (
-                Auth::new(Some(k), End::Connector),
-                Auth::new(Some(k), End::Listener),
-            ),
-            None => (Auth::default(), Auth::default()),
-        };
+        let (n1, n2) = (auth::nonce(), auth::nonce());
+        let (ta, _) = Auth::new(key, End::Connector).session(&n1, &n2);
+        let (_, mut ra) = Auth::new(key, End::Listener).session(&n1, &n2);
         let sink = UdpSink::new(Arc::new(tx), None, mtu, gso, ta);
         for f in frames {
             sink.send(&Bytes(f)).unwrap();
@@ -408,7 +498,7 @@ mod tests {
             };
             for d in datagrams(&buf[..n], seg) {
                 assert!(d.len() <= mtu);
-                let d = ra.open(d).expect("a valid tag");
+                let d = ra.open(d).expect("a valid tag, once");
                 if let Ok(Some(m)) = decode(d, &mut r) {
                     assert_eq!(m[0], MSG_FRAME);
                     got.push(m[1..].to_vec());
