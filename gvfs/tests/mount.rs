@@ -181,9 +181,11 @@ fn second_read_is_cached_and_disk_cache_survives_restart() {
         let fs3 = client(addr, opts.clone());
         let guard = MountGuard::mount(fs3.clone(), &m);
         assert_eq!(sha256(&f), want);
-        assert_eq!(fs3.cache_stats().corrupt, 1);
+        // The corrupt block is found, and fetched again; twice if a small
+        // read raced the kernel's read-ahead to it (seen under load).
+        let corrupt = fs3.cache_stats().corrupt;
+        assert!((1..=2).contains(&corrupt), "{corrupt} corrupt blocks found");
         let fetched = read_ops(&srv).0 - before.0;
-        // The corrupt block, and at most once more if a small read raced it.
         assert!((1..=2).contains(&fetched), "{fetched} blocks fetched again");
         guard.unmount();
     });
