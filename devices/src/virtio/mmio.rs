@@ -180,6 +180,18 @@ impl MmioTransport {
         self.activated
     }
 
+    /// See [`VirtioDevice::save_device`].
+    pub fn save_device(&self) -> Result<Vec<u8>, String> {
+        self.device.save_device()
+    }
+
+    /// See [`VirtioDevice::restore_device`]; call before [`Self::restore`].
+    pub fn restore_device(&mut self, state: &[u8]) -> Result<(), MmioError> {
+        self.device
+            .restore_device(state)
+            .map_err(MmioError::Restore)
+    }
+
     /// The transport's state, with the device's live queue positions
     /// once it runs (the device works on copies of the queues).
     pub fn save(&self) -> MmioPersist {

@@ -165,6 +165,17 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<mmio::QueuePersist> {
         Vec::new()
     }
+    /// The device's own state for a snapshot, besides its queues (opaque
+    /// to the VMM; empty for a device that keeps none), taken while it is
+    /// quiesced.
+    fn save_device(&self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    /// Puts back what [`Self::save_device`] saved, before the device is
+    /// activated again.
+    fn restore_device(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A queue the driver broke: the device must stop walking it.
@@ -360,6 +371,14 @@ impl<T: VirtioDevice> VirtioDevice for Arc<Mutex<T>> {
         self.lock()
             .unwrap_or_else(|p| p.into_inner())
             .queue_states()
+    }
+    fn save_device(&self) -> Result<Vec<u8>, String> {
+        self.lock().unwrap_or_else(|p| p.into_inner()).save_device()
+    }
+    fn restore_device(&mut self, state: &[u8]) -> Result<(), String> {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_device(state)
     }
 }
 

@@ -61,6 +61,9 @@ pub struct DeviceState {
     /// The virtio device ID (1 net, 26 fs).
     pub device_type: u32,
     pub transport: MmioPersist,
+    /// The device's own state (opaque here; see
+    /// `VirtioDevice::save_device`).
+    pub device: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,14 +195,21 @@ impl RunningVm {
             devices: self
                 .transports
                 .iter()
-                .map(|t| {
+                .enumerate()
+                .map(|(index, t)| {
                     let t = crate::vm::lock(t);
-                    DeviceState {
+                    let device = t.save_device().map_err(|why| SnapshotError::Device {
+                        index,
+                        device_type: t.device_type(),
+                        why,
+                    })?;
+                    Ok(DeviceState {
                         device_type: t.device_type(),
                         transport: t.save(),
-                    }
+                        device,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, SnapshotError>>()?,
         };
         let memory =
             memory::save(self.memory(), &dir.join(MEMORY_FILE)).map_err(SnapshotError::from)?;
@@ -283,8 +293,9 @@ impl Vm {
         // Every restore may be a clone: each gets its own generation ID.
         crate::vmgenid::renew(&self.mem)?;
         for (index, (t, saved)) in self.transports.iter().zip(&state.devices).enumerate() {
-            crate::vm::lock(t)
-                .restore(&saved.transport)
+            let mut t = crate::vm::lock(t);
+            t.restore_device(&saved.device)
+                .and_then(|()| t.restore(&saved.transport))
                 .map_err(|source| SnapshotError::RestoreDevice { index, source })?;
         }
         self.launch()
