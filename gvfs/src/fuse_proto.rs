@@ -6,20 +6,50 @@
 //! Every length and offset in the request is checked: a malformed request
 //! gets an EINVAL reply (or, with no readable header, an error), never a
 //! panic. Layouts follow `include/uapi/linux/fuse.h`, protocol 7.31.
+//!
+//! A guest's session survives a VM snapshot: [`FuseHandler::save_session`]
+//! returns what the guest's FUSE client relies on ([`SessionState`]: the
+//! INIT outcome, the node ids and file and directory handles it was
+//! given), and [`FuseHandler::restore_session`] puts it into the handler
+//! of a new client before the restored guest's next request. Node ids and
+//! handles keep their values; files are opened again on the server, and
+//! directories listed again, on first use.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::client::{ClientError, DirItem, Fs};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{ClientError, DirItem, Fs, FsState, StateError};
 use crate::proto::{Attr, Kind, SetAttr, SetTime, Time};
 
-/// Raised only when a request is too short to carry a header to answer.
+/// A request too short to carry a header to answer, or a saved session
+/// that cannot be put back.
 #[derive(Debug, thiserror::Error)]
 pub enum FuseProtoError {
     #[error("request of {0} bytes has no complete header")]
     ShortHeader(usize),
+    #[error("the saved FUSE session is in format {0}; this build reads format {SESSION_FORMAT}")]
+    SessionFormat(u32),
+    #[error(
+        "the saved FUSE session negotiated protocol {major}.{minor}, flags {flags:#x} and max_write {max_write}, which this handler does not offer"
+    )]
+    SessionInit {
+        major: u32,
+        minor: u32,
+        flags: u32,
+        max_write: u32,
+    },
+    #[error("the saved FUSE session holds {found} open directories, more than the {max} allowed")]
+    SessionDirs { found: usize, max: usize },
+    #[error("saved directory handle {0} is not a valid one, or appears twice")]
+    SessionDirHandle(u64),
+    #[error("the handler already serves a session: restore before the guest's first request")]
+    SessionInUse,
+    #[error("the saved FUSE session cannot be put back")]
+    SessionState(#[from] StateError),
 }
 
 /// Size of `fuse_in_header`.
@@ -69,6 +99,18 @@ const FUSE_AUTO_INVAL_DATA: u32 = 1 << 12;
 const FUSE_DO_READDIRPLUS: u32 = 1 << 13;
 const FUSE_PARALLEL_DIROPS: u32 = 1 << 18;
 const FUSE_MAX_PAGES: u32 = 1 << 22;
+/// The INIT flags this handler agrees to.
+const OUR_FLAGS: u32 = FUSE_ASYNC_READ
+    | FUSE_BIG_WRITES
+    | FUSE_AUTO_INVAL_DATA
+    | FUSE_DO_READDIRPLUS
+    | FUSE_PARALLEL_DIROPS
+    | FUSE_MAX_PAGES;
+/// The newest minor version of protocol 7 this handler speaks.
+const OUR_MINOR: u32 = 31;
+
+/// The format of [`SessionState`] this build writes and reads.
+pub const SESSION_FORMAT: u32 = 1;
 
 // SETATTR valid bits.
 const FATTR_MODE: u32 = 1 << 0;
@@ -207,17 +249,61 @@ pub struct FuseHandler {
     next_dir: AtomicU64,
 }
 
-/// An open directory: its inode and listing.
-type OpenDir = (u64, Arc<Vec<DirItem>>);
+/// An open directory: its inode and listing (`None`: a restored one, not
+/// listed again yet).
+#[derive(Clone)]
+struct OpenDir {
+    ino: u64,
+    items: Option<Arc<Vec<DirItem>>>,
+}
 
 /// Handles a guest session holds.
 #[derive(Default)]
 struct Session {
+    /// What INIT settled, once the guest sent it.
+    init: Option<InitState>,
     dirs: HashMap<u64, OpenDir>,
     /// Entries of all `dirs` together.
     dir_entries: usize,
     /// Open files (handles of [`Fs`]).
     files: HashSet<u64>,
+}
+
+/// What the guest was told in answer to its FUSE_INIT, and holds to: it
+/// does not send INIT again after a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitState {
+    pub major: u32,
+    pub minor: u32,
+    pub max_readahead: u32,
+    /// The flags both sides agreed to.
+    pub flags: u32,
+    pub max_write: u32,
+}
+
+/// One open directory handle of a saved session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirState {
+    pub fh: u64,
+    pub ino: u64,
+}
+
+/// A guest's FUSE session, saved: what its FUSE client relies on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// [`SESSION_FORMAT`].
+    pub format: u32,
+    /// `None`: the guest had not mounted the share.
+    pub init: Option<InitState>,
+    /// The node ids (the client's inode numbers) the guest was given,
+    /// with their paths and lookup counts, and its open files.
+    pub fs: FsState,
+    /// Open directories, listed again on first use after a restore (in
+    /// the server's order, so offsets mean the same entries while the
+    /// directory does not change).
+    pub dirs: Vec<DirState>,
+    /// The next directory handle to give out.
+    pub next_dir: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -248,6 +334,122 @@ impl FuseHandler {
         }
     }
 
+    /// What the guest's FUSE client relies on, for a snapshot (see
+    /// [`SessionState`]). Take it while no request is being handled.
+    pub fn save_session(&self) -> SessionState {
+        let s = lock(&self.session);
+        let mut dirs: Vec<DirState> = s
+            .dirs
+            .iter()
+            .map(|(&fh, d)| DirState { fh, ino: d.ino })
+            .collect();
+        dirs.sort_unstable_by_key(|d| d.fh);
+        SessionState {
+            format: SESSION_FORMAT,
+            init: s.init,
+            fs: self.fs.save_state(Some(&s.files)),
+            dirs,
+            next_dir: self.next_dir.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Puts a saved session back, into a handler whose client is new (no
+    /// request served yet, no file open), before the restored guest's
+    /// next request: node ids and handles mean what they meant. The state
+    /// is checked whole first (it comes from a file); nothing changes if
+    /// it is refused. A file or directory deleted on the server meanwhile
+    /// gives its request ENOENT (or ESTALE), not this an error.
+    pub fn restore_session(&self, state: SessionState) -> Result<(), FuseProtoError> {
+        if state.format != SESSION_FORMAT {
+            return Err(FuseProtoError::SessionFormat(state.format));
+        }
+        if let Some(i) = state.init
+            && (i.major != 7
+                || i.minor > OUR_MINOR
+                || i.flags & !OUR_FLAGS != 0
+                || i.max_write > MAX_WRITE)
+        {
+            return Err(FuseProtoError::SessionInit {
+                major: i.major,
+                minor: i.minor,
+                flags: i.flags,
+                max_write: i.max_write,
+            });
+        }
+        let max_dirs = self.fs.options().max_open_dirs;
+        if state.dirs.len() > max_dirs {
+            return Err(FuseProtoError::SessionDirs {
+                found: state.dirs.len(),
+                max: max_dirs,
+            });
+        }
+        let mut dirs = HashMap::with_capacity(state.dirs.len());
+        for d in &state.dirs {
+            let fresh = dirs
+                .insert(
+                    d.fh,
+                    OpenDir {
+                        ino: d.ino,
+                        items: None,
+                    },
+                )
+                .is_none();
+            if d.fh == 0 || d.fh == u64::MAX || !fresh {
+                return Err(FuseProtoError::SessionDirHandle(d.fh));
+            }
+        }
+        let next_dir = state
+            .dirs
+            .iter()
+            .map(|d| d.fh + 1)
+            .fold(state.next_dir.max(1), u64::max);
+        let mut s = lock(&self.session);
+        if s.init.is_some() || !s.dirs.is_empty() || !s.files.is_empty() {
+            return Err(FuseProtoError::SessionInUse);
+        }
+        // The directories' inodes need not be saved: one the guest forgot
+        // while it held the directory open gives its READDIR ESTALE.
+        let files = self.fs.restore_state(state.fs)?;
+        *s = Session {
+            init: state.init,
+            dirs,
+            dir_entries: 0,
+            files,
+        };
+        self.next_dir.store(next_dir, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The listing of open directory `fh`, listed again first if the
+    /// session was restored since it was opened.
+    fn dir_listing(&self, fh: u64) -> Result<(u64, Arc<Vec<DirItem>>), i32> {
+        let d = lock(&self.session)
+            .dirs
+            .get(&fh)
+            .cloned()
+            .ok_or(libc::EBADF)?;
+        if let Some(items) = d.items {
+            return Ok((d.ino, items));
+        }
+        let items = Arc::new(self.fs.readdir(d.ino).map_err(err)?);
+        let max = self.fs.options().max_dir_entries;
+        let mut s = lock(&self.session);
+        let entries = s.dir_entries.saturating_add(items.len());
+        let Some(open) = s.dirs.get_mut(&fh) else {
+            return Err(libc::EBADF);
+        };
+        if let Some(other) = &open.items {
+            // Another request listed it meanwhile.
+            return Ok((d.ino, other.clone()));
+        }
+        if entries > max {
+            return Err(libc::ENOMEM);
+        }
+        open.items = Some(items.clone());
+        s.dir_entries = entries;
+        Ok((d.ino, items))
+    }
+
     /// EMFILE if the session holds its most open directories.
     fn dir_room(&self) -> Result<(), i32> {
         if lock(&self.session).dirs.len() >= self.fs.options().max_open_dirs {
@@ -269,14 +471,20 @@ impl FuseHandler {
             return Err(libc::ENOMEM);
         }
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        s.dirs.insert(fh, (ino, Arc::new(items)));
+        s.dirs.insert(
+            fh,
+            OpenDir {
+                ino,
+                items: Some(Arc::new(items)),
+            },
+        );
         s.dir_entries = entries;
         Ok(fh)
     }
 
     fn remove_dir(&self, fh: u64) {
         let mut s = lock(&self.session);
-        if let Some((_, d)) = s.dirs.remove(&fh) {
+        if let Some(d) = s.dirs.remove(&fh).and_then(|d| d.items) {
             s.dir_entries = s.dir_entries.saturating_sub(d.len());
         }
     }
@@ -375,23 +583,25 @@ impl FuseHandler {
                 if major != 7 {
                     // Tell the kernel which major we speak; it retries or gives up.
                     o.u32(7);
-                    o.u32(31);
+                    o.u32(OUR_MINOR);
                     o.zeros(56);
                     return Ok(o);
                 }
-                let ours = FUSE_ASYNC_READ
-                    | FUSE_BIG_WRITES
-                    | FUSE_AUTO_INVAL_DATA
-                    | FUSE_DO_READDIRPLUS
-                    | FUSE_PARALLEL_DIROPS
-                    | FUSE_MAX_PAGES;
-                o.u32(7);
-                o.u32(minor.min(31));
-                o.u32(max_readahead);
-                o.u32(flags & ours);
+                let agreed = InitState {
+                    major: 7,
+                    minor: minor.min(OUR_MINOR),
+                    max_readahead,
+                    flags: flags & OUR_FLAGS,
+                    max_write: MAX_WRITE,
+                };
+                lock(&self.session).init = Some(agreed);
+                o.u32(agreed.major);
+                o.u32(agreed.minor);
+                o.u32(agreed.max_readahead);
+                o.u32(agreed.flags);
                 o.u16(16); // max_background
                 o.u16(12); // congestion_threshold
-                o.u32(MAX_WRITE);
+                o.u32(agreed.max_write);
                 o.u32(1); // time_gran
                 o.u16((MAX_WRITE / 4096) as u16); // max_pages
                 o.u16(0); // map_alignment
@@ -566,11 +776,7 @@ impl FuseHandler {
                 let fh = b.u64()?;
                 let offset = b.u64()?;
                 let size = b.u32()? as usize;
-                let (dir, items) = lock(&self.session)
-                    .dirs
-                    .get(&fh)
-                    .cloned()
-                    .ok_or(libc::EBADF)?;
+                let (dir, items) = self.dir_listing(fh)?;
                 let plus = h.opcode == opcode::READDIRPLUS;
                 for (i, it) in items.iter().enumerate().skip(offset as usize) {
                     let namelen = it.name.len();

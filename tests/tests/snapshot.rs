@@ -312,22 +312,190 @@ fn a_guest_with_a_nic_answers_pings_after_restore() {
     );
 }
 
-/// File shares cannot be saved yet: the snapshot fails saying so, and
-/// the guest runs on.
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// The probe's lines of kind `kind`.
+fn events_of(done: &vmplant_tests::Finished, kind: &str) -> Vec<Value> {
+    done.events()
+        .into_iter()
+        .filter(|v| v["probe"] == kind)
+        .collect()
+}
+
+/// What a restored guest on a share shows: it ticks on from `last`, reads
+/// the file again with the host's CRC and writes one that lands on
+/// `export`, without a new boot (no `ready` line) or a new FUSE_INIT (no
+/// `fs` line: its device stayed up).
+fn check_restored_share_io(done: &vmplant_tests::Finished, last: u64, export: &Path, crc: &str) {
+    done.assert_success();
+    let ticks: Vec<u64> = done.lines.iter().filter_map(|l| tick_n(l)).collect();
+    assert_eq!(ticks, (last + 1..=12).collect::<Vec<_>>(), "ticks go on");
+    for kind in ["ready", "fs"] {
+        assert!(
+            events_of(done, kind).is_empty(),
+            "a {kind} line after the restore: {:?}",
+            done.lines
+        );
+    }
+    let reads = events_of(done, "fs-read");
+    assert_eq!(reads.len(), 1, "{:?}", done.lines);
+    assert_eq!(
+        (reads[0]["bytes"].as_u64(), reads[0]["crc32"].as_str()),
+        (Some(SHARED as u64), Some(crc)),
+        "{}",
+        reads[0]
+    );
+    let writes = events_of(done, "fs-write");
+    assert_eq!(writes.len(), 1, "{:?}", done.lines);
+    assert!(writes[0].get("error").is_none(), "{}", writes[0]);
+    let expected: Vec<u8> = (0..WRITTEN).map(|i| (i % 251) as u8).collect();
+    let on_export = std::fs::read(export.join("out.bin")).expect("/out.bin on the export");
+    assert!(
+        on_export == expected,
+        "/out.bin on the export is not the pattern"
+    );
+}
+
+/// Bytes of the file the guest reads through its share.
+const SHARED: usize = 300_000 + 17;
+/// Bytes of the file it writes.
+const WRITTEN: usize = 100_000;
+
+/// A guest that mounted a virtio-fs share and read a file through it is
+/// saved while it ticks and restored in a new process: the share is
+/// connected again from the snapshot (its session, node ids and all, come
+/// back with the device), and the guest reads the file again and writes
+/// one. Restored again with `--fs` naming another server for the same
+/// tag, it uses that one.
 #[test]
-fn a_vm_with_a_file_share_is_refused_and_runs_on() {
+fn a_guest_uses_its_file_share_after_restore() {
     let tmp = tempfile::tempdir().unwrap();
-    let export = tmp.path().join("gvfs");
-    std::fs::create_dir_all(export.join("export")).unwrap();
-    let server = vmplant_tests::GvfsServer::start(&export);
+    let content = random_bytes(SHARED, 0x5eed ^ u64::from(std::process::id()));
+    let crc = format!("{:08x}", crc32fast::hash(&content));
+    let export_dir = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(dir.join("export")).unwrap();
+        std::fs::write(dir.join("export/data.bin"), &content).unwrap();
+        dir
+    };
+    let (first, second) = (export_dir("gvfs1"), export_dir("gvfs2"));
+    let server = vmplant_tests::GvfsServer::start(&first);
+    let dir = tmp.path().join("snap");
+    let control = tmp.path().join("vm.sock");
+    let mut vmm = Vmm::probe(
+        "fs-read:/data.bin+tick:100:12+fs-read:/data.bin+fs-write:/out.bin:100000+shutdown",
+        &[
+            "--mem",
+            "64",
+            "--fs",
+            &server.share("data"),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let read = vmm.expect_line("the first read", Duration::from_secs(30), |l| {
+        l.contains(r#""probe":"fs-read""#)
+    });
+    let read: Value = serde_json::from_str(&read).unwrap();
+    assert_eq!(read["crc32"], crc.as_str(), "{read}");
+    vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = vmm.wait(Duration::from_secs(10));
+    assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
+    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
+    assert!(
+        !first.join("export/out.bin").exists(),
+        "written before the snapshot"
+    );
+
+    // The share comes back from the snapshot alone.
+    let done =
+        Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(60));
+    check_restored_share_io(&done, last, &first.join("export"), &crc);
+
+    // And with --fs, from another server exporting the same files.
+    let other = vmplant_tests::GvfsServer::start(&second);
+    let done = Vmm::start(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--fs",
+        &other.share("data"),
+    ])
+    .wait(Duration::from_secs(60));
+    check_restored_share_io(&done, last, &second.join("export"), &crc);
+
+    // --fs for another tag is refused.
+    let done = Vmm::start(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--fs",
+        &other.share("home"),
+    ])
+    .wait(Duration::from_secs(10));
+    assert_eq!(done.status.code(), Some(1), "{}", done.stderr);
+    assert!(done.stderr.contains(r#"tag "home""#), "{}", done.stderr);
+    assert!(done.lines.is_empty(), "a guest ran: {:?}", done.lines);
+    drop((server, other));
+}
+
+/// A vhost-user-fs share keeps its state in its backend: the snapshot
+/// fails saying so, and the guest runs on.
+#[test]
+fn a_vm_with_a_vhost_user_share_is_refused_and_runs_on() {
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let socket = tmp.path().join("virtiofsd.sock");
+    let mut backend = vmplant_tests::Process {
+        child: Command::new(vmplant_tests::virtiofsd())
+            .arg("--shared-dir")
+            .arg(&export)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(["--sandbox", "none", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start virtiofsd"),
+        dir: tmp.path().join("backend"),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            backend.child.try_wait().unwrap().is_none(),
+            "virtiofsd exited"
+        );
+        assert!(std::time::Instant::now() < deadline, "no virtiofsd socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let control = tmp.path().join("vm.sock");
     let mut vmm = Vmm::probe(
         &format!("count:100000000000000:{EVERY}"),
         &[
             "--mem",
             "64",
-            "--fs",
-            &server.share("data"),
+            "--vhost-user-fs",
+            &format!("data={}", socket.display()),
             "--control",
             control.to_str().unwrap(),
         ],
@@ -342,7 +510,7 @@ fn a_vm_with_a_file_share_is_refused_and_runs_on() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("the virtio-fs share \"data\" cannot be saved yet"),
+        stderr.contains("the vhost-user-fs share \"data\" keeps its state in its backend"),
         "{stderr}"
     );
     vmm.expect_line(
@@ -352,4 +520,5 @@ fn a_vm_with_a_file_share_is_refused_and_runs_on() {
     );
     assert!(vm(&control, &["stop"]).status.success());
     assert_eq!(vmm.wait(Duration::from_secs(10)).status.code(), Some(0));
+    drop(backend);
 }

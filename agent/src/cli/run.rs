@@ -64,7 +64,9 @@ pub struct RunArgs {
     pub vhost_user_shares: Vec<VhostUserShare>,
     /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
     /// booting a kernel: it goes on where it was paused. Its vCPUs, memory
-    /// and kernel come from the snapshot.
+    /// and kernel come from the snapshot, and so do its NICs and file
+    /// shares, unless `--net` (the MACs) or `--fs` (the same tags, on
+    /// another server, say) replace them, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config"])]
     pub restore: Option<PathBuf>,
     /// Serve the VM's control API on a unix socket at PATH (see `vmplant
@@ -159,37 +161,75 @@ struct Planned {
 }
 
 /// What a snapshot keeps of a VM's devices, for its restore: the NICs'
-/// MACs (file shares cannot be saved yet).
+/// MACs and the `--fs` shares (their servers are connected again; the
+/// guests' sessions are in the devices' saved state).
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
 struct DevicePlan {
     nets: Vec<vnet::Mac>,
+    #[serde(default)]
+    shares: Vec<Share>,
 }
 
 impl Planned {
     fn device_plan(&self) -> String {
         let plan = DevicePlan {
             nets: self.nets.iter().map(|n| n.mac).collect(),
+            shares: self.shares.iter().map(Share::absolute).collect(),
         };
         serde_json::to_string(&plan).unwrap_or_default()
     }
 }
 
-/// The NICs of a restored VM: the MACs given with `--net` in place of the
-/// saved ones, in order (clones need their own), or the saved ones.
-fn restored_nets(snapshot: &vmm::snapshot::Snapshot, given: Vec<Nic>) -> Result<Vec<Nic>, String> {
-    let plan: DevicePlan = serde_json::from_str(&snapshot.state.owner)
-        .map_err(|e| format!("the snapshot's device plan cannot be read: {e}"))?;
-    if given.is_empty() {
-        return Ok(plan.nets.into_iter().map(Nic::from).collect());
+impl DevicePlan {
+    fn of(snapshot: &vmm::snapshot::Snapshot) -> Result<DevicePlan, String> {
+        serde_json::from_str(&snapshot.state.owner)
+            .map_err(|e| format!("the snapshot's device plan cannot be read: {e}"))
     }
-    if given.len() != plan.nets.len() {
-        return Err(format!(
-            "the snapshot's VM has {} NIC(s), and {} --net MAC(s) were given",
-            plan.nets.len(),
-            given.len()
-        ));
+
+    /// The NICs of a restored VM: the MACs given with `--net` in place of
+    /// the saved ones, in order (clones need their own), or the saved
+    /// ones.
+    fn nets(&self, given: Vec<Nic>) -> Result<Vec<Nic>, String> {
+        if given.is_empty() {
+            return Ok(self.nets.iter().copied().map(Nic::from).collect());
+        }
+        if given.len() != self.nets.len() {
+            return Err(format!(
+                "the snapshot's VM has {} NIC(s), and {} --net MAC(s) were given",
+                self.nets.len(),
+                given.len()
+            ));
+        }
+        Ok(given)
     }
-    Ok(given)
+
+    /// The file shares of a restored VM: those given with `--fs` in place
+    /// of the saved ones, in order (another server, token or cache for
+    /// the same tag), or the saved ones.
+    fn shares(&self, given: Vec<Share>) -> Result<Vec<Share>, String> {
+        if given.is_empty() {
+            return Ok(self.shares.clone());
+        }
+        if given.len() != self.shares.len() {
+            return Err(format!(
+                "the snapshot's VM has {} file share(s), and {} --fs share(s) were given",
+                self.shares.len(),
+                given.len()
+            ));
+        }
+        for (i, (saved, new)) in self.shares.iter().zip(&given).enumerate() {
+            if saved.tag != new.tag {
+                return Err(format!(
+                    "--fs share {} has tag {:?}; the snapshot's share {} has tag {:?}",
+                    i + 1,
+                    new.tag,
+                    i + 1,
+                    saved.tag
+                ));
+            }
+        }
+        Ok(given)
+    }
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -237,7 +277,13 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 (None, Some(dir)) => {
                     let snapshot = vmm::snapshot::Snapshot::open(&base.join(dir))
                         .map_err(|e| format!("VM {:?}: {}", vm.name, super::chain(&e)))?;
-                    let nets = restored_nets(&snapshot, nets)
+                    let plan =
+                        DevicePlan::of(&snapshot).map_err(|e| format!("VM {:?}: {e}", vm.name))?;
+                    let nets = plan
+                        .nets(nets)
+                        .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
+                    let shares = plan
+                        .shares(shares)
                         .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
                     return Ok(Planned {
                         name: vm.name,
@@ -293,6 +339,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         (Some(path), _) => read_run_file(path)?,
         (None, Some(dir)) => {
             let snapshot = vmm::snapshot::Snapshot::open(dir)?;
+            let plan = DevicePlan::of(&snapshot)?;
             vec![Planned {
                 name: "vm".into(),
                 config: VmConfig {
@@ -300,8 +347,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                     serial_input: !args.no_stdin,
                     ..snapshot.state.config.clone()
                 },
-                nets: restored_nets(&snapshot, args.nets)?,
-                shares: args.shares,
+                nets: plan.nets(args.nets)?,
+                shares: plan.shares(args.shares)?,
                 vhost_user_shares: args.vhost_user_shares,
                 control: args.control,
                 restore: Some(snapshot),
@@ -412,4 +459,53 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     }
     vnet.shutdown();
     Ok(ExitCode::from(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(s: &str) -> Share {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn restored_shares_are_the_saved_ones_or_the_same_tags_given() {
+        let plan = DevicePlan {
+            nets: Vec::new(),
+            shares: vec![
+                share("a=h:1,token-file=/t,plaintext"),
+                share("b=h:1,token-file=/t,plaintext"),
+            ],
+        };
+        let json = serde_json::to_string(&plan).unwrap();
+        let plan: DevicePlan = serde_json::from_str(&json).unwrap();
+        assert_eq!(plan.shares(Vec::new()).unwrap(), plan.shares);
+        let moved = vec![
+            share("a=other:2,token-file=/u,plaintext"),
+            share("b=other:2,token-file=/u,tls-ca=/ca"),
+        ];
+        assert_eq!(plan.shares(moved.clone()).unwrap(), moved);
+        let err = plan
+            .shares(vec![share("a=h:1,token-file=/t,plaintext")])
+            .unwrap_err();
+        assert!(err.contains("2 file share(s), and 1"), "{err}");
+        let err = plan
+            .shares(vec![
+                share("b=h:1,token-file=/t,plaintext"),
+                share("a=h:1,token-file=/t,plaintext"),
+            ])
+            .unwrap_err();
+        assert!(err.contains(r#"tag "b""#), "{err}");
+        // A plan written before shares were saved has none.
+        let old: DevicePlan = serde_json::from_str(r#"{"nets":[]}"#).unwrap();
+        assert!(old.shares.is_empty());
+    }
+
+    #[test]
+    fn a_saved_share_names_its_files_absolutely() {
+        let s = share("a=h:1,token-file=tok,plaintext,cache-dir=c").absolute();
+        assert!(s.token_file.is_absolute() && s.token_file.ends_with("tok"));
+        assert!(s.cache_dir.unwrap().is_absolute());
+    }
 }

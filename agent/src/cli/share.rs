@@ -15,7 +15,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A `--fs` share; kept as it is (paths made absolute) in a snapshot's
+/// device plan, so that a restore connects the share again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Share {
     pub tag: String,
     pub server: String,
@@ -72,6 +74,18 @@ impl FromStr for Share {
 }
 
 impl Share {
+    /// The share with its files named by absolute paths (those of the
+    /// working directory it was given in), for a restore elsewhere.
+    pub fn absolute(&self) -> Share {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        Share {
+            token_file: abs(&self.token_file),
+            tls_ca: self.tls_ca.as_ref().map(abs),
+            cache_dir: self.cache_dir.as_ref().map(abs),
+            ..self.clone()
+        }
+    }
+
     /// Connects a GVFS client to the share's server.
     pub fn connect(&self) -> Result<Arc<dyn FuseServer>, Box<dyn std::error::Error + Send + Sync>> {
         let tls = match &self.tls_ca {

@@ -12,7 +12,11 @@
 //! Inode numbers are the client's own and stay valid across reconnects:
 //! each inode remembers its parent and name, and its server node id is
 //! looked up again when the connection epoch changes (a restarted server
-//! hands out new node ids). Open files are reopened the same way.
+//! hands out new node ids). Open files are reopened the same way. The
+//! same holds across a VM snapshot: what a caller holds (inode numbers
+//! with their paths and lookup counts, open files) is saved with
+//! [`Fs::save_state`] and put back into a new client with
+//! [`Fs::restore_state`] (`saved.rs`).
 //!
 //! Memory is bounded whatever the server lists: inodes nothing holds (no
 //! caller reference, open file or inode below them, such as the entries
@@ -35,10 +39,12 @@ use super::copies::Copies;
 use crate::limit::Budget;
 
 mod files;
+mod saved;
 
 use crate::proto::{self, Attr, Request, Response, SetAttr, StatFs};
 pub use files::Opened;
 use files::{Flight, OpenFile};
+pub use saved::{FileState, FsState, InodeState, MAX_SAVED_INODES, MAX_SAVED_NAME, StateError};
 
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;

@@ -10,5 +10,6 @@ pub use conn::{ClientError, ConnectConfig};
 pub use fs::{
     BENCH_WHOLE_COPY_BYTES, DEFAULT_MAX_CACHED_DIR_ENTRIES, DEFAULT_MAX_DIR_ENTRIES,
     DEFAULT_MAX_IDLE_INODES, DEFAULT_MAX_OPEN_DIRS, DEFAULT_MAX_OPEN_FILES, DirItem, DirReader,
-    Entry, Fs, FsOptions, MAX_LISTING_BATCHES, OnDisconnect, Opened, ROOT_INO,
+    Entry, FileState, Fs, FsOptions, FsState, InodeState, MAX_LISTING_BATCHES, MAX_SAVED_INODES,
+    MAX_SAVED_NAME, OnDisconnect, Opened, ROOT_INO, StateError,
 };

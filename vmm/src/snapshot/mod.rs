@@ -13,10 +13,11 @@
 //! A snapshot is taken with the vCPUs paused and the devices quiesced
 //! (they touch neither guest memory nor their queues meanwhile). Each
 //! virtio device is saved as its transport's registers with the device's
-//! live queue positions; the owner builds the same devices again before a
-//! restore, which restarts them where they were. Devices that cannot be
-//! saved yet (file shares) make the snapshot fail with an error naming
-//! them, and the VM goes on.
+//! live queue positions, plus its own state (a file share's FUSE session);
+//! the owner builds the same devices again before a restore, which
+//! restarts them where they were. Devices that cannot be saved (a
+//! vhost-user share, whose state is in its backend) make the snapshot fail
+//! with an error naming them, and the VM goes on.
 
 pub mod file;
 pub mod memory;

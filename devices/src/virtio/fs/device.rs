@@ -1,15 +1,28 @@
 //! The virtio-fs device and the thread that serves its queues.
+//!
+//! A snapshot of it: [`VirtioDevice::quiesce`] stops taking requests off
+//! the queues and waits, for at most [`QUIESCE_TIMEOUT`], until every
+//! request taken has been answered (the requests the device holds are
+//! drained, not saved), so that guest memory, the used rings and the FUSE
+//! server's session stay still; a request still being answered then
+//! (one waiting on a slow server) makes [`VirtioDevice::save_device`]
+//! fail, rather than save a session that changes while it is saved. The
+//! device's state is its tag and the server's session
+//! ([`super::persist::FsPersist`]); the queues are the transport's.
 
+use super::persist::{FS_PERSIST_FORMAT, FsPersist};
 use super::queue::{self, InFlight, Job};
 use super::{FuseServer, MAX_REQUEST, QUEUE_SIZE, TAG_LEN, Tag, VIRTIO_ID_FS};
+use crate::virtio::mmio::QueuePersist;
 use crate::virtio::{
     ActivateContext, ActivateError, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice,
     VirtioInterrupt,
 };
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -27,17 +40,24 @@ pub struct FsCounters {
     pub malformed: AtomicU64,
 }
 
+/// How long a snapshot waits for the requests being answered.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A file share the guest mounts by its tag (`mount -t virtiofs TAG DIR`).
 pub struct Fs {
     tag: Tag,
     server: Arc<dyn FuseServer>,
     counters: Arc<FsCounters>,
     worker: Option<Worker>,
+    quiesce_timeout: Duration,
+    /// Why the last quiesce did not settle (requests still answered).
+    unsettled: Option<String>,
 }
 
 struct Worker {
     stop: EventFd,
     thread: JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl Fs {
@@ -47,7 +67,14 @@ impl Fs {
             server,
             counters: Arc::new(FsCounters::default()),
             worker: None,
+            quiesce_timeout: QUIESCE_TIMEOUT,
+            unsettled: None,
         })
+    }
+
+    #[cfg(test)]
+    fn set_quiesce_timeout(&mut self, timeout: Duration) {
+        self.quiesce_timeout = timeout;
     }
 
     pub fn tag(&self) -> &str {
@@ -139,9 +166,10 @@ impl VirtioDevice for Fs {
                 .collect::<Result<_, _>>()
                 .map_err(ActivateError::Events)?,
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
         });
         let serve = Serve {
-            shared,
+            shared: shared.clone(),
             events: ctx.queue_events,
             epoll,
         };
@@ -149,7 +177,11 @@ impl VirtioDevice for Fs {
             .name(format!("virtio-fs-{}", self.tag()))
             .spawn(move || serve.run())
             .map_err(ActivateError::Events)?;
-        self.worker = Some(Worker { stop, thread });
+        self.worker = Some(Worker {
+            stop,
+            thread,
+            shared,
+        });
         tracing::debug!(tag = self.tag(), "virtio-fs started");
         Ok(())
     }
@@ -158,11 +190,116 @@ impl VirtioDevice for Fs {
         self.stop_worker();
     }
 
+    /// Takes no more requests, and waits (at most the quiesce time-out)
+    /// until those taken are answered: then nothing changes guest memory,
+    /// the queues or the server's session until [`Self::unquiesce`].
+    fn quiesce(&mut self) {
+        self.unsettled = None;
+        let Some(w) = &self.worker else {
+            return;
+        };
+        let shared = &w.shared;
+        shared.paused.store(true, SeqCst);
+        let deadline = Instant::now() + self.quiesce_timeout;
+        loop {
+            // Under each queue's lock: a pass that started before the
+            // pause has put what it took in `in_flight`, and a later one
+            // sees the pause and takes nothing.
+            let held: usize = (0..shared.queues.len())
+                .map(|i| shared.queue(i).in_flight.len())
+                .sum();
+            if held == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let why = format!(
+                    "the virtio-fs share {:?} still had {held} request(s) being answered after {:?}",
+                    self.tag(),
+                    self.quiesce_timeout
+                );
+                tracing::warn!("{why}");
+                self.unsettled = Some(why);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn unquiesce(&mut self) {
+        self.unsettled = None;
+        let Some(w) = &self.worker else {
+            return;
+        };
+        w.shared.paused.store(false, SeqCst);
+        // Requests the guest queued meanwhile are taken now.
+        for i in 0..w.shared.queues.len() {
+            w.shared.kick(i);
+        }
+    }
+
     fn can_snapshot(&self) -> Result<(), String> {
-        Err(format!(
-            "the virtio-fs share {:?} cannot be saved yet (its GVFS session is not)",
-            self.tag()
-        ))
+        Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<QueuePersist> {
+        self.worker.as_ref().map_or_else(Vec::new, |w| {
+            (0..w.shared.queues.len())
+                .map(|i| QueuePersist::from(&w.shared.queue(i).queue))
+                .collect()
+        })
+    }
+
+    fn save_device(&self) -> Result<Vec<u8>, String> {
+        if let Some(why) = &self.unsettled {
+            return Err(why.clone());
+        }
+        if self
+            .worker
+            .as_ref()
+            .is_some_and(|w| !w.shared.paused.load(SeqCst))
+        {
+            return Err(format!(
+                "the virtio-fs share {:?} is not quiesced",
+                self.tag()
+            ));
+        }
+        let session = self
+            .server
+            .save_session()
+            .map_err(|e| format!("the virtio-fs share {:?}: {e}", self.tag()))?;
+        bitcode::serialize(&FsPersist {
+            format: FS_PERSIST_FORMAT,
+            tag: self.tag().into(),
+            session,
+        })
+        .map_err(|e| format!("the virtio-fs share {:?}: {e}", self.tag()))
+    }
+
+    fn restore_device(&mut self, state: &[u8]) -> Result<(), String> {
+        let tag = self.tag().to_string();
+        if self.worker.is_some() {
+            return Err(format!(
+                "the virtio-fs share {tag:?} already runs: restore it before it starts"
+            ));
+        }
+        let saved: FsPersist = bitcode::deserialize(state).map_err(|e| {
+            format!("the saved state of virtio-fs share {tag:?} cannot be read: {e}")
+        })?;
+        if saved.format != FS_PERSIST_FORMAT {
+            return Err(format!(
+                "the saved state of virtio-fs share {tag:?} is in format {}; this build reads format {FS_PERSIST_FORMAT}",
+                saved.format
+            ));
+        }
+        if saved.tag != tag {
+            return Err(format!(
+                "the snapshot's virtio-fs share is {:?}, the one being restored is {tag:?}",
+                saved.tag
+            ));
+        }
+        self.server
+            .restore_session(&saved.session)
+            .map_err(|e| format!("virtio-fs share {tag:?}: {e}"))
     }
 }
 
@@ -196,6 +333,9 @@ struct Shared {
     kicks: Vec<EventFd>,
     /// The device is stopping: requests not yet started are dropped.
     stopping: AtomicBool,
+    /// A snapshot is being taken: no request is taken off the queues
+    /// (read under a queue's lock).
+    paused: AtomicBool,
 }
 
 impl Shared {
@@ -347,6 +487,10 @@ impl Serve {
         };
         {
             let mut q = s.queue(i);
+            if s.paused.load(SeqCst) {
+                // Taken when the snapshot is done (unquiesce kicks).
+                return;
+            }
             let RequestQueue {
                 queue,
                 in_flight,
@@ -537,6 +681,10 @@ mod tests {
                 .wait_timeout_while(g, std::time::Duration::from_secs(10), |o| !*o)
                 .unwrap();
             None
+        }
+
+        fn save_session(&self) -> Result<Vec<u8>, String> {
+            Ok(b"gate".to_vec())
         }
     }
 
@@ -735,5 +883,165 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(fs.counters().requests.load(Relaxed), u64::from(n));
+    }
+
+    /// The index of the used ring at `used`.
+    fn used_idx(mem: &GuestMemoryMmap, used: vm_memory::GuestAddress) -> u16 {
+        use vm_memory::{Address, Bytes};
+        mem.read_obj(used.unchecked_add(2)).unwrap()
+    }
+
+    fn wait_used(s: &Started, n: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used_idx(&s.mem, s.used) < n {
+            assert!(Instant::now() < deadline, "{n} answers did not come");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A snapshot's quiesce waits until the requests being answered are
+    /// answered, takes no new ones meanwhile, and the device then saves;
+    /// requests queued meanwhile are taken once it goes on.
+    #[test]
+    fn quiesce_waits_for_the_requests_being_answered() {
+        use vm_memory::{Address, Bytes};
+        let gate = Arc::new(Gate::default());
+        // Three requests on the ring, the third not made available yet.
+        let mut s = started_share(gate.clone(), 3, |m, avail| {
+            m.write_obj(2u16, avail.unchecked_add(2)).unwrap();
+        });
+        gate.wait_started(2);
+        let quiesced = std::thread::scope(|scope| {
+            let fs = &mut s.fs;
+            let q = scope.spawn(move || {
+                fs.quiesce();
+                Instant::now()
+            });
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!q.is_finished(), "quiesce returned with requests held");
+            let opened = Instant::now();
+            gate.open();
+            let quiesced = q.join().unwrap();
+            assert!(quiesced >= opened);
+            quiesced
+        });
+        assert!(quiesced.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            used_idx(&s.mem, s.used),
+            2,
+            "both answered before it returned"
+        );
+        // The guest makes the third available and kicks: not taken.
+        s.mem.write_obj(3u16, s.avail.unchecked_add(2)).unwrap();
+        s.kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(s.fs.counters().requests.load(Relaxed), 2);
+        assert_eq!(used_idx(&s.mem, s.used), 2);
+        let queues = s.fs.queue_states();
+        assert_eq!(queues.len(), 2);
+        assert_eq!((queues[1].next_avail, queues[1].next_used), (2, 2));
+        let saved: FsPersist = bitcode::deserialize(&s.fs.save_device().unwrap()).unwrap();
+        assert_eq!(
+            saved,
+            FsPersist {
+                format: FS_PERSIST_FORMAT,
+                tag: "data".into(),
+                session: b"gate".to_vec(),
+            }
+        );
+        s.fs.unquiesce();
+        wait_used(&s, 3);
+        assert_eq!(s.fs.counters().requests.load(Relaxed), 3);
+    }
+
+    /// A request still being answered when the quiesce time-out passes
+    /// fails the snapshot instead of saving a session that changes; the
+    /// device goes on, and a later snapshot succeeds.
+    #[test]
+    fn a_request_answered_past_the_time_out_fails_the_snapshot() {
+        let gate = Arc::new(Gate::default());
+        let mut s = started_share(gate.clone(), 1, |_, _| {});
+        gate.wait_started(1);
+        s.fs.set_quiesce_timeout(Duration::from_millis(100));
+        let t0 = Instant::now();
+        s.fs.quiesce();
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        let err = s.fs.save_device().unwrap_err();
+        assert!(
+            err.contains("still had 1 request(s) being answered"),
+            "{err}"
+        );
+        s.fs.unquiesce();
+        gate.open();
+        wait_used(&s, 1);
+        s.fs.quiesce();
+        assert!(s.fs.save_device().is_ok());
+        s.fs.unquiesce();
+    }
+
+    /// Saves what it is given back, and records what it restores.
+    #[derive(Default)]
+    struct Recorder {
+        restored: Mutex<Option<Vec<u8>>>,
+    }
+
+    impl FuseServer for Recorder {
+        fn handle(&self, _request: &[u8]) -> Option<Vec<u8>> {
+            None
+        }
+        fn save_session(&self) -> Result<Vec<u8>, String> {
+            Ok(b"session".to_vec())
+        }
+        fn restore_session(&self, state: &[u8]) -> Result<(), String> {
+            *self.restored.lock().unwrap() = Some(state.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn restore_takes_back_the_session_of_the_same_share_only() {
+        let saved = Fs::new("data", Arc::new(Recorder::default()))
+            .unwrap()
+            .save_device()
+            .unwrap();
+        let server = Arc::new(Recorder::default());
+        let mut fs = Fs::new("data", server.clone()).unwrap();
+        fs.restore_device(&saved).unwrap();
+        assert_eq!(
+            server.restored.lock().unwrap().as_deref(),
+            Some(&b"session"[..])
+        );
+
+        let other = Arc::new(Recorder::default());
+        let err = Fs::new("other", other.clone())
+            .unwrap()
+            .restore_device(&saved)
+            .unwrap_err();
+        assert!(err.contains("\"data\""), "{err}");
+        assert!(other.restored.lock().unwrap().is_none());
+
+        // Damaged state: an error, never a panic.
+        for bad in [&[][..], &saved[..saved.len() / 2], &[0xff; 64][..]] {
+            let mut fs = Fs::new("data", Arc::new(Recorder::default())).unwrap();
+            assert!(fs.restore_device(bad).is_err(), "{bad:?}");
+        }
+        let mut wrong = bitcode::deserialize::<FsPersist>(&saved).unwrap();
+        wrong.format = 99;
+        let err = Fs::new("data", Arc::new(Recorder::default()))
+            .unwrap()
+            .restore_device(&bitcode::serialize(&wrong).unwrap())
+            .unwrap_err();
+        assert!(err.contains("format 99"), "{err}");
+    }
+
+    /// A server that cannot save its session makes the snapshot fail,
+    /// saying so.
+    #[test]
+    fn a_server_without_sessions_cannot_be_saved() {
+        let err = Fs::new("data", Arc::new(Nobody))
+            .unwrap()
+            .save_device()
+            .unwrap_err();
+        assert!(err.contains("\"data\""), "{err}");
     }
 }

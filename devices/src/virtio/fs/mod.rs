@@ -10,7 +10,8 @@
 //!   up the others);
 //! - `vhost_user.rs`: [`VhostUserFs`], the same device with its queues
 //!   served by an external vhost-user backend (virtiofsd);
-//! - `persist.rs`: the state kept in a snapshot.
+//! - `persist.rs`: the state kept in a snapshot: the tag and the FUSE
+//!   server's session (for GVFS, `gvfs::fuse_proto::SessionState`).
 
 mod device;
 pub mod persist;
@@ -67,6 +68,28 @@ pub trait FuseServer: Send + Sync {
     /// (`fuse_out_header` and body), or `None` for requests that get none
     /// (FORGET, BATCH_FORGET, INTERRUPT).
     fn handle(&self, request: &[u8]) -> Option<Vec<u8>>;
+    /// The guest's FUSE session, serialized, for a snapshot (taken while
+    /// no request is being handled); `Err` says why it cannot be saved.
+    fn save_session(&self) -> Result<Vec<u8>, String> {
+        Err("its FUSE server cannot save the guest's session".into())
+    }
+    /// Puts back what [`Self::save_session`] saved (it comes from a file:
+    /// a bad one is an error), before the guest's next request.
+    fn restore_session(&self, _state: &[u8]) -> Result<(), String> {
+        Err("its FUSE server cannot restore a guest's session".into())
+    }
+}
+
+/// The error and its sources, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
 }
 
 impl FuseServer for gvfs::fuse_proto::FuseHandler {
@@ -79,5 +102,16 @@ impl FuseServer for gvfs::fuse_proto::FuseHandler {
                 None
             }
         }
+    }
+
+    fn save_session(&self) -> Result<Vec<u8>, String> {
+        bitcode::serialize(&gvfs::fuse_proto::FuseHandler::save_session(self))
+            .map_err(|e| format!("cannot serialize the GVFS session: {e}"))
+    }
+
+    fn restore_session(&self, state: &[u8]) -> Result<(), String> {
+        let state: gvfs::fuse_proto::SessionState = bitcode::deserialize(state)
+            .map_err(|e| format!("the saved GVFS session cannot be read: {e}"))?;
+        gvfs::fuse_proto::FuseHandler::restore_session(self, state).map_err(|e| chain(&e))
     }
 }

@@ -22,12 +22,26 @@ static OPEN_FILES_LOG: LogLimiter = LogLimiter::new();
 
 /// A file open through [`Fs::open`] or [`Fs::create`].
 pub(super) struct OpenFile {
-    ino: u64,
-    flags: u32,
+    pub(super) ino: u64,
+    pub(super) flags: u32,
     /// (epoch, server handle).
     remote: Mutex<Option<(u64, u64)>>,
     /// Where the last read ended (sequential detection).
     last_end: AtomicU64,
+}
+
+impl OpenFile {
+    /// A file open on `ino` with `flags` that the server has not opened
+    /// on this connection (a restored one): it is opened there on first
+    /// use, as after a reconnect.
+    pub(super) fn unopened(ino: u64, flags: u32) -> OpenFile {
+        OpenFile {
+            ino,
+            flags,
+            remote: Mutex::new(None),
+            last_end: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// One batch of blocks being fetched; readers wanting one of them wait.
