@@ -22,6 +22,18 @@ fn vm(control: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `vmplant vm --control CONTROL snapshot DIR --stop`, which must succeed:
+/// what it printed.
+fn snapshot_stop(control: &Path, dir: &Path) -> Output {
+    let out = vm(control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn count_at(line: &str) -> Option<u64> {
     let v: Value = serde_json::from_str(line).ok()?;
     (v["probe"] == "count").then(|| v["at"].as_u64())?
@@ -45,12 +57,7 @@ fn snapshot_a_counting_guest(dir: &Path, vcpus: &str, steps: &str) -> u64 {
     vmm.expect_line("a count line", Duration::from_secs(30), |l| {
         count_at(l).is_some()
     });
-    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = snapshot_stop(&control, dir);
     let saved: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(saved["memory_bytes"], 64 << 20);
     let data = saved["memory_data_bytes"].as_u64().unwrap();
@@ -91,12 +98,7 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
         ],
     );
     vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
-    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = snapshot_stop(&control, &dir);
     let saved: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(saved["memory_bytes"], 64 << 20);
     let data = saved["memory_data_bytes"].as_u64().unwrap();
@@ -162,12 +164,7 @@ fn twenty_clones_run_with_their_own_macs_and_generation_ids() {
         ],
     );
     base.expect_line("tick 1", Duration::from_secs(30), |l| tick_n(l) == Some(1));
-    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapshot_stop(&control, &dir);
     assert_eq!(base.wait(Duration::from_secs(10)).status.code(), Some(0));
 
     let mac = |i: usize| format!("52:54:00:00:02:{i:02x}");
@@ -277,12 +274,7 @@ fn a_guest_with_a_nic_answers_pings_after_restore() {
     a.expect_line("the NIC up", Duration::from_secs(30), |l| {
         l.contains(r#""probe":"net""#)
     });
-    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapshot_stop(&control, &dir);
     assert_eq!(a.wait(Duration::from_secs(10)).status.code(), Some(0));
 
     let config = tmp.path().join("vms.json");
@@ -410,12 +402,7 @@ fn a_guest_uses_its_file_share_after_restore() {
     let read: Value = serde_json::from_str(&read).unwrap();
     assert_eq!(read["crc32"], crc.as_str(), "{read}");
     vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
-    let out = vm(&control, &["snapshot", dir.to_str().unwrap(), "--stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    snapshot_stop(&control, &dir);
     let before = vmm.wait(Duration::from_secs(10));
     assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
     let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
