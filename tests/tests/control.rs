@@ -58,6 +58,8 @@ fn info_pause_resume_and_stop_through_the_control_socket() {
     assert!(vm(&control, "pause").status.success());
     let info: serde_json::Value = serde_json::from_slice(&vm(&control, "info").stdout).unwrap();
     assert_eq!(info["state"], "paused");
+    // Lines written before the pause may still be on their way.
+    vmm.lines_for(Duration::from_millis(300));
     let while_paused = vmm.lines_for(Duration::from_millis(700));
     assert!(
         !while_paused.iter().any(|l| is_count(l)),

@@ -74,6 +74,22 @@ fn snapshot_a_counting_guest(dir: &Path, vcpus: &str, steps: &str) -> u64 {
         .expect("counted")
 }
 
+/// The ticks a restored guest printed, going on from the last tick
+/// before the snapshot: `before` are the console lines before it. The
+/// pause may cut a line (each serial byte is an exit of its own): its
+/// start is then the last line before, its rest the first line after.
+fn ticks_after(before: &[String], after: &[String]) -> (u64, Vec<u64>) {
+    let last = before.iter().filter_map(|l| tick_n(l)).max().unwrap_or(0);
+    let cut = before
+        .last()
+        .filter(|l| serde_json::from_str::<Value>(l).is_err());
+    let mut lines = after.to_vec();
+    if let (Some(cut), Some(first)) = (cut, lines.first_mut()) {
+        *first = format!("{cut}{first}");
+    }
+    (last, lines.iter().filter_map(|l| tick_n(l)).collect())
+}
+
 fn tick_n(line: &str) -> Option<u64> {
     let v: Value = serde_json::from_str(line).ok()?;
     (v["probe"] == "tick").then(|| v["n"].as_u64())?
@@ -108,7 +124,6 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
     );
     let before = vmm.wait(Duration::from_secs(10));
     assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
-    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
     // On disk, the memory file is sparse: about what the guest used.
     use std::os::unix::fs::MetadataExt;
     let disk = std::fs::metadata(dir.join("memory")).unwrap().blocks() * 512;
@@ -117,7 +132,7 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
     let done =
         Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(30));
     done.assert_success();
-    let ticks: Vec<u64> = done.lines.iter().filter_map(|l| tick_n(l)).collect();
+    let (last, ticks) = ticks_after(&before.lines, &done.lines);
     let expected: Vec<u64> = (last + 1..=12).collect();
     assert_eq!(ticks, expected, "ticks go on from {last}");
     let verify = done
@@ -246,10 +261,7 @@ fn damaged_snapshots_are_refused_with_the_reason() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    refused(
-        &dir,
-        "is 1048576 bytes, but the snapshot's guest has 67108864",
-    );
+    refused(&dir, "is 1048576 bytes, but the snapshot's is 67112960");
     refused(&tmp.path().join("missing"), "cannot read the state file");
 }
 
@@ -329,9 +341,14 @@ fn events_of(done: &vmplant_tests::Finished, kind: &str) -> Vec<Value> {
 /// the file again with the host's CRC and writes one that lands on
 /// `export`, without a new boot (no `ready` line) or a new FUSE_INIT (no
 /// `fs` line: its device stayed up).
-fn check_restored_share_io(done: &vmplant_tests::Finished, last: u64, export: &Path, crc: &str) {
+fn check_restored_share_io(
+    done: &vmplant_tests::Finished,
+    before: &[String],
+    export: &Path,
+    crc: &str,
+) {
     done.assert_success();
-    let ticks: Vec<u64> = done.lines.iter().filter_map(|l| tick_n(l)).collect();
+    let (last, ticks) = ticks_after(before, &done.lines);
     assert_eq!(ticks, (last + 1..=12).collect::<Vec<_>>(), "ticks go on");
     for kind in ["ready", "fs"] {
         assert!(
@@ -405,7 +422,6 @@ fn a_guest_uses_its_file_share_after_restore() {
     snapshot_stop(&control, &dir);
     let before = vmm.wait(Duration::from_secs(10));
     assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
-    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
     assert!(
         !first.join("export/out.bin").exists(),
         "written before the snapshot"
@@ -414,7 +430,7 @@ fn a_guest_uses_its_file_share_after_restore() {
     // The share comes back from the snapshot alone.
     let done =
         Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(60));
-    check_restored_share_io(&done, last, &first.join("export"), &crc);
+    check_restored_share_io(&done, &before.lines, &first.join("export"), &crc);
 
     // And with --fs, from another server exporting the same files.
     let other = vmplant_tests::GvfsServer::start(&second);
@@ -426,7 +442,7 @@ fn a_guest_uses_its_file_share_after_restore() {
         &other.share("data"),
     ])
     .wait(Duration::from_secs(60));
-    check_restored_share_io(&done, last, &second.join("export"), &crc);
+    check_restored_share_io(&done, &before.lines, &second.join("export"), &crc);
 
     // --fs for another tag is refused.
     let done = Vmm::start(&[
@@ -508,4 +524,70 @@ fn a_vm_with_a_vhost_user_share_is_refused_and_runs_on() {
     assert!(vm(&control, &["stop"]).status.success());
     assert_eq!(vmm.wait(Duration::from_secs(10)).status.code(), Some(0));
     drop(backend);
+}
+
+/// A VM restored from DIR is snapshotted into DIR again while it runs:
+/// the new files replace the old whole, so the running VM (which maps the
+/// old memory file) goes on intact, and a restore of the new snapshot
+/// goes on from where it was taken.
+#[test]
+fn a_restored_vm_snapshotted_into_its_own_dir_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    let control = tmp.path().join("base.sock");
+    let steps = "fill:8:9+tick:100:25+verify:8:9+shutdown";
+    let mut base = Vmm::probe(
+        steps,
+        &["--mem", "48", "--control", control.to_str().unwrap()],
+    );
+    base.expect_line("tick 1", Duration::from_secs(30), |l| tick_n(l) == Some(1));
+    snapshot_stop(&control, &dir);
+    assert_eq!(base.wait(Duration::from_secs(10)).status.code(), Some(0));
+
+    let control = tmp.path().join("a.sock");
+    let mut a = Vmm::start(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    a.expect_line("tick 4", Duration::from_secs(30), |l| tick_n(l) == Some(4));
+    let out = vm(&control, &["snapshot", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = a.wait(Duration::from_secs(30));
+    a.assert_success();
+    let verify = a
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .expect("verify");
+    assert_eq!(
+        verify["ok"], true,
+        "the running VM's memory changed: {verify}"
+    );
+
+    let b = Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(30));
+    b.assert_success();
+    let ticks: Vec<u64> = b.lines.iter().filter_map(|l| tick_n(l)).collect();
+    assert!(
+        ticks.first().is_some_and(|&n| n >= 5) && ticks.last() == Some(&25),
+        "{ticks:?}"
+    );
+    let verify = b
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .expect("verify");
+    assert_eq!(verify["ok"], true, "{verify}");
+    // Nothing half-written is left behind.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }

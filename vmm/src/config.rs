@@ -80,6 +80,13 @@ impl VmConfig {
 
     /// Checks the config against what this host offers.
     pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        self.validate_resources(limits)?;
+        self.validate_boot()
+    }
+
+    /// Checks the vCPUs and memory against what this host offers (all a
+    /// restored VM needs: its kernel is not loaded again).
+    pub fn validate_resources(&self, limits: &HostLimits) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
@@ -98,6 +105,11 @@ impl VmConfig {
                 host_mib: limits.host_mem_bytes >> 20,
             });
         }
+        Ok(())
+    }
+
+    /// Checks the kernel, initrd and command line a boot loads.
+    fn validate_boot(&self) -> Result<(), ConfigError> {
         let cmdline = self.cmdline();
         if cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(cmdline.len()));

@@ -81,6 +81,8 @@ pub enum VmError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(transparent)]
     VmGenId(#[from] crate::vmgenid::VmGenIdError),
+    #[error("the VM has ended")]
+    Ended,
     #[error("KVM set only {set} of {wanted} boot MSRs on vCPU {vcpu} (first refused: {first:#x})")]
     Msrs {
         vcpu: u8,
@@ -266,10 +268,15 @@ impl Vm {
         if let Some(w) = host.warning() {
             tracing::warn!("{w}");
         }
-        config.validate(&HostLimits {
+        let limits = HostLimits {
             max_vcpus: host.max_vcpus.min(254),
             host_mem_bytes: host.mem_total_bytes,
-        })?;
+        };
+        match mem {
+            // A restore: the kernel is not loaded again.
+            Some(_) => config.validate_resources(&limits)?,
+            None => config.validate(&limits)?,
+        }
         if usize::from(config.vcpus) > host.recommended_vcpus {
             tracing::warn!(
                 "{} vCPUs is more than the {} KVM recommends on this host",
@@ -629,23 +636,44 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl RunningVm {
     /// Stops every vCPU at its next exit and waits until all have; the
     /// console then shows everything the guest wrote before the pause.
-    /// Pausing a paused VM does nothing.
+    /// Pausing a paused VM does nothing; an ended one refuses.
     pub fn pause(&self) -> Result<(), VmError> {
-        let mut state = lock(&self.state);
-        if *state == RunState::Running {
-            self.command_all(VcpuCommand::Pause, VcpuState::Paused)?;
-            *state = RunState::Paused;
+        self.pause_locked(&mut self.lock_state())
+    }
+
+    /// Lets every vCPU run again. Resuming a running VM does nothing; an
+    /// ended one refuses.
+    pub fn resume(&self) -> Result<(), VmError> {
+        self.resume_locked(&mut self.lock_state())
+    }
+
+    /// The run state, held: no pause, resume or snapshot happens while
+    /// the guard lives.
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        lock(&self.state)
+    }
+
+    pub(crate) fn pause_locked(&self, state: &mut RunState) -> Result<(), VmError> {
+        match state {
+            RunState::Running => {
+                self.command_all(VcpuCommand::Pause, VcpuState::Paused)?;
+                *state = RunState::Paused;
+            }
+            RunState::Paused => {}
+            RunState::Stopping => return Err(VmError::Ended),
         }
         self.console.flush();
         Ok(())
     }
 
-    /// Lets every vCPU run again. Resuming a running VM does nothing.
-    pub fn resume(&self) -> Result<(), VmError> {
-        let mut state = lock(&self.state);
-        if *state == RunState::Paused {
-            self.command_all(VcpuCommand::Resume, VcpuState::Running)?;
-            *state = RunState::Running;
+    pub(crate) fn resume_locked(&self, state: &mut RunState) -> Result<(), VmError> {
+        match state {
+            RunState::Paused => {
+                self.command_all(VcpuCommand::Resume, VcpuState::Running)?;
+                *state = RunState::Running;
+            }
+            RunState::Running => {}
+            RunState::Stopping => return Err(VmError::Ended),
         }
         Ok(())
     }

@@ -17,12 +17,16 @@ pub enum VmGenIdError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// 16 random bytes from the kernel.
+pub fn random_bytes() -> std::io::Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut id))?;
+    Ok(id)
+}
+
 /// Writes a fresh random generation ID into guest memory and returns it.
 pub fn renew(mem: &GuestMemoryMmap) -> Result<[u8; 16], VmGenIdError> {
-    let mut id = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .map_err(VmGenIdError::Random)?;
+    let id = random_bytes().map_err(VmGenIdError::Random)?;
     mem.write_slice(&id, GuestAddress(VMGENID_START))
         .map_err(VmGenIdError::Write)?;
     Ok(id)

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 /// How long a request may take: a pause waits for every vCPU (5 s each at
-/// most), so this is well above that.
+/// most), so this is well above that. A snapshot writes all of guest
+/// memory, which takes as long as the disk needs: it has no limit.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends `request` to the VMM at `path` and returns its result.
@@ -17,8 +18,12 @@ pub fn call(path: &Path, request: &Request) -> Result<serde_json::Value, Control
         path: path.to_owned(),
         source,
     })?;
+    let read_timeout = match request {
+        Request::Snapshot { .. } => None,
+        _ => Some(TIMEOUT),
+    };
     stream
-        .set_read_timeout(Some(TIMEOUT))
+        .set_read_timeout(read_timeout)
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
         .map_err(ControlError::Io)?;
     stream

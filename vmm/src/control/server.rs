@@ -7,6 +7,7 @@
 use super::ControlError;
 use super::protocol::{ErrorCode, MAX_LINE, Request, Response};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ use std::time::Duration;
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a response may take to write before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may sit without sending a request: idle clients
+/// must not hold the connection places for good.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Whoever carries out the requests.
 pub trait Handler: Send + Sync + 'static {
@@ -45,8 +49,16 @@ impl From<serde_json::Value> for Reply {
 pub struct ControlServer {
     path: PathBuf,
     stopping: Arc<AtomicBool>,
+    /// The listening socket, to shut down (which ends the accept loop
+    /// whatever happened to the socket file).
+    listener: UnixListener,
+    /// The open connections, to shut down when the VM ends.
+    conns: Conns,
     thread: Option<JoinHandle<()>>,
 }
+
+/// Open connections by id.
+type Conns = Arc<std::sync::Mutex<std::collections::HashMap<u64, UnixStream>>>;
 
 impl ControlServer {
     /// Serves `handler` on a unix socket at `path`, readable and writable
@@ -61,15 +73,22 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(bind)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
         let stopping = Arc::new(AtomicBool::new(false));
-        let stop = stopping.clone();
+        let conns = Conns::default();
+        let (stop, accepted, open) = (
+            stopping.clone(),
+            listener.try_clone().map_err(bind)?,
+            conns.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("vm-control".into())
-            .spawn(move || accept_loop(listener, handler, stop))
+            .spawn(move || accept_loop(accepted, handler, stop, open))
             .map_err(bind)?;
         tracing::debug!(?path, "control socket ready");
         Ok(ControlServer {
             path: path.to_owned(),
             stopping,
+            listener,
+            conns,
             thread: Some(thread),
         })
     }
@@ -81,11 +100,19 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        use std::os::fd::AsFd;
         self.stopping.store(true, Ordering::SeqCst);
-        // Wake the accept loop with a connection of our own.
-        let _ = UnixStream::connect(&self.path);
+        // accept() then fails at once (EINVAL), and the loop sees why.
+        let _ = nix::sys::socket::shutdown(
+            self.listener.as_fd().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Connections still open get no more answers from this VM.
+        for c in lock(&self.conns).values() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -114,8 +141,18 @@ pub fn clear_stale(path: &Path) -> Result<(), ControlError> {
     })
 }
 
-fn accept_loop(listener: UnixListener, handler: Arc<dyn Handler>, stopping: Arc<AtomicBool>) {
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    handler: Arc<dyn Handler>,
+    stopping: Arc<AtomicBool>,
+    conns: Conns,
+) {
     let open = Arc::new(AtomicUsize::new(0));
+    let mut next_id = 0u64;
     for conn in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             return;
@@ -130,6 +167,7 @@ fn accept_loop(listener: UnixListener, handler: Arc<dyn Handler>, stopping: Arc<
             }
         };
         let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
         if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             open.fetch_sub(1, Ordering::SeqCst);
             let busy = Response::from_result(Err((
@@ -139,15 +177,23 @@ fn accept_loop(listener: UnixListener, handler: Arc<dyn Handler>, stopping: Arc<
             let _ = stream.write_all(busy.to_line().as_bytes());
             continue;
         }
-        let (handler, open) = (handler.clone(), open.clone());
+        let id = next_id;
+        next_id += 1;
+        if let Ok(c) = stream.try_clone() {
+            lock(&conns).insert(id, c);
+        }
+        let (handler, count, gone) = (handler.clone(), open.clone(), conns.clone());
         let spawned = std::thread::Builder::new()
             .name("vm-control-conn".into())
             .spawn(move || {
                 serve_connection(stream, handler.as_ref());
-                open.fetch_sub(1, Ordering::SeqCst);
+                lock(&gone).remove(&id);
+                count.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot serve a connection: {e}");
+            lock(&conns).remove(&id);
+            open.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -212,7 +258,9 @@ mod tests {
     }
 
     fn ask(stream: &mut UnixStream, line: &str) -> serde_json::Value {
-        stream.write_all(line.as_bytes()).unwrap();
+        // A server that refuses the connection (busy) may close it before
+        // the request is sent; its answer is there to read all the same.
+        let _ = stream.write_all(line.as_bytes());
         let mut got = Vec::new();
         let mut byte = [0u8];
         while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
@@ -305,5 +353,27 @@ mod tests {
         std::fs::write(&path, b"a file").unwrap();
         let file = ControlServer::serve(&path, Arc::new(Echo));
         assert!(matches!(file, Err(ControlError::NotASocket { .. })));
+    }
+
+    #[test]
+    fn stopping_ends_open_connections_even_without_the_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let server = ControlServer::serve(&path, Arc::new(Echo)).unwrap();
+        let mut held = UnixStream::connect(&path).unwrap();
+        assert_eq!(ask(&mut held, &Request::Info.to_line())["ok"], true);
+        std::fs::remove_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the server did not stop");
+        // The held connection gets no more answers: it is closed.
+        let _ = held.write_all(Request::Info.to_line().as_bytes());
+        let mut rest = Vec::new();
+        let _ = held.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     }
 }

@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -53,9 +54,8 @@ pub enum StateFileError {
     Encode(String),
 }
 
-/// Writes `state` to `path` (through a temporary file renamed into place,
-/// so that a crash leaves no half-written state under the final name).
-pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<u64, StateFileError> {
+/// The state file's bytes for `state`: header, body, checksum.
+pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, StateFileError> {
     let body = bitcode::serialize(state).map_err(|e| StateFileError::Encode(e.to_string()))?;
     let mut bytes = Vec::with_capacity(HEADER + body.len() + TRAILER);
     bytes.extend_from_slice(&MAGIC);
@@ -64,15 +64,19 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<u64, StateFileError
     bytes.extend_from_slice(&body);
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
+    Ok(bytes)
+}
+
+/// Writes `state` into `file` (new and empty, at `path`) and syncs it;
+/// returns its size.
+pub fn write<T: Serialize>(file: &mut File, path: &Path, state: &T) -> Result<u64, StateFileError> {
+    let bytes = encode(state)?;
     let err = |source| StateFileError::Write {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+    file.write_all(&bytes).map_err(err)?;
+    file.sync_all().map_err(err)?;
     Ok(bytes.len() as u64)
 }
 
@@ -153,7 +157,8 @@ mod tests {
     fn written() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state");
-        write(&path, &sample()).unwrap();
+        let mut file = File::create(&path).unwrap();
+        write(&mut file, &path, &sample()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         (dir, path, bytes)
     }
@@ -162,7 +167,6 @@ mod tests {
     fn a_state_reads_back_equal() {
         let (_d, path, _) = written();
         assert_eq!(read::<Sample>(&path).unwrap(), sample());
-        assert!(!path.with_extension("partial").exists());
     }
 
     #[test]
@@ -190,7 +194,7 @@ mod tests {
         check(&v, "more than");
         // A well-formed file with a body of another shape.
         let other = tempfile::NamedTempFile::new().unwrap();
-        write(other.path(), &(1u8, 2u8)).unwrap();
+        std::fs::write(other.path(), encode(&(1u8, 2u8)).unwrap()).unwrap();
         let e = read::<Sample>(other.path()).unwrap_err().to_string();
         assert!(e.contains("cannot decode"), "{e}");
     }

@@ -1,7 +1,7 @@
 //! The snapshot's `memory` file: guest RAM, the regions one after the
-//! other, as a sparse file. Pages the guest never touched (not resident,
-//! by `mincore`) and pages of zeros are left as holes, so a 4 GiB guest
-//! that used 100 MiB writes about 100 MiB. A restore maps the file
+//! other, as a sparse file, then a trailer page naming its snapshot.
+//! Pages of zeros (which pages never touched read as) are left as holes,
+//! so a 4 GiB guest that used 100 MiB writes about 100 MiB. A restore maps the file
 //! `MAP_PRIVATE`: pages load on first touch and are copy-on-write, so all
 //! VMs restored from one snapshot share the pages they have not written.
 
@@ -41,8 +41,12 @@ pub enum MemoryFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the memory file {path:?} is {len} bytes, but the snapshot's guest has {want}")]
+    #[error("the memory file {path:?} is {len} bytes, but the snapshot's is {want}")]
     Size { path: PathBuf, len: u64, want: u64 },
+    #[error(
+        "the memory file {path:?} is not this snapshot's (a snapshot into this directory was cut short?)"
+    )]
+    Foreign { path: PathBuf },
     #[error("cannot map the memory file {path:?}")]
     Map {
         path: PathBuf,
@@ -65,24 +69,37 @@ pub fn layout(mem: &GuestMemoryMmap) -> Layout {
 /// What [`save`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Saved {
-    /// The file's size: all of guest RAM.
+    /// All of guest RAM (the file holds it, then its trailer).
     pub size: u64,
     /// Bytes of it that hold data (the rest are holes).
     pub data: u64,
 }
 
-/// Writes guest RAM to a new sparse file at `path`. The vCPUs and the
-/// devices must not change guest memory meanwhile.
-pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Saved, MemoryFileError> {
+/// The memory file ends with a page after guest RAM: this magic number
+/// and the snapshot's id, which its state file holds too, so that a
+/// memory file and a state file of different snapshots (a snapshot cut
+/// short between its two files) are never restored together.
+pub const TRAILER: u64 = 4096;
+const TRAILER_MAGIC: [u8; 8] = *b"VMPLMEM1";
+
+/// Writes guest RAM into `file` (new and empty, at `path`) as a sparse
+/// file followed by the trailer with `id`. Pages of zeros are left as
+/// holes; every other page is read and written, whether the guest or
+/// (for a restored VM) the file it was mapped from holds it. The vCPUs
+/// and the devices must not change guest memory meanwhile.
+pub fn save(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    path: &Path,
+    id: &[u8; 16],
+) -> Result<Saved, MemoryFileError> {
     let werr = |source| MemoryFileError::Write {
         path: path.to_owned(),
         source,
     };
-    let file = File::create(path).map_err(werr)?;
     let size: u64 = mem.iter().map(|r| r.len()).sum();
-    file.set_len(size).map_err(werr)?;
+    file.set_len(size + TRAILER).map_err(werr)?;
     let mut buf = vec![0u8; CHUNK];
-    let mut resident = vec![0u8; CHUNK / PAGE];
     let mut data = 0u64;
     let mut file_at = 0u64;
     for region in mem.iter() {
@@ -91,8 +108,6 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Saved, MemoryFileError
         while off < len {
             let n = CHUNK.min(len - off);
             let pages = n.div_ceil(PAGE);
-            // Pages never touched need not even be read.
-            let in_core = mincore(region.as_ptr(), off, n, &mut resident[..pages]);
             let gerr = |source| MemoryFileError::Guest {
                 addr: region.start_addr().0 + off as u64,
                 source,
@@ -104,10 +119,10 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Saved, MemoryFileError
             // Runs of pages with data, written one pwrite each.
             let mut run: Option<usize> = None;
             for p in 0..=pages {
-                let has_data = p < pages && {
-                    let page = &buf[p * PAGE..((p + 1) * PAGE).min(n)];
-                    (!in_core || resident[p] & 1 != 0) && page.iter().any(|&b| b != 0)
-                };
+                let has_data = p < pages
+                    && buf[p * PAGE..((p + 1) * PAGE).min(n)]
+                        .iter()
+                        .any(|&b| b != 0);
                 match (has_data, run) {
                     (true, None) => run = Some(p),
                     (false, Some(start)) => {
@@ -124,26 +139,21 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<Saved, MemoryFileError
         }
         file_at += region.len();
     }
+    let mut trailer = [0u8; 24];
+    trailer[..8].copy_from_slice(&TRAILER_MAGIC);
+    trailer[8..].copy_from_slice(id);
+    file.write_all_at(&trailer, size).map_err(werr)?;
     file.sync_all().map_err(werr)?;
     Ok(Saved { size, data })
 }
 
-/// Fills `out` with the residency of the pages of `[base+off, +len)`;
-/// false when it cannot tell (then every page is read).
-fn mincore(base: *mut u8, off: usize, len: usize, out: &mut [u8]) -> bool {
-    let addr = base.wrapping_add(off);
-    // SAFETY: `addr` lies in a live mapping of guest memory (`base` is a
-    // region's start and `off + len` is within the region), page-aligned
-    // because regions and chunks are; mincore only reads the page tables
-    // and writes one byte per page into `out`, which holds
-    // `len.div_ceil(PAGE)` bytes.
-    let rc = unsafe { libc::mincore(addr.cast(), len, out.as_mut_ptr()) };
-    rc == 0
-}
-
 /// Maps the memory file at `path` as guest RAM laid out as `layout`,
-/// private and copy-on-write.
-pub fn map(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryFileError> {
+/// private and copy-on-write, checking that it is the snapshot `id`'s.
+pub fn map(
+    path: &Path,
+    layout: &[(u64, u64)],
+    id: &[u8; 16],
+) -> Result<GuestMemoryMmap, MemoryFileError> {
     let file = File::open(path).map_err(|source| MemoryFileError::Open {
         path: path.to_owned(),
         source,
@@ -159,11 +169,22 @@ pub fn map(path: &Path, layout: &[(u64, u64)]) -> Result<GuestMemoryMmap, Memory
         .iter()
         .try_fold(0u64, |sum, &(_, l)| sum.checked_add(l))
         .ok_or(MemoryFileError::Layout)?;
-    if len != want {
+    if Some(len) != want.checked_add(TRAILER) {
         return Err(MemoryFileError::Size {
             path: path.to_owned(),
             len,
-            want,
+            want: want.saturating_add(TRAILER),
+        });
+    }
+    let mut trailer = [0u8; 24];
+    file.read_exact_at(&mut trailer, want)
+        .map_err(|source| MemoryFileError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    if trailer[..8] != TRAILER_MAGIC || trailer[8..] != id[..] {
+        return Err(MemoryFileError::Foreign {
+            path: path.to_owned(),
         });
     }
     let file = Arc::new(file);
@@ -205,7 +226,9 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
-        let saved = save(&mem, &path).unwrap();
+        let id = [7u8; 16];
+        let file = File::create(&path).unwrap();
+        let saved = save(&mem, &file, &path, &id).unwrap();
         assert_eq!(
             saved,
             Saved {
@@ -221,7 +244,11 @@ mod tests {
             meta.blocks() * 512
         );
 
-        let back = map(&path, &layout(&mem)).unwrap();
+        assert!(matches!(
+            map(&path, &layout(&mem), &[8u8; 16]),
+            Err(MemoryFileError::Foreign { .. })
+        ));
+        let back = map(&path, &layout(&mem), &id).unwrap();
         let mut page = [0u8; PAGE];
         back.read_slice(&mut page, GuestAddress(0x10_2000)).unwrap();
         assert_eq!(page, [0xab; PAGE]);
@@ -231,7 +258,7 @@ mod tests {
         );
         // Writes stay private to this mapping.
         back.write_obj(7u8, GuestAddress(0x10_0000)).unwrap();
-        let again = map(&path, &layout(&mem)).unwrap();
+        let again = map(&path, &layout(&mem), &id).unwrap();
         assert_eq!(again.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xab);
     }
 
@@ -240,9 +267,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let e = map(&path, &[(0, 8192)]).unwrap_err().to_string();
+        let e = map(&path, &[(0, 8192)], &[0; 16]).unwrap_err().to_string();
         assert!(
-            e.contains("is 4096 bytes, but the snapshot's guest has 8192"),
+            e.contains("is 4096 bytes, but the snapshot's is 12288"),
             "{e}"
         );
     }

@@ -24,6 +24,7 @@ pub mod memory;
 pub mod vm_state;
 
 use crate::config::VmConfig;
+use crate::control::RunState;
 use crate::vm::{RunningVm, Vm, VmError};
 use crate::x86_64::vcpu_state::{self, VcpuState};
 use devices::legacy::SerialPersist;
@@ -49,6 +50,8 @@ pub struct SnapshotState {
     /// it (the command line's device plan, as JSON).
     pub owner: String,
     pub memory: memory::Layout,
+    /// The id the memory file's trailer holds too.
+    pub memory_id: [u8; 16],
     pub vm: KvmVmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialPersist,
@@ -115,6 +118,14 @@ pub enum SnapshotError {
     Serial(#[source] devices::legacy::SerialError),
     #[error("cannot create vCPU {0}")]
     CreateVcpu(u8, #[source] kvm_ioctls::Error),
+    #[error("the VM has ended")]
+    Ended,
+    #[error("cannot read random bytes")]
+    Random(#[source] std::io::Error),
+    #[error(
+        "the snapshot directory {path:?} must belong to this user and be writable by no one else"
+    )]
+    UnsafeDir { path: PathBuf },
 }
 
 /// What [`RunningVm::snapshot`] wrote, and how long it took.
@@ -134,9 +145,11 @@ fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 impl RunningVm {
-    /// Pauses the VM and saves it into `dir` (created if missing; its
-    /// `state` and `memory` files are replaced), then lets it run again
-    /// unless `stay_paused`. `owner` is kept as it is, for the restore.
+    /// Pauses the VM and saves it into `dir` (created, readable by this
+    /// user only, if missing; its `state` and `memory` files are replaced
+    /// whole, so VMs restored from the old ones run on), then lets it run
+    /// again unless `stay_paused`. `owner` is kept as it is, for the
+    /// restore. No other pause, resume or snapshot runs meanwhile.
     pub fn snapshot(&self, dir: &Path, owner: &str, stay_paused: bool) -> Result<Saved, VmError> {
         for (index, t) in self.transports.iter().enumerate() {
             let t = crate::vm::lock(t);
@@ -149,9 +162,10 @@ impl RunningVm {
                 .into());
             }
         }
-        std::fs::create_dir_all(dir).map_err(dir_err(dir))?;
-        let was_running = self.state() == crate::control::RunState::Running;
-        self.pause()?;
+        prepare_dir(dir)?;
+        let mut state = self.lock_state();
+        let was_running = *state == RunState::Running;
+        self.pause_locked(&mut state)?;
         let t0 = Instant::now();
         for t in &self.transports {
             crate::vm::lock(t).quiesce();
@@ -166,9 +180,10 @@ impl RunningVm {
         for t in &self.transports {
             crate::vm::lock(t).unquiesce();
         }
-        // Whatever happened, the VM goes on as it was unless asked.
-        if was_running && !stay_paused {
-            self.resume()?;
+        // The VM goes on as it was unless asked to stay paused, and always
+        // if the snapshot failed.
+        if was_running && (!stay_paused || saved.is_err()) {
+            self.resume_locked(&mut state)?;
         }
         saved
     }
@@ -178,18 +193,24 @@ impl RunningVm {
             .map_err(VmError::OpenKvm)?
             .get_msr_index_list()
             .map_err(SnapshotError::MsrList)?;
-        let vcpus = self
-            .vcpu_handles()
+        let handles = self.vcpu_handles();
+        if handles.len() != usize::from(self.config.vcpus) {
+            return Err(SnapshotError::Ended.into());
+        }
+        let vcpus = handles
             .iter()
             .map(|v| {
                 v.save_state(msrs.as_slice(), VCPU_SAVE_TIMEOUT)
                     .map_err(|e| SnapshotError::SaveVcpu(v.id(), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        drop(handles);
+        let memory_id = crate::vmgenid::random_bytes().map_err(SnapshotError::Random)?;
         let state = SnapshotState {
             config: self.config.clone(),
             owner: owner.to_owned(),
             memory: memory::layout(self.memory()),
+            memory_id,
             vm: KvmVmState::save(&self.fd).map_err(SnapshotError::from)?,
             vcpus,
             serial: crate::vm::lock(&self.serial).save(),
@@ -212,11 +233,88 @@ impl RunningVm {
                 })
                 .collect::<Result<_, SnapshotError>>()?,
         };
-        let memory =
-            memory::save(self.memory(), &dir.join(MEMORY_FILE)).map_err(SnapshotError::from)?;
-        let state_bytes =
-            file::write(&dir.join(STATE_FILE), &state).map_err(SnapshotError::from)?;
+        // Both files are written under new names, then renamed into place,
+        // memory first: a snapshot cut short leaves the old pair, or a new
+        // memory file its old state refuses (their ids differ).
+        let mem_tmp = NewFile::create(dir, MEMORY_FILE)?;
+        let memory = memory::save(self.memory(), &mem_tmp.file, &mem_tmp.path, &memory_id)
+            .map_err(SnapshotError::from)?;
+        let mut state_tmp = NewFile::create(dir, STATE_FILE)?;
+        let state_bytes = file::write(&mut state_tmp.file, &state_tmp.path, &state)
+            .map_err(SnapshotError::from)?;
+        mem_tmp.rename_to(&dir.join(MEMORY_FILE))?;
+        state_tmp.rename_to(&dir.join(STATE_FILE))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
         Ok((state_bytes, memory))
+    }
+}
+
+/// Creates `dir` readable by this user only if it is missing, and refuses
+/// one that another user could write into (snapshots hold guest memory).
+fn prepare_dir(dir: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(dir_err(dir)(e)),
+    }
+    let meta = std::fs::metadata(dir).map_err(dir_err(dir))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        return Err(SnapshotError::UnsafeDir {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A file being written under a new name, renamed into place when done,
+/// removed if dropped before.
+struct NewFile {
+    file: std::fs::File,
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl NewFile {
+    /// `dir/.NAME.PID.RANDOM`, created new (never through a link), mode
+    /// 0600.
+    fn create(dir: &Path, name: &str) -> Result<NewFile, SnapshotError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tag = crate::vmgenid::random_bytes().map_err(SnapshotError::Random)?;
+        let path = dir.join(format!(
+            ".{name}.{}.{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(tag[..8].try_into().unwrap_or_default())
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(dir_err(&path))?;
+        Ok(NewFile {
+            file,
+            path,
+            renamed: false,
+        })
+    }
+
+    fn rename_to(mut self, to: &Path) -> Result<(), SnapshotError> {
+        std::fs::rename(&self.path, to).map_err(dir_err(to))?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -237,7 +335,11 @@ impl Snapshot {
                 want: state.config.vcpus,
             });
         }
-        let total: u64 = state.memory.iter().map(|r| r.1).sum();
+        let total = state
+            .memory
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.1))
+            .ok_or(SnapshotError::Layout(state.config.mem_mib))?;
         if total != state.config.mem_bytes()
             || state.memory
                 != crate::memory::ram_ranges(total)
@@ -247,7 +349,7 @@ impl Snapshot {
         {
             return Err(SnapshotError::Layout(state.config.mem_mib));
         }
-        let memory = memory::map(&dir.join(MEMORY_FILE), &state.memory)?;
+        let memory = memory::map(&dir.join(MEMORY_FILE), &state.memory, &state.memory_id)?;
         Ok(Snapshot { state, memory })
     }
 }

@@ -5,6 +5,7 @@ mod boot;
 mod guests;
 mod gvfs;
 mod measure;
+mod snapshot;
 mod virtio_fs;
 mod vnet;
 
@@ -26,6 +27,10 @@ pub enum BenchCommand {
     /// The test guest reads and writes a file through virtio-fs served
     /// in-process by GVFS and by virtiofsd over vhost-user.
     VirtioFs(virtio_fs::VirtioFsBenchArgs),
+    /// Snapshot a guest that wrote memory, restore it in a fresh process,
+    /// start many clones of one snapshot: vmplant and Firecracker side by
+    /// side (time, disk use, RSS, PSS per clone, host memory).
+    Snapshot(snapshot::SnapshotBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -34,5 +39,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Vnet(args) => vnet::run(args),
         BenchCommand::Gvfs(args) => gvfs::run(args),
         BenchCommand::VirtioFs(args) => virtio_fs::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
     }
 }

@@ -477,9 +477,12 @@ impl VirtioDevice for Net {
     fn unquiesce(&mut self) {
         self.rx().frozen = false;
         self.tx_frozen = false;
-        // Frames the guest queued meanwhile go out now.
-        if let Some(Err(e)) = self.queue_events.get(TX).map(|e| e.write(1)) {
-            tracing::warn!("virtio-net: cannot signal the TX queue: {e}");
+        // Frames the guest queued meanwhile go out now, and buffers it
+        // posted meanwhile take what is held for it.
+        for q in [TX, RX] {
+            if let Some(Err(e)) = self.queue_events.get(q).map(|e| e.write(1)) {
+                tracing::warn!("virtio-net: cannot signal queue {q}: {e}");
+            }
         }
     }
 
