@@ -200,6 +200,17 @@ impl DevicePlan {
                 given.len()
             ));
         }
+        for (i, (saved, new)) in self.nets.iter().zip(&given).enumerate() {
+            if *saved != new.mac && !new.any_source {
+                tracing::warn!(
+                    "NIC {i}: {} replaces the saved {saved}; a guest that read its MAC at \
+                     boot (Linux does) keeps sending from {saved}, which the switch drops \
+                     unless the NIC is given as {},any-source",
+                    new.mac,
+                    new.mac
+                );
+            }
+        }
         Ok(given)
     }
 

@@ -18,6 +18,7 @@ use vm_memory::{
 };
 
 const PAGE: usize = 4096;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// Guest memory is read in chunks of this size.
 const CHUNK: usize = 2 << 20;
 
@@ -119,10 +120,12 @@ pub fn save(
             // Runs of pages with data, written one pwrite each.
             let mut run: Option<usize> = None;
             for p in 0..=pages {
-                let has_data = p < pages
-                    && buf[p * PAGE..((p + 1) * PAGE).min(n)]
-                        .iter()
-                        .any(|&b| b != 0);
+                let has_data = p < pages && {
+                    let page = &buf[p * PAGE..((p + 1) * PAGE).min(n)];
+                    // memcmp against zeros: several times faster than a
+                    // byte loop over the untouched gigabytes of a guest.
+                    page != &ZERO_PAGE[..page.len()]
+                };
                 match (has_data, run) {
                     (true, None) => run = Some(p),
                     (false, Some(start)) => {
