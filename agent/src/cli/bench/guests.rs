@@ -347,7 +347,7 @@ fn tail_of(output: &[u8], log: &Path) -> String {
 }
 
 /// `text` without ANSI escape sequences (ESC `[` ... a letter).
-fn strip_ansi(text: &str) -> String {
+pub(super) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -537,6 +537,7 @@ mod tests {
             strip_ansi("\u{1b}[2mT\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
             "T  INFO x"
         );
+        assert_eq!(strip_ansi("\u{1b}[33m WARN\u{1b}[0m x"), " WARN x");
         assert_eq!(parse_load("6.32 6.07 5.90 3/412 27925\n"), Some(6.32));
         assert_eq!(parse_load(""), None);
     }
