@@ -60,6 +60,15 @@ impl From<Mac> for Nic {
 }
 
 impl Nic {
+    /// The NIC as `--net` takes it: `MAC` or `MAC,any-source`.
+    pub fn spec(&self) -> String {
+        if self.any_source {
+            format!("{},any-source", self.mac)
+        } else {
+            self.mac.to_string()
+        }
+    }
+
     /// The source addresses its switch port lets through.
     pub fn source(&self) -> SourcePolicy {
         if self.any_source {

@@ -165,7 +165,8 @@ struct Planned {
 /// guests' sessions are in the devices' saved state).
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
 struct DevicePlan {
-    nets: Vec<vnet::Mac>,
+    /// As `--net` takes them (`MAC[,any-source]`).
+    nets: Vec<String>,
     #[serde(default)]
     shares: Vec<Share>,
 }
@@ -173,7 +174,7 @@ struct DevicePlan {
 impl Planned {
     fn device_plan(&self) -> String {
         let plan = DevicePlan {
-            nets: self.nets.iter().map(|n| n.mac).collect(),
+            nets: self.nets.iter().map(Nic::spec).collect(),
             shares: self.shares.iter().map(Share::absolute).collect(),
         };
         serde_json::to_string(&plan).unwrap_or_default()
@@ -190,18 +191,24 @@ impl DevicePlan {
     /// the saved ones, in order (clones need their own), or the saved
     /// ones.
     fn nets(&self, given: Vec<Nic>) -> Result<Vec<Nic>, String> {
+        let saved = self
+            .nets
+            .iter()
+            .map(|n| n.parse::<Nic>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the snapshot's device plan: {e}"))?;
         if given.is_empty() {
-            return Ok(self.nets.iter().copied().map(Nic::from).collect());
+            return Ok(saved);
         }
-        if given.len() != self.nets.len() {
+        if given.len() != saved.len() {
             return Err(format!(
                 "the snapshot's VM has {} NIC(s), and {} --net MAC(s) were given",
-                self.nets.len(),
+                saved.len(),
                 given.len()
             ));
         }
-        for (i, (saved, new)) in self.nets.iter().zip(&given).enumerate() {
-            if *saved != new.mac && !new.any_source {
+        for (i, (saved, new)) in saved.iter().map(|n| n.mac).zip(&given).enumerate() {
+            if saved != new.mac && !new.any_source {
                 tracing::warn!(
                     "NIC {i}: {} replaces the saved {saved}; a guest that read its MAC at \
                      boot (Linux does) keeps sending from {saved}, which the switch drops \
@@ -478,6 +485,33 @@ mod tests {
 
     fn share(s: &str) -> Share {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn restored_nics_keep_their_source_policy_unless_given_anew() {
+        // Plans written before the policy was kept hold bare MACs.
+        let plan: DevicePlan = serde_json::from_str(
+            r#"{"nets":["52:54:00:00:00:01","52:54:00:00:00:02,any-source"]}"#,
+        )
+        .unwrap();
+        let saved = plan.nets(Vec::new()).unwrap();
+        assert_eq!(
+            saved
+                .iter()
+                .map(|n| (n.spec(), n.any_source))
+                .collect::<Vec<_>>(),
+            vec![
+                ("52:54:00:00:00:01".to_string(), false),
+                ("52:54:00:00:00:02,any-source".to_string(), true)
+            ]
+        );
+        let given: Vec<Nic> = vec!["52:54:00:00:00:03".parse().unwrap(); 2];
+        assert_eq!(plan.nets(given.clone()).unwrap(), given);
+        assert!(
+            plan.nets(vec![given[0]])
+                .unwrap_err()
+                .contains("has 2 NIC(s)")
+        );
     }
 
     #[test]
