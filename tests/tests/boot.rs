@@ -107,6 +107,8 @@ fn sigint_stops_a_running_vm_cleanly() {
         done.stderr
     );
     assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+    // Logs into a pipe carry no terminal colour codes.
+    assert!(!done.stderr.contains('\x1b'), "{:?}", done.stderr);
 }
 
 /// Runs `vmplant run ARGS` expecting a one-line error containing `expect`.

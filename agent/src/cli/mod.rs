@@ -77,9 +77,15 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
 /// Without RUST_LOG a plain level filter does: the directive parser of
 /// `EnvFilter` is only brought in (and paged in) when RUST_LOG asks.
 pub fn init_logging(verbose: u8) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::filter::LevelFilter;
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    // Colours only on a terminal, never in files or pipes, and never
+    // when NO_COLOR is set (https://no-color.org).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match std::env::var_os("RUST_LOG") {
         Some(_) => builder
             .with_env_filter(EnvFilter::from_default_env())
