@@ -34,6 +34,14 @@ fn snapshot_stop(control: &Path, dir: &Path) -> Output {
     out
 }
 
+/// Boots the test guest with `probe=STEPS`, the extra `vmplant run`
+/// flags, and its control socket at `control`.
+fn probe_with_control(control: &Path, steps: &str, extra: &[&str]) -> Vmm {
+    let mut args = extra.to_vec();
+    args.extend(["--control", control.to_str().unwrap()]);
+    Vmm::probe(steps, &args)
+}
+
 fn count_at(line: &str) -> Option<u64> {
     let v: Value = serde_json::from_str(line).ok()?;
     (v["probe"] == "count").then(|| v["at"].as_u64())?
@@ -43,16 +51,10 @@ fn count_at(line: &str) -> Option<u64> {
 /// `--stop`, and returns the last count it printed.
 fn snapshot_a_counting_guest(dir: &Path, vcpus: &str, steps: &str) -> u64 {
     let control = dir.with_extension("sock");
-    let mut vmm = Vmm::probe(
+    let mut vmm = probe_with_control(
+        &control,
         &format!("{steps}count:100000000000000:{EVERY}"),
-        &[
-            "--vcpus",
-            vcpus,
-            "--mem",
-            "64",
-            "--control",
-            control.to_str().unwrap(),
-        ],
+        &["--vcpus", vcpus, "--mem", "64"],
     );
     vmm.expect_line("a count line", Duration::from_secs(30), |l| {
         count_at(l).is_some()
@@ -102,16 +104,10 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snap");
     let control = tmp.path().join("vm.sock");
-    let mut vmm = Vmm::probe(
+    let mut vmm = probe_with_control(
+        &control,
         &format!("{smp}fill:16:3+tick:100:12+verify:16:3+shutdown"),
-        &[
-            "--vcpus",
-            vcpus,
-            "--mem",
-            "64",
-            "--control",
-            control.to_str().unwrap(),
-        ],
+        &["--vcpus", vcpus, "--mem", "64"],
     );
     vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
     let out = snapshot_stop(&control, &dir);
@@ -167,16 +163,10 @@ fn twenty_clones_run_with_their_own_macs_and_generation_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snap");
     let control = tmp.path().join("vm.sock");
-    let mut base = Vmm::probe(
+    let mut base = probe_with_control(
+        &control,
         "fill:8:5+tick:100:6+identity+verify:8:5+shutdown",
-        &[
-            "--mem",
-            "48",
-            "--net",
-            "52:54:00:00:01:00",
-            "--control",
-            control.to_str().unwrap(),
-        ],
+        &["--mem", "48", "--net", "52:54:00:00:01:00"],
     );
     base.expect_line("tick 1", Duration::from_secs(30), |l| tick_n(l) == Some(1));
     snapshot_stop(&control, &dir);
@@ -272,16 +262,10 @@ fn a_guest_with_a_nic_answers_pings_after_restore() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snap");
     let control = tmp.path().join("a.sock");
-    let mut a = Vmm::probe(
+    let mut a = probe_with_control(
+        &control,
         "net:10.0.0.1/24+serve:8+shutdown",
-        &[
-            "--mem",
-            "64",
-            "--net",
-            "52:54:00:00:00:0a",
-            "--control",
-            control.to_str().unwrap(),
-        ],
+        &["--mem", "64", "--net", "52:54:00:00:00:0a"],
     );
     a.expect_line("the NIC up", Duration::from_secs(30), |l| {
         l.contains(r#""probe":"net""#)
@@ -402,16 +386,10 @@ fn a_guest_uses_its_file_share_after_restore() {
     let server = vmplant_tests::GvfsServer::start(&first);
     let dir = tmp.path().join("snap");
     let control = tmp.path().join("vm.sock");
-    let mut vmm = Vmm::probe(
+    let mut vmm = probe_with_control(
+        &control,
         "fs-read:/data.bin+tick:100:12+fs-read:/data.bin+fs-write:/out.bin:100000+shutdown",
-        &[
-            "--mem",
-            "64",
-            "--fs",
-            &server.share("data"),
-            "--control",
-            control.to_str().unwrap(),
-        ],
+        &["--mem", "64", "--fs", &server.share("data")],
     );
     let read = vmm.expect_line("the first read", Duration::from_secs(30), |l| {
         l.contains(r#""probe":"fs-read""#)
@@ -536,10 +514,7 @@ fn a_restored_vm_snapshotted_into_its_own_dir_runs_on() {
     let dir = tmp.path().join("snap");
     let control = tmp.path().join("base.sock");
     let steps = "fill:8:9+tick:100:25+verify:8:9+shutdown";
-    let mut base = Vmm::probe(
-        steps,
-        &["--mem", "48", "--control", control.to_str().unwrap()],
-    );
+    let mut base = probe_with_control(&control, steps, &["--mem", "48"]);
     base.expect_line("tick 1", Duration::from_secs(30), |l| tick_n(l) == Some(1));
     snapshot_stop(&control, &dir);
     assert_eq!(base.wait(Duration::from_secs(10)).status.code(), Some(0));
