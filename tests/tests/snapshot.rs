@@ -198,6 +198,50 @@ fn twenty_clones_run_with_their_own_macs_and_generation_ids() {
     assert_eq!(ids.len(), CLONES, "every clone has its own generation ID");
 }
 
+/// A guest learns that its generation ID changed the way Linux's ACPI
+/// generic event device driver does: the interrupt the DSDT gives for the
+/// device comes once after each restore, with the new ID already in
+/// place, and never while the original runs.
+#[test]
+fn each_restored_clone_is_told_its_generation_id_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    let control = tmp.path().join("vm.sock");
+    let mut base = probe_with_control(&control, "vmgenid-watch:20", &["--mem", "32"]);
+    let watch = base.expect_line("the watch armed", Duration::from_secs(30), |l| {
+        l.contains(r#""probe":"vmgenid-watch""#)
+    });
+    let watch: Value = serde_json::from_str(&watch).unwrap();
+    let original = watch["vmgenid"]
+        .as_str()
+        .expect("a generation ID")
+        .to_string();
+    let quiet = base.lines_for(Duration::from_millis(300));
+    assert!(
+        !quiet.iter().any(|l| l.contains("vmgenid-changed")),
+        "a notification without a restore: {quiet:?}"
+    );
+    snapshot_stop(&control, &dir);
+    base.wait(Duration::from_secs(10));
+
+    let mut ids = vec![original];
+    for _ in 0..2 {
+        let mut clone = Vmm::start(&["run", "--restore", dir.to_str().unwrap()]);
+        let line = clone.expect_line("the notification", Duration::from_secs(10), |l| {
+            l.contains("vmgenid-changed")
+        });
+        let changed: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(changed["interrupts"], 1, "{line}");
+        let id = changed["vmgenid"].as_str().expect("a generation ID");
+        assert!(
+            !ids.iter().any(|old| old == id),
+            "{id} seen before: {ids:?}"
+        );
+        ids.push(id.to_string());
+        clone.kill();
+    }
+}
+
 /// Runs `vmplant run --restore DIR` and expects a one-line error naming
 /// `what`, exit 1, and no guest output.
 fn refused(dir: &Path, what: &str) {

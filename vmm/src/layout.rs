@@ -48,8 +48,15 @@ pub const MMIO_GAP_START: u64 = 0xC000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The first virtio-mmio device; each takes one 4 KiB window.
 pub const VIRTIO_MMIO_START: u64 = 0xD000_0000;
-/// GSIs for virtio devices start here (0-15 are the ISA lines).
+/// GSIs for virtio devices start here (0-15 are the ISA lines) and end
+/// before [`GED_GSI`].
 pub const VIRTIO_IRQ_START: u32 = 5;
+/// The ACPI generic event device's interrupt, the IOAPIC's last pin: it
+/// tells the guest that the VM generation ID changed (after a restore).
+pub const GED_GSI: u32 = 23;
+/// How many virtio devices a VM can have: one GSI each, from
+/// [`VIRTIO_IRQ_START`] up to [`GED_GSI`].
+pub const MAX_VIRTIO_DEVICES: u32 = GED_GSI - VIRTIO_IRQ_START;
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// Three pages KVM needs for its real-mode TSS.
 pub const KVM_TSS_START: u64 = 0xFFFB_D000;

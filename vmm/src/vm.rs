@@ -5,7 +5,9 @@ use crate::config::{HostLimits, SerialOutput, VmConfig};
 use crate::control::RunState;
 use crate::event_loop::{ConsoleInput, ExitEvent, ExitSlot, ExitWatcher, route_stop_signals};
 use crate::host::{self, HostInfo};
-use crate::layout::{KVM_TSS_START, VIRTIO_IRQ_START, VIRTIO_MMIO_START};
+use crate::layout::{
+    GED_GSI, KVM_TSS_START, MAX_VIRTIO_DEVICES, VIRTIO_IRQ_START, VIRTIO_MMIO_START,
+};
 use crate::loader::{self, Entry, LoaderError};
 use crate::vcpu::{
     StopReason, Vcpu, VcpuCommand, VcpuError, VcpuHandle, VcpuState, describe_internal_error,
@@ -83,6 +85,8 @@ pub enum VmError {
     VmGenId(#[from] crate::vmgenid::VmGenIdError),
     #[error("the VM has ended")]
     Ended,
+    #[error("a VM can have at most {max} virtio devices (one interrupt line each)")]
+    TooManyDevices { max: u32 },
     #[error("KVM set only {set} of {wanted} boot MSRs on vCPU {vcpu} (first refused: {first:#x})")]
     Msrs {
         vcpu: u8,
@@ -235,6 +239,9 @@ pub struct Vm {
     virtio_params: Vec<String>,
     /// The same devices, for the ACPI DSDT.
     virtio_acpi: Vec<acpi::VirtioMmio>,
+    /// The generic event device's interrupt: raised after a restore to
+    /// tell the guest its generation ID changed.
+    pub(crate) genid_changed: EventFd,
 }
 
 impl Vm {
@@ -318,6 +325,9 @@ impl Vm {
         let serial_irq = new_evt()?;
         fd.register_irqfd(&serial_irq, serial::COM1_IRQ)
             .map_err(kvm_err("the serial interrupt"))?;
+        let genid_changed = new_evt()?;
+        fd.register_irqfd(&genid_changed, GED_GSI)
+            .map_err(kvm_err("the generic event device's interrupt"))?;
         let (console, console_flusher) =
             crate::console::console(serial_output(&config.serial)?).map_err(VmError::Event)?;
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, Box::new(console))));
@@ -385,6 +395,7 @@ impl Vm {
             transports: Vec::new(),
             virtio_params: Vec::new(),
             virtio_acpi: Vec::new(),
+            genid_changed,
         })
     }
 
@@ -504,6 +515,11 @@ impl Vm {
         subscriber: Option<Subscriber>,
     ) -> Result<(), VmError> {
         let index = self.virtio_params.len() as u32;
+        if index >= MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDevices {
+                max: MAX_VIRTIO_DEVICES,
+            });
+        }
         let base = VIRTIO_MMIO_START + u64::from(index) * MMIO_LEN;
         let gsi = VIRTIO_IRQ_START + index;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Event)?;

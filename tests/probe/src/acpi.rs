@@ -207,6 +207,33 @@ fn vmgenid_in(table: u64) -> Option<u64> {
     })
 }
 
+/// The GSI of the ACPI generic event device (`_HID` "ACPI0013") in the
+/// DSDT: the first interrupt of the Extended Interrupt descriptor in its
+/// body.
+pub fn ged_gsi() -> Option<u32> {
+    let dsdt = find_table(b"FACP").and_then(dsdt)?;
+    let end = dsdt + u64::from(read_u32(dsdt + 4)).min(1 << 20);
+    let body = dsdt + 36;
+    const HID: &[u8] = b"ACPI0013\0";
+    let hid = (body..end.saturating_sub(HID.len() as u64)).find(|&at| {
+        read_u8(at) == STRING_PREFIX
+            && HID
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| read_u8(at + 1 + i as u64) == b)
+    })?;
+    let (dev_start, dev_end) = enclosing_device(body, hid, end)?;
+    // Extended Interrupt descriptor: 0x89, length (u16, at least 6),
+    // flags, count (at least 1), then the GSIs (u32 each).
+    (dev_start..dev_end.saturating_sub(9)).find_map(|at| {
+        (read_u8(at) == EXTENDED_INTERRUPT && read_u16(at + 1) >= 6 && read_u8(at + 4) >= 1)
+            .then(|| read_u32(at + 5))
+    })
+}
+
+/// The large resource descriptor tag of an Extended Interrupt.
+const EXTENDED_INTERRUPT: u8 = 0x89;
+
 /// The body (after its PkgLength) and end of the innermost `Device` that
 /// holds `at`, searching back at most 64 KiB from it.
 fn enclosing_device(body: u64, at: u64, end: u64) -> Option<(u64, u64)> {

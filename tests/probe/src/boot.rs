@@ -8,7 +8,8 @@
 //! reporter (see [`exception_main`]), except the deliberate #GPs of `hlt`
 //! ([`halt`], [`sleep`]) and `lidt` ([`triple_fault`]) at CPL3. Vector 32
 //! is the local APIC timer (EOI, `iretq`), vector 33 the APIC's spurious
-//! vector (`iretq`).
+//! vector (`iretq`), vector 34 the ACPI generic event device's interrupt
+//! (counted in [`ged_interrupts`], then EOI, `iretq`).
 //!
 //! Memory map (identity mapped, all 2 MiB pages of 0..4 GiB, U/W set on
 //! every level, 3..4 GiB with PCD|PWT):
@@ -22,7 +23,8 @@
 //! | 0x106000           | GDT (null, kcode64, kdata, udata, ucode64, kcode32, 8 TSS descriptors) |
 //! | 0x106200..0x106600 | 8 TSSs (RSP0 = per-CPU kernel stack top)      |
 //! | 0x106600..0x106800 | I/O permission bitmap (ports 0..0xff7 open)   |
-//! | 0x106800..0x106a20 | IDT (vectors 0..33)                           |
+//! | 0x106134           | generic event interrupts seen (u32)           |
+//! | 0x106800..0x106a30 | IDT (vectors 0..34)                           |
 //! | 0x107100..0x107700 | CPL0 code, entries, trampoline template       |
 //! | 0x180000..0x190000 | kernel stacks, 8 x 8 KiB                      |
 //! | 0x190000..0x1d0000 | user stacks, 8 x 32 KiB                       |
@@ -41,6 +43,7 @@ const GDT_PTR: u64 = BOOT_BASE + 0x6100;
 const IDT_PTR: u64 = BOOT_BASE + 0x6110;
 const NULL_IDT_PTR: u64 = BOOT_BASE + 0x6120;
 const AP_NEXT: u64 = BOOT_BASE + 0x6130;
+const GED_COUNT: u64 = BOOT_BASE + 0x6134;
 const TSS: u64 = BOOT_BASE + 0x6200;
 const IOMAP: u64 = BOOT_BASE + 0x6600;
 /// The I/O map's last byte (all ones, as the CPU wants).
@@ -54,6 +57,7 @@ const USER_AP: u64 = BOOT_BASE + 0x75c0;
 const USER_EXC: u64 = BOOT_BASE + 0x75e0;
 const TIMER_ISR: u64 = BOOT_BASE + 0x73c0;
 const SPURIOUS_ISR: u64 = BOOT_BASE + 0x73e0;
+const GED_ISR: u64 = BOOT_BASE + 0x73f0;
 /// The AP trampoline template inside the image.
 pub const TRAMPOLINE_TEMPLATE: u64 = BOOT_BASE + 0x7600;
 /// Size of the AP trampoline.
@@ -69,12 +73,15 @@ const USTACKS: u64 = 0x19_0000;
 const USTACK_SIZE: u64 = 0x8000;
 
 const GDT_LIMIT: u64 = 0x30 + 16 * MAX_CPUS - 1;
-const IDT_LIMIT: u64 = 34 * 16 - 1;
+const IDT_LIMIT: u64 = 35 * 16 - 1;
 
 /// Interrupt vector of the local APIC timer (its handler: EOI, `iretq`).
 pub const TIMER_VECTOR: u32 = 32;
 /// The local APIC's spurious-interrupt vector (its handler: `iretq`).
 pub const SPURIOUS_VECTOR: u32 = 33;
+/// The vector the ACPI generic event device's interrupt is routed to (its
+/// handler counts it, then EOI, `iretq`).
+pub const GED_VECTOR: u32 = 34;
 /// EAX for a `hlt` at CPL3 that asks to sleep until an interrupt (see
 /// [`sleep`]); any other value halts the vCPU for good.
 const SLEEP_MAGIC: u32 = 0x534c_4550;
@@ -136,6 +143,7 @@ global_asm!(
     .quad 0
     .org 0x6130
     .long 1                     /* next AP index */
+    .long 0                     /* generic event interrupts seen */
 
     /* ---- TSSs ---- */
     .org 0x6200
@@ -186,6 +194,14 @@ global_asm!(
     .byte 0
     .byte 0x8e
     .word ({spurious_isr} >> 16) & 0xffff
+    .long 0
+    .long 0
+    .org 0x6a20                 /* vector 34: ACPI generic event device */
+    .word {ged_isr} & 0xffff
+    .word 0x08
+    .byte 0
+    .byte 0x8e
+    .word ({ged_isr} >> 16) & 0xffff
     .long 0
     .long 0
 
@@ -309,6 +325,11 @@ probe_timer:
     .org 0x73e0
 probe_spurious:
     iretq
+
+    /* Vector 34, the generic event device: count it, then as the timer. */
+    .org 0x73f0
+    lock inc dword ptr [{ged_count}]
+    jmp probe_timer
 
     /* ---- 64-bit entry (ELF e_entry): long mode, CPL0, RSI = boot_params ---- */
     .org 0x7400
@@ -472,6 +493,8 @@ probe_pvh32:
     sleep_magic = const SLEEP_MAGIC,
     timer_isr = const TIMER_ISR,
     spurious_isr = const SPURIOUS_ISR,
+    ged_isr = const GED_ISR,
+    ged_count = const GED_COUNT,
     lapic_eoi = const LAPIC_EOI,
     bsp_main = sym crate::bsp_main,
     ap_main = sym crate::smp::ap_main,
@@ -542,6 +565,14 @@ pub fn sleep() {
     // clobbers RCX, declared here; no memory Rust knows is touched. Not
     // `nomem`: the caller's MMIO writes that arm the timer must come first.
     unsafe { asm!("hlt", in("eax") SLEEP_MAGIC, out("rcx") _, options(nostack)) };
+}
+
+/// How many generic event device interrupts (vector [`GED_VECTOR`]) this
+/// VM has taken.
+pub fn ged_interrupts() -> u32 {
+    // SAFETY: GED_COUNT is an aligned u32 in the `.boot` section, mapped
+    // user-readable; only the vector 34 handler writes it (`lock inc`).
+    unsafe { core::ptr::read_volatile(GED_COUNT as *const u32) }
 }
 
 /// Triple-faults the VM: `lidt` at CPL3 raises #GP, whose CPL0 handler

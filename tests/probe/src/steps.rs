@@ -19,6 +19,8 @@ enum Step<'a> {
     Mem(mem::Cmd),
     Tick { ms: u64, n: Option<u64> },
     Identity,
+    /// `vmgenid-watch:MS`: see [`identity::watch`].
+    VmGenIdWatch(u64),
 }
 
 /// How `shutdown` ends the VM.
@@ -138,6 +140,10 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
         },
         "fault" => Step::Fault,
         "identity" => Step::Identity,
+        "vmgenid-watch" => match arg(1)? {
+            Some(ms) => Step::VmGenIdWatch(ms.min(TICK_MAX_MS)),
+            None => return Err(StepError::BadArg(name, "")),
+        },
         "tick" => match arg(1)? {
             Some(ms) => Step::Tick { ms, n: arg(0)? },
             None => return Err(StepError::BadArg(name, "")),
@@ -158,6 +164,7 @@ fn exec(step: Step<'_>, cmdline: &str, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<
         Step::Mem(cmd) => mem::exec(cmd),
         Step::Tick { ms, n } => tick(ms, n),
         Step::Identity => identity::exec(cmdline),
+        Step::VmGenIdWatch(ms) => identity::watch(ms),
         Step::Ready => {}
         Step::Smp(want) => smp::start_all(want),
         Step::Count { n, every } => count(n, every),

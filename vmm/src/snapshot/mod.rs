@@ -401,6 +401,10 @@ impl Vm {
                 .and_then(|()| t.restore(&saved.transport))
                 .map_err(|source| SnapshotError::RestoreDevice { index, source })?;
         }
+        // With the interrupt controllers restored, the generic event
+        // device's interrupt is pending when the vCPUs start: the guest
+        // learns that its generation ID changed.
+        self.genid_changed.write(1).map_err(VmError::Event)?;
         self.launch()
     }
 }

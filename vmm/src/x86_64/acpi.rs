@@ -25,7 +25,7 @@
 //! ACPI means without overrides, and what our MP table says too. A
 //! hardware-reduced Linux does not use the PIT as its timer anyway.
 
-use crate::layout::{ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START, VMGENID_START};
+use crate::layout::{ACPI_END, ACPI_START, GED_GSI, IOAPIC_START, LAPIC_START, VMGENID_START};
 use acpi_tables::Aml;
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -173,6 +173,33 @@ fn dsdt(virtio: &[VirtioMmio]) -> Result<Vec<u8>, AcpiError> {
             &aml::Name::new(
                 "ADDR".into(),
                 &aml::Package::new(vec![&genid_low, &genid_high]),
+            ),
+        ],
+    )));
+    // A generic event device (hardware-reduced ACPI's way to raise
+    // events): its interrupt makes the guest's GED driver call _EVT, which
+    // notifies the VMGenID device that its ID changed (0x80), so that
+    // Linux reseeds its random number generator in every clone.
+    body.extend(aml_bytes(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    // Consumer, edge-triggered, active high, exclusive.
+                    &aml::Interrupt::new(true, true, false, false, GED_GSI),
+                ]),
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&aml::If::new(
+                    &aml::Equal::new(&aml::Arg(0), &GED_GSI),
+                    vec![&aml::Notify::new(&aml::Path::new("\\_SB_.VMGN"), &0x80u8)],
+                )],
             ),
         ],
     )));
@@ -496,6 +523,61 @@ mod tests {
         addr.extend((VMGENID_START as u32).to_le_bytes());
         addr.push(0x00);
         assert!(dev.windows(addr.len()).any(|w| w == addr), "ADDR {dev:x?}");
+    }
+
+    /// The DSDT as ACPICA's disassembler reads it (the ASL text), so that
+    /// what a guest's AML interpreter makes of the bytes is checked, not
+    /// just the bytes.
+    fn disassembled_dsdt(dsdt: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let aml = dir.path().join("dsdt.aml");
+        std::fs::write(&aml, dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .output()
+            .expect("iasl (Debian's acpica-tools, which scripts/setup installs) runs");
+        assert!(out.status.success(), "iasl -d: {out:?}");
+        std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap()
+    }
+
+    #[test]
+    fn the_generic_event_device_notifies_the_vmgenid_device() {
+        let t = build(1, &[], ACPI_START).unwrap();
+        let asl = disassembled_dsdt(parse(&t).dsdt());
+        // Without comments and whitespace, from the GED device on.
+        let mut code = String::new();
+        let mut rest = asl.as_str();
+        while let Some(at) = rest.find("/*") {
+            code.push_str(&rest[..at]);
+            rest = rest[at..].split_once("*/").map_or("", |(_, after)| after);
+        }
+        code.push_str(rest);
+        let flat: String = code
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .flat_map(|l| l.split_whitespace())
+            .collect();
+        let ged = flat
+            .find("Device(_SB.GED)")
+            .unwrap_or_else(|| panic!("no GED in\n{asl}"));
+        let ged = &flat[ged..];
+        assert!(ged.contains(r#"Name(_HID,"ACPI0013")"#), "{asl}");
+        let gsi = format!("{GED_GSI:#010X}").replace("0X", "0x");
+        assert!(
+            ged.contains(&format!(
+                "Interrupt(ResourceConsumer,Edge,ActiveHigh,Exclusive,,,){{{gsi},}}"
+            )),
+            "{asl}"
+        );
+        let evt = ged.find("Method(_EVT,1,Serialized)").expect("_EVT");
+        let gsi_byte = format!("{GED_GSI:#04X}").replace("0X", "0x");
+        assert!(
+            ged[evt..].starts_with(&format!(
+                "Method(_EVT,1,Serialized){{If((Arg0=={gsi_byte})){{Notify(\\_SB.VMGN,0x80)"
+            )),
+            "{asl}"
+        );
     }
 
     #[test]
