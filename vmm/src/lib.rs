@@ -13,6 +13,7 @@ pub mod host;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

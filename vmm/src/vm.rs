@@ -83,6 +83,8 @@ pub enum VmError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(transparent)]
     VmGenId(#[from] crate::vmgenid::VmGenIdError),
+    #[error(transparent)]
+    Migration(#[from] crate::migration::MigrationError),
     #[error("the VM has ended")]
     Ended,
     #[error("a VM can have at most {max} virtio devices (one interrupt line each)")]
@@ -122,6 +124,8 @@ pub enum VmExit {
     Signal(i32),
     /// The VM's owner stopped it.
     Stopped,
+    /// The VM runs on in another VMM, which confirmed it.
+    Migrated { to: String },
     /// The VMM itself failed while the guest ran.
     VmmError(String),
 }
@@ -135,7 +139,7 @@ impl VmExit {
             VmExit::KvmInternalError { .. } | VmExit::FailEntry { .. } => 3,
             VmExit::VmmError(_) => 4,
             VmExit::Signal(sig) => 128u8.saturating_add(*sig as u8),
-            VmExit::Stopped => 0,
+            VmExit::Stopped | VmExit::Migrated { .. } => 0,
         }
     }
 
@@ -206,6 +210,7 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestCrash { vcpu } => write!(f, "the guest reported a crash on vCPU {vcpu}"),
             VmExit::Signal(sig) => write!(f, "stopped by signal {sig}"),
             VmExit::Stopped => write!(f, "stopped by its owner"),
+            VmExit::Migrated { to } => write!(f, "migrated to {to}, which runs it"),
             VmExit::VmmError(msg) => write!(f, "the VMM failed: {msg}"),
         }
     }
@@ -596,6 +601,7 @@ impl Vm {
             serial: self.serial.clone(),
             transports: self.transports.clone(),
             config: self.config.clone(),
+            migrated_to: Mutex::new(None),
         };
         running.resume()?;
         let events = std::thread::Builder::new()
@@ -643,6 +649,8 @@ pub struct RunningVm {
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) config: VmConfig,
+    /// Where the VM went, once another VMM confirmed that it runs it.
+    pub(crate) migrated_to: Mutex<Option<String>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -744,18 +752,32 @@ impl RunningVm {
         for v in lock(&self.vcpus).drain(..) {
             v.stop();
         }
-        result
+        match (result, lock(&self.migrated_to).take()) {
+            (Ok(VmExit::Stopped), Some(to)) => Ok(VmExit::Migrated { to }),
+            (result, _) => result,
+        }
     }
 }
 
 fn register_memory(fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    set_memory_flags(fd, mem, 0)
+}
+
+/// Registers `mem`'s regions with KVM (slot `i` for region `i`) with
+/// `flags` (`KVM_MEM_LOG_DIRTY_PAGES` to track the pages the guest
+/// writes); registering them again changes only the flags.
+pub(crate) fn set_memory_flags(
+    fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the region is a live mapping of exactly `memory_size`
         // bytes owned by `mem`, which the VM keeps for as long as the KVM

@@ -5,10 +5,10 @@
 //! JSON file (`--config`), each console on standard output behind its
 //! name or in a file of its own.
 
-use super::CliResult;
 use super::nic::Nic;
 use super::share::{Share, VhostUserShare};
 use super::switch::SwitchArgs;
+use super::{CliResult, chain};
 use clap::{Args, ValueEnum};
 use devices::virtio::fs::{Fs, VhostUserFs};
 use devices::virtio::net::Net;
@@ -23,7 +23,7 @@ use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present_any = ["config", "restore"])]
+    #[arg(long, required_unless_present_any = ["config", "restore", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// An initial ramdisk for the kernel.
     #[arg(long)]
@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// another server, say) replace them, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config"])]
     pub restore: Option<PathBuf>,
+    /// Wait for one VM to migrate here (`vmplant vm migrate tcp:HOST:PORT`
+    /// on its source), then run it: `tcp:ADDR:PORT` to listen on. Its
+    /// NICs and shares are the source's unless `--net` or `--fs` replace
+    /// them, as with `--restore`.
+    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config", "restore"])]
+    pub incoming: Option<String>,
     /// Serve the VM's control API on a unix socket at PATH (see `vmplant
     /// vm`); the socket is removed when the VM ends.
     #[arg(long, value_name = "PATH")]
@@ -361,15 +367,51 @@ fn release_startup_heap() {
     }
 }
 
+/// Waits on `addr` (`tcp:ADDR:PORT`) for one migration and receives its
+/// VM; returns the connection to answer on once the VM runs.
+fn accept_migration(
+    addr: &str,
+) -> Result<(std::net::TcpStream, vmm::snapshot::Snapshot), Box<dyn std::error::Error + Send + Sync>>
+{
+    let bind = addr.strip_prefix("tcp:").ok_or_else(|| {
+        format!("--incoming {addr:?}: give tcp:ADDR:PORT, such as tcp:0.0.0.0:4444")
+    })?;
+    let listener = std::net::TcpListener::bind(bind)
+        .map_err(|e| format!("cannot listen on {bind} for the migration: {e}"))?;
+    tracing::info!("waiting for a migration on {}", listener.local_addr()?);
+    let (mut stream, peer) = listener.accept()?;
+    drop(listener);
+    stream.set_nodelay(true)?;
+    // A source that stops sending is given up on.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    tracing::info!("receiving a VM from {peer}");
+    let snapshot = vmm::migration::receive(&mut stream)
+        .map_err(|e| format!("the migration from {peer} failed: {}", chain(&e)))?;
+    Ok((stream, snapshot))
+}
+
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let serial = args
         .serial_file
         .clone()
         .map_or(SerialOutput::Stdout, SerialOutput::File);
-    let planned = match (&args.config, &args.restore) {
+    // A migration's source, told once the VM runs here (or why not).
+    let mut incoming = None;
+    let received = match &args.incoming {
+        Some(addr) => {
+            let (stream, snapshot) = accept_migration(addr)?;
+            incoming = Some(stream);
+            Some(snapshot)
+        }
+        None => None,
+    };
+    let snapshot = match &args.restore {
+        Some(dir) => Some(vmm::snapshot::Snapshot::open(dir)?),
+        None => received,
+    };
+    let planned = match (&args.config, snapshot) {
         (Some(path), _) => read_run_file(path)?,
-        (None, Some(dir)) => {
-            let snapshot = vmm::snapshot::Snapshot::open(dir)?;
+        (None, Some(snapshot)) => {
             let plan = DevicePlan::of(&snapshot)?;
             vec![Planned {
                 name: "vm".into(),
@@ -459,6 +501,19 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             Some(s) => vm.start_restored(&s.state),
             None => vm.start(),
         };
+        if let Some(mut source) = incoming.take() {
+            let why = started.as_ref().err().map(|e| chain(e));
+            if let Err(e) = vmm::migration::confirm(&mut source, why.as_deref().map_or(Ok(()), Err))
+            {
+                // The source runs the VM on unless it hears that this one
+                // does: both must not.
+                return Err(format!(
+                    "cannot tell the migration's source that the VM runs here: {e}"
+                )
+                .into());
+            }
+            tracing::info!("the migrated VM runs here");
+        }
         let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
         let control = match &p.control {
             Some(path) => {
@@ -481,7 +536,9 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             String::new()
         };
         match &exit {
-            VmExit::GuestShutdown | VmExit::Stopped => tracing::info!("{who}{exit}"),
+            VmExit::GuestShutdown | VmExit::Stopped | VmExit::Migrated { .. } => {
+                tracing::info!("{who}{exit}")
+            }
             VmExit::Signal(_) => tracing::warn!("{who}{exit}"),
             _ => eprintln!("vmplant: {who}{exit}"),
         }

@@ -35,6 +35,19 @@ enum Op {
         #[arg(long)]
         stop: bool,
     },
+    /// Move the running VM to a `vmplant run --incoming tcp:ADDR:PORT`
+    /// (TO: tcp:HOST:PORT): memory is copied while the guest runs, then
+    /// the guest pauses for the last pages and its state. Prints
+    /// `{"migration":"completed","total_ms":..,"downtime_ms":..,"rounds":..,"bytes":..}`
+    /// once the destination runs it (the VM then ends here), or
+    /// `{"migration":"failed","error":".."}` (exit status 1) and the VM
+    /// runs on here.
+    Migrate {
+        to: String,
+        /// The longest pause the guest should see.
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+    },
 }
 
 pub fn run(args: VmArgs) -> CliResult {
@@ -48,11 +61,22 @@ pub fn run(args: VmArgs) -> CliResult {
             dir: std::path::absolute(&dir)?,
             stop,
         },
+        Op::Migrate { to, downtime_ms } => Request::Migrate { to, downtime_ms },
     };
-    let result = control::call(&args.control, &request)?;
+    let result = match control::call(&args.control, &request) {
+        Err(e) if matches!(request, Request::Migrate { .. }) => {
+            let why = super::chain(&e);
+            println!(
+                "{}",
+                serde_json::json!({ "migration": "failed", "error": why })
+            );
+            return Err(e.into());
+        }
+        result => result?,
+    };
     match request {
         Request::Info => println!("{}", serde_json::to_string_pretty(&result)?),
-        Request::Snapshot { .. } => println!("{result}"),
+        Request::Snapshot { .. } | Request::Migrate { .. } => println!("{result}"),
         _ => {}
     }
     Ok(ExitCode::SUCCESS)

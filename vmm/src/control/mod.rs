@@ -140,6 +140,60 @@ impl Handler for VmControl {
                     result.into()
                 })
             }
+            Request::Migrate { to, downtime_ms } => {
+                let mut opts = crate::migration::MigrateOptions::default();
+                if let Some(ms) = downtime_ms {
+                    opts.downtime = std::time::Duration::from_millis(ms);
+                }
+                let mut stream = connect_migration(&to).map_err(|e| {
+                    (
+                        ErrorCode::Failed,
+                        format!("cannot reach {to}: {e}; the VM runs on here"),
+                    )
+                })?;
+                let done = self
+                    .vm
+                    .migrate(&mut stream, &to, &self.owner, opts, &mut |p| {
+                        tracing::info!(
+                            round = p.round,
+                            sent_mib = p.sent >> 20,
+                            left_kib = p.left >> 10,
+                            mib_s = (p.bytes_per_s / f64::from(1 << 20)) as u64,
+                            "migrating to {to}"
+                        )
+                    })
+                    .map_err(failed)?;
+                let result = json(serde_json::to_value(protocol::Migrated {
+                    migration: "completed".into(),
+                    total_ms: done.total.as_secs_f64() * 1e3,
+                    downtime_ms: done.downtime.as_secs_f64() * 1e3,
+                    rounds: done.rounds,
+                    bytes: done.bytes,
+                }))?;
+                Ok(then_stop(result))
+            }
         }
     }
+}
+
+/// How long a migration waits on the destination before giving up (and
+/// letting the VM run on here).
+const MIGRATION_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to a migration destination, `tcp:HOST:PORT`.
+fn connect_migration(to: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a migration destination is tcp:HOST:PORT",
+        )
+    };
+    let addr = to.strip_prefix("tcp:").ok_or_else(bad)?;
+    let addr = addr.to_socket_addrs()?.next().ok_or_else(bad)?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
+    Ok(stream)
 }

@@ -34,6 +34,27 @@ pub enum Request {
         #[serde(default)]
         stop: bool,
     },
+    /// Moves the VM to the VMM waiting at `to` (`tcp:HOST:PORT`, a
+    /// `vmplant run --incoming`), pausing it for at most about
+    /// `downtime_ms`; answers [`Migrated`] once that VMM runs it, and the
+    /// VM ends here. On failure the VM runs on here.
+    Migrate {
+        to: String,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+    },
+}
+
+/// The answer to [`Request::Migrate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migrated {
+    /// Always "completed" (a failed migration is an error response).
+    pub migration: String,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub rounds: u32,
+    /// Guest memory sent (pages with data).
+    pub bytes: u64,
 }
 
 /// The answer to [`Request::Snapshot`].

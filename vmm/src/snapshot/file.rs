@@ -90,7 +90,9 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
     decode(path, &bytes)
 }
 
-fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StateFileError> {
+/// Decodes state bytes (as [`encode`] makes them) that came from `path`
+/// (named in errors), checking them as [`read`] does.
+pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StateFileError> {
     let path = path.to_owned();
     let len = bytes.len() as u64;
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {

@@ -213,11 +213,11 @@ impl DirectWriter {
 }
 
 /// /proc/self/pagemap bits: the page has a frame, or is in swap.
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
 
 /// Reads the page-map entries of `pages` pages from `addr` into `out`.
-fn page_map(addr: *const u8, pages: usize, out: &mut Vec<u64>) -> std::io::Result<()> {
+pub(crate) fn page_map(addr: *const u8, pages: usize, out: &mut Vec<u64>) -> std::io::Result<()> {
     thread_local! {
         static PAGEMAP: Option<File> = File::open("/proc/self/pagemap").ok();
     }

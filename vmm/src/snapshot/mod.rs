@@ -188,7 +188,14 @@ impl RunningVm {
         saved
     }
 
-    fn save_paused(&self, dir: &Path, owner: &str) -> Result<(u64, memory::Saved), VmError> {
+    /// The state of the paused VM with its devices quiesced: everything
+    /// but guest memory. `memory_id` is what the memory file's trailer
+    /// will hold.
+    pub(crate) fn capture(
+        &self,
+        owner: &str,
+        memory_id: [u8; 16],
+    ) -> Result<SnapshotState, VmError> {
         let msrs = kvm_ioctls::Kvm::new()
             .map_err(VmError::OpenKvm)?
             .get_msr_index_list()
@@ -205,8 +212,7 @@ impl RunningVm {
             })
             .collect::<Result<Vec<_>, _>>()?;
         drop(handles);
-        let memory_id = crate::vmgenid::random_bytes().map_err(SnapshotError::Random)?;
-        let state = SnapshotState {
+        Ok(SnapshotState {
             config: self.config.clone(),
             owner: owner.to_owned(),
             memory: memory::layout(self.memory()),
@@ -232,7 +238,12 @@ impl RunningVm {
                     })
                 })
                 .collect::<Result<_, SnapshotError>>()?,
-        };
+        })
+    }
+
+    fn save_paused(&self, dir: &Path, owner: &str) -> Result<(u64, memory::Saved), VmError> {
+        let memory_id = crate::vmgenid::random_bytes().map_err(SnapshotError::Random)?;
+        let state = self.capture(owner, memory_id)?;
         // Both files are written under new names, then renamed into place,
         // memory first: a snapshot cut short leaves the old pair, or a new
         // memory file its old state refuses (their ids differ).
@@ -329,6 +340,17 @@ impl Snapshot {
     /// Reads `dir`'s state file and maps its memory file.
     pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let state: SnapshotState = file::read(&dir.join(STATE_FILE))?;
+        state.check()?;
+        let memory = memory::map(&dir.join(MEMORY_FILE), &state.memory, &state.memory_id)?;
+        Ok(Snapshot { state, memory })
+    }
+}
+
+impl SnapshotState {
+    /// Checks that the state is whole: a vCPU state for each vCPU, and the
+    /// memory layout a VM of its size has.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let state = self;
         if state.vcpus.len() != usize::from(state.config.vcpus) {
             return Err(SnapshotError::VcpuCount {
                 found: state.vcpus.len(),
@@ -349,8 +371,7 @@ impl Snapshot {
         {
             return Err(SnapshotError::Layout(state.config.mem_mib));
         }
-        let memory = memory::map(&dir.join(MEMORY_FILE), &state.memory, &state.memory_id)?;
-        Ok(Snapshot { state, memory })
+        Ok(())
     }
 }
 

@@ -1,0 +1,487 @@
+//! Live migration: a running VM moves to another VMM process (on this
+//! host or another) over a byte stream, with the guest paused only for
+//! the last few pages and the device and vCPU state.
+//!
+//! The source ([`RunningVm::migrate`]) sends all of guest memory that
+//! holds data while the guest runs, then, in rounds, the pages written
+//! meanwhile: KVM's dirty log for what the guest wrote, vm-memory's dirty
+//! bitmap for what the devices wrote (used rings, received frames, file
+//! reads). Once what is left would go within the downtime target at the
+//! rate measured so far, it pauses the VM, sends the rest and the state
+//! (as a snapshot's state file holds it), and waits for the destination
+//! to say that it runs the VM; only then does the VM end here. Anything
+//! that fails before that answer (the connection, the destination, a
+//! VM that writes faster than the link) disables dirty logging and lets
+//! the VM run on here.
+//!
+//! The destination ([`receive`]) checks each message against the memory
+//! layout it was told, writes pages into fresh guest memory, and returns
+//! the state and memory as a [`Snapshot`] for the owner to start as a
+//! restore does; [`confirm`] then answers the source.
+//!
+//! `wire.rs` has the stream format. Written here rather than taken from a
+//! crate: no maintained crate speaks a VMM migration stream, and the
+//! format is small.
+
+mod wire;
+
+use crate::snapshot::{Snapshot, SnapshotError, SnapshotState, file, memory};
+use crate::vm::{RunningVm, VmError};
+use devices::virtio::GuestMemoryMmap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use wire::{Header, MAX_RUN, PAGE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot send to the destination")]
+    Send(#[source] std::io::Error),
+    #[error("cannot read the migration stream")]
+    Receive(#[source] std::io::Error),
+    #[error("the destination did not confirm that it runs the VM")]
+    Confirm(#[source] std::io::Error),
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("bad migration stream: {0}")]
+    Protocol(String),
+    #[error(
+        "the guest writes memory faster than it can be sent: {left_mib:.1} MiB still dirty after {rounds} rounds at {mib_s:.0} MiB/s; the VM runs on here"
+    )]
+    NoConvergence {
+        rounds: u32,
+        left_mib: f64,
+        mib_s: f64,
+    },
+    #[error("cannot read KVM's dirty log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
+    #[error("the migrated memory layout {got:?} is not that of a VM of its size")]
+    Layout { got: Vec<(u64, u64)> },
+    #[error("cannot create guest memory for the incoming VM")]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// How [`RunningVm::migrate`] goes about it.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrateOptions {
+    /// The longest pause the guest should see.
+    pub downtime: Duration,
+    /// Rounds of dirty pages before giving up.
+    pub max_rounds: u32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime: Duration::from_millis(20),
+            max_rounds: 30,
+        }
+    }
+}
+
+/// What a migration took.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Migrated {
+    /// From the start to the destination's confirmation.
+    pub total: Duration,
+    /// From the pause to the destination's confirmation.
+    pub downtime: Duration,
+    /// Rounds of dirty pages after the first copy.
+    pub rounds: u32,
+    /// Bytes of guest memory sent (pages with data).
+    pub bytes: u64,
+}
+
+/// One round's progress, for the caller's log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub round: u32,
+    /// Bytes sent in this round.
+    pub sent: u64,
+    /// Dirty bytes found at its end.
+    pub left: u64,
+    /// The send rate measured so far.
+    pub bytes_per_s: f64,
+}
+
+/// Sends guest memory, counting what went.
+struct Sender<'a, W: Write> {
+    out: &'a mut W,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: Write> Sender<'_, W> {
+    /// Sends `pages` pages of `mem` from `gpa`, as runs of data and runs
+    /// of zeros.
+    fn send_pages(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(u64::from(MAX_RUN));
+            let at = gpa + done * PAGE;
+            self.buf.resize((n * PAGE) as usize, 0);
+            // A volatile copy: the guest may be writing these pages (they
+            // are sent again if so).
+            mem.read_slice(&mut self.buf, GuestAddress(at))
+                .map_err(|e| MigrationError::Protocol(format!("guest memory at {at:#x}: {e}")))?;
+            let mut p = 0;
+            while p < n {
+                let zero = is_zero(&self.buf, p);
+                let mut q = p + 1;
+                while q < n && is_zero(&self.buf, q) == zero {
+                    q += 1;
+                }
+                let run_at = at + p * PAGE;
+                if zero {
+                    wire::write_zeros(self.out, run_at, (q - p) as u32)
+                } else {
+                    let bytes = &self.buf[(p * PAGE) as usize..(q * PAGE) as usize];
+                    self.bytes += bytes.len() as u64;
+                    wire::write_pages(self.out, run_at, bytes)
+                }
+                .map_err(MigrationError::Send)?;
+                p = q;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(buf: &[u8], page: u64) -> bool {
+    let page = &buf[(page * PAGE) as usize..((page + 1) * PAGE) as usize];
+    page.iter().all(|&b| b == 0)
+}
+
+/// Which pages of `mem` were written since the last call: KVM's dirty log
+/// (the guest) or-ed with vm-memory's bitmap (the VMM), both cleared.
+/// One bit per page, one vector per region.
+fn take_dirty(vm: &RunningVm) -> Result<Vec<Vec<u64>>, MigrationError> {
+    vm.memory()
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let mut bits = vm
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(MigrationError::DirtyLog)?;
+            // The region's own bitmap (the trait's `bitmap` is a view).
+            let vmm: &AtomicBitmap = vm_memory::mmap::MmapRegion::bitmap(region);
+            let pages = (region.len() / PAGE) as usize;
+            for page in 0..pages {
+                if vmm.is_bit_set(page) {
+                    bits[page / 64] |= 1 << (page % 64);
+                }
+            }
+            vmm.reset();
+            Ok(bits)
+        })
+        .collect()
+}
+
+fn count(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+impl RunningVm {
+    /// Moves the VM to the VMM at the other end of `stream` (see the
+    /// module docs), named `to` in logs and in the VM's exit. `owner` is
+    /// what a snapshot keeps for the owner. `progress` hears of each
+    /// round. On success the VM stays paused here for the caller to end
+    /// with [`RunningVm::stop`] (`wait` then says
+    /// [`crate::VmExit::Migrated`]); on failure it runs on as before.
+    pub fn migrate<S: Read + Write>(
+        &self,
+        stream: &mut S,
+        to: &str,
+        owner: &str,
+        opts: MigrateOptions,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Migrated, VmError> {
+        for (index, t) in self.transports.iter().enumerate() {
+            let t = crate::vm::lock(t);
+            if let Err(why) = t.can_snapshot() {
+                return Err(SnapshotError::Device {
+                    index,
+                    device_type: t.device_type(),
+                    why,
+                }
+                .into());
+            }
+        }
+        let start = Instant::now();
+        crate::vm::set_memory_flags(
+            &self.fd,
+            self.memory(),
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        )?;
+        let result = self.migrate_logged(stream, to, owner, opts, progress, start);
+        if result.is_err() {
+            // The VM runs on here, without the cost of dirty logging.
+            if let Err(e) = crate::vm::set_memory_flags(&self.fd, self.memory(), 0) {
+                tracing::warn!("cannot turn dirty logging off again: {e}");
+            }
+        }
+        result
+    }
+
+    fn migrate_logged<S: Read + Write>(
+        &self,
+        stream: &mut S,
+        to: &str,
+        owner: &str,
+        opts: MigrateOptions,
+        progress: &mut dyn FnMut(Progress),
+        start: Instant,
+    ) -> Result<Migrated, VmError> {
+        let mem = self.memory();
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *stream);
+        wire::write_hello(&mut out, &memory::layout(mem)).map_err(MigrationError::Send)?;
+        let mut sender = Sender {
+            out: &mut out,
+            buf: Vec::new(),
+            bytes: 0,
+        };
+        // Everything that holds data, the guest running. Pages it writes
+        // meanwhile show in the first dirty log.
+        take_dirty(self)?; // both logs start clean
+        for region in mem.iter() {
+            send_region(&mut sender, mem, region)?;
+        }
+        let mut rate = 0.0f64;
+        let mut rounds = 0u32;
+        loop {
+            let dirty = take_dirty(self)?;
+            let left = count(&dirty) * PAGE;
+            let elapsed = start.elapsed().as_secs_f64().max(1e-6);
+            rate = rate.max(sender.bytes as f64 / elapsed);
+            progress(Progress {
+                round: rounds,
+                sent: sender.bytes,
+                left,
+                bytes_per_s: rate,
+            });
+            if left as f64 <= rate * opts.downtime.as_secs_f64() {
+                // The rest goes with the VM paused.
+                put_back(self, &dirty);
+                break;
+            }
+            if rounds >= opts.max_rounds {
+                return Err(MigrationError::NoConvergence {
+                    rounds,
+                    left_mib: left as f64 / f64::from(1 << 20),
+                    mib_s: rate / f64::from(1 << 20),
+                }
+                .into());
+            }
+            rounds += 1;
+            send_dirty(&mut sender, mem, &dirty)?;
+        }
+
+        let mut state = self.lock_state();
+        let was_running = *state == crate::control::RunState::Running;
+        self.pause_locked(&mut state)?;
+        let paused = Instant::now();
+        for t in &self.transports {
+            crate::vm::lock(t).quiesce();
+        }
+        let last = take_dirty(self)
+            .map_err(VmError::from)
+            .and_then(|dirty| send_dirty(&mut sender, mem, &dirty).map_err(VmError::from))
+            .and_then(|()| self.capture(owner, [0; 16]))
+            .and_then(|vm_state| {
+                let bytes = file::encode(&vm_state).map_err(SnapshotError::from)?;
+                wire::write_state(sender.out, &bytes).map_err(MigrationError::Send)?;
+                sender.out.flush().map_err(MigrationError::Send)?;
+                Ok(())
+            });
+        let bytes = sender.bytes;
+        drop(out);
+        let confirmed = last.and_then(|()| wire::read_reply(stream).map_err(VmError::from));
+        match confirmed {
+            Ok(()) => {
+                // The destination runs the VM: it stays paused here until
+                // the caller ends it.
+                *crate::vm::lock(&self.migrated_to) = Some(to.to_owned());
+                Ok(Migrated {
+                    total: start.elapsed(),
+                    downtime: paused.elapsed(),
+                    rounds,
+                    bytes,
+                })
+            }
+            Err(e) => {
+                for t in &self.transports {
+                    crate::vm::lock(t).unquiesce();
+                }
+                if was_running {
+                    self.resume_locked(&mut state)?;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Sends the pages of `region` that may hold data: of anonymous memory,
+/// those the kernel gave a frame (the page map says which without
+/// touching the others, which read as zeros and the destination has as
+/// zeros); of memory mapped from a file (a restored VM), all.
+fn send_region<W: Write>(
+    sender: &mut Sender<'_, W>,
+    mem: &GuestMemoryMmap,
+    region: &vm_memory::GuestRegionMmap<AtomicBitmap>,
+) -> Result<(), MigrationError> {
+    const CHUNK: u64 = 2 << 20;
+    let start = region.start_addr().0;
+    let len = region.len();
+    let mut entries = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let n = CHUNK.min(len - off);
+        let pages = n / PAGE;
+        let host = region.as_ptr().wrapping_add(off as usize);
+        let mapped = region.file_offset().is_none()
+            && memory::page_map(host, pages as usize, &mut entries).is_ok();
+        if !mapped {
+            sender.send_pages(mem, start + off, pages)?;
+        } else {
+            let present =
+                |p: u64| entries[p as usize] & (memory::PM_PRESENT | memory::PM_SWAPPED) != 0;
+            let mut p = 0;
+            while p < pages {
+                if !present(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut q = p + 1;
+                while q < pages && present(q) {
+                    q += 1;
+                }
+                sender.send_pages(mem, start + off + p * PAGE, q - p)?;
+                p = q;
+            }
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// Marks the pages of `dirty` dirty again in vm-memory's bitmap, so that
+/// the next [`take_dirty`] (with the VM paused) finds them.
+fn put_back(vm: &RunningVm, dirty: &[Vec<u64>]) {
+    for (region, bits) in vm.memory().iter().zip(dirty) {
+        for (w, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let bit = word.trailing_zeros() as usize;
+                word &= word - 1;
+                vm_memory::mmap::MmapRegion::bitmap(region).set_bit(w * 64 + bit);
+            }
+        }
+    }
+}
+
+/// Sends the pages set in `dirty`, in runs.
+fn send_dirty<W: Write>(
+    sender: &mut Sender<'_, W>,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<(), MigrationError> {
+    for (region, bits) in mem.iter().zip(dirty) {
+        let pages = region.len() / PAGE;
+        let set = |p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+        let mut p = 0;
+        while p < pages {
+            if !set(p) {
+                p += 1;
+                continue;
+            }
+            let mut q = p + 1;
+            while q < pages && set(q) {
+                q += 1;
+            }
+            sender.send_pages(mem, region.start_addr().0 + p * PAGE, q - p)?;
+            p = q;
+        }
+    }
+    Ok(())
+}
+
+/// Receives a VM from the source at the other end of `stream`: its
+/// memory, written into fresh guest memory, and its state. The caller
+/// builds and starts it as a restore, then calls [`confirm`].
+pub fn receive<S: Read>(stream: &mut S) -> Result<Snapshot, MigrationError> {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
+    let layout = wire::read_hello(&mut input)?;
+    let size = layout
+        .iter()
+        .try_fold(0u64, |sum, &(_, len)| sum.checked_add(len))
+        .filter(|&s| s > 0)
+        .ok_or_else(|| MigrationError::Layout {
+            got: layout.clone(),
+        })?;
+    let expected: Vec<(u64, u64)> = crate::memory::ram_ranges(size)
+        .into_iter()
+        .map(|(a, l)| (a.0, l))
+        .collect();
+    if layout != expected {
+        return Err(MigrationError::Layout { got: layout });
+    }
+    let memory = crate::memory::create(size, false)?;
+    let mut buf = vec![0u8; (u64::from(MAX_RUN) * PAGE) as usize];
+    let zeros = vec![0u8; buf.len()];
+    let out_of_range = |gpa: u64, pages: u32| {
+        MigrationError::Protocol(format!("{pages} pages at {gpa:#x} are not guest memory"))
+    };
+    loop {
+        match wire::read_header(&mut input)? {
+            Header::Pages { gpa, pages } => {
+                let data = &mut buf[..(u64::from(pages) * PAGE) as usize];
+                input.read_exact(data).map_err(MigrationError::Receive)?;
+                memory
+                    .write_slice(data, GuestAddress(gpa))
+                    .map_err(|_| out_of_range(gpa, pages))?;
+            }
+            Header::Zeros { gpa, pages } => {
+                memory
+                    .write_slice(
+                        &zeros[..(u64::from(pages) * PAGE) as usize],
+                        GuestAddress(gpa),
+                    )
+                    .map_err(|_| out_of_range(gpa, pages))?;
+            }
+            Header::State { len } => {
+                let mut bytes = vec![0u8; len as usize];
+                input
+                    .read_exact(&mut bytes)
+                    .map_err(MigrationError::Receive)?;
+                let state: SnapshotState = file::decode(Path::new("the migration stream"), &bytes)
+                    .map_err(SnapshotError::from)?;
+                state.check()?;
+                if state.memory != expected {
+                    return Err(MigrationError::Layout { got: state.memory });
+                }
+                return Ok(Snapshot { state, memory });
+            }
+        }
+    }
+}
+
+/// Tells the source whether this VMM now runs the VM it sent.
+pub fn confirm<W: Write>(stream: &mut W, result: Result<(), &str>) -> std::io::Result<()> {
+    wire::write_reply(stream, result)
+}
