@@ -108,11 +108,46 @@ pub struct Progress {
     pub bytes_per_s: f64,
 }
 
+/// A connection a VM migrates over.
+pub trait Link: Read + Write {
+    /// Bytes written that have not left yet (the kernel's send queue), so
+    /// that the rate is measured on what the link carried, not on what
+    /// the buffers took; 0 where the link cannot tell.
+    fn queued(&self) -> u64 {
+        0
+    }
+}
+
+impl Link for std::net::TcpStream {
+    fn queued(&self) -> u64 {
+        send_queue(self)
+    }
+}
+
+impl Link for std::os::unix::net::UnixStream {
+    fn queued(&self) -> u64 {
+        send_queue(self)
+    }
+}
+
+/// The bytes in a socket's send queue (SIOCOUTQ), 0 if it cannot tell.
+fn send_queue(socket: &impl std::os::fd::AsRawFd) -> u64 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer,
+    // which points at `queued`, alive for the call; the descriptor is the
+    // socket's own, open while it is borrowed.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if r == 0 { queued.max(0) as u64 } else { 0 }
+}
+
 /// Sends guest memory, counting what went.
 struct Sender<'a, W: Write> {
     out: &'a mut W,
     buf: Vec<u8>,
+    /// Guest memory sent (pages with data).
     bytes: u64,
+    /// Everything written, headers included.
+    wire: u64,
 }
 
 impl<W: Write> Sender<'_, W> {
@@ -141,11 +176,13 @@ impl<W: Write> Sender<'_, W> {
                     q += 1;
                 }
                 let run_at = at + p * PAGE;
+                self.wire += wire::RUN_HEADER;
                 if zero {
                     wire::write_zeros(self.out, run_at, (q - p) as u32)
                 } else {
                     let bytes = &self.buf[(p * PAGE) as usize..(q * PAGE) as usize];
                     self.bytes += bytes.len() as u64;
+                    self.wire += bytes.len() as u64;
                     wire::write_pages(self.out, run_at, bytes)
                 }
                 .map_err(MigrationError::Send)?;
@@ -203,7 +240,7 @@ impl RunningVm {
     /// round. On success the VM stays paused here for the caller to end
     /// with [`RunningVm::stop`] (`wait` then says
     /// [`crate::VmExit::Migrated`]); on failure it runs on as before.
-    pub fn migrate<S: Read + Write>(
+    pub fn migrate<S: Link>(
         &self,
         stream: &mut S,
         to: &str,
@@ -238,7 +275,7 @@ impl RunningVm {
         result
     }
 
-    fn migrate_logged<S: Read + Write>(
+    fn migrate_logged<S: Link>(
         &self,
         stream: &mut S,
         to: &str,
@@ -254,6 +291,7 @@ impl RunningVm {
             out: &mut out,
             buf: Vec::new(),
             bytes: 0,
+            wire: 0,
         };
         // Everything that holds data, the guest running. Pages it writes
         // meanwhile show in the first dirty log.
@@ -261,20 +299,23 @@ impl RunningVm {
         for region in mem.iter() {
             send_region(&mut sender, mem, region)?;
         }
-        let mut rate = 0.0f64;
         let mut rounds = 0u32;
         loop {
             let dirty = take_dirty(self)?;
             let left = count(&dirty) * PAGE;
+            // The rate the link carried so far, and what it has yet to
+            // carry: what went into its buffers is not gone yet.
+            sender.out.flush().map_err(MigrationError::Send)?;
+            let queued = sender.out.get_ref().queued();
             let elapsed = start.elapsed().as_secs_f64().max(1e-6);
-            rate = rate.max(sender.bytes as f64 / elapsed);
+            let rate = sender.wire.saturating_sub(queued).max(1) as f64 / elapsed;
             progress(Progress {
                 round: rounds,
                 sent: sender.bytes,
                 left,
                 bytes_per_s: rate,
             });
-            if left as f64 <= rate * opts.downtime.as_secs_f64() {
+            if (left + queued) as f64 <= rate * opts.downtime.as_secs_f64() {
                 // The rest goes with the VM paused.
                 put_back(self, &dirty);
                 break;

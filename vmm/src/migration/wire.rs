@@ -21,6 +21,8 @@ use std::io::{BufRead, Read, Write};
 pub const MAGIC: [u8; 8] = *b"VMPLMIGR";
 pub const VERSION: u32 = 1;
 pub const PAGE: u64 = 4096;
+/// The bytes of a `pages` or `zeros` message before its pages.
+pub const RUN_HEADER: u64 = 1 + 8 + 4;
 /// Most pages in one `pages` or `zeros` message (1 MiB).
 pub const MAX_RUN: u32 = 256;
 /// Most memory regions a hello names.

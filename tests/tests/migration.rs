@@ -1,0 +1,243 @@
+//! Live migration as a user runs it: `vmplant run --incoming tcp:ADDR`
+//! waits for a VM, `vmplant vm --control C migrate tcp:ADDR` moves a
+//! running test guest there, and the guest ticks on from where it was
+//! (no new boot) with the memory it filled; and a destination that fails
+//! at each step leaves the guest running on the source. Over loopback
+//! TCP. Needs root and /dev/kvm.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+use vmplant_tests::Vmm;
+use vmplant_tests::migration::{destination, migrate, report, throttled_proxy, tick_n};
+
+/// A guest that fills memory and ticks moves while it ticks: it ticks on
+/// from the next n on the destination, its memory verifies there, the
+/// source exits 0 saying where the VM went.
+fn moves_and_goes_on(vcpus: &str, smp: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("vm.sock");
+    let (dest, to) = destination();
+    let mut source = Vmm::probe(
+        &format!("{smp}fill:16:3+tick:50:20+verify:16:3+shutdown"),
+        &[
+            "--vcpus",
+            vcpus,
+            "--mem",
+            "64",
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    source.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    let out = migrate(&control, &to, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = report(&out);
+    assert_eq!(done["migration"], "completed", "{done}");
+    let bytes = done["bytes"].as_u64().unwrap();
+    assert!(
+        (16 << 20..24 << 20).contains(&bytes),
+        "{bytes} bytes sent of a guest that filled 16 MiB"
+    );
+    assert!(done["downtime_ms"].as_f64().unwrap() <= done["total_ms"].as_f64().unwrap());
+
+    let before = source.wait(Duration::from_secs(10));
+    assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
+    assert!(before.stderr.contains("migrated to"), "{}", before.stderr);
+    let after = dest.wait(Duration::from_secs(30));
+    after.assert_success();
+    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
+    let ticks: Vec<u64> = after.lines.iter().filter_map(|l| tick_n(l)).collect();
+    assert_eq!(
+        ticks,
+        (last + 1..=20).collect::<Vec<_>>(),
+        "ticks go on from {last}"
+    );
+    let verify = after
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .expect("verify");
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert!(
+        !after.lines.iter().any(|l| l.contains(r#""probe":"ready""#)),
+        "the migrated guest booted again: {:?}",
+        after.lines
+    );
+}
+
+#[test]
+fn a_ticking_guest_migrates_and_goes_on() {
+    moves_and_goes_on("1", "");
+}
+
+#[test]
+fn a_guest_with_two_vcpus_migrates_and_goes_on() {
+    moves_and_goes_on("2", "smp+");
+}
+
+/// A guest rewriting its memory at a rate the link keeps up with
+/// converges, and its memory, rewritten meanwhile, verifies on the
+/// destination.
+#[test]
+fn a_guest_dirtying_memory_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("vm.sock");
+    let (dest, to) = destination();
+    let mut source = Vmm::probe(
+        "fill:32:7+dirty:32:64:2+verify:32:7+shutdown",
+        &["--mem", "64", "--control", control.to_str().unwrap()],
+    );
+    source.expect_line("dirtying", Duration::from_secs(30), |l| {
+        l.contains("mib_written")
+    });
+    let out = migrate(&control, &to, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report(&out)["migration"], "completed");
+    assert_eq!(source.wait(Duration::from_secs(10)).status.code(), Some(0));
+    let after = dest.wait(Duration::from_secs(30));
+    after.assert_success();
+    let verify = after
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .expect("verify");
+    assert_eq!(verify["ok"], true, "{verify}");
+}
+
+/// A guest rewriting memory faster than the link carries it is given up
+/// on after the last round: the command says why and fails, the guest
+/// runs on at the source, and the destination exits non-zero.
+/// (On these hosts a guest cannot write memory faster than loopback TCP
+/// carries it: under dirty logging every first write to a page exits to
+/// KVM. So the link here is a proxy held to 20 MiB/s.)
+#[test]
+fn a_guest_dirtying_faster_than_the_link_stays_on_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("vm.sock");
+    let (dest, to) = destination();
+    let mut source = Vmm::probe(
+        // As fast as it can: its 4 MiB over and over in a round.
+        "fill:4+dirty:4:1048576",
+        &["--mem", "40", "--control", control.to_str().unwrap()],
+    );
+    source.expect_line("dirtying", Duration::from_secs(30), |l| {
+        l.contains("mib_written")
+    });
+    let out = migrate(&control, &throttled_proxy(&to, 20 << 20), &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let failed = report(&out);
+    assert_eq!(failed["migration"], "failed", "{failed}");
+    let why = failed["error"].as_str().unwrap();
+    assert!(why.contains("faster than it can be sent"), "{why}");
+    let still = source.lines_for(Duration::from_millis(1500));
+    assert!(
+        still.iter().any(|l| l.contains("mib_written")),
+        "the guest stopped on the source: {still:?}"
+    );
+    let dest = dest.wait(Duration::from_secs(10));
+    assert_ne!(dest.status.code(), Some(0), "{}", dest.stderr);
+}
+
+/// How a fake destination fails.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// The connection drops after the first MiB (killed mid-copy).
+    DuringCopy,
+    /// Everything is read, then the connection closes unanswered (killed
+    /// before it confirmed).
+    BeforeConfirming,
+    /// Everything is read, then it refuses the VM.
+    Refusing,
+}
+
+/// A destination that fails as `how` says, on a thread; its address.
+fn failing_destination(how: Failure) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = format!("tcp:{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut read = 0usize;
+        conn.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => read += n,
+                // Quiet: the source sent all and waits for an answer.
+                Err(_) => break,
+            }
+            if matches!(how, Failure::DuringCopy) && read >= 1 << 20 {
+                return;
+            }
+        }
+        if matches!(how, Failure::Refusing) {
+            let _ = conn.write_all(b"{\"error\":\"no room here\"}\n");
+        }
+    });
+    to
+}
+
+/// Whatever fails before the destination confirms, the guest keeps
+/// ticking on the source, and a later migration can still succeed.
+#[test]
+fn a_failing_destination_leaves_the_guest_running_on_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("vm.sock");
+    let mut source = Vmm::probe(
+        // More than loopback's socket buffers hold, so that a copy cut
+        // short fails while sending.
+        "fill:48:5+tick:50",
+        &["--mem", "96", "--control", control.to_str().unwrap()],
+    );
+    source.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    for (how, expect) in [
+        (Failure::DuringCopy, "cannot send"),
+        (Failure::BeforeConfirming, "did not confirm"),
+        (Failure::Refusing, "no room here"),
+    ] {
+        let out = migrate(&control, &failing_destination(how), &[]);
+        assert_eq!(out.status.code(), Some(1), "{how:?}");
+        let failed = report(&out);
+        assert_eq!(failed["migration"], "failed", "{how:?}: {failed}");
+        let why = failed["error"].as_str().unwrap();
+        assert!(why.contains(expect), "{how:?}: {why}");
+        let ticks: Vec<u64> = source
+            .lines_for(Duration::from_millis(300))
+            .iter()
+            .filter_map(|l| tick_n(l))
+            .collect();
+        assert!(
+            ticks.len() >= 2,
+            "{how:?}: the guest stopped ticking: {ticks:?}"
+        );
+    }
+    // And then it moves for real.
+    let (dest, to) = destination();
+    let out = migrate(&control, &to, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(source.wait(Duration::from_secs(10)).status.code(), Some(0));
+    let mut dest = dest;
+    dest.expect_line("a tick on the destination", Duration::from_secs(10), |l| {
+        tick_n(l).is_some()
+    });
+    dest.kill();
+}
