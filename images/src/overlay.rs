@@ -557,6 +557,9 @@ pub trait BaseRead: Send + Sync {
     ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// Merges a write into a copied-up block spanning the given disk range.
+type Merge<'a> = &'a dyn Fn(&mut [u8], (u64, u64));
+
 /// A disk: a read-only base seen through an overlay that takes its writes.
 /// Every method takes `&self`; threads share it.
 pub struct CowDisk<B> {
@@ -648,7 +651,7 @@ impl<B: BaseRead> CowDisk<B> {
         offset: u64,
         len: u64,
         whole: &dyn Fn(u64, u64) -> Result<()>,
-        merge: &dyn Fn(&mut [u8], (u64, u64)),
+        merge: Merge<'_>,
     ) -> Result<()> {
         let bs = self.overlay.block_size();
         let end = offset + len;

@@ -22,7 +22,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -78,6 +78,9 @@ pub enum StoreError {
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// Layers with their ids, top first.
+pub type Chain = Vec<(String, Layer)>;
 
 /// Default chunk size: 512 KiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
@@ -467,7 +470,7 @@ impl Store {
     }
 
     /// Layers from `top` down to the base layer, top first.
-    pub fn chain(&self, top: &str) -> Result<Vec<(String, Layer)>> {
+    pub fn chain(&self, top: &str) -> Result<Chain> {
         let mut out = Vec::new();
         let mut next = Some(top.to_string());
         while let Some(id) = next {
@@ -537,7 +540,9 @@ impl Store {
     /// callers sync the file system before writing the layer.
     fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> Result<bool> {
         let path = self.chunks_dir().join(hash.to_hex());
-        if path.exists() {
+        // One cut short by a power failure before its import synced (and
+        // named by no layer then) is written again.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == data.len() as u64) {
             return Ok(false);
         }
         let tmp = self
@@ -613,7 +618,9 @@ impl Store {
     ) -> Result<ImportReport> {
         let start = std::time::Instant::now();
         let mut f = File::open(file).map_err(io(file))?;
-        let size = f.metadata().map_err(io(file))?.len();
+        // Seeking to the end sizes block devices too.
+        let size = f.seek(SeekFrom::End(0)).map_err(io(file))?;
+        f.seek(SeekFrom::Start(0)).map_err(io(file))?;
         if size == 0 {
             return Err(StoreError::Empty(file.to_path_buf()));
         }
@@ -733,7 +740,7 @@ impl Store {
     }
 
     /// The images with their layer chains.
-    fn all_chains(&self) -> Result<Vec<(String, Vec<(String, Layer)>)>> {
+    fn all_chains(&self) -> Result<Vec<(String, Chain)>> {
         let mut out = Vec::new();
         for name in self.image_names()? {
             let top = self.image_layer(&name)?;

@@ -36,7 +36,7 @@ fn write_n(round: u64, tag: u64) -> (u64, u64) {
     let mut r = Rng((round << 32 | tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     r.next();
     // Mostly small writes (copy-ups of 4 KiB blocks), some long ones.
-    let count = if r.next() % 8 == 0 {
+    let count = if r.next() & 7 == 0 {
         1 + r.next() % 300
     } else {
         1 + r.next() % 8
@@ -78,7 +78,7 @@ fn crash_child() {
             buf.extend_from_slice(&sector_bytes(round, tag, s));
         }
         disk.write_at(&buf, first * SECTOR as u64).unwrap();
-        if tag % 16 == 0 {
+        if tag & 15 == 0 {
             disk.flush().unwrap();
             println!("flushed {tag}");
         }
