@@ -303,6 +303,14 @@ pub fn create(path: &Path, base: BaseIdentity, block_size: u32) -> Result<()> {
     res.map_err(err)
 }
 
+/// Bits set in memory and not yet on disk.
+#[derive(Default)]
+struct Pending {
+    /// Bitmap word index -> the bits of it to add.
+    words: std::collections::BTreeMap<usize, u64>,
+    blocks: usize,
+}
+
 /// An open overlay file, locked against every other process.
 pub struct Overlay {
     path: PathBuf,
@@ -311,7 +319,7 @@ pub struct Overlay {
     /// Blocks in the overlay, as this process sees them.
     present: Vec<AtomicU64>,
     /// Blocks set in `present` whose bit is not on disk yet.
-    pending: Mutex<Vec<u64>>,
+    pending: Mutex<Pending>,
     /// The bitmap as on disk (bits only for data made durable first).
     durable: Mutex<Vec<u64>>,
     /// Serialise copy-ups of a block (block index modulo STRIPES).
@@ -381,7 +389,7 @@ impl Overlay {
             file,
             present: words.iter().map(|&w| AtomicU64::new(w)).collect(),
             durable: Mutex::new(words),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(Pending::default()),
             header,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
@@ -443,17 +451,37 @@ impl Overlay {
         (self.header.capacity - b * bs).min(bs)
     }
 
-    /// Records that block `b`'s data is written; call after the write.
-    fn mark(&self, b: u64) -> Result<()> {
-        let bit = 1u64 << (b % 64);
-        let old = self.present[(b / 64) as usize].fetch_or(bit, Ordering::AcqRel);
-        if old & bit != 0 {
+    /// Records that blocks `first..end` hold their data; call after the
+    /// write. Their bits go to disk with the next sync.
+    fn mark(&self, first: u64, end: u64) -> Result<()> {
+        let mut newly: Vec<(usize, u64)> = Vec::new();
+        let mut b = first;
+        while b < end {
+            // The bits of this word in the run.
+            let w = (b / 64) as usize;
+            let lo = b % 64;
+            let hi = (end - (b - lo)).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let old = self.present[w].fetch_or(mask, Ordering::AcqRel);
+            if old & mask != mask {
+                newly.push((w, mask & !old));
+            }
+            b += hi - lo;
+        }
+        if newly.is_empty() {
             return Ok(());
         }
         let many = {
             let mut p = lock(&self.pending);
-            p.push(b);
-            p.len() >= SYNC_AFTER_BLOCKS
+            for (w, bits) in newly {
+                p.blocks += bits.count_ones() as usize;
+                *p.words.entry(w).or_insert(0) |= bits;
+            }
+            p.blocks >= SYNC_AFTER_BLOCKS
         };
         if many { self.persist(false) } else { Ok(()) }
     }
@@ -464,30 +492,31 @@ impl Overlay {
     pub fn persist(&self, flush: bool) -> Result<()> {
         let mut durable = lock(&self.durable);
         let batch = std::mem::take(&mut *lock(&self.pending));
-        if batch.is_empty() && !flush {
+        if batch.words.is_empty() && !flush {
             return Ok(());
         }
         self.file.sync_data().map_err(OverlayError::Io)?;
-        if batch.is_empty() {
+        if batch.words.is_empty() {
             return Ok(());
         }
-        let mut pages: Vec<u64> = Vec::with_capacity(batch.len());
-        for &b in &batch {
-            durable[(b / 64) as usize] |= 1 << (b % 64);
-            pages.push(b / 64 * 8 / 4096);
+        // 512 words to a 4 KiB page of the bitmap.
+        let mut pages: Vec<usize> = Vec::new();
+        for (&w, &bits) in &batch.words {
+            durable[w] |= bits;
+            if pages.last() != Some(&(w / 512)) {
+                pages.push(w / 512);
+            }
         }
-        pages.sort_unstable();
-        pages.dedup();
         let mut bytes = Vec::with_capacity(4096);
         for page in pages {
-            let first = (page * 512) as usize;
+            let first = page * 512;
             let last = (first + 512).min(durable.len());
             bytes.clear();
             for w in &durable[first..last] {
                 bytes.extend_from_slice(&w.to_le_bytes());
             }
             self.file
-                .write_all_at(&bytes, self.header.bitmap_offset + page * 4096)
+                .write_all_at(&bytes, self.header.bitmap_offset + page as u64 * 4096)
                 .map_err(OverlayError::Io)?;
         }
         if flush {
@@ -672,9 +701,7 @@ impl<B: BaseRead> CowDisk<B> {
                     run_end = next_end;
                 }
                 whole(run_end - at, at)?;
-                for blk in b..run_end.div_ceil(bs) {
-                    self.overlay.mark(blk)?;
-                }
+                self.overlay.mark(b, run_end.div_ceil(bs))?;
                 at = run_end;
                 continue;
             }
@@ -690,7 +717,7 @@ impl<B: BaseRead> CowDisk<B> {
                     self.read_base(&mut block, b_start)?;
                     merge(&mut block, (b_start, b_end));
                     self.overlay.write_data(&block, b_start)?;
-                    self.overlay.mark(b)?;
+                    self.overlay.mark(b, b + 1)?;
                 }
             }
             at = part_end;
@@ -723,5 +750,103 @@ impl<B: BaseRead> CowDisk<B> {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check("a discard", offset, len)?;
         self.write_zeroes(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct VecBase(Vec<u8>);
+
+    impl BaseRead for VecBase {
+        fn read_base(
+            &self,
+            buf: &mut [u8],
+            offset: u64,
+        ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            let at = offset as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn identity(size: u64) -> BaseIdentity {
+        BaseIdentity {
+            kind: BaseKind::Raw,
+            id: [0; 32],
+            size,
+            name: "test".into(),
+        }
+    }
+
+    fn disk(path: &Path, base: &[u8]) -> CowDisk<VecBase> {
+        let ov = Overlay::open_or_create(path, &identity(base.len() as u64), 4096).unwrap();
+        CowDisk::new(ov, VecBase(base.to_vec()))
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header::new(identity(12345), 4096);
+        let d = Header::decode(Path::new("x"), &h.encode()).unwrap();
+        assert_eq!(d.capacity, 12345);
+        assert_eq!(d.bitmap_len, 8);
+        assert_eq!(d.data_offset, 1 << 20);
+        assert_eq!(d.base, h.base);
+        let dir = tempfile::tempdir().unwrap();
+        let err = create(&dir.path().join("o"), identity(10), 1000).unwrap_err();
+        assert!(matches!(err, OverlayError::Create { .. }), "{err}");
+    }
+
+    #[test]
+    fn short_last_block_and_marks_across_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        // 200 blocks and 100 bytes.
+        let base: Vec<u8> = (0..200 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+        let mut want = base.clone();
+        {
+            let d = disk(&path, &base);
+            d.write_at(&vec![1u8; 70 * 4096], 60 * 4096).unwrap();
+            want[60 * 4096..130 * 4096].fill(1);
+            d.write_at(&[2u8; 50], 200 * 4096 + 20).unwrap();
+            want[200 * 4096 + 20..200 * 4096 + 70].fill(2);
+            let present: Vec<u64> = d.overlay().present_blocks().collect();
+            let mut expect: Vec<u64> = (60..130).collect();
+            expect.push(200);
+            assert_eq!(present, expect);
+            let mut buf = vec![0u8; base.len()];
+            d.read_at(&mut buf, 0).unwrap();
+            assert!(buf == want);
+            assert!(d.write_at(&[0u8; 101], 200 * 4096).is_err());
+        }
+        // Closed without a flush: the bits were recorded on close.
+        let d = disk(&path, &base);
+        assert_eq!(d.overlay().present_blocks().count(), 71);
+        let mut buf = vec![0u8; base.len()];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf == want);
+    }
+
+    #[test]
+    fn large_discard_hides_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o");
+        let base = vec![9u8; 10_000 * 4096];
+        {
+            let d = disk(&path, &base);
+            d.discard(100, base.len() as u64 - 200).unwrap();
+            d.flush().unwrap();
+        }
+        let d = disk(&path, &base);
+        let mut buf = vec![1u8; base.len()];
+        d.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..100].iter().all(|&b| b == 9));
+        assert!(buf[100..base.len() - 100].iter().all(|&b| b == 0));
+        assert!(buf[base.len() - 100..].iter().all(|&b| b == 9));
+        // The data area stayed sparse.
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&path).unwrap().blocks();
+        assert!(blocks * 512 < 4 << 20, "{blocks} blocks allocated");
     }
 }
