@@ -11,6 +11,7 @@ use crate::overlay::{
 use crate::store::{ResolvedImage, Store, StoreError};
 use nix::fcntl::Flock;
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -179,8 +180,9 @@ impl OverlayDisk {
             path: base.to_path_buf(),
             source,
         };
-        let file = File::open(base).map_err(err)?;
-        let size = file.metadata().map_err(err)?.len();
+        let mut file = File::open(base).map_err(err)?;
+        // Seeking to the end sizes block devices too.
+        let size = file.seek(SeekFrom::End(0)).map_err(err)?;
         let identity = BaseIdentity {
             kind: BaseKind::Raw,
             id: [0; 32],
