@@ -322,7 +322,8 @@ pub struct Overlay {
     pending: Mutex<Pending>,
     /// The bitmap as on disk (bits only for data made durable first).
     durable: Mutex<Vec<u64>>,
-    /// Serialise copy-ups of a block (block index modulo STRIPES).
+    /// Serialise copy-ups of a block with other writes to it while it is
+    /// not in the overlay (block index modulo STRIPES).
     stripes: Vec<Mutex<()>>,
 }
 
@@ -443,6 +444,21 @@ impl Overlay {
     /// Blocks in the overlay, in order.
     pub fn present_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.blocks()).filter(|&b| self.is_present(b))
+    }
+
+    /// Locks the stripes of blocks `first..end`, in the order of their
+    /// index (the one order every thread takes them in: no deadlock).
+    fn lock_stripes(&self, first: u64, end: u64) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = if end - first >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            (first..end)
+                .map(|b| (b % STRIPES as u64) as usize)
+                .collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| lock(&self.stripes[i])).collect()
     }
 
     /// Bytes of disk block `b` (the last one may be short).
@@ -700,8 +716,17 @@ impl<B: BaseRead> CowDisk<B> {
                     }
                     run_end = next_end;
                 }
+                let blocks_end = run_end.div_ceil(bs);
+                // A copy-up of one of these blocks racing with this write
+                // would put the base back over it: hold their stripes
+                // while any is not in the overlay yet.
+                let _stripes = if (b..blocks_end).all(|x| self.overlay.is_present(x)) {
+                    Vec::new()
+                } else {
+                    self.overlay.lock_stripes(b, blocks_end)
+                };
                 whole(run_end - at, at)?;
-                self.overlay.mark(b, run_end.div_ceil(bs))?;
+                self.overlay.mark(b, blocks_end)?;
                 at = run_end;
                 continue;
             }
@@ -709,7 +734,7 @@ impl<B: BaseRead> CowDisk<B> {
             if self.overlay.is_present(b) {
                 whole(part_end - at, at)?;
             } else {
-                let _copy_up = lock(&self.overlay.stripes[(b % STRIPES as u64) as usize]);
+                let _copy_up = self.overlay.lock_stripes(b, b + 1);
                 if self.overlay.is_present(b) {
                     whole(part_end - at, at)?;
                 } else {

@@ -421,3 +421,41 @@ fn qcow2_without_qemu_img_is_a_clear_error() {
         assert!(err.to_string().contains("needs qemu-img"), "{err}");
     }
 }
+
+#[test]
+fn a_copy_up_never_undoes_a_concurrent_whole_block_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    const BLOCKS: u64 = 2000;
+    std::fs::write(&base, vec![0x11u8; BLOCKS as usize * 4096]).unwrap();
+    let disk = std::sync::Arc::new(OverlayDisk::open(&base, &dir.path().join("o")).unwrap());
+    // One thread writes whole blocks, the other the first sector of each
+    // (a copy-up): the other sectors must end up the whole write's.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let spawn = |whole: bool| {
+        let disk = disk.clone();
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            barrier.wait();
+            for b in 0..BLOCKS {
+                if whole {
+                    disk.write_at(&[0xAA; 4096], b * 4096).unwrap();
+                } else {
+                    disk.write_at(&[0xBB; 512], b * 4096).unwrap();
+                }
+            }
+        })
+    };
+    let (a, b) = (spawn(true), spawn(false));
+    a.join().unwrap();
+    b.join().unwrap();
+    let mut buf = vec![0u8; 4096];
+    for b in 0..BLOCKS {
+        disk.read_at(&mut buf, b * 4096).unwrap();
+        assert!(buf[0] == 0xAA || buf[0] == 0xBB, "block {b}");
+        assert!(
+            buf[512..].iter().all(|&x| x == 0xAA),
+            "block {b} lost its write"
+        );
+    }
+}
