@@ -13,7 +13,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -155,19 +155,19 @@ const OPEN_FILES: usize = 256;
 /// named by its hash in hex), keeping up to 256 of them open.
 pub struct LocalChunks {
     dir: PathBuf,
-    open: Mutex<HashMap<ChunkHash, Arc<File>>>,
+    open: RwLock<HashMap<ChunkHash, Arc<File>>>,
 }
 
 impl LocalChunks {
     pub fn new(dir: &Path) -> LocalChunks {
         LocalChunks {
             dir: dir.to_path_buf(),
-            open: Mutex::new(HashMap::new()),
+            open: RwLock::new(HashMap::new()),
         }
     }
 
     fn file(&self, hash: &ChunkHash) -> Result<Arc<File>, ChunkError> {
-        if let Some(f) = self.open.lock().ok().and_then(|m| m.get(hash).cloned()) {
+        if let Some(f) = self.open.read().ok().and_then(|m| m.get(hash).cloned()) {
             return Ok(f);
         }
         let f = match File::open(self.dir.join(hash.to_hex())) {
@@ -185,7 +185,7 @@ impl LocalChunks {
                 });
             }
         };
-        if let Ok(mut m) = self.open.lock() {
+        if let Ok(mut m) = self.open.write() {
             if m.len() >= OPEN_FILES {
                 m.clear();
             }

@@ -57,6 +57,8 @@ pub enum StoreError {
     BadName(String),
     #[error("the chunk size must be a power of two from 4 KiB to 64 MiB, not {0}")]
     BadChunkSize(u64),
+    #[error("{path} is too large ({size} bytes; at most {MAX_CHUNKS} chunks)")]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{0} is empty")]
     Empty(PathBuf),
     #[error(
@@ -85,6 +87,9 @@ pub type Chain = Vec<(String, Layer)>;
 /// Default chunk size: 512 KiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
 const FORMAT: u32 = 1;
+/// Most chunks a disk may have (8 TiB in 512 KiB chunks): a resolved
+/// image holds 33 bytes a chunk in memory.
+pub const MAX_CHUNKS: u64 = 1 << 24;
 /// Longest parent chain followed before a store counts as corrupted.
 const MAX_DEPTH: usize = 4096;
 
@@ -428,6 +433,7 @@ impl Store {
         let chunks = layer.size.div_ceil(u64::from(layer.chunk_size.max(1)));
         if layer.format != FORMAT
             || layer.chunk_size != self.chunk_size
+            || chunks > MAX_CHUNKS
             || layer
                 .chunks
                 .keys()
@@ -436,7 +442,7 @@ impl Store {
         {
             return Err(StoreError::Corrupt {
                 path,
-                what: "bad format, chunk size or chunk index".into(),
+                what: "bad format, chunk size, size or chunk index".into(),
             });
         }
         Ok(layer)
@@ -623,6 +629,12 @@ impl Store {
         f.seek(SeekFrom::Start(0)).map_err(io(file))?;
         if size == 0 {
             return Err(StoreError::Empty(file.to_path_buf()));
+        }
+        if size.div_ceil(u64::from(self.chunk_size)) > MAX_CHUNKS {
+            return Err(StoreError::TooLarge {
+                path: file.to_path_buf(),
+                size,
+            });
         }
         let cs = self.chunk_size as usize;
         let mut buf = vec![0u8; cs];
