@@ -64,6 +64,8 @@ pub enum OverlayError {
     },
     #[error("cannot read the base")]
     Base(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the overlay {0} failed to sync earlier and takes no more writes (reopen it)")]
+    Failed(PathBuf),
     #[error("overlay I/O failed")]
     Io(#[source] std::io::Error),
 }
@@ -322,6 +324,8 @@ pub struct Overlay {
     pending: Mutex<Pending>,
     /// The bitmap as on disk (bits only for data made durable first).
     durable: Mutex<Vec<u64>>,
+    /// Set by a failed sync: writes and flushes are refused from then on.
+    failed: std::sync::atomic::AtomicBool,
     /// Serialise copy-ups of a block with other writes to it while it is
     /// not in the overlay (block index modulo STRIPES).
     stripes: Vec<Mutex<()>>,
@@ -393,6 +397,7 @@ impl Overlay {
             pending: Mutex::new(Pending::default()),
             header,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            failed: Default::default(),
         })
     }
 
@@ -506,6 +511,24 @@ impl Overlay {
     /// the last time in the bitmap on disk; with `flush`, makes that
     /// durable too.
     pub fn persist(&self, flush: bool) -> Result<()> {
+        let res = self.try_persist(flush);
+        if res.is_err() {
+            // After a failed fdatasync the kernel may have dropped the
+            // data: never record bits for it, take no more writes.
+            self.failed.store(true, Ordering::Release);
+        }
+        res
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(OverlayError::Failed(self.path.clone()));
+        }
+        Ok(())
+    }
+
+    fn try_persist(&self, flush: bool) -> Result<()> {
+        self.check_usable()?;
         let mut durable = lock(&self.durable);
         let batch = std::mem::take(&mut *lock(&self.pending));
         if batch.words.is_empty() && !flush {
@@ -548,6 +571,7 @@ impl Overlay {
     }
 
     fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_usable()?;
         self.file
             .write_all_at(buf, self.header.data_offset + offset)
             .map_err(OverlayError::Io)
@@ -558,6 +582,7 @@ impl Overlay {
     fn zero_data(&self, offset: u64, len: u64) -> Result<()> {
         use nix::fcntl::{FallocateFlags, fallocate};
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        self.check_usable()?;
         let at = self.header.data_offset + offset;
         let punched = i64::try_from(at)
             .ok()
