@@ -3,6 +3,7 @@
 mod bench;
 mod gvfs;
 mod host;
+mod image;
 mod nic;
 mod run;
 mod share;
@@ -40,6 +41,8 @@ pub enum Command {
     Gvfs(gvfs::GvfsCommand),
     /// Print what this host's KVM offers (kind of virtualization, limits).
     Host,
+    /// Manage an image store: import, commit, ls, info, rm, gc.
+    Image(image::ImageArgs),
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +71,7 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Vnet(args) => vnet::run(args),
         Command::Gvfs(cmd) => gvfs::run(cmd),
         Command::Host => host::run(),
+        Command::Image(args) => image::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
