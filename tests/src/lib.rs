@@ -395,3 +395,25 @@ impl GvfsServer {
         )
     }
 }
+
+/// The ticks a restored guest printed, going on from the last tick
+/// before the snapshot: `before` are the console lines before it. The
+/// pause may cut a line (each serial byte is an exit of its own): its
+/// start is then the last line before, its rest the first line after.
+pub fn ticks_after(before: &[String], after: &[String]) -> (u64, Vec<u64>) {
+    let last = before.iter().filter_map(|l| tick_n(l)).max().unwrap_or(0);
+    let cut = before
+        .last()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_err());
+    let mut lines = after.to_vec();
+    if let (Some(cut), Some(first)) = (cut, lines.first_mut()) {
+        *first = format!("{cut}{first}");
+    }
+    (last, lines.iter().filter_map(|l| tick_n(l)).collect())
+}
+
+/// The n of a `{"probe":"tick","n":N}` line.
+pub fn tick_n(line: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["probe"] == "tick").then(|| v["n"].as_u64())?
+}

@@ -26,11 +26,6 @@ pub fn report(out: &Output) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {stdout:?}"))
 }
 
-pub fn tick_n(line: &str) -> Option<u64> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["probe"] == "tick").then(|| v["n"].as_u64())?
-}
-
 /// A free loopback port (free when this returns; the destination binds
 /// it right after).
 pub fn free_port() -> u16 {
@@ -44,9 +39,17 @@ pub fn free_port() -> u16 {
 /// A destination on a free port, listening, and its address for
 /// `migrate`.
 pub fn destination() -> (Vmm, String) {
+    destination_with("tcp", &[])
+}
+
+/// A destination listening on `proto:127.0.0.1:PORT` (tcp or tls), with
+/// `extra` flags; its address.
+pub fn destination_with(proto: &str, extra: &[&str]) -> (Vmm, String) {
     let port = free_port();
-    let to = format!("tcp:127.0.0.1:{port}");
-    let vmm = Vmm::start(&["run", "--incoming", &to]);
+    let to = format!("{proto}:127.0.0.1:{port}");
+    let mut args = vec!["run", "--incoming", &to];
+    args.extend(extra);
+    let vmm = Vmm::start(&args);
     wait_listening(port);
     (vmm, to)
 }

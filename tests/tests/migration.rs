@@ -5,11 +5,13 @@
 //! at each step leaves the guest running on the source. Over loopback
 //! TCP. Needs root and /dev/kvm.
 
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 use vmplant_tests::Vmm;
-use vmplant_tests::migration::{destination, migrate, report, throttled_proxy, tick_n};
+use vmplant_tests::migration::{destination, destination_with, migrate, report, throttled_proxy};
+use vmplant_tests::{tick_n, ticks_after};
 
 /// A guest that fills memory and ticks moves while it ticks: it ticks on
 /// from the next n on the destination, its memory verifies there, the
@@ -50,8 +52,7 @@ fn moves_and_goes_on(vcpus: &str, smp: &str) {
     assert!(before.stderr.contains("migrated to"), "{}", before.stderr);
     let after = dest.wait(Duration::from_secs(30));
     after.assert_success();
-    let last = before.lines.iter().filter_map(|l| tick_n(l)).max().unwrap();
-    let ticks: Vec<u64> = after.lines.iter().filter_map(|l| tick_n(l)).collect();
+    let (last, ticks) = ticks_after(&before.lines, &after.lines);
     assert_eq!(
         ticks,
         (last + 1..=20).collect::<Vec<_>>(),
@@ -78,6 +79,120 @@ fn a_ticking_guest_migrates_and_goes_on() {
 #[test]
 fn a_guest_with_two_vcpus_migrates_and_goes_on() {
     moves_and_goes_on("2", "smp+");
+}
+
+/// Boots a ticking guest with a control socket, waits for its second
+/// tick, and moves it to `to` with `extra` flags: what the command said,
+/// and the source's end.
+fn move_ticking_guest(to: &str, extra: &[&str]) -> (Value, vmplant_tests::Finished) {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("vm.sock");
+    let mut source = Vmm::probe(
+        "fill:8:3+tick:50",
+        &["--mem", "32", "--control", control.to_str().unwrap()],
+    );
+    source.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    let out = migrate(&control, to, extra);
+    let said = report(&out);
+    if out.status.success() {
+        (said, source.wait(Duration::from_secs(10)))
+    } else {
+        // It must run on: a tick after the failure, then end it.
+        source.expect_line("a tick after the failure", Duration::from_secs(5), |l| {
+            tick_n(l).is_some()
+        });
+        (said, source.kill())
+    }
+}
+
+/// Over TLS, each end shows a certificate the same CA signed: the guest
+/// moves and ticks on. A source whose certificate another CA signed is
+/// refused in the handshake, before any memory goes, and runs on.
+#[test]
+fn a_guest_migrates_over_mutual_tls() {
+    let pki = vnet::testbed::TempPki::new(2).unwrap();
+    let file = |name: &str| pki.dir().join(name).display().to_string();
+    let (dest, to) = destination_with(
+        "tls",
+        &[
+            "--tls-cert",
+            &file("sw0.pem"),
+            "--tls-key",
+            &file("sw0.key"),
+            "--tls-ca",
+            &file("ca.pem"),
+        ],
+    );
+    let (said, source) = move_ticking_guest(
+        &to,
+        &[
+            "--tls-cert",
+            &file("sw1.pem"),
+            "--tls-key",
+            &file("sw1.key"),
+            "--tls-ca",
+            &file("ca.pem"),
+        ],
+    );
+    assert_eq!(said["migration"], "completed", "{said}");
+    assert_eq!(source.status.code(), Some(0));
+    let mut dest = dest;
+    dest.expect_line("a tick on the destination", Duration::from_secs(10), |l| {
+        tick_n(l).is_some()
+    });
+    dest.kill();
+
+    let other = vnet::testbed::TempPki::new(1).unwrap();
+    let stranger = |name: &str| other.dir().join(name).display().to_string();
+    let (dest, to) = destination_with(
+        "tls",
+        &[
+            "--tls-cert",
+            &file("sw0.pem"),
+            "--tls-key",
+            &file("sw0.key"),
+            "--tls-ca",
+            &file("ca.pem"),
+        ],
+    );
+    let (said, _) = move_ticking_guest(
+        &to,
+        &[
+            "--tls-cert",
+            &stranger("sw0.pem"),
+            "--tls-key",
+            &stranger("sw0.key"),
+            "--tls-ca",
+            &stranger("ca.pem"),
+        ],
+    );
+    assert_eq!(said["migration"], "failed", "{said}");
+    assert!(said["error"].as_str().unwrap().contains("TLS"), "{said}");
+    assert_ne!(dest.wait(Duration::from_secs(10)).status.code(), Some(0));
+}
+
+/// A local migration, over a unix socket, to another VMM process on the
+/// same host.
+#[test]
+fn a_guest_migrates_to_a_local_vmm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("incoming.sock");
+    let to = format!("unix:{}", sock.display());
+    let mut dest = Vmm::start(&["run", "--incoming", &to]);
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (said, source) = move_ticking_guest(&to, &[]);
+    assert_eq!(said["migration"], "completed", "{said}");
+    assert_eq!(source.status.code(), Some(0));
+    dest.expect_line("a tick on the destination", Duration::from_secs(10), |l| {
+        tick_n(l).is_some()
+    });
+    dest.kill();
+    assert!(!sock.exists(), "the listening socket is left behind");
 }
 
 /// A guest rewriting its memory at a rate the link keeps up with

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-use vmplant_tests::{Vmm, vmplant};
+use vmplant_tests::{Vmm, tick_n, ticks_after, vmplant};
 
 /// Counts for minutes, printing every 3 * 10^8 counts (about 0.1 s).
 const EVERY: u64 = 300_000_000;
@@ -74,27 +74,6 @@ fn snapshot_a_counting_guest(dir: &Path, vcpus: &str, steps: &str) -> u64 {
         .filter_map(|l| count_at(l))
         .max()
         .expect("counted")
-}
-
-/// The ticks a restored guest printed, going on from the last tick
-/// before the snapshot: `before` are the console lines before it. The
-/// pause may cut a line (each serial byte is an exit of its own): its
-/// start is then the last line before, its rest the first line after.
-fn ticks_after(before: &[String], after: &[String]) -> (u64, Vec<u64>) {
-    let last = before.iter().filter_map(|l| tick_n(l)).max().unwrap_or(0);
-    let cut = before
-        .last()
-        .filter(|l| serde_json::from_str::<Value>(l).is_err());
-    let mut lines = after.to_vec();
-    if let (Some(cut), Some(first)) = (cut, lines.first_mut()) {
-        *first = format!("{cut}{first}");
-    }
-    (last, lines.iter().filter_map(|l| tick_n(l)).collect())
-}
-
-fn tick_n(line: &str) -> Option<u64> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    (v["probe"] == "tick").then(|| v["n"].as_u64())?
 }
 
 /// A guest that fills memory and ticks is saved after two ticks and

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm::control::{ControlServer, DeviceInfo, VmControl};
+use vmm::migration::link::{self, Conn};
 use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 
 #[derive(Debug, Args)]
@@ -69,11 +70,12 @@ pub struct RunArgs {
     /// another server, say) replace them, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config"])]
     pub restore: Option<PathBuf>,
-    /// Wait for one VM to migrate here (`vmplant vm migrate tcp:HOST:PORT`
-    /// on its source), then run it: `tcp:ADDR:PORT` to listen on. Its
-    /// NICs and shares are the source's unless `--net` or `--fs` replace
-    /// them, as with `--restore`.
-    #[arg(long, value_name = "tcp:ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config", "restore"])]
+    /// Wait for one VM to migrate here (`vmplant vm migrate` on its
+    /// source), then run it: `tcp:ADDR:PORT`, `tls:ADDR:PORT` (mutual TLS
+    /// with `--tls-cert`, `--tls-key`, `--tls-ca`) or `unix:PATH` to
+    /// listen on. Its NICs and shares are the source's unless `--net` or
+    /// `--fs` replace them, as with `--restore`.
+    #[arg(long, value_name = "PROTO:ADDR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config", "restore"])]
     pub incoming: Option<String>,
     /// Serve the VM's control API on a unix socket at PATH (see `vmplant
     /// vm`); the socket is removed when the VM ends.
@@ -367,27 +369,26 @@ fn release_startup_heap() {
     }
 }
 
-/// Waits on `addr` (`tcp:ADDR:PORT`) for one migration and receives its
-/// VM; returns the connection to answer on once the VM runs.
+/// Waits on `at` for one migration and receives its VM; returns the
+/// connection to answer on once the VM runs. A `tls:` address uses the
+/// switch's TLS identity (`--tls-cert`, `--tls-key`, `--tls-ca`).
 fn accept_migration(
-    addr: &str,
-) -> Result<(std::net::TcpStream, vmm::snapshot::Snapshot), Box<dyn std::error::Error + Send + Sync>>
-{
-    let bind = addr.strip_prefix("tcp:").ok_or_else(|| {
-        format!("--incoming {addr:?}: give tcp:ADDR:PORT, such as tcp:0.0.0.0:4444")
-    })?;
-    let listener = std::net::TcpListener::bind(bind)
-        .map_err(|e| format!("cannot listen on {bind} for the migration: {e}"))?;
-    tracing::info!("waiting for a migration on {}", listener.local_addr()?);
-    let (mut stream, peer) = listener.accept()?;
+    at: &str,
+    switch: &SwitchArgs,
+) -> Result<(Conn, vmm::snapshot::Snapshot), Box<dyn std::error::Error + Send + Sync>> {
+    let at: link::Address = at.parse()?;
+    let tls = match (&switch.tls_cert, &switch.tls_key, &switch.tls_ca) {
+        (Some(c), Some(k), Some(a)) => Some(vnet::tunnel::TlsConfig::from_pem_files(c, k, a)?),
+        _ => None,
+    };
+    let listener = link::Listener::bind(&at, tls)?;
+    tracing::info!("waiting for a migration on {}", listener.local());
+    let (mut conn, peer) = listener.accept()?;
     drop(listener);
-    stream.set_nodelay(true)?;
-    // A source that stops sending is given up on.
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
     tracing::info!("receiving a VM from {peer}");
-    let snapshot = vmm::migration::receive(&mut stream)
+    let snapshot = vmm::migration::receive(&mut conn)
         .map_err(|e| format!("the migration from {peer} failed: {}", chain(&e)))?;
-    Ok((stream, snapshot))
+    Ok((conn, snapshot))
 }
 
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
@@ -399,7 +400,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let mut incoming = None;
     let received = match &args.incoming {
         Some(addr) => {
-            let (stream, snapshot) = accept_migration(addr)?;
+            let (stream, snapshot) = accept_migration(addr, &args.switch)?;
             incoming = Some(stream);
             Some(snapshot)
         }

@@ -4,6 +4,7 @@ use super::CliResult;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vmm::control::protocol::TlsFiles;
 use vmm::control::{self, Request};
 
 #[derive(Debug, Args)]
@@ -35,8 +36,8 @@ enum Op {
         #[arg(long)]
         stop: bool,
     },
-    /// Move the running VM to a `vmplant run --incoming tcp:ADDR:PORT`
-    /// (TO: tcp:HOST:PORT): memory is copied while the guest runs, then
+    /// Move the running VM to a `vmplant run --incoming` (TO:
+    /// tcp:HOST:PORT, tls:HOST:PORT or unix:PATH): memory is copied while the guest runs, then
     /// the guest pauses for the last pages and its state. Prints
     /// `{"migration":"completed","total_ms":..,"downtime_ms":..,"rounds":..,"bytes":..}`
     /// once the destination runs it (the VM then ends here), or
@@ -47,6 +48,16 @@ enum Op {
         /// The longest pause the guest should see.
         #[arg(long, value_name = "MS")]
         downtime_ms: Option<u64>,
+        /// For tls:HOST:PORT: this VM's certificate chain (PEM); HOST must
+        /// be a name the destination's certificate has.
+        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// Its private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The CA certificate(s) that sign the destination's (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -61,7 +72,25 @@ pub fn run(args: VmArgs) -> CliResult {
             dir: std::path::absolute(&dir)?,
             stop,
         },
-        Op::Migrate { to, downtime_ms } => Request::Migrate { to, downtime_ms },
+        Op::Migrate {
+            to,
+            downtime_ms,
+            tls_cert,
+            tls_key,
+            tls_ca,
+        } => Request::Migrate {
+            to,
+            downtime_ms,
+            tls: match (tls_cert, tls_key, tls_ca) {
+                // The VMM may run in another directory.
+                (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+                    cert: std::path::absolute(cert)?,
+                    key: std::path::absolute(key)?,
+                    ca: std::path::absolute(ca)?,
+                }),
+                _ => None,
+            },
+        },
     };
     let result = match control::call(&args.control, &request) {
         Err(e) if matches!(request, Request::Migrate { .. }) => {

@@ -80,14 +80,7 @@ impl VmControl {
 
 impl Handler for VmControl {
     fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)> {
-        let failed = |e: crate::VmError| {
-            let mut msg = e.to_string();
-            let causes = std::iter::successors(std::error::Error::source(&e), |s| s.source());
-            for cause in causes {
-                msg = format!("{msg}: {cause}");
-            }
-            (ErrorCode::Failed, msg)
-        };
+        let failed = |e: crate::VmError| (ErrorCode::Failed, chain(&e));
         let json = |v: Result<serde_json::Value, serde_json::Error>| {
             v.map_err(|e| (ErrorCode::Failed, e.to_string()))
         };
@@ -140,15 +133,19 @@ impl Handler for VmControl {
                     result.into()
                 })
             }
-            Request::Migrate { to, downtime_ms } => {
+            Request::Migrate {
+                to,
+                downtime_ms,
+                tls,
+            } => {
                 let mut opts = crate::migration::MigrateOptions::default();
                 if let Some(ms) = downtime_ms {
                     opts.downtime = std::time::Duration::from_millis(ms);
                 }
-                let mut stream = connect_migration(&to).map_err(|e| {
+                let mut stream = connect_migration(&to, tls.as_ref()).map_err(|e| {
                     (
                         ErrorCode::Failed,
-                        format!("cannot reach {to}: {e}; the VM runs on here"),
+                        format!("{}; the VM runs on here", chain(&e)),
                     )
                 })?;
                 let done = self
@@ -176,24 +173,27 @@ impl Handler for VmControl {
     }
 }
 
-/// How long a migration waits on the destination before giving up (and
-/// letting the VM run on here).
-const MIGRATION_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connects to a migration destination, with the TLS identity in
+/// `tls` for a `tls:` one.
+fn connect_migration(
+    to: &str,
+    tls: Option<&protocol::TlsFiles>,
+) -> Result<crate::migration::link::Conn, crate::migration::link::LinkError> {
+    use crate::migration::link;
+    let to: link::Address = to.parse()?;
+    let tls = tls
+        .map(|t| vnet::tunnel::TlsConfig::from_pem_files(&t.cert, &t.key, &t.ca))
+        .transpose()?;
+    link::connect(&to, tls.as_ref())
+}
 
-/// Connects to a migration destination, `tcp:HOST:PORT`.
-fn connect_migration(to: &str) -> std::io::Result<std::net::TcpStream> {
-    use std::net::ToSocketAddrs;
-    let bad = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "a migration destination is tcp:HOST:PORT",
-        )
-    };
-    let addr = to.strip_prefix("tcp:").ok_or_else(bad)?;
-    let addr = addr.to_socket_addrs()?.next().ok_or_else(bad)?;
-    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(MIGRATION_IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(MIGRATION_IO_TIMEOUT))?;
-    Ok(stream)
+/// `e` and its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
+    msg
 }

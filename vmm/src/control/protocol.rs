@@ -34,15 +34,28 @@ pub enum Request {
         #[serde(default)]
         stop: bool,
     },
-    /// Moves the VM to the VMM waiting at `to` (`tcp:HOST:PORT`, a
-    /// `vmplant run --incoming`), pausing it for at most about
+    /// Moves the VM to the VMM waiting at `to` (`tcp:HOST:PORT`,
+    /// `tls:HOST:PORT` or `unix:PATH`: a `vmplant run --incoming`),
+    /// pausing it for at most about
     /// `downtime_ms`; answers [`Migrated`] once that VMM runs it, and the
     /// VM ends here. On failure the VM runs on here.
     Migrate {
         to: String,
         #[serde(default)]
         downtime_ms: Option<u64>,
+        /// For `tls:` destinations: this VMM's certificate chain, its
+        /// key and the CA that signs the destination's (PEM files).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsFiles>,
     },
+}
+
+/// The PEM files of a TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 /// The answer to [`Request::Migrate`].

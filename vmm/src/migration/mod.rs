@@ -19,10 +19,12 @@
 //! the state and memory as a [`Snapshot`] for the owner to start as a
 //! restore does; [`confirm`] then answers the source.
 //!
-//! `wire.rs` has the stream format. Written here rather than taken from a
+//! `wire.rs` has the stream format, `link.rs` the connections (tcp, tls,
+//! unix). Written here rather than taken from a
 //! crate: no maintained crate speaks a VMM migration stream, and the
 //! format is small.
 
+pub mod link;
 mod wire;
 
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotState, file, memory};
