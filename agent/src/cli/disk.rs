@@ -1,0 +1,106 @@
+//! `--disk` values (and the `disks` of a `--config` file): a guest disk
+//! on a raw file, `PATH` (read-write) or `PATH,ro`.
+
+use devices::virtio::blk::{BackendError, Blk, RawFile};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// A guest disk; kept as it is given (the path made absolute) in a
+/// snapshot's device plan, so that a restore opens it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskError {
+    #[error("{0:?}: want PATH or PATH,ro")]
+    Syntax(String),
+    #[error("{0:?}: unknown disk option {1:?} (the one known is ro)")]
+    Option(String, String),
+}
+
+impl FromStr for Disk {
+    type Err = DiskError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(DiskError::Syntax(s.into()));
+        }
+        let mut disk = Disk {
+            path: PathBuf::from(path),
+            read_only: false,
+        };
+        for o in parts {
+            match o {
+                "ro" => disk.read_only = true,
+                _ => return Err(DiskError::Option(s.into(), o.into())),
+            }
+        }
+        Ok(disk)
+    }
+}
+
+impl Disk {
+    /// The disk as `--disk` takes it.
+    pub fn spec(&self) -> String {
+        let path = self.path.display();
+        if self.read_only {
+            format!("{path},ro")
+        } else {
+            path.to_string()
+        }
+    }
+
+    /// The disk with its file named by an absolute path (that of the
+    /// working directory it was given in), for a restore elsewhere.
+    pub fn absolute(&self) -> Disk {
+        Disk {
+            path: std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// Opens the file and makes the device.
+    pub fn open(&self) -> Result<Blk, BackendError> {
+        let file = RawFile::open(&self.path, self.read_only)?;
+        Ok(Blk::new(Arc::new(file)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let d: Disk = "/d/a.img".parse().unwrap();
+        assert_eq!((d.read_only, d.spec()), (false, "/d/a.img".to_string()));
+        let d: Disk = "b.img,ro".parse().unwrap();
+        assert!(d.read_only && d.absolute().path.is_absolute());
+        assert_eq!(d.spec(), "b.img,ro");
+        assert_eq!(
+            "a.img,rw".parse::<Disk>().unwrap_err().to_string(),
+            r#""a.img,rw": unknown disk option "rw" (the one known is ro)"#
+        );
+        assert!(matches!(
+            ",ro".parse::<Disk>().unwrap_err(),
+            DiskError::Syntax(_)
+        ));
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_with_the_os_reason() {
+        let d: Disk = "/nonexistent/disk.img".parse().unwrap();
+        let e = d.open().err().expect("no such file");
+        let line = crate::cli::chain(&e);
+        assert!(
+            line.contains("/nonexistent/disk.img") && line.contains("No such file"),
+            "{line}"
+        );
+    }
+}
