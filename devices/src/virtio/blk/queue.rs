@@ -251,7 +251,7 @@ fn execute(
     let out_len = s.readable.len - HEADER as u64;
     let in_len = status_at;
     let range = |len: u64| -> Result<u64, RequestError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::DataLength(len));
         }
         let sectors = len / SECTOR_SIZE;
@@ -382,7 +382,7 @@ fn zeroes(
 ) -> Result<(), RequestError> {
     let len = usize::try_from(len).unwrap_or(usize::MAX);
     let count = len / ZEROES_SEGMENT;
-    if len % ZEROES_SEGMENT != 0 || count == 0 || count > MAX_ZEROES_SEG as usize {
+    if !len.is_multiple_of(ZEROES_SEGMENT) || count == 0 || count > MAX_ZEROES_SEG as usize {
         return Err(RequestError::Segments(len));
     }
     let mut seg = [0u8; ZEROES_SEGMENT];
