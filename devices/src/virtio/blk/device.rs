@@ -1,14 +1,19 @@
 //! The virtio-blk device and the thread that serves its queue.
 //!
+//! The queue thread takes requests off the queue when the guest kicks it
+//! and hands them to handler threads, which run them against the disk
+//! and give each back as soon as it is done, in any order: a request
+//! that waits (on a remote block, later) does not hold up the others.
+//!
 //! A snapshot of it: [`VirtioDevice::quiesce`] stops taking requests and
-//! waits until the pass being served (if any) is done, so that nothing
-//! is in flight: every request taken is answered in guest memory. Its
-//! state ([`BlkPersist`]) is the disk's size, read-only flag and ID, to
-//! check that the restored VM gets the same disk; the queue is the
-//! transport's.
+//! waits, for at most [`QUIESCE_TIMEOUT`], until every request taken has
+//! been answered, so that nothing is in flight; one still running then
+//! makes [`VirtioDevice::save_device`] fail. Its state ([`BlkPersist`])
+//! is the disk's size, read-only flag and ID, to check that the restored
+//! VM gets the same disk; the queue is the transport's.
 
 use super::persist::{BLK_PERSIST_FORMAT, BlkPersist};
-use super::queue::{self, Scratch};
+use super::queue::{self, InFlight, Job, Scratch};
 use super::{
     BlockBackend, ID_LEN, MAX_ZEROES_SECTORS, MAX_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
     VIRTIO_ID_BLOCK, features,
@@ -20,10 +25,11 @@ use crate::virtio::{
     VirtioInterrupt, read_config_bytes,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -91,17 +97,32 @@ impl BlkCounters {
     }
 }
 
+/// How long a snapshot waits for the requests being run.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Threads serving the queue: a request that waits on its backend does
+/// not hold up the others behind it, up to this many at once.
+const THREADS: usize = 4;
+
+/// The stop event's data in the epoll set.
+const STOP: u64 = 1;
+
 /// A guest disk.
 pub struct Blk {
     disk: Arc<dyn BlockBackend>,
     acked: u64,
     counters: Arc<BlkCounters>,
     worker: Option<Worker>,
+    /// Why the last quiesce did not settle (requests still running).
+    unsettled: Option<String>,
 }
 
+/// The device's threads, as the device holds them: they are not joined
+/// (one may be waiting on a slow backend when the device stops, and a
+/// reset must not wait for it); each ends once it sees the stop event,
+/// and none gives an answer back once [`Shared::stop`] has returned.
 struct Worker {
     stop: EventFd,
-    thread: JoinHandle<()>,
     shared: Arc<Shared>,
 }
 
@@ -112,6 +133,7 @@ impl Blk {
             acked: 0,
             counters: Arc::new(BlkCounters::default()),
             worker: None,
+            unsettled: None,
         }
     }
 
@@ -171,9 +193,9 @@ impl Blk {
 
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
-                tracing::error!("virtio-blk worker panicked");
+            w.shared.stop();
+            if let Err(e) = w.stop.write(1) {
+                tracing::warn!("virtio-blk: cannot stop the device's threads: {e}");
             }
         }
     }
@@ -232,41 +254,51 @@ impl VirtioDevice for Blk {
         };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Events)?;
         let epoll = Epoll::new().map_err(ActivateError::Events)?;
-        for (fd, data) in [(stop.as_raw_fd(), 1), (kick.as_raw_fd(), 0)] {
+        // The stop event stays set, so every thread sees it; a kick
+        // wakes one waiting thread (edge-triggered: it is not seen again
+        // until the next one).
+        for (fd, data, set) in [
+            (stop.as_raw_fd(), STOP, EventSet::IN),
+            (kick.as_raw_fd(), 0, EventSet::IN | EventSet::EDGE_TRIGGERED),
+        ] {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, data),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(set, data))
                 .map_err(ActivateError::Events)?;
         }
         let shared = Arc::new(Shared {
             mem: ctx.mem,
             active: Mutex::new(Active {
                 queue,
-                scratch: Scratch::default(),
+                in_flight: InFlight::default(),
+                stopped: false,
             }),
             interrupt: ctx.interrupt,
+            epoll,
+            queued: Mutex::new(VecDeque::new()),
             disk: self.disk.clone(),
             counters: self.counters.clone(),
             kick: kick.try_clone().map_err(ActivateError::Events)?,
             paused: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             log: Throttle::default(),
         });
-        let serve = Serve {
-            shared: shared.clone(),
-            epoll,
-        };
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || serve.run())
-            .map_err(ActivateError::Events)?;
-        self.worker = Some(Worker {
-            stop,
-            thread,
-            shared,
-        });
+        for n in 0..THREADS {
+            let mine = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("virtio-blk-{n}"))
+                .spawn(move || mine.work());
+            if let Err(e) = spawned {
+                if n == 0 {
+                    shared.stop();
+                    return Err(ActivateError::Events(e));
+                }
+                tracing::warn!("virtio-blk: runs on {n} thread(s): {e}");
+                break;
+            }
+        }
+        // Requests queued before the threads started (a restored VM).
+        shared.come_back();
+        self.worker = Some(Worker { stop, shared });
         tracing::debug!(
             sectors = self.capacity_sectors(),
             read_only = self.read_only(),
@@ -280,18 +312,38 @@ impl VirtioDevice for Blk {
         self.acked = 0;
     }
 
-    /// Takes no more requests, and waits for the pass being served: then
-    /// nothing changes guest memory, the queue or the disk until
-    /// [`Self::unquiesce`].
+    /// Takes no more requests, and waits (at most [`QUIESCE_TIMEOUT`])
+    /// until those taken are answered: then nothing changes guest memory,
+    /// the queue or the disk until [`Self::unquiesce`].
     fn quiesce(&mut self) {
-        if let Some(w) = &self.worker {
-            w.shared.paused.store(true, SeqCst);
-            // A pass holds the lock throughout: once it is ours, none runs.
-            drop(w.shared.active());
+        self.unsettled = None;
+        let Some(w) = &self.worker else {
+            return;
+        };
+        w.shared.paused.store(true, SeqCst);
+        let deadline = Instant::now() + QUIESCE_TIMEOUT;
+        loop {
+            // Under the lock: a pass that started before the pause has
+            // put what it took in `in_flight`, and a later one takes
+            // nothing.
+            let held = w.shared.active().in_flight.len();
+            if held == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let why = format!(
+                    "a virtio-blk disk still had {held} request(s) running after {QUIESCE_TIMEOUT:?}"
+                );
+                tracing::warn!("{why}");
+                self.unsettled = Some(why);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
     fn unquiesce(&mut self) {
+        self.unsettled = None;
         if let Some(w) = &self.worker {
             w.shared.paused.store(false, SeqCst);
             // Requests the guest queued meanwhile are taken now.
@@ -310,6 +362,16 @@ impl VirtioDevice for Blk {
     }
 
     fn save_device(&self) -> Result<Vec<u8>, String> {
+        if let Some(why) = &self.unsettled {
+            return Err(why.clone());
+        }
+        if self
+            .worker
+            .as_ref()
+            .is_some_and(|w| !w.shared.paused.load(SeqCst))
+        {
+            return Err("a virtio-blk disk is not quiesced".into());
+        }
         bitcode::serialize(&self.save()).map_err(|e| format!("virtio-blk: {e}"))
     }
 
@@ -323,17 +385,23 @@ impl VirtioDevice for Blk {
     }
 }
 
-/// The queue and what serving it needs, under one lock.
+/// The queue and the requests taken off it, under one lock.
 struct Active {
     queue: Queue,
-    scratch: Scratch,
+    in_flight: InFlight,
+    /// The device stopped (a reset): nothing more goes back on the queue.
+    stopped: bool,
 }
 
-/// What the device and its thread share.
+/// What the device, its queue thread and its handlers share.
 struct Shared {
     mem: GuestMemoryMmap,
     active: Mutex<Active>,
     interrupt: Arc<VirtioInterrupt>,
+    /// The queue's and the stop events, which the idle threads wait on.
+    epoll: Epoll,
+    /// Requests taken and not yet started.
+    queued: Mutex<VecDeque<Job>>,
     disk: Arc<dyn BlockBackend>,
     counters: Arc<BlkCounters>,
     /// The queue's event, to come back to a queue left with chains.
@@ -341,6 +409,8 @@ struct Shared {
     /// A snapshot is being taken: no request is taken off the queue
     /// (read under the lock).
     paused: AtomicBool,
+    /// The device is stopping: requests not yet started are dropped.
+    stopping: AtomicBool,
     /// Failed requests are logged the first few times, then thinner.
     log: Throttle,
 }
@@ -356,69 +426,135 @@ impl Shared {
         }
     }
 
-    /// Serves what the guest has queued.
-    fn take(&self) {
+    fn notify(&self, queue: &mut Queue) {
+        if queue.needs_notification(&self.mem).unwrap_or(true)
+            && let Err(e) = self.interrupt.signal_used_queue()
+        {
+            tracing::warn!("virtio-blk: cannot interrupt the guest: {e}");
+        }
+    }
+
+    /// Takes what the guest has queued and hands each request to
+    /// `dispatch`.
+    fn take(&self, mut dispatch: impl FnMut(Job)) {
         if self.interrupt.needs_reset() {
             return;
         }
-        let mut a = self.active();
-        if self.paused.load(SeqCst) {
+        let mut taken = Vec::new();
+        {
+            let mut a = self.active();
+            if self.paused.load(SeqCst) {
+                // Taken when the snapshot is done (unquiesce kicks).
+                return;
+            }
+            let Active {
+                queue, in_flight, ..
+            } = &mut *a;
+            match queue::take(&self.mem, queue, in_flight, |job| taken.push(job)) {
+                Ok(drained) => {
+                    if drained.more {
+                        // A queue's worth taken: come back after a look
+                        // at the stop event.
+                        self.come_back();
+                    }
+                }
+                Err(e) => self.interrupt.device_failed("virtio-blk", &e),
+            }
+        }
+        for job in taken {
+            dispatch(job);
+        }
+    }
+
+    /// Runs one request and gives its chain back; once the device has
+    /// stopped (a reset), requests still queued are dropped unanswered,
+    /// and one answered meanwhile does not go back (the queue may be the
+    /// driver's new one at the same address by then).
+    fn answer(&self, job: Job, scratch: &mut Scratch) {
+        if self.stopping.load(Relaxed) {
             return;
         }
-        let Active { queue, scratch } = &mut *a;
-        match queue::process(
+        let len = queue::run(
             &self.mem,
-            queue,
+            &job,
             &*self.disk,
             &self.counters,
             scratch,
             &self.log,
-        ) {
-            Ok(drained) => {
-                if drained.used
-                    && queue.needs_notification(&self.mem).unwrap_or(true)
-                    && let Err(e) = self.interrupt.signal_used_queue()
-                {
-                    tracing::warn!("virtio-blk: cannot interrupt the guest: {e}");
-                }
-                if drained.more {
-                    // A queue's worth served: come back after a look at
-                    // the stop event.
-                    self.come_back();
-                }
-            }
-            Err(e) => self.interrupt.device_failed("virtio-blk", &e),
+        );
+        let mut a = self.active();
+        if a.stopped {
+            return;
         }
+        let Active {
+            queue, in_flight, ..
+        } = &mut *a;
+        if queue::complete(&self.mem, queue, in_flight, job.head, len) {
+            self.notify(queue);
+        }
+    }
+
+    /// Stops the device: no answer goes back after this returns, and
+    /// requests not yet started are dropped. Handlers busy with a request
+    /// are not waited for; they drop its answer.
+    fn stop(&self) {
+        self.stopping.store(true, Relaxed);
+        self.active().stopped = true;
     }
 }
 
-/// The device's thread: serves the queue when the guest kicks it, until
-/// told to stop.
-struct Serve {
-    shared: Arc<Shared>,
-    epoll: Epoll,
-}
-
-impl Serve {
-    fn run(self) {
+/// Each thread runs what is queued, then waits for the guest's kick,
+/// takes the requests off the queue and runs the first. So a lone
+/// request runs on the thread the kick woke (no hand-over between
+/// threads, which costs more than the request on a loaded host); when it
+/// leaves others queued behind it, it kicks the queue's event again
+/// first, so that an idle thread takes them: a slow request holds up
+/// nothing while threads are idle.
+impl Shared {
+    fn work(&self) {
+        let mut scratch = Scratch::default();
         let mut ready = [EpollEvent::default(); 2];
-        // Requests queued before the thread started (a restored VM).
-        self.shared.take();
         loop {
-            let n = match self.epoll.wait(-1, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-blk worker stops: {e}");
+            loop {
+                if self.stopping.load(Relaxed) {
                     return;
                 }
-            };
-            if ready[..n].iter().any(|ev| ev.data() == 1) {
-                return;
+                let (job, more) = {
+                    let mut q = self.queued();
+                    (q.pop_front(), !q.is_empty())
+                };
+                let Some(job) = job else {
+                    break;
+                };
+                if more {
+                    self.come_back();
+                }
+                self.answer(job, &mut scratch);
             }
-            let _ = self.shared.kick.read();
-            self.shared.take();
+            match self.epoll.wait(-1, &mut ready) {
+                Ok(n) if ready[..n].iter().any(|ev| ev.data() == STOP) => {
+                    self.stop();
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-blk: the device stops: {e}");
+                    self.stop();
+                    return;
+                }
+            }
+            let _ = self.kick.read();
+            let mut taken = Vec::new();
+            self.take(|job| taken.push(job));
+            if !taken.is_empty() {
+                self.queued().extend(taken);
+            }
         }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -430,11 +566,15 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// A disk in memory.
-    struct MemDisk(Mutex<Vec<u8>>);
+    /// A disk in memory; with a gate, a read of sector 0 waits until the
+    /// gate is opened (a remote block that is slow to come).
+    struct MemDisk(Mutex<Vec<u8>>, Option<Mutex<std::sync::mpsc::Receiver<()>>>);
 
     impl BlockBackend for MemDisk {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            if let (0, Some(gate)) = (offset, &self.1) {
+                let _ = gate.lock().unwrap().recv();
+            }
             let d = self.0.lock().unwrap();
             buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
             Ok(())
@@ -472,10 +612,88 @@ mod tests {
         }
     }
 
+    /// A started device on a 16-entry queue at 0, and its kick.
+    fn started(
+        mem: &GuestMemoryMmap,
+        disk: MemDisk,
+    ) -> (
+        Blk,
+        MockSplitQueue<'_, GuestMemoryMmap>,
+        EventFd,
+        Arc<VirtioInterrupt>,
+    ) {
+        let mut blk = Blk::new(Arc::new(disk));
+        blk.ack_features(1 << VIRTIO_F_VERSION_1);
+        let mq = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = evt();
+        let interrupt = Arc::new(VirtioInterrupt::new(evt()));
+        blk.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: vec![mq.create_queue().unwrap()],
+            queue_events: vec![kick.try_clone().unwrap()],
+            interrupt: interrupt.clone(),
+        })
+        .unwrap();
+        (blk, mq, kick, interrupt)
+    }
+
+    /// Posts a read of `sector` as chain `start` (3 descriptors), its
+    /// header at 0x8000 + 32 * start, data at 0x10000 + 512 * start.
+    fn post_read(
+        mem: &GuestMemoryMmap,
+        mq: &MockSplitQueue<'_, GuestMemoryMmap>,
+        start: u16,
+        sector: u64,
+    ) {
+        let hdr = 0x8000 + 32 * u64::from(start);
+        mem.write_slice(&[0u8; 16], GuestAddress(hdr)).unwrap();
+        mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        let data = 0x1_0000 + 512 * u64::from(start);
+        add_chain(
+            mq,
+            start,
+            &[
+                (hdr, 16, false),
+                (data, 512, true),
+                (0xc000 + u64::from(start), 1, true),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_slow_request_does_not_hold_up_the_ones_behind_it() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (open, gate) = std::sync::mpsc::channel();
+        let disk = MemDisk(Mutex::new(vec![9u8; 8192]), Some(Mutex::new(gate)));
+        let (blk, mq, kick, interrupt) = started(&mem, disk);
+        let c = blk.counters();
+        post_read(&mem, &mq, 0, 0);
+        post_read(&mem, &mq, 3, 1);
+        post_read(&mem, &mq, 6, 2);
+        kick.write(1).unwrap();
+        wait_for("the reads behind the slow one are answered", || {
+            c.snapshot().read_ops == 2
+        });
+        let used = |i: u16| mq.used().ring().ref_at(usize::from(i)).unwrap().load().id();
+        let mut first_two = [used(0), used(1)];
+        first_two.sort();
+        assert_eq!(first_two, [3, 6], "chain 0 is still out");
+        // The driver makes chain 0 available again while the device still
+        // holds it: the device fails, and the VM goes on.
+        crate::virtio::test_utils::repost(&mem, mq.avail_addr(), 16, 0, 1);
+        kick.write(1).unwrap();
+        wait_for("the device fails", || interrupt.needs_reset());
+        // The slow read still completes once its block comes.
+        open.send(()).unwrap();
+        wait_for("the slow read is answered", || c.snapshot().read_ops == 3);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1_0000)).unwrap(), 9);
+    }
+
     #[test]
     fn the_thread_serves_kicks_pauses_for_a_snapshot_and_saves_the_disk() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let disk = Arc::new(MemDisk(Mutex::new(vec![5u8; 8192])));
+        let disk = Arc::new(MemDisk(Mutex::new(vec![5u8; 8192]), None));
         let mut blk = Blk::new(disk);
         assert_eq!(blk.features() & (1 << features::RO), 0);
         assert_ne!(blk.features() & (1 << features::DISCARD), 0);
@@ -525,9 +743,9 @@ mod tests {
         });
 
         // The same disk restores; another size does not.
-        let mut again = Blk::new(Arc::new(MemDisk(Mutex::new(vec![0u8; 8192]))));
+        let mut again = Blk::new(Arc::new(MemDisk(Mutex::new(vec![0u8; 8192]), None)));
         again.restore_device(&saved).unwrap();
-        let mut other = Blk::new(Arc::new(MemDisk(Mutex::new(vec![0u8; 4096]))));
+        let mut other = Blk::new(Arc::new(MemDisk(Mutex::new(vec![0u8; 4096]), None)));
         let e = other.restore_device(&saved).unwrap_err();
         assert!(e.contains("16 sectors"), "{e}");
         blk.reset();

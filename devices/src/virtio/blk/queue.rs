@@ -16,9 +16,9 @@ use super::{
     ID_LEN, MAX_ZEROES_SECTORS, MAX_ZEROES_SEG, SECTOR_SIZE, SEG_MAX, request as req, status,
 };
 use crate::throttle::Throttle;
-use crate::virtio::{Drained, GuestMemoryMmap, QueueError, drain_queue};
+use crate::virtio::{Drained, GuestMemoryMmap, QueueError, Served, drain_queue_deferred};
 use std::sync::atomic::Ordering::Relaxed;
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Length of `virtio_blk_req`'s header.
@@ -94,11 +94,6 @@ struct Side {
 }
 
 impl Side {
-    fn clear(&mut self) {
-        self.segs.clear();
-        self.len = 0;
-    }
-
     fn push(&mut self, addr: GuestAddress, len: usize) {
         if len > 0 {
             self.segs.push((addr, len));
@@ -153,66 +148,72 @@ impl Side {
 
 use vm_memory::Address;
 
-/// Buffers reused from request to request.
+/// A buffer for data between guest memory and the disk, reused from
+/// request to request by whoever runs them.
 #[derive(Debug, Default)]
 pub struct Scratch {
+    data: Vec<u8>,
+}
+
+/// A request taken off the queue: its chain's two sides, gathered and
+/// checked; run by [`run`], given back by [`complete`].
+#[derive(Debug)]
+pub struct Job {
+    pub head: u16,
     readable: Side,
     writable: Side,
-    data: Vec<u8>,
+    /// What is wrong with the chain, if anything.
+    bad: Option<RequestError>,
 }
 
 /// Sorts the chain's descriptors into its two sides, each checked to lie
 /// in guest memory.
-fn gather(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    s: &mut Scratch,
-) -> Result<(), RequestError> {
-    s.readable.clear();
-    s.writable.clear();
-    let mut bad = None;
+fn gather(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Job {
+    let mut job = Job {
+        head: chain.head_index(),
+        readable: Side::default(),
+        writable: Side::default(),
+        bad: None,
+    };
     for d in chain {
         let len = d.len() as usize;
         if !GuestMemoryBackend::check_range(mem, d.addr(), len) {
-            bad.get_or_insert(RequestError::OutOfMemory);
+            job.bad.get_or_insert(RequestError::OutOfMemory);
         } else if d.is_write_only() {
-            s.writable.push(d.addr(), len);
-        } else if !s.writable.segs.is_empty() {
-            bad.get_or_insert(RequestError::Order);
+            job.writable.push(d.addr(), len);
+        } else if !job.writable.segs.is_empty() {
+            job.bad.get_or_insert(RequestError::Order);
         } else {
-            s.readable.push(d.addr(), len);
+            job.readable.push(d.addr(), len);
         }
     }
-    match bad {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    job
 }
 
-/// Serves one chain; returns the bytes written into it (the used length).
-pub fn serve(
+/// Runs one request against the disk and writes its status; returns the
+/// bytes written into the chain (its used length).
+pub fn run(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    job: &Job,
     disk: &dyn BlockBackend,
     counters: &BlkCounters,
     s: &mut Scratch,
     log: &Throttle,
 ) -> u32 {
     counters.requests.fetch_add(1, Relaxed);
-    let gathered = gather(mem, chain, s);
     // The status is the chain's last byte, when it is device-writable.
-    let status_at = match s.writable.len.checked_sub(1) {
-        Some(at) => at,
-        None => {
-            let e = gathered.err().unwrap_or(RequestError::NoStatus);
-            e.count(counters);
-            if let Some(n) = log.hit() {
-                tracing::warn!(count = n, "virtio-blk: a request goes back unanswered: {e}");
-            }
-            return 0;
+    let Some(status_at) = job.writable.len.checked_sub(1) else {
+        let e = job.bad.clone().unwrap_or(RequestError::NoStatus);
+        e.count(counters);
+        if let Some(n) = log.hit() {
+            tracing::warn!(count = n, "virtio-blk: a request goes back unanswered: {e}");
         }
+        return 0;
     };
-    let outcome = gathered.and_then(|()| execute(mem, disk, counters, s, status_at));
+    let outcome = match &job.bad {
+        Some(e) => Err(e.clone()),
+        None => execute(mem, disk, counters, job, s, status_at),
+    };
     let (code, written) = match outcome {
         Ok(n) => (status::OK, n),
         Err(e) => {
@@ -223,11 +224,95 @@ pub fn serve(
             (e.status(), 0)
         }
     };
-    match s.writable.write(mem, status_at, &[code]) {
+    match job.writable.write(mem, status_at, &[code]) {
         // The status byte is in guest memory: gather checked it.
         Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
         Err(_) => 0,
     }
+}
+
+/// The chains of the queue that the device holds: taken off it and not
+/// yet given back. The driver may not make a chain available again
+/// before the device gives it back, so there are at most a queue's worth.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    held: Vec<bool>,
+    count: usize,
+}
+
+impl InFlight {
+    /// Marks `head` as held; false if it already was.
+    fn hold(&mut self, head: u16) -> bool {
+        let i = usize::from(head);
+        if self.held.len() <= i {
+            self.held.resize(i + 1, false);
+        }
+        if self.held[i] {
+            return false;
+        }
+        self.held[i] = true;
+        self.count += 1;
+        true
+    }
+
+    fn release(&mut self, head: u16) {
+        if let Some(h) = self.held.get_mut(usize::from(head))
+            && std::mem::take(h)
+        {
+            self.count -= 1;
+        }
+    }
+
+    /// How many chains are held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Takes the chains the driver has made available (a queue's worth at
+/// most, see [`drain_queue_deferred`]) and hands each to `dispatch` as a
+/// [`Job`], held in `in_flight` until [`complete`] gives it back. Returns
+/// what the pass did, or why the queue is broken (a chain the device
+/// still holds made available again, say); the jobs taken before still
+/// go to `dispatch`.
+pub fn take(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    in_flight: &mut InFlight,
+    mut dispatch: impl FnMut(Job),
+) -> Result<Drained, QueueError> {
+    let mut jobs = Vec::new();
+    let drained = drain_queue_deferred(mem, queue, |chain| {
+        let head = chain.head_index();
+        if !in_flight.hold(head) {
+            return Err(QueueError::HeadInFlight(head));
+        }
+        jobs.push(gather(mem, chain));
+        Ok(Served::Kept { full: false })
+    });
+    jobs.into_iter().for_each(&mut dispatch);
+    drained
+}
+
+/// Gives a job's chain back to the driver with `len` bytes written into
+/// it. Returns whether it went back.
+pub fn complete(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    in_flight: &mut InFlight,
+    head: u16,
+    len: u32,
+) -> bool {
+    in_flight.release(head);
+    if queue.add_used(mem, head, len).is_err() {
+        tracing::warn!("virtio-blk: the used ring is not writable");
+        return false;
+    }
+    true
 }
 
 /// Runs a well-formed chain's request; returns the bytes of data written
@@ -236,19 +321,20 @@ fn execute(
     mem: &GuestMemoryMmap,
     disk: &dyn BlockBackend,
     c: &BlkCounters,
+    job: &Job,
     s: &mut Scratch,
     status_at: u64,
 ) -> Result<u64, RequestError> {
-    if s.readable.len < HEADER as u64 {
+    if job.readable.len < HEADER as u64 {
         return Err(RequestError::ShortHeader);
     }
     let mut h = [0u8; HEADER];
-    s.readable.read(mem, 0, &mut h)?;
+    job.readable.read(mem, 0, &mut h)?;
     let kind = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
     let capacity = disk.capacity() / SECTOR_SIZE;
     // Data bytes on each side besides the header and the status.
-    let out_len = s.readable.len - HEADER as u64;
+    let out_len = job.readable.len - HEADER as u64;
     let in_len = status_at;
     let range = |len: u64| -> Result<u64, RequestError> {
         if !len.is_multiple_of(SECTOR_SIZE) {
@@ -266,20 +352,20 @@ fn execute(
     };
     match kind {
         req::IN => {
-            data_segments(s, true)?;
+            data_segments(job, true)?;
             let offset = range(in_len)?;
-            copy_in(mem, disk, s, offset, in_len)?;
+            copy_in(mem, disk, job, s, offset, in_len)?;
             c.read_ops.fetch_add(1, Relaxed);
             c.read_bytes.fetch_add(in_len, Relaxed);
             Ok(in_len)
         }
         req::OUT => {
-            data_segments(s, false)?;
+            data_segments(job, false)?;
             let offset = range(out_len)?;
             if disk.read_only() {
                 return Err(RequestError::ReadOnly);
             }
-            copy_out(mem, disk, s, offset, out_len)?;
+            copy_out(mem, disk, job, s, offset, out_len)?;
             c.write_ops.fetch_add(1, Relaxed);
             c.write_bytes.fetch_add(out_len, Relaxed);
             Ok(0)
@@ -295,11 +381,11 @@ fn execute(
             let n = given.len().min(ID_LEN);
             id[..n].copy_from_slice(&given.as_bytes()[..n]);
             let room = usize::try_from(in_len).unwrap_or(usize::MAX).min(ID_LEN);
-            s.writable.write(mem, 0, &id[..room])?;
+            job.writable.write(mem, 0, &id[..room])?;
             Ok(room as u64)
         }
         req::DISCARD | req::WRITE_ZEROES => {
-            zeroes(mem, disk, s, kind, out_len, capacity)?;
+            zeroes(mem, disk, job, kind, out_len, capacity)?;
             let counter = if kind == req::DISCARD {
                 &c.discards
             } else {
@@ -317,11 +403,11 @@ fn backend(e: std::io::Error) -> RequestError {
 }
 
 /// Checks the number of data descriptors against `seg_max`.
-fn data_segments(s: &Scratch, read: bool) -> Result<(), RequestError> {
+fn data_segments(job: &Job, read: bool) -> Result<(), RequestError> {
     let n = if read {
-        s.writable.segs.len().saturating_sub(1)
+        job.writable.segs.len().saturating_sub(1)
     } else {
-        s.readable.segs.len().saturating_sub(1)
+        job.readable.segs.len().saturating_sub(1)
     };
     if n > SEG_MAX as usize {
         return Err(RequestError::TooManySegments(n));
@@ -333,6 +419,7 @@ fn data_segments(s: &Scratch, read: bool) -> Result<(), RequestError> {
 fn copy_in(
     mem: &GuestMemoryMmap,
     disk: &dyn BlockBackend,
+    job: &Job,
     s: &mut Scratch,
     offset: u64,
     len: u64,
@@ -343,7 +430,7 @@ fn copy_in(
         s.data.resize(n, 0);
         disk.read_at(&mut s.data[..n], offset + done)
             .map_err(backend)?;
-        s.writable.write(mem, done, &s.data[..n])?;
+        job.writable.write(mem, done, &s.data[..n])?;
         done += n as u64;
     }
     Ok(())
@@ -353,6 +440,7 @@ fn copy_in(
 fn copy_out(
     mem: &GuestMemoryMmap,
     disk: &dyn BlockBackend,
+    job: &Job,
     s: &mut Scratch,
     offset: u64,
     len: u64,
@@ -361,7 +449,7 @@ fn copy_out(
     while done < len {
         let n = (len - done).min(CHUNK as u64) as usize;
         s.data.resize(n, 0);
-        s.readable
+        job.readable
             .read(mem, HEADER as u64 + done, &mut s.data[..n])?;
         disk.write_at(&s.data[..n], offset + done)
             .map_err(backend)?;
@@ -375,7 +463,7 @@ fn copy_out(
 fn zeroes(
     mem: &GuestMemoryMmap,
     disk: &dyn BlockBackend,
-    s: &Scratch,
+    job: &Job,
     kind: u32,
     len: u64,
     capacity: u64,
@@ -386,7 +474,7 @@ fn zeroes(
         return Err(RequestError::Segments(len));
     }
     let mut seg = [0u8; ZEROES_SEGMENT];
-    s.readable.read(mem, HEADER as u64, &mut seg)?;
+    job.readable.read(mem, HEADER as u64, &mut seg)?;
     let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
     let sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
     let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
@@ -418,7 +506,8 @@ fn zeroes(
     .map_err(backend)
 }
 
-/// Serves every chain the driver has made available, in order.
+/// Serves every chain the driver has made available (a queue's worth at
+/// most), one after the other, in order.
 pub fn process(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
@@ -427,9 +516,14 @@ pub fn process(
     scratch: &mut Scratch,
     log: &Throttle,
 ) -> Result<Drained, QueueError> {
-    drain_queue(mem, queue, |chain| {
-        serve(mem, chain, disk, counters, scratch, log)
-    })
+    let mut jobs = Vec::new();
+    let mut in_flight = InFlight::default();
+    let mut drained = take(mem, queue, &mut in_flight, |job| jobs.push(job))?;
+    for job in jobs {
+        let len = run(mem, &job, disk, counters, scratch, log);
+        drained.used |= complete(mem, queue, &mut in_flight, job.head, len);
+    }
+    Ok(drained)
 }
 
 #[cfg(test)]
