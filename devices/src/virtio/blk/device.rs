@@ -1,9 +1,10 @@
-//! The virtio-blk device and the thread that serves its queue.
+//! The virtio-blk device and the threads that serve its queue.
 //!
-//! The queue thread takes requests off the queue when the guest kicks it
-//! and hands them to handler threads, which run them against the disk
-//! and give each back as soon as it is done, in any order: a request
-//! that waits (on a remote block, later) does not hold up the others.
+//! Four threads wait for the guest's kick; the one it wakes takes the
+//! requests off the queue and runs them against the disk, waking another
+//! for the rest, and each goes back to the guest as soon as it is done,
+//! in any order: a request that waits (on a remote block, later) does
+//! not hold up the others (see [`Shared::work`]).
 //!
 //! A snapshot of it: [`VirtioDevice::quiesce`] stops taking requests and
 //! waits, for at most [`QUIESCE_TIMEOUT`], until every request taken has
@@ -393,7 +394,7 @@ struct Active {
     stopped: bool,
 }
 
-/// What the device, its queue thread and its handlers share.
+/// What the device and its threads share.
 struct Shared {
     mem: GuestMemoryMmap,
     active: Mutex<Active>,

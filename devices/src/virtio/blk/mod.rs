@@ -5,11 +5,14 @@
 //! - `queue.rs`: request chains to backend calls and back, every guest
 //!   address and length checked, testable with the mock driver;
 //! - `device.rs`: the [`Blk`] device (features, config space) and the
-//!   thread that serves its queue, off the VM's event loop, so that disk
-//!   I/O never holds up the other devices;
+//!   threads that serve its queue, off the VM's event loop, so that disk
+//!   I/O never holds up the other devices; up to four requests run at
+//!   once and each goes back when it is done, so a slow one does not
+//!   hold up those behind it;
 //! - `persist.rs`: the state kept in a snapshot.
 //!
-//! Requests are served in order, one at a time, by the device's thread.
+//! There is no event-loop glue (`event_handler.rs`): like virtio-fs, the
+//! device waits for its queue's notifications on its own threads.
 
 mod backend;
 mod device;
