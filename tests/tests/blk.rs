@@ -157,6 +157,31 @@ fn reads_past_the_end_fail_and_the_guest_runs_on() {
     assert!(done.events().iter().any(|v| v["probe"] == "shutdown"));
 }
 
+/// A guest that sends requests no driver should (too short, partial
+/// sectors, past the end, unknown, outside its memory, no writable
+/// status) gets an error status for each it can, the device keeps
+/// working (no reset needed) and the VM runs on.
+#[test]
+fn malformed_requests_get_error_statuses_and_the_disk_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), "hostile.img");
+    let before = std::fs::read(&path).unwrap();
+    let done = run("hostile-blk+blk-read:2:1", &[path.to_str().unwrap()]);
+    let h = &lines(&done, "hostile-blk")[0];
+    // IOERR 1, UNSUPP 2, untouched 255, OK 0.
+    assert_eq!(
+        h["status"],
+        serde_json::json!([1, 1, 1, 2, 1, 255, 0]),
+        "{h}"
+    );
+    assert_eq!(h["used"], serde_json::json!([1, 1, 1, 1, 1, 0, 513]), "{h}");
+    assert_eq!(h["needs_reset"], false, "{h}");
+    let read = &lines(&done, "blk-read")[0];
+    assert_eq!(read["crc32"], crc(&before[1024..1536]), "{read}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
+}
+
 #[test]
 fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
     let bad = |spec: &str, what: &str| {
