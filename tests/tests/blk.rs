@@ -182,6 +182,29 @@ fn malformed_requests_get_error_statuses_and_the_disk_goes_on() {
     assert!(!done.stderr.contains("panicked"), "{}", done.stderr);
 }
 
+/// `,iops=50`: 100 random reads take the one-second burst of 50, then
+/// 50 more at 50/s; `,bps=1048576`: two 1 MiB reads take the burst,
+/// then wait a second. Unlimited, either takes milliseconds.
+#[test]
+fn rate_limits_hold_a_disk_to_its_requests_and_bytes_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(dir.path(), "iops.img");
+    let b = disk(dir.path(), "bps.img");
+    let done = run(
+        "blk-rand-read:100:4096:0+blk-seq-read:2:1",
+        &[
+            &format!("{},iops=50", a.display()),
+            &format!("{},bps=1048576", b.display()),
+        ],
+    );
+    let rand = &lines(&done, "blk-rand-read")[0];
+    let iops = rand["iops"].as_u64().unwrap();
+    assert!((40..=120).contains(&iops), "{rand}");
+    let seq = &lines(&done, "blk-seq-read")[0];
+    let ms = seq["ns"].as_u64().unwrap() / 1_000_000;
+    assert!((900..=1500).contains(&ms), "{seq}");
+}
+
 #[test]
 fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
     let bad = |spec: &str, what: &str| {
@@ -202,6 +225,10 @@ fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
         "cannot open the disk \"/nonexistent/disk.img\": No such file or directory",
     );
     bad("/tmp/x.img,rw", "unknown disk option \"rw\"");
+    bad(
+        "/tmp/x.img,iops=0",
+        "\"iops=0\" wants a whole number above 0",
+    );
 }
 
 /// `vmplant vm --control CONTROL ARGS...`, which must succeed.

@@ -1,7 +1,8 @@
 //! `--disk` values (and the `disks` of a `--config` file): a guest disk
-//! on a raw file, `PATH` (read-write) or `PATH,ro`.
+//! on a raw file, `PATH` (read-write) or `PATH,ro`, optionally rate
+//! limited with `,bps=BYTES_PER_SECOND` and `,iops=REQUESTS_PER_SECOND`.
 
-use devices::virtio::blk::{BackendError, Blk, RawFile};
+use devices::virtio::blk::{BackendError, Blk, RateLimit, RawFile};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -12,14 +13,17 @@ use std::sync::Arc;
 pub struct Disk {
     pub path: PathBuf,
     pub read_only: bool,
+    pub limit: RateLimit,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DiskError {
-    #[error("{0:?}: want PATH or PATH,ro")]
+    #[error("{0:?}: want PATH[,ro][,bps=N][,iops=N]")]
     Syntax(String),
-    #[error("{0:?}: unknown disk option {1:?} (the one known is ro)")]
+    #[error("{0:?}: unknown disk option {1:?} (known: ro, bps=N, iops=N)")]
     Option(String, String),
+    #[error("{0:?}: {1:?} wants a whole number above 0")]
+    Value(String, String),
 }
 
 impl FromStr for Disk {
@@ -34,10 +38,20 @@ impl FromStr for Disk {
         let mut disk = Disk {
             path: PathBuf::from(path),
             read_only: false,
+            limit: RateLimit::default(),
+        };
+        let rate = |o: &str, v: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Some)
+                .ok_or_else(|| DiskError::Value(s.into(), o.into()))
         };
         for o in parts {
-            match o {
-                "ro" => disk.read_only = true,
+            match o.split_once('=') {
+                None if o == "ro" => disk.read_only = true,
+                Some(("bps", v)) => disk.limit.bytes_per_sec = rate(o, v)?,
+                Some(("iops", v)) => disk.limit.ops_per_sec = rate(o, v)?,
                 _ => return Err(DiskError::Option(s.into(), o.into())),
             }
         }
@@ -48,12 +62,17 @@ impl FromStr for Disk {
 impl Disk {
     /// The disk as `--disk` takes it.
     pub fn spec(&self) -> String {
-        let path = self.path.display();
+        let mut spec = self.path.display().to_string();
         if self.read_only {
-            format!("{path},ro")
-        } else {
-            path.to_string()
+            spec.push_str(",ro");
         }
+        if let Some(n) = self.limit.bytes_per_sec {
+            spec.push_str(&format!(",bps={n}"));
+        }
+        if let Some(n) = self.limit.ops_per_sec {
+            spec.push_str(&format!(",iops={n}"));
+        }
+        spec
     }
 
     /// The disk with its file named by an absolute path (that of the
@@ -68,7 +87,7 @@ impl Disk {
     /// Opens the file and makes the device.
     pub fn open(&self) -> Result<Blk, BackendError> {
         let file = RawFile::open(&self.path, self.read_only)?;
-        Ok(Blk::new(Arc::new(file)))
+        Ok(Blk::with_rate_limit(Arc::new(file), self.limit))
     }
 }
 
@@ -85,8 +104,21 @@ mod tests {
         assert_eq!(d.spec(), "b.img,ro");
         assert_eq!(
             "a.img,rw".parse::<Disk>().unwrap_err().to_string(),
-            r#""a.img,rw": unknown disk option "rw" (the one known is ro)"#
+            r#""a.img,rw": unknown disk option "rw" (known: ro, bps=N, iops=N)"#
         );
+        let d: Disk = "c.img,iops=100,ro,bps=1048576".parse().unwrap();
+        assert_eq!(
+            (d.limit.bytes_per_sec, d.limit.ops_per_sec),
+            (Some(1 << 20), Some(100))
+        );
+        assert_eq!(d.spec(), "c.img,ro,bps=1048576,iops=100");
+        assert_eq!(d.spec().parse::<Disk>().unwrap(), d);
+        for bad in ["c.img,iops=0", "c.img,bps=1M", "c.img,bps="] {
+            assert!(
+                matches!(bad.parse::<Disk>(), Err(DiskError::Value(..))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             ",ro".parse::<Disk>().unwrap_err(),
             DiskError::Syntax(_)

@@ -64,8 +64,9 @@ pub struct RunArgs {
     #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
     pub vhost_user_shares: Vec<VhostUserShare>,
     /// Give the guest a virtio-blk disk on a raw file (repeatable): PATH
-    /// (read-write) or PATH,ro.
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    /// (read-write) or PATH,ro; `,bps=N` and `,iops=N` limit its bytes
+    /// and requests per second.
+    #[arg(long = "disk", value_name = "PATH[,ro][,bps=N][,iops=N]")]
     pub disks: Vec<Disk>,
     /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
     /// booting a kernel: it goes on where it was paused. Its vCPUs, memory
@@ -82,7 +83,7 @@ pub struct RunArgs {
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
     /// "vcpus", "mem_mib", "boot", "nets": [MAC[,any-source]...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
-    /// "disks": [PATH[,ro]...], "serial_file", "control"}]}.
+    /// "disks": [PATH[,ro][,bps=N][,iops=N]...], "serial_file", "control"}]}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "disks", "control"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.

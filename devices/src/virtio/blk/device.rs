@@ -15,6 +15,7 @@
 
 use super::persist::{BLK_PERSIST_FORMAT, BlkPersist};
 use super::queue::{self, InFlight, Job, Scratch};
+use super::rate_limit::{Limiter, RateLimit};
 use super::{
     BlockBackend, ID_LEN, MAX_ZEROES_SECTORS, MAX_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX,
     VIRTIO_ID_BLOCK, features,
@@ -58,6 +59,8 @@ pub struct BlkCounters {
     pub unsupported: AtomicU64,
     /// Requests the backend failed.
     pub io_errors: AtomicU64,
+    /// Requests that waited for the disk's rate limit.
+    pub throttled: AtomicU64,
 }
 
 /// A point-in-time copy of [`BlkCounters`].
@@ -76,6 +79,7 @@ pub struct BlkCounterSnapshot {
     pub read_only_writes: u64,
     pub unsupported: u64,
     pub io_errors: u64,
+    pub throttled: u64,
 }
 
 impl BlkCounters {
@@ -94,6 +98,7 @@ impl BlkCounters {
             read_only_writes: self.read_only_writes.load(Relaxed),
             unsupported: self.unsupported.load(Relaxed),
             io_errors: self.io_errors.load(Relaxed),
+            throttled: self.throttled.load(Relaxed),
         }
     }
 }
@@ -116,6 +121,9 @@ pub struct Blk {
     worker: Option<Worker>,
     /// Why the last quiesce did not settle (requests still running).
     unsettled: Option<String>,
+    limit: RateLimit,
+    /// The limit's buckets, kept across driver resets.
+    limiter: Option<Arc<Limiter>>,
 }
 
 /// The device's threads, as the device holds them: they are not joined
@@ -135,7 +143,21 @@ impl Blk {
             counters: Arc::new(BlkCounters::default()),
             worker: None,
             unsettled: None,
+            limit: RateLimit::default(),
+            limiter: None,
         }
+    }
+
+    /// A disk whose requests are held to `limit`.
+    pub fn with_rate_limit(disk: Arc<dyn BlockBackend>, limit: RateLimit) -> Blk {
+        let mut blk = Blk::new(disk);
+        blk.limit = limit;
+        blk.limiter = (!limit.is_none()).then(|| Arc::new(Limiter::new(limit)));
+        blk
+    }
+
+    pub fn rate_limit(&self) -> RateLimit {
+        self.limit
     }
 
     pub fn counters(&self) -> Arc<BlkCounters> {
@@ -276,6 +298,7 @@ impl VirtioDevice for Blk {
             interrupt: ctx.interrupt,
             epoll,
             queued: Mutex::new(VecDeque::new()),
+            limiter: self.limiter.clone(),
             disk: self.disk.clone(),
             counters: self.counters.clone(),
             kick: kick.try_clone().map_err(ActivateError::Events)?,
@@ -403,6 +426,7 @@ struct Shared {
     epoll: Epoll,
     /// Requests taken and not yet started.
     queued: Mutex<VecDeque<Job>>,
+    limiter: Option<Arc<Limiter>>,
     disk: Arc<dyn BlockBackend>,
     counters: Arc<BlkCounters>,
     /// The queue's event, to come back to a queue left with chains.
@@ -472,7 +496,7 @@ impl Shared {
     /// and one answered meanwhile does not go back (the queue may be the
     /// driver's new one at the same address by then).
     fn answer(&self, job: Job, scratch: &mut Scratch) {
-        if self.stopping.load(Relaxed) {
+        if self.stopping.load(Relaxed) || !self.admit(&job) {
             return;
         }
         let len = queue::run(
@@ -492,6 +516,31 @@ impl Shared {
         } = &mut *a;
         if queue::complete(&self.mem, queue, in_flight, job.head, len) {
             self.notify(queue);
+        }
+    }
+
+    /// Waits until the rate limit lets `job` start; false if the device
+    /// stopped meanwhile. A snapshot lets a waiting request through (it
+    /// waits for the requests taken to be answered).
+    fn admit(&self, job: &Job) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let bytes = job.data_bytes(&self.mem);
+        let mut counted = false;
+        loop {
+            let wait = limiter.admit(bytes, Instant::now());
+            if wait.is_zero() || self.paused.load(SeqCst) {
+                return true;
+            }
+            if self.stopping.load(Relaxed) {
+                return false;
+            }
+            if !std::mem::replace(&mut counted, true) {
+                self.counters.throttled.fetch_add(1, Relaxed);
+            }
+            // In slices, to see a stop or a snapshot.
+            std::thread::sleep(wait.min(Duration::from_millis(10)));
         }
     }
 

@@ -166,6 +166,23 @@ pub struct Job {
     bad: Option<RequestError>,
 }
 
+impl Job {
+    /// The bytes of data the request moves (what a rate limit counts):
+    /// a read's device-writable part or a write's device-readable part,
+    /// without header and status; 0 for the other types.
+    pub fn data_bytes(&self, mem: &GuestMemoryMmap) -> u64 {
+        let mut h = [0u8; 4];
+        if self.bad.is_some() || self.readable.read(mem, 0, &mut h).is_err() {
+            return 0;
+        }
+        match u32::from_le_bytes(h) {
+            req::IN => self.writable.len.saturating_sub(1),
+            req::OUT => self.readable.len.saturating_sub(HEADER as u64),
+            _ => 0,
+        }
+    }
+}
+
 /// Sorts the chain's descriptors into its two sides, each checked to lie
 /// in guest memory.
 fn gather(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Job {
