@@ -205,6 +205,38 @@ fn rate_limits_hold_a_disk_to_its_requests_and_bytes_per_second() {
     assert!((900..=1500).contains(&ms), "{seq}");
 }
 
+/// `"disks"` in a `--config` entry, a relative path being the file's.
+#[test]
+fn a_config_file_gives_its_vms_their_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = disk(dir.path(), "a.img");
+    let before = std::fs::read(&path).unwrap();
+    let config = dir.path().join("vms.json");
+    let vm = |name: &str, steps: &str, disks: &[&str]| {
+        serde_json::json!({
+            "name": name,
+            "kernel": vmplant_tests::probe_elf(),
+            "cmdline": format!("console=ttyS0 probe={steps}+shutdown"),
+            "disks": disks,
+        })
+    };
+    let vms = serde_json::json!({"vms": [
+        vm("w", "blk-write:0:8:9", &["a.img"]),
+        vm("r", "blk-info", &["a.img,ro"]),
+    ]});
+    std::fs::write(&config, vms.to_string()).unwrap();
+    let done =
+        Vmm::start(&["run", "--config", config.to_str().unwrap()]).wait(Duration::from_secs(30));
+    done.assert_success();
+    let (_, w) = done.vm_event("w", "blk-write");
+    assert_eq!(w["crc32"], crc(&pattern(9, 8)), "{w}");
+    let (_, r) = done.vm_event("r", "blk-info");
+    assert_eq!(r["read_only"], true, "{r}");
+    let after = std::fs::read(&path).unwrap();
+    assert!(after[..4096] == pattern(9, 8)[..]);
+    assert!(after[4096..] == before[4096..]);
+}
+
 #[test]
 fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
     let bad = |spec: &str, what: &str| {

@@ -131,7 +131,6 @@ pub struct Blk {
 /// reset must not wait for it); each ends once it sees the stop event,
 /// and none gives an answer back once [`Shared::stop`] has returned.
 struct Worker {
-    stop: EventFd,
     shared: Arc<Shared>,
 }
 
@@ -217,7 +216,7 @@ impl Blk {
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
             w.shared.stop();
-            if let Err(e) = w.stop.write(1) {
+            if let Err(e) = w.shared.stop_event.write(1) {
                 tracing::warn!("virtio-blk: cannot stop the device's threads: {e}");
             }
         }
@@ -297,6 +296,7 @@ impl VirtioDevice for Blk {
             }),
             interrupt: ctx.interrupt,
             epoll,
+            stop_event: stop,
             queued: Mutex::new(VecDeque::new()),
             limiter: self.limiter.clone(),
             disk: self.disk.clone(),
@@ -322,7 +322,7 @@ impl VirtioDevice for Blk {
         }
         // Requests queued before the threads started (a restored VM).
         shared.come_back();
-        self.worker = Some(Worker { stop, shared });
+        self.worker = Some(Worker { shared });
         tracing::debug!(
             sectors = self.capacity_sectors(),
             read_only = self.read_only(),
@@ -424,6 +424,11 @@ struct Shared {
     interrupt: Arc<VirtioInterrupt>,
     /// The queue's and the stop events, which the idle threads wait on.
     epoll: Epoll,
+    /// Written once when the device stops, and never read: kept open
+    /// until the last thread has seen it (an event closed before would
+    /// leave the epoll set, and a thread waiting on it would stay, and
+    /// take the next activation's kicks).
+    stop_event: EventFd,
     /// Requests taken and not yet started.
     queued: Mutex<VecDeque<Job>>,
     limiter: Option<Arc<Limiter>>,
@@ -594,7 +599,16 @@ impl Shared {
                     return;
                 }
             }
-            let _ = self.kick.read();
+            let kicked = self.kick.read().is_ok();
+            if self.stopping.load(Relaxed) {
+                // The device stopped, and the event may be the queue's
+                // next activation's already (the same event): hand the
+                // kick on to it.
+                if kicked {
+                    self.come_back();
+                }
+                return;
+            }
             let mut taken = Vec::new();
             self.take(|job| taken.push(job));
             if !taken.is_empty() {
@@ -709,6 +723,32 @@ mod tests {
                 (0xc000 + u64::from(start), 1, true),
             ],
         );
+    }
+
+    /// A driver that resets the device and sets it up again, on the same
+    /// queue event, gets its requests served each time: the threads of
+    /// the device it reset are gone and take none of its kicks.
+    #[test]
+    fn each_activation_after_a_reset_serves_the_queue() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut blk = Blk::new(Arc::new(MemDisk(Mutex::new(vec![1u8; 8192]), None)));
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = evt();
+        let c = blk.counters();
+        for round in 1..=20 {
+            let mq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+            blk.activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![mq.create_queue().unwrap()],
+                queue_events: vec![kick.try_clone().unwrap()],
+                interrupt: Arc::new(VirtioInterrupt::new(evt())),
+            })
+            .unwrap();
+            post_read(&mem, &mq, 0, 1);
+            kick.write(1).unwrap();
+            wait_for("the read is served", || c.snapshot().read_ops == round);
+            blk.reset();
+        }
     }
 
     #[test]
