@@ -274,6 +274,8 @@ impl VirtioDevice for Blk {
         else {
             return Err(ActivateError::Device("no request queue".into()));
         };
+        // The device's own handle on the queue's event, which it watches.
+        let kick = kick.try_clone().map_err(ActivateError::Events)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Events)?;
         let epoll = Epoll::new().map_err(ActivateError::Events)?;
         // The stop event stays set, so every thread sees it; a kick
@@ -301,7 +303,7 @@ impl VirtioDevice for Blk {
             limiter: self.limiter.clone(),
             disk: self.disk.clone(),
             counters: self.counters.clone(),
-            kick: kick.try_clone().map_err(ActivateError::Events)?,
+            kick,
             paused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             log: Throttle::default(),

@@ -8,7 +8,9 @@
 //!
 //! A chain that breaks the rules is answered with an error status when
 //! it has a writable byte for one, and counted; it never stops the
-//! device.
+//! device. Chains are taken off the queue ([`take`]) as [`Job`]s, run
+//! ([`run`]) on whichever thread, and given back ([`complete`]) in the
+//! order they finish; [`process`] does all three in order, on one thread.
 
 use super::backend::BlockBackend;
 use super::device::BlkCounters;
@@ -19,7 +21,7 @@ use crate::throttle::Throttle;
 use crate::virtio::{Drained, GuestMemoryMmap, QueueError, Served, drain_queue_deferred};
 use std::sync::atomic::Ordering::Relaxed;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Length of `virtio_blk_req`'s header.
 const HEADER: usize = 16;
@@ -145,8 +147,6 @@ impl Side {
         })
     }
 }
-
-use vm_memory::Address;
 
 /// A buffer for data between guest memory and the disk, reused from
 /// request to request by whoever runs them.
