@@ -1,10 +1,10 @@
 //! The virtio-blk device and the threads that serve its queue.
 //!
-//! Four threads wait for the guest's kick; the one it wakes takes the
-//! requests off the queue and runs them against the disk, waking another
-//! for the rest, and each goes back to the guest as soon as it is done,
-//! in any order: a request that waits (on a remote block, later) does
-//! not hold up the others (see [`Shared::work`]).
+//! Up to four threads wait for the guest's kick; the one it wakes takes
+//! the requests off the queue and runs them against the disk, waking
+//! another for the rest, and each goes back to the guest as soon as it
+//! is done, in any order: a request that waits (on a remote block,
+//! later) does not hold up the others (see [`Shared::work`]).
 //!
 //! A snapshot of it: [`VirtioDevice::quiesce`] stops taking requests and
 //! waits, for at most [`QUIESCE_TIMEOUT`], until every request taken has
@@ -29,7 +29,7 @@ use crate::virtio::{
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
@@ -106,8 +106,9 @@ impl BlkCounters {
 /// How long a snapshot waits for the requests being run.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Threads serving the queue: a request that waits on its backend does
-/// not hold up the others behind it, up to this many at once.
+/// The most threads serving the queue: a request that waits on its
+/// backend does not hold up the others behind it, up to this many at
+/// once.
 const THREADS: usize = 4;
 
 /// The stop event's data in the epoll set.
@@ -307,21 +308,14 @@ impl VirtioDevice for Blk {
             paused: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             log: Throttle::default(),
+            threads: AtomicUsize::new(1),
+            idle: AtomicUsize::new(0),
         });
-        for n in 0..THREADS {
-            let mine = shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("virtio-blk-{n}"))
-                .spawn(move || mine.work());
-            if let Err(e) = spawned {
-                if n == 0 {
-                    shared.stop();
-                    return Err(ActivateError::Events(e));
-                }
-                tracing::warn!("virtio-blk: runs on {n} thread(s): {e}");
-                break;
-            }
-        }
+        let first = shared.clone();
+        std::thread::Builder::new()
+            .name("virtio-blk-0".into())
+            .spawn(move || first.work())
+            .map_err(ActivateError::Events)?;
         // Requests queued before the threads started (a restored VM).
         shared.come_back();
         self.worker = Some(Worker { shared });
@@ -445,6 +439,9 @@ struct Shared {
     stopping: AtomicBool,
     /// Failed requests are logged the first few times, then thinner.
     log: Throttle,
+    /// Threads started, and those waiting for a kick.
+    threads: AtomicUsize,
+    idle: AtomicUsize,
 }
 
 impl Shared {
@@ -565,10 +562,34 @@ impl Shared {
 /// request runs on the thread the kick woke (no hand-over between
 /// threads, which costs more than the request on a loaded host); when it
 /// leaves others queued behind it, it kicks the queue's event again
-/// first, so that an idle thread takes them: a slow request holds up
-/// nothing while threads are idle.
+/// first, so that an idle thread takes them. A thread about to run a
+/// request when no other waits for kicks starts one more (up to
+/// [`THREADS`]): a slow request holds up nothing while there are fewer
+/// than that many. A disk starts with one thread, and has two once the
+/// guest uses it one request at a time.
 impl Shared {
-    fn work(&self) {
+    /// Starts one more thread, unless there are [`THREADS`] already.
+    fn grow(self: &Arc<Self>) {
+        let n = self.threads.load(SeqCst);
+        if n >= THREADS
+            || self
+                .threads
+                .compare_exchange(n, n + 1, SeqCst, SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        let mine = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("virtio-blk-{n}"))
+            .spawn(move || mine.work());
+        if let Err(e) = spawned {
+            self.threads.fetch_sub(1, SeqCst);
+            tracing::warn!("virtio-blk: cannot start thread {n}: {e}");
+        }
+    }
+
+    fn work(self: Arc<Self>) {
         let mut scratch = Scratch::default();
         let mut ready = [EpollEvent::default(); 2];
         loop {
@@ -586,9 +607,15 @@ impl Shared {
                 if more {
                     self.come_back();
                 }
+                if self.idle.load(SeqCst) == 0 {
+                    self.grow();
+                }
                 self.answer(job, &mut scratch);
             }
-            match self.epoll.wait(-1, &mut ready) {
+            self.idle.fetch_add(1, SeqCst);
+            let woke = self.epoll.wait(-1, &mut ready);
+            self.idle.fetch_sub(1, SeqCst);
+            match woke {
                 Ok(n) if ready[..n].iter().any(|ev| ev.data() == STOP) => {
                     self.stop();
                     return;
