@@ -263,8 +263,9 @@ fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
     );
 }
 
-/// `vmplant vm --control CONTROL ARGS...`, which must succeed.
-fn vm(control: &Path, args: &[&str]) {
+/// `vmplant vm --control CONTROL ARGS...`, which must succeed: what it
+/// printed.
+fn vm(control: &Path, args: &[&str]) -> String {
     let out = Command::new(vmplant())
         .args(["vm", "--control"])
         .arg(control)
@@ -276,6 +277,7 @@ fn vm(control: &Path, args: &[&str]) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -298,6 +300,12 @@ fn a_snapshot_of_a_vm_with_a_disk_restores_with_the_disk() {
     vmm.expect_line("a tick", Duration::from_secs(30), |l| {
         l.contains(r#""probe":"tick""#)
     });
+    let info: Value = serde_json::from_str(&vm(&control, &["info"])).unwrap();
+    assert_eq!(
+        info["devices"][0],
+        serde_json::json!({"type": "blk", "path": path, "read_only": false, "sectors": SECTORS}),
+        "{info}"
+    );
     vm(&control, &["snapshot", snap.to_str().unwrap(), "--stop"]);
     let before = vmm.wait(Duration::from_secs(10));
     before.assert_success();
