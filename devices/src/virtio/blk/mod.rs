@@ -9,6 +9,7 @@
 //!   I/O never holds up the other devices; up to four requests run at
 //!   once and each goes back when it is done, so a slow one does not
 //!   hold up those behind it;
+//! - `metrics.rs`: what the device counts ([`BlkCounters`]);
 //! - `rate_limit.rs`: optional token buckets of bytes/s and requests/s;
 //! - `persist.rs`: the state kept in a snapshot.
 //!
@@ -17,12 +18,14 @@
 
 mod backend;
 mod device;
+mod metrics;
 pub mod persist;
 pub mod queue;
 mod rate_limit;
 
 pub use backend::{BackendError, BlockBackend, RawFile};
-pub use device::{Blk, BlkCounterSnapshot, BlkCounters};
+pub use device::Blk;
+pub use metrics::{BlkCounterSnapshot, BlkCounters};
 pub use rate_limit::RateLimit;
 
 /// The virtio device ID of a block device.

@@ -13,7 +13,7 @@
 //! order they finish; [`process`] does all three in order, on one thread.
 
 use super::backend::BlockBackend;
-use super::device::BlkCounters;
+use super::metrics::BlkCounters;
 use super::{
     ID_LEN, MAX_ZEROES_SECTORS, MAX_ZEROES_SEG, SECTOR_SIZE, SEG_MAX, request as req, status,
 };

@@ -77,7 +77,7 @@ impl Rig {
         std::fs::read(&self.path).unwrap()
     }
 
-    fn c(&self) -> super::super::BlkCounterSnapshot {
+    fn c(&self) -> crate::virtio::blk::BlkCounterSnapshot {
         self.counters.snapshot()
     }
 }
