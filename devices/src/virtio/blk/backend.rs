@@ -1,5 +1,10 @@
 //! What a guest disk is stored on: the [`BlockBackend`] trait, and
 //! [`RawFile`], a disk that is a plain file.
+//!
+//! Dependencies point from devices to images (which knows nothing of
+//! KVM), so an image type gets its `impl BlockBackend` here in devices,
+//! next to `RawFile`'s (a thin adapter over the image's own methods),
+//! not in the images crate.
 
 use super::ID_LEN;
 use std::fs::{File, OpenOptions};
