@@ -210,6 +210,7 @@ fn rate_limits_hold_a_disk_to_its_requests_and_bytes_per_second() {
 fn a_config_file_gives_its_vms_their_disks() {
     let dir = tempfile::tempdir().unwrap();
     let path = disk(dir.path(), "a.img");
+    disk(dir.path(), "b.img");
     let before = std::fs::read(&path).unwrap();
     let config = dir.path().join("vms.json");
     let vm = |name: &str, steps: &str, disks: &[&str]| {
@@ -222,7 +223,7 @@ fn a_config_file_gives_its_vms_their_disks() {
     };
     let vms = serde_json::json!({"vms": [
         vm("w", "blk-write:0:8:9", &["a.img"]),
-        vm("r", "blk-info", &["a.img,ro"]),
+        vm("r", "blk-info", &["b.img,ro"]),
     ]});
     std::fs::write(&config, vms.to_string()).unwrap();
     let done =
@@ -261,6 +262,21 @@ fn a_missing_disk_or_a_bad_option_is_a_one_line_error() {
         "/tmp/x.img,iops=0",
         "\"iops=0\" wants a whole number above 0",
     );
+    // One file, two read-write disks: it is locked by the first.
+    let dir = tempfile::tempdir().unwrap();
+    let twice = disk(dir.path(), "twice.img");
+    let out = Command::new(vmplant())
+        .args(["run", "--kernel"])
+        .arg(vmplant_tests::probe_elf())
+        .args(["--no-stdin", "--disk"])
+        .arg(&twice)
+        .arg("--disk")
+        .arg(&twice)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is in use by another VM"), "{err}");
 }
 
 /// `vmplant vm --control CONTROL ARGS...`, which must succeed: what it

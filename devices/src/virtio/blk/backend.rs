@@ -59,10 +59,17 @@ pub enum BackendError {
     NotAFile(PathBuf),
     #[error("the disk {0:?} is smaller than one sector (512 bytes)")]
     TooSmall(PathBuf),
+    #[error("the disk {0:?} is in use by another VM or process (it holds a lock on it)")]
+    Locked(PathBuf),
 }
 
 /// A disk that is a raw file (or a block device): sector N is at byte
 /// N * 512. Discards punch holes, so a sparse file stays sparse.
+///
+/// The file is locked while it is open (`flock`): exclusively for a
+/// read-write disk, shared for a read-only one, so that two VMs (clones
+/// restored from one snapshot, say) cannot both write one file, nor one
+/// read it while another writes it.
 #[derive(Debug)]
 pub struct RawFile {
     file: File,
@@ -83,6 +90,20 @@ impl RawFile {
             .write(!read_only)
             .open(path)
             .map_err(open)?;
+        let lock = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on the descriptor just opened; no memory involved.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                BackendError::Locked(path.to_path_buf())
+            } else {
+                open(e)
+            });
+        }
         let meta = file.metadata().map_err(open)?;
         let capacity = if meta.is_file() {
             meta.len()
@@ -240,5 +261,26 @@ mod tests {
         assert!(matches!(e, BackendError::TooSmall(_)), "{e}");
         let e = RawFile::open(dir.path(), true).unwrap_err();
         assert!(matches!(e, BackendError::NotAFile(_)), "{e}");
+    }
+
+    #[test]
+    fn a_read_write_disk_is_one_vm_s_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let readers = [
+            RawFile::open(&path, true).unwrap(),
+            RawFile::open(&path, true).unwrap(),
+        ];
+        let e = RawFile::open(&path, false).unwrap_err();
+        assert!(matches!(e, BackendError::Locked(_)), "{e}");
+        drop(readers);
+        let writer = RawFile::open(&path, false).unwrap();
+        for ro in [false, true] {
+            let e = RawFile::open(&path, ro).unwrap_err();
+            assert!(e.to_string().contains("in use"), "{e}");
+        }
+        drop(writer);
+        RawFile::open(&path, false).unwrap();
     }
 }
