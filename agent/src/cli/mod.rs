@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch: one module per subcommand.
 
 mod bench;
+mod disk;
 mod gvfs;
 mod host;
 mod image;

@@ -5,6 +5,7 @@
 //! JSON file (`--config`), each console on standard output behind its
 //! name or in a file of its own.
 
+use super::disk::Disk;
 use super::nic::Nic;
 use super::share::{Share, VhostUserShare};
 use super::switch::SwitchArgs;
@@ -63,11 +64,17 @@ pub struct RunArgs {
     /// Guest memory is then a memfd the backend maps.
     #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
     pub vhost_user_shares: Vec<VhostUserShare>,
+    /// Give the guest a virtio-blk disk on a raw file (repeatable): PATH
+    /// (read-write) or PATH,ro; `,bps=N` and `,iops=N` limit its bytes
+    /// and requests per second.
+    #[arg(long = "disk", value_name = "PATH[,ro][,bps=N][,iops=N]")]
+    pub disks: Vec<Disk>,
     /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
     /// booting a kernel: it goes on where it was paused. Its vCPUs, memory
-    /// and kernel come from the snapshot, and so do its NICs and file
-    /// shares, unless `--net` (the MACs) or `--fs` (the same tags, on
-    /// another server, say) replace them, in order.
+    /// and kernel come from the snapshot, and so do its NICs, file
+    /// shares and disks, unless `--net` (the MACs), `--fs` (the same tags,
+    /// on another server, say) or `--disk` (copies of the disks) replace
+    /// them, in order.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config"])]
     pub restore: Option<PathBuf>,
     /// Wait for one VM to migrate here (`vmplant vm migrate` on its
@@ -84,8 +91,8 @@ pub struct RunArgs {
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
     /// "vcpus", "mem_mib", "boot", "nets": [MAC[,any-source]...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
-    /// "serial_file", "control"}]}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "control"])]
+    /// "disks": [PATH[,ro][,bps=N][,iops=N]...], "serial_file", "control"}]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "disks", "control"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.
     #[command(flatten)]
@@ -144,6 +151,9 @@ struct VmSpec {
     /// `--vhost-user-fs` values.
     #[serde(default)]
     vhost_user_shares: Vec<String>,
+    /// `--disk` values.
+    #[serde(default)]
+    disks: Vec<String>,
     /// The console's file; standard output behind "NAME: " if absent.
     serial_file: Option<PathBuf>,
 }
@@ -163,20 +173,25 @@ struct Planned {
     nets: Vec<Nic>,
     shares: Vec<Share>,
     vhost_user_shares: Vec<VhostUserShare>,
+    disks: Vec<Disk>,
     control: Option<PathBuf>,
     /// A snapshot to restore instead of booting `config`'s kernel.
     restore: Option<vmm::snapshot::Snapshot>,
 }
 
 /// What a snapshot keeps of a VM's devices, for its restore: the NICs'
-/// MACs and the `--fs` shares (their servers are connected again; the
-/// guests' sessions are in the devices' saved state).
+/// MACs, the `--fs` shares (their servers are connected again; the
+/// guests' sessions are in the devices' saved state) and the disks (their
+/// files are opened again).
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
 struct DevicePlan {
     /// As `--net` takes them (`MAC[,any-source]`).
     nets: Vec<String>,
     #[serde(default)]
     shares: Vec<Share>,
+    /// As `--disk` takes them, with absolute paths.
+    #[serde(default)]
+    disks: Vec<String>,
 }
 
 impl Planned {
@@ -184,6 +199,7 @@ impl Planned {
         let plan = DevicePlan {
             nets: self.nets.iter().map(Nic::spec).collect(),
             shares: self.shares.iter().map(Share::absolute).collect(),
+            disks: self.disks.iter().map(|d| d.absolute().spec()).collect(),
         };
         serde_json::to_string(&plan).unwrap_or_default()
     }
@@ -256,6 +272,30 @@ impl DevicePlan {
         }
         Ok(given)
     }
+
+    /// The disks of a restored VM: those given with `--disk` in place of
+    /// the saved ones, in order (a copy of each, for a clone), or the
+    /// saved ones. Each must have the size the guest saw (the device's
+    /// saved state checks it).
+    fn disks(&self, given: Vec<Disk>) -> Result<Vec<Disk>, String> {
+        let saved = self
+            .disks
+            .iter()
+            .map(|d| d.parse::<Disk>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the snapshot's device plan: {e}"))?;
+        if given.is_empty() {
+            return Ok(saved);
+        }
+        if given.len() != saved.len() {
+            return Err(format!(
+                "the snapshot's VM has {} disk(s), and {} --disk(s) were given",
+                saved.len(),
+                given.len()
+            ));
+        }
+        Ok(given)
+    }
 }
 
 fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error + Send + Sync>> {
@@ -294,6 +334,18 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            let disks = vm
+                .disks
+                .iter()
+                .map(|d| {
+                    // Like the kernel's, a relative disk path is the file's.
+                    d.parse().map(|d: Disk| Disk {
+                        path: base.join(&d.path),
+                        ..d
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
             let serial = match vm.serial_file {
                 Some(f) => SerialOutput::File(base.join(f)),
                 None => SerialOutput::StdoutPrefixed(format!("{}: ", vm.name)),
@@ -311,6 +363,9 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                     let shares = plan
                         .shares(shares)
                         .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
+                    let disks = plan
+                        .disks(disks)
+                        .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
                     return Ok(Planned {
                         name: vm.name,
                         config: VmConfig {
@@ -321,6 +376,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                         nets,
                         shares,
                         vhost_user_shares,
+                        disks,
                         control: vm.control.map(|c| base.join(c)),
                         restore: Some(snapshot),
                     });
@@ -349,6 +405,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 nets,
                 shares,
                 vhost_user_shares,
+                disks,
                 control: vm.control.map(|c| base.join(c)),
                 restore: None,
             })
@@ -424,6 +481,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 nets: plan.nets(args.nets)?,
                 shares: plan.shares(args.shares)?,
                 vhost_user_shares: args.vhost_user_shares,
+                disks: plan.disks(args.disks)?,
                 control: args.control,
                 restore: Some(snapshot),
             }]
@@ -445,6 +503,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             nets: args.nets,
             shares: args.shares,
             vhost_user_shares: args.vhost_user_shares,
+            disks: args.disks,
             control: args.control,
             restore: None,
         }],
@@ -497,6 +556,15 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 tag: share.tag.clone(),
                 socket: share.socket.display().to_string(),
             });
+        }
+        for disk in &p.disks {
+            let blk = disk.open()?;
+            devices.push(DeviceInfo::Blk {
+                path: disk.path.display().to_string(),
+                read_only: disk.read_only,
+                sectors: blk.capacity_sectors(),
+            });
+            vm.add_virtio_device(Box::new(blk), None)?;
         }
         let started = match &restore {
             Some(s) => vm.start_restored(&s.state),
@@ -589,6 +657,7 @@ mod tests {
     #[test]
     fn restored_shares_are_the_saved_ones_or_the_same_tags_given() {
         let plan = DevicePlan {
+            disks: Vec::new(),
             nets: Vec::new(),
             shares: vec![
                 share("a=h:1,token-file=/t,plaintext"),
@@ -617,6 +686,23 @@ mod tests {
         // A plan written before shares were saved has none.
         let old: DevicePlan = serde_json::from_str(r#"{"nets":[]}"#).unwrap();
         assert!(old.shares.is_empty());
+    }
+
+    #[test]
+    fn restored_disks_are_the_saved_ones_or_as_many_given() {
+        let old: DevicePlan = serde_json::from_str(r#"{"nets":[]}"#).unwrap();
+        assert!(old.disks(Vec::new()).unwrap().is_empty());
+        let plan: DevicePlan =
+            serde_json::from_str(r#"{"nets":[],"disks":["/a.img","/b.img,ro"]}"#).unwrap();
+        let saved = plan.disks(Vec::new()).unwrap();
+        assert_eq!(
+            saved.iter().map(Disk::spec).collect::<Vec<_>>(),
+            ["/a.img", "/b.img,ro"]
+        );
+        let copies: Vec<Disk> = vec!["/c.img".parse().unwrap(), "/d.img,ro".parse().unwrap()];
+        assert_eq!(plan.disks(copies.clone()).unwrap(), copies);
+        let err = plan.disks(copies[..1].to_vec()).unwrap_err();
+        assert!(err.contains("2 disk(s), and 1"), "{err}");
     }
 
     #[test]

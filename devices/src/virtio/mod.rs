@@ -5,6 +5,7 @@
 //! up ([`VirtioDevice::activate`]). The transport ([`mmio::MmioTransport`])
 //! owns the register state machine that gets it there.
 
+pub mod blk;
 pub mod fs;
 pub mod mmio;
 pub mod net;

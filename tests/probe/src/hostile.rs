@@ -7,7 +7,8 @@
 //! - `hostile-repost:ID[:INDEX]`: one head made available 8 times at once;
 //! - `hostile-console:BYTES`: a console line that never ends;
 //! - `hostile-status:ID:N[:INDEX]`: N refused status writes;
-//! - `hostile-spoof:MAC:SECONDS`: frames from another NIC's MAC.
+//! - `hostile-spoof:MAC:SECONDS`: frames from another NIC's MAC;
+//! - `hostile-blk[:INDEX]`: malformed virtio-blk requests, one at a time.
 //!
 //! The ring steps bring a device up by hand (as `fs::dev` does, with
 //! 8-entry queues in pool memory) rather than through virtio-drivers,
@@ -28,6 +29,7 @@ pub enum Cmd {
     Console { bytes: u64 },
     Status { id: u32, writes: u64, index: u32 },
     Spoof { mac: [u8; 6], secs: u64 },
+    Blk { index: u32 },
 }
 
 /// Parses hostile step `name`: `None` if it is not one, `Err(arg)` for a
@@ -36,12 +38,13 @@ pub fn parse<'a>(
     name: &str,
     args: &mut impl Iterator<Item = &'a str>,
 ) -> Option<Result<Cmd, &'a str>> {
-    const NAMES: [&str; 5] = [
+    const NAMES: [&str; 6] = [
         "hostile-ring",
         "hostile-repost",
         "hostile-console",
         "hostile-status",
         "hostile-spoof",
+        "hostile-blk",
     ];
     if !NAMES.contains(&name) {
         return None;
@@ -68,6 +71,9 @@ pub fn parse<'a>(
             "hostile-console" => Cmd::Console {
                 bytes: num(next()?, 1 << 30)?,
             },
+            "hostile-blk" => Cmd::Blk {
+                index: index(next())?,
+            },
             "hostile-status" => Cmd::Status {
                 id: id(next()?)?,
                 writes: num(next()?, 100_000_000)?,
@@ -93,6 +99,7 @@ pub fn exec(cmd: Cmd, cmdline: &str, net: &mut net::Ctx<'_>) {
         Cmd::Console { bytes } => console(bytes),
         Cmd::Status { id, writes, index } => status(cmdline, id, writes, index),
         Cmd::Spoof { mac, secs } => spoof(net, mac, secs),
+        Cmd::Blk { index } => blk(cmdline, index),
     }
 }
 
@@ -132,6 +139,11 @@ impl Dev {
     /// Reset, ACKNOWLEDGE, DRIVER (one write each), VERSION_1 only,
     /// FEATURES_OK, both queues, DRIVER_OK; checks the device took each.
     fn up(dev: MmioDevice) -> Result<Dev, &'static str> {
+        Dev::up_with(dev, QUEUES)
+    }
+
+    /// [`Dev::up`] with the first `queues` queues only.
+    fn up_with(dev: MmioDevice, queues: usize) -> Result<Dev, &'static str> {
         let mut rings = [0; QUEUES];
         for r in &mut rings {
             *r = pool::alloc(0x1000, 0x1000)
@@ -161,7 +173,7 @@ impl Dev {
         if d.reg(STATUS) & FEATURES_OK == 0 {
             return Err("device refused FEATURES_OK");
         }
-        for (i, &ring) in d.rings.iter().enumerate() {
+        for (i, &ring) in d.rings.iter().enumerate().take(queues) {
             d.set(QUEUE_SEL, i as u32);
             if d.reg(QUEUE_READY) != 0 {
                 return Err("queue already ready");
@@ -329,6 +341,119 @@ fn repost(cmdline: &str, id: u32, index: u32) {
         Ok(d.await_failure_and_reset())
     });
     report("hostile-repost", id, outcome);
+}
+
+/// Reads a 32-bit value the device wrote to ring memory.
+fn r32(addr: u64) -> u32 {
+    // SAFETY: `addr` is a 4-aligned offset inside a page the pool handed
+    // to one `Dev`; volatile because the device writes it.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// virtio-blk request types and the device id.
+const BLK_ID: u32 = 2;
+const BLK_IN: u32 = 0;
+const BLK_OUT: u32 = 1;
+/// A guest-physical address far past any test guest's RAM.
+const NOWHERE: u64 = 1 << 40;
+
+/// `hostile-blk[:INDEX]`: requests a driver must not send, each as one
+/// chain on an 8-entry queue, then a good read: a header of 8 bytes, a
+/// read of 100 bytes, a read far past the end, request type 77, a read
+/// into memory that is not there, a write whose status descriptor is
+/// device-readable, a read of sector 0. Prints the status byte each left
+/// (255: untouched) and each used length, and whether the device failed.
+fn blk(cmdline: &str, index: u32) {
+    let outcome = find(cmdline, BLK_ID, index)
+        .and_then(|dev| Dev::up_with(dev, 1))
+        .and_then(|d| {
+            let nomem = "DMA pool exhausted";
+            let hdr = pool::bytes(16).ok_or(nomem)?;
+            let data = pool::bytes(512).ok_or(nomem)?;
+            let st = pool::bytes(1).ok_or(nomem)?;
+            let (h, dp, sp) = (
+                hdr.as_ptr() as u64,
+                data.as_ptr() as u64,
+                st.as_ptr() as u64,
+            );
+            const R: u16 = 0;
+            const W: u16 = VIRTQ_DESC_F_WRITE;
+            // Type, sector, descriptors (address, length, flags).
+            type Case<'a> = (u32, u64, &'a [(u64, u32, u16)]);
+            let cases: [Case<'_>; 7] = [
+                (BLK_IN, 0, &[(h, 8, R), (sp, 1, W)]),
+                (BLK_IN, 0, &[(h, 16, R), (dp, 100, W), (sp, 1, W)]),
+                (
+                    BLK_IN,
+                    u64::MAX / 2,
+                    &[(h, 16, R), (dp, 512, W), (sp, 1, W)],
+                ),
+                (77, 0, &[(h, 16, R), (sp, 1, W)]),
+                (BLK_IN, 0, &[(h, 16, R), (NOWHERE, 512, W), (sp, 1, W)]),
+                (BLK_OUT, 0, &[(h, 16, R), (dp, 512, R), (sp, 1, R)]),
+                (BLK_IN, 0, &[(h, 16, R), (dp, 512, W), (sp, 1, W)]),
+            ];
+            let ring = d.rings[0];
+            let mut status = [0u8; 7];
+            let mut used = [0u32; 7];
+            for (i, (kind, sector, descs)) in cases.iter().enumerate() {
+                hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+                hdr[4..8].fill(0);
+                hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+                st[0] = 0xff;
+                for (j, &(addr, len, flags)) in descs.iter().enumerate() {
+                    let more = j + 1 < descs.len();
+                    let flags = if more {
+                        flags | VIRTQ_DESC_F_NEXT
+                    } else {
+                        flags
+                    };
+                    desc(ring, j as u64, addr, len, flags, j as u16 + 1);
+                }
+                let slot = i as u64 % u64::from(QSIZE);
+                w16(ring + AVAIL + 4 + 2 * slot, 0);
+                let idx = i as u16 + 1;
+                d.kick(0, idx);
+                let wait = Deadline::after_ms(FAIL_MS);
+                while r32(ring + USED) >> 16 != u32::from(idx) {
+                    if wait.expired() {
+                        d.set(STATUS, 0);
+                        return Err("a request was not answered within 1 s");
+                    }
+                    core::hint::spin_loop();
+                }
+                fence(Ordering::SeqCst);
+                status[i] = st[0];
+                used[i] = r32(ring + USED + 4 + 8 * slot + 4);
+            }
+            let needs_reset = d.reg(STATUS) & DEVICE_NEEDS_RESET != 0;
+            d.set(STATUS, 0);
+            Ok((status, used, needs_reset))
+        });
+    match outcome {
+        Ok((s, u, needs_reset)) => serial::line(format_args!(
+            r#"{{"probe":"hostile-blk","status":[{},{},{},{},{},{},{}],"used":[{},{},{},{},{},{},{}],"needs_reset":{}}}"#,
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            s[4],
+            s[5],
+            s[6],
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            u[5],
+            u[6],
+            needs_reset
+        )),
+        Err(e) => serial::line(format_args!(
+            r#"{{"probe":"hostile-blk"{}}}"#,
+            ErrorField(Some(e))
+        )),
+    }
 }
 
 /// `hostile-console:BYTES`: BYTES times `x` with no newline, then one.

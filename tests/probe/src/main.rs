@@ -10,6 +10,7 @@
 #![no_main]
 
 mod acpi;
+mod blk;
 mod boot;
 mod clock;
 mod fs;

@@ -2,7 +2,7 @@
 //! `name[:arg[:arg...]]`, run in order on vCPU 0.
 
 use crate::serial::{self, Json};
-use crate::{boot, clock, fs, hostile, hw, identity, lapic, mem, net, smp};
+use crate::{blk, boot, clock, fs, hostile, hw, identity, lapic, mem, net, smp};
 use core::arch::asm;
 
 /// One parsed step.
@@ -15,6 +15,7 @@ enum Step<'a> {
     Fault,
     Net(net::Cmd),
     Fs(fs::Cmd<'a>),
+    Blk(blk::Cmd),
     Hostile(hostile::Cmd),
     Mem(mem::Cmd),
     Tick { ms: u64, n: Option<u64> },
@@ -68,9 +69,10 @@ pub fn run(program: &str, cmdline: &str) {
     }
     let mut net = net::Ctx::new(cmdline);
     let mut fs = fs::Ctx::new(cmdline);
+    let mut blk = blk::Ctx::new(cmdline);
     for text in steps(program) {
         if let Ok(step) = parse(text) {
-            exec(step, cmdline, &mut net, &mut fs);
+            exec(step, cmdline, &mut net, &mut fs, &mut blk);
         }
     }
 }
@@ -94,6 +96,13 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
         return match parts.next() {
             Some(extra) => Err(StepError::BadArg(name, extra)),
             None => Ok(Step::Fs(cmd)),
+        };
+    }
+    if let Some(cmd) = blk::parse(name, &mut parts) {
+        let cmd = cmd.map_err(|arg| StepError::BadArg(name, arg))?;
+        return match parts.next() {
+            Some(extra) => Err(StepError::BadArg(name, extra)),
+            None => Ok(Step::Blk(cmd)),
         };
     }
     if let Some(cmd) = hostile::parse(name, &mut parts) {
@@ -156,8 +165,15 @@ fn parse(text: &str) -> Result<Step<'_>, StepError<'_>> {
     }
 }
 
-fn exec(step: Step<'_>, cmdline: &str, net: &mut net::Ctx<'_>, fs: &mut fs::Ctx<'_>) {
+fn exec(
+    step: Step<'_>,
+    cmdline: &str,
+    net: &mut net::Ctx<'_>,
+    fs: &mut fs::Ctx<'_>,
+    blk: &mut blk::Ctx<'_>,
+) {
     match step {
+        Step::Blk(cmd) => blk.exec(cmd),
         Step::Net(cmd) => net.exec(cmd),
         Step::Fs(cmd) => fs.exec(cmd),
         Step::Hostile(cmd) => hostile::exec(cmd, cmdline, net),

@@ -217,6 +217,12 @@ pub enum DeviceInfo {
     Fs { tag: String, server: String },
     /// A file share served by an external vhost-user backend.
     VhostUserFs { tag: String, socket: String },
+    /// A disk on a file: its size in 512-byte sectors.
+    Blk {
+        path: String,
+        read_only: bool,
+        sectors: u64,
+    },
 }
 
 #[cfg(test)]

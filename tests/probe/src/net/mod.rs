@@ -10,7 +10,7 @@
 
 pub mod crc;
 mod dev;
-mod hal;
+pub mod hal;
 pub mod mmio;
 mod ping;
 pub mod pool;
