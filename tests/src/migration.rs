@@ -113,3 +113,12 @@ pub fn throttled_proxy(to: &str, bytes_per_s: u64) -> String {
     });
     addr
 }
+
+/// A free loopback UDP port.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -356,3 +356,87 @@ fn a_failing_destination_leaves_the_guest_running_on_the_source() {
     });
     dest.kill();
 }
+
+/// The network follows the VM. Three processes' switches: the
+/// destination's is the hub, the source's and a third one's are joined to
+/// it by UDP tunnels. A guest on the third pings, every 10 ms, a guest on
+/// the source, so the hub learns that guest's MAC behind the source's
+/// tunnel. Then that guest moves to the hub's process, and the pings
+/// reach it there: at most 2 are lost. (The moved NIC announces its MAC
+/// from its new port; here the guest's first frame there, the answer to
+/// a ping it took before the pause, would teach the hub too, so the
+/// announcement itself is checked by the virtio-net unit tests.)
+#[test]
+fn pings_go_on_while_their_target_migrates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let control = tmp.path().join("x.sock");
+    let tunnel = format!(
+        "udp:127.0.0.1:{}",
+        vmplant_tests::migration::free_udp_port()
+    );
+    let (mut dest, to) = destination_with("tcp", &["--listen", &tunnel]);
+    let mut source = Vmm::probe(
+        "net:10.0.0.2/24+serve:8",
+        &[
+            "--mem",
+            "32",
+            "--net",
+            "52:54:00:00:0a:02",
+            "--control",
+            control.to_str().unwrap(),
+            "--connect",
+            &tunnel,
+        ],
+    );
+    source.expect_line("the target's NIC", Duration::from_secs(30), |l| {
+        l.contains(r#""probe":"net""#)
+    });
+    let mut pinger = Vmm::probe(
+        "net:10.0.0.3/24+ping:10.0.0.2:300:10+shutdown",
+        &[
+            "--mem",
+            "32",
+            "--net",
+            "52:54:00:00:0a:03",
+            "--connect",
+            &tunnel,
+        ],
+    );
+    pinger.expect_line("the pinger's NIC", Duration::from_secs(30), |l| {
+        l.contains(r#""probe":"net""#)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let out = migrate(&control, &to, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(source.wait(Duration::from_secs(10)).status.code(), Some(0));
+    let pinged = pinger.wait(Duration::from_secs(30));
+    pinged.assert_success();
+    let ping = pinged
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "ping")
+        .expect("a ping line");
+    let (sent, received) = (
+        ping["sent"].as_u64().unwrap(),
+        ping["received"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "pings: {sent} sent, {received} answered, {} lost across the move",
+        sent - received
+    );
+    assert_eq!(sent, 300, "{ping}");
+    assert!(
+        sent - received <= 2,
+        "{} pings lost: {ping}",
+        sent - received
+    );
+    dest.expect_line(
+        "the moved guest's serve line",
+        Duration::from_secs(15),
+        |l| l.contains(r#""probe":"serve""#),
+    );
+}

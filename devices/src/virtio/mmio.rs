@@ -265,6 +265,7 @@ impl MmioTransport {
             if !self.activated {
                 return refuse("the device did not start again".into());
             }
+            self.device.restored();
         }
         Ok(())
     }

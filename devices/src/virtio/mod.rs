@@ -177,6 +177,10 @@ pub trait VirtioDevice: Send {
     fn restore_device(&mut self, _state: &[u8]) -> Result<(), String> {
         Ok(())
     }
+    /// The VM was restored or migrated here, with this device started
+    /// again: what it does once in its new place (a NIC announces its
+    /// MAC, so that switches learn where it is now).
+    fn restored(&mut self) {}
 }
 
 /// A queue the driver broke: the device must stop walking it.
@@ -380,6 +384,9 @@ impl<T: VirtioDevice> VirtioDevice for Arc<Mutex<T>> {
         self.lock()
             .unwrap_or_else(|p| p.into_inner())
             .restore_device(state)
+    }
+    fn restored(&mut self) {
+        self.lock().unwrap_or_else(|p| p.into_inner()).restored()
     }
 }
 

@@ -498,6 +498,17 @@ impl VirtioDevice for Net {
         }
     }
 
+    /// Announces the MAC from the NIC's port, as QEMU does after a
+    /// migration: a broadcast RARP request whose source is the MAC, so
+    /// that this switch and every switch its tunnels reach learn at once
+    /// that the MAC is here now (the guest's peers' frames then come
+    /// here, not to where the VM was).
+    fn restored(&mut self) {
+        self.switch
+            .ingress_bytes(self.port, &rarp_announce(self.mac));
+        tracing::debug!(mac = %self.mac, "virtio-net: announced after a restore");
+    }
+
     fn reset(&mut self) {
         self.rx_offloads.store(false, Relaxed);
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -508,6 +519,26 @@ impl VirtioDevice for Net {
         self.tx = None;
         self.acked = 0;
     }
+}
+
+/// A RARP request ("who has this hardware address?", RFC 903) broadcast
+/// from `mac`, padded to Ethernet's minimum frame.
+fn rarp_announce(mac: Mac) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac.0);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes());
+    // Ethernet hardware, IPv4 protocol, address lengths 6 and 4,
+    // operation 3 (request reverse); sender and target hardware address
+    // the MAC, protocol addresses unknown (zero).
+    f[14..16].copy_from_slice(&1u16.to_be_bytes());
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes());
+    f[22..28].copy_from_slice(&mac.0);
+    f[32..38].copy_from_slice(&mac.0);
+    f
 }
 
 /// Queue indices, for the event handler.
@@ -532,6 +563,41 @@ mod tests {
         fn send(&self, _frame: &dyn Frame) -> Result<(), DropReason> {
             Ok(())
         }
+    }
+
+    /// Keeps what it is sent.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<Vec<u8>>>);
+    impl PortSink for Seen {
+        fn send(&self, frame: &dyn Frame) -> Result<(), DropReason> {
+            let mut v = vec![0u8; frame.len()];
+            frame.read_at(0, &mut v);
+            self.0.lock().unwrap().push(v);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_restored_nic_announces_its_mac_where_it_is_now() {
+        let switch = Switch::new(SwitchConfig::default()).unwrap();
+        let seen = Arc::new(Seen::default());
+        // Elsewhere (a tunnel, say), the MAC was learned first.
+        let elsewhere = switch.add_port("elsewhere", PortKind::Other, seen.clone());
+        switch.ingress_bytes(elsewhere, &rarp_announce(NIC));
+        assert_eq!(switch.lookup(NIC, None), Some(elsewhere));
+        let other = switch.add_port("other", PortKind::Other, seen.clone());
+        let mut nic = Net::new(switch.clone(), "nic", NIC).unwrap();
+        seen.0.lock().unwrap().clear();
+        nic.restored();
+        assert_eq!(switch.lookup(NIC, None), Some(nic.port()));
+        let frames = seen.0.lock().unwrap().clone();
+        assert_eq!(frames.len(), 2, "flooded to the two other ports");
+        let f = &frames[0];
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &NIC.0);
+        assert_eq!(&f[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(&f[22..28], &NIC.0);
+        let _ = other;
     }
 
     /// A frame to the NIC, its payload starting with `tag`.
