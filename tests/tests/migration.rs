@@ -40,6 +40,11 @@ fn moves_and_goes_on(vcpus: &str, smp: &str) {
     );
     let done = report(&out);
     assert_eq!(done["migration"], "completed", "{done}");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("migrating: round 0 sent 16 MiB"),
+        "{progress}"
+    );
     let bytes = done["bytes"].as_u64().unwrap();
     assert!(
         (16 << 20..24 << 20).contains(&bytes),
@@ -172,27 +177,61 @@ fn a_guest_migrates_over_mutual_tls() {
 }
 
 /// A local migration, over a unix socket, to another VMM process on the
-/// same host.
+/// same host: guest memory in a memfd (`--shared-memory`) is handed over,
+/// not copied, and the guest ticks on there with the memory it filled;
+/// without a memfd it is copied.
 #[test]
 fn a_guest_migrates_to_a_local_vmm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("incoming.sock");
-    let to = format!("unix:{}", sock.display());
-    let mut dest = Vmm::start(&["run", "--incoming", &to]);
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
+    for (shared, copied) in [(true, false), (false, true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("incoming.sock");
+        let control = tmp.path().join("vm.sock");
+        let to = format!("unix:{}", sock.display());
+        let dest = Vmm::start(&["run", "--incoming", &to]);
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let mut flags = vec!["--mem", "64", "--control", control.to_str().unwrap()];
+        if shared {
+            flags.push("--shared-memory");
+        }
+        let mut source = Vmm::probe("fill:16:9+tick:50:16+verify:16:9+shutdown", &flags);
+        source.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+        let out = migrate(&control, &to, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = report(&out);
+        assert_eq!(said["migration"], "completed", "{said}");
+        let bytes = said["bytes"].as_u64().unwrap();
+        assert_eq!(
+            bytes >= 16 << 20,
+            copied,
+            "shared {shared}: {bytes} bytes copied"
+        );
+        let before = source.wait(Duration::from_secs(10));
+        assert_eq!(before.status.code(), Some(0));
+        let after = dest.wait(Duration::from_secs(30));
+        after.assert_success();
+        let (last, ticks) = ticks_after(&before.lines, &after.lines);
+        assert_eq!(
+            ticks,
+            (last + 1..=16).collect::<Vec<_>>(),
+            "shared {shared}"
+        );
+        let verify = after
+            .events()
+            .into_iter()
+            .find(|v| v["probe"] == "verify")
+            .expect("verify");
+        assert_eq!(verify["ok"], true, "shared {shared}: {verify}");
+        assert!(!sock.exists(), "the listening socket is left behind");
     }
-    let (said, source) = move_ticking_guest(&to, &[]);
-    assert_eq!(said["migration"], "completed", "{said}");
-    assert_eq!(source.status.code(), Some(0));
-    dest.expect_line("a tick on the destination", Duration::from_secs(10), |l| {
-        tick_n(l).is_some()
-    });
-    dest.kill();
-    assert!(!sock.exists(), "the listening socket is left behind");
 }
 
 /// A guest rewriting its memory at a rate the link keeps up with

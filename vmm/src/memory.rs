@@ -42,6 +42,32 @@ pub fn create(size: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
     } else {
         None
     };
+    map(size, file)
+}
+
+/// Maps `size` bytes of guest RAM from `file` (another VMM's memfd, laid
+/// out as [`create`] lays it out), shared: the same pages as that VMM's.
+pub fn from_memfd(size: u64, file: File) -> Result<GuestMemoryMmap, MemoryError> {
+    map(size, Some(std::sync::Arc::new(file)))
+}
+
+/// The memfd `mem` lives in, if it is one file with the ranges side by
+/// side as [`create`] makes it.
+pub fn memfd_of(mem: &GuestMemoryMmap) -> Option<&File> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let first = mem.iter().next()?.file_offset()?.file();
+    let mut offset = 0;
+    for region in mem.iter() {
+        let fo = region.file_offset()?;
+        if !std::ptr::eq(fo.file(), first) || fo.start() != offset {
+            return None;
+        }
+        offset += region.len();
+    }
+    Some(first)
+}
+
+fn map(size: u64, file: Option<std::sync::Arc<File>>) -> Result<GuestMemoryMmap, MemoryError> {
     let mut offset = 0;
     let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_ranges(size)
         .into_iter()

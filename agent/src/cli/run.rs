@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// `--fs` replace them, as with `--restore`.
     #[arg(long, value_name = "PROTO:ADDR", conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem", "boot", "config", "restore"])]
     pub incoming: Option<String>,
+    /// Keep guest memory in a memfd (as `--vhost-user-fs` does), so that
+    /// a local migration (`migrate unix:PATH`) hands it over to the new
+    /// VMM instead of copying it.
+    #[arg(long)]
+    pub shared_memory: bool,
     /// Serve the VM's control API on a unix socket at PATH (see `vmplant
     /// vm`); the socket is removed when the VM ends.
     #[arg(long, value_name = "PATH")]
@@ -498,7 +503,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 boot: args.boot.into(),
                 serial,
                 serial_input: !args.no_stdin,
-                shared_memory: !args.vhost_user_shares.is_empty(),
+                shared_memory: args.shared_memory || !args.vhost_user_shares.is_empty(),
             },
             nets: args.nets,
             shares: args.shares,

@@ -92,7 +92,17 @@ pub fn run(args: VmArgs) -> CliResult {
             },
         },
     };
-    let result = match control::call(&args.control, &request) {
+    // A migration's rounds, as they go, on standard error.
+    let mut progress = |p: &serde_json::Value| {
+        eprintln!(
+            "migrating: round {} sent {} MiB, {} KiB dirty, {} MiB/s",
+            p["round"],
+            p["sent_bytes"].as_u64().unwrap_or(0) >> 20,
+            p["dirty_bytes"].as_u64().unwrap_or(0) >> 10,
+            p["mib_s"]
+        )
+    };
+    let result = match control::call_with_progress(&args.control, &request, &mut progress) {
         Err(e) if matches!(request, Request::Migrate { .. }) => {
             let why = super::chain(&e);
             println!(

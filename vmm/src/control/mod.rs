@@ -17,7 +17,7 @@ mod client;
 pub mod protocol;
 mod server;
 
-pub use client::call;
+pub use client::{call, call_with_progress};
 pub use protocol::{DeviceInfo, ErrorCode, Info, Request, RunState, VERSION};
 pub use server::{ControlServer, Handler, Reply, clear_stale};
 
@@ -79,7 +79,11 @@ impl VmControl {
 }
 
 impl Handler for VmControl {
-    fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)> {
+    fn handle(
+        &self,
+        request: Request,
+        report: &mut dyn FnMut(serde_json::Value),
+    ) -> Result<Reply, (ErrorCode, String)> {
         let failed = |e: crate::VmError| (ErrorCode::Failed, chain(&e));
         let json = |v: Result<serde_json::Value, serde_json::Error>| {
             v.map_err(|e| (ErrorCode::Failed, e.to_string()))
@@ -151,13 +155,20 @@ impl Handler for VmControl {
                 let done = self
                     .vm
                     .migrate(&mut stream, &to, &self.owner, opts, &mut |p| {
+                        let mib_s = p.bytes_per_s / f64::from(1 << 20);
                         tracing::info!(
                             round = p.round,
                             sent_mib = p.sent >> 20,
                             left_kib = p.left >> 10,
-                            mib_s = (p.bytes_per_s / f64::from(1 << 20)) as u64,
+                            mib_s = mib_s as u64,
                             "migrating to {to}"
-                        )
+                        );
+                        report(serde_json::json!({
+                            "round": p.round,
+                            "sent_bytes": p.sent,
+                            "dirty_bytes": p.left,
+                            "mib_s": (mib_s * 10.0).round() / 10.0,
+                        }));
                     })
                     .map_err(failed)?;
                 let result = json(serde_json::to_value(protocol::Migrated {

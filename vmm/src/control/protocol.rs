@@ -4,7 +4,8 @@
 //! operation `op` (`{"v":1,"op":"pause"}`); operations with arguments
 //! carry them as further fields. A response is
 //! `{"ok":true,"result":RESULT}` or
-//! `{"ok":false,"error":{"code":CODE,"message":TEXT}}`. A later version
+//! `{"ok":false,"error":{"code":CODE,"message":TEXT}}`. A long operation
+//! (`migrate`) may send `{"progress":REPORT}` lines before its response. A later version
 //! adds operations and fields; a VMM answers a request of another version
 //! with the `unsupported-version` error, so that a client knows at once.
 

@@ -28,7 +28,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Whoever carries out the requests.
 pub trait Handler: Send + Sync + 'static {
     /// Carries out one request: its result, or an error code and message.
-    fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)>;
+    /// A long request may report how it goes through `progress`, each
+    /// report a `{"progress":REPORT}` line before the response.
+    fn handle(
+        &self,
+        request: Request,
+        progress: &mut dyn FnMut(serde_json::Value),
+    ) -> Result<Reply, (ErrorCode, String)>;
 }
 
 /// A request's result, and what to do once the client has it (ending
@@ -224,7 +230,10 @@ fn serve_connection(stream: UnixStream, handler: &dyn Handler) {
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
             let reply = Request::from_line(text).and_then(|r| {
                 tracing::debug!(request = ?r, "control request");
-                handler.handle(r)
+                handler.handle(r, &mut |report| {
+                    let line = serde_json::json!({ "progress": report });
+                    let _ = out.write_all(format!("{line}\n").as_bytes());
+                })
             });
             match reply {
                 Ok(Reply { result, then }) => (Response::from_result(Ok(result)), then),
@@ -249,7 +258,11 @@ mod tests {
     /// Answers every request with its own operation name.
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, request: Request) -> Result<Reply, (ErrorCode, String)> {
+        fn handle(
+            &self,
+            request: Request,
+            _progress: &mut dyn FnMut(serde_json::Value),
+        ) -> Result<Reply, (ErrorCode, String)> {
             match request {
                 Request::Stop => Err((ErrorCode::Failed, "no".into())),
                 r => Ok(serde_json::json!({ "did": format!("{r:?}") }).into()),

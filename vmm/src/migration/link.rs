@@ -138,6 +138,64 @@ impl super::Link for Conn {
             (None, _) => 0,
         }
     }
+
+    fn is_local(&self) -> bool {
+        matches!(self, Conn::Unix(_))
+    }
+
+    fn send_memfd(&mut self, memfd: Option<&std::fs::File>) -> std::io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let Conn::Unix(s) = self else {
+            return Ok(());
+        };
+        let fds = memfd.map(|f| [f.as_raw_fd()]);
+        let cmsgs: Vec<ControlMessage> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+        let marker = [u8::from(memfd.is_some())];
+        let iov = [std::io::IoSlice::new(&marker)];
+        sendmsg::<()>(s.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
+        Ok(())
+    }
+
+    fn recv_memfd(&mut self) -> std::io::Result<Option<std::fs::File>> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let Conn::Unix(s) = self else {
+            return Ok(None);
+        };
+        let mut marker = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut marker)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut memfd = None;
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for fd in fds {
+                    // SAFETY: the kernel just installed `fd` in this
+                    // process for this message; nothing else owns it, and
+                    // the File takes ownership (closing any extra ones).
+                    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+                    if memfd.is_none() {
+                        memfd = Some(file);
+                    }
+                }
+            }
+        }
+        if msg.bytes != 1 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if marker[0] == 1 && memfd.is_none() {
+            return Err(std::io::Error::other(
+                "the guest memory's descriptor did not come",
+            ));
+        }
+        Ok(memfd)
+    }
 }
 
 fn timeouts(s: &TcpStream) -> std::io::Result<()> {

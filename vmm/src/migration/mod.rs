@@ -118,6 +118,27 @@ pub trait Link: Read + Write {
     fn queued(&self) -> u64 {
         0
     }
+    /// Whether the other end is on this host and can be handed file
+    /// descriptors (a unix socket). Such a link starts with
+    /// [`Link::send_memfd`] / [`Link::recv_memfd`].
+    fn is_local(&self) -> bool {
+        false
+    }
+    /// Sends the first byte of a local link, with the memfd of guest
+    /// memory attached, or none.
+    fn send_memfd(&mut self, _memfd: Option<&std::fs::File>) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Receives the first byte of a local link and the memfd with it, if
+    /// any.
+    fn recv_memfd(&mut self) -> std::io::Result<Option<std::fs::File>> {
+        Ok(None)
+    }
+}
+
+/// The memfd guest memory lives in, if any.
+fn memory_memfd(mem: &GuestMemoryMmap) -> Option<&std::fs::File> {
+    crate::memory::memfd_of(mem)
 }
 
 impl Link for std::net::TcpStream {
@@ -262,12 +283,24 @@ impl RunningVm {
             }
         }
         let start = Instant::now();
+        // A local destination is handed the memfd guest memory lives in,
+        // if it does: nothing to copy, nothing to track.
+        let handover = if stream.is_local() {
+            let memfd = memory_memfd(self.memory());
+            stream.send_memfd(memfd).map_err(MigrationError::Send)?;
+            memfd.is_some()
+        } else {
+            false
+        };
+        if handover {
+            return self.migrate_logged(stream, to, owner, opts, progress, start, false);
+        }
         crate::vm::set_memory_flags(
             &self.fd,
             self.memory(),
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
         )?;
-        let result = self.migrate_logged(stream, to, owner, opts, progress, start);
+        let result = self.migrate_logged(stream, to, owner, opts, progress, start, true);
         if result.is_err() {
             // The VM runs on here, without the cost of dirty logging.
             if let Err(e) = crate::vm::set_memory_flags(&self.fd, self.memory(), 0) {
@@ -277,6 +310,10 @@ impl RunningVm {
         result
     }
 
+    /// The migration proper: with `precopy`, memory is copied (dirty
+    /// logging on); without, the destination has it already (a handed
+    /// over memfd) and only the state goes.
+    #[allow(clippy::too_many_arguments)]
     fn migrate_logged<S: Link>(
         &self,
         stream: &mut S,
@@ -285,6 +322,7 @@ impl RunningVm {
         opts: MigrateOptions,
         progress: &mut dyn FnMut(Progress),
         start: Instant,
+        precopy: bool,
     ) -> Result<Migrated, VmError> {
         let mem = self.memory();
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *stream);
@@ -295,14 +333,17 @@ impl RunningVm {
             bytes: 0,
             wire: 0,
         };
-        // Everything that holds data, the guest running. Pages it writes
-        // meanwhile show in the first dirty log.
-        take_dirty(self)?; // both logs start clean
-        for region in mem.iter() {
-            send_region(&mut sender, mem, region)?;
-        }
         let mut rounds = 0u32;
-        loop {
+        if precopy {
+            // Everything that holds data, the guest running. Pages it
+            // writes meanwhile show in the first dirty log.
+            take_dirty(self)?; // both logs start clean
+            for region in mem.iter() {
+                send_region(&mut sender, mem, region)?;
+            }
+        }
+        let mut drained_since: Option<Instant> = None;
+        while precopy {
             let dirty = take_dirty(self)?;
             let left = count(&dirty) * PAGE;
             // The rate the link carried so far, and what it has yet to
@@ -317,11 +358,31 @@ impl RunningVm {
                 left,
                 bytes_per_s: rate,
             });
-            if (left + queued) as f64 <= rate * opts.downtime.as_secs_f64() {
+            let fits = |bytes: u64| bytes as f64 <= rate * opts.downtime.as_secs_f64();
+            if fits(left + queued) {
                 // The rest goes with the VM paused.
                 put_back(self, &dirty);
                 break;
             }
+            if fits(left) {
+                // Only what the link has yet to carry is in the way: wait
+                // for it to drain rather than spend a round.
+                put_back(self, &dirty);
+                let waiting = drained_since.get_or_insert_with(Instant::now);
+                if waiting.elapsed() > link::IO_TIMEOUT {
+                    return Err(MigrationError::Send(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the destination has not read {queued} bytes for {:?}",
+                            link::IO_TIMEOUT
+                        ),
+                    ))
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            drained_since = None;
             if rounds >= opts.max_rounds {
                 return Err(MigrationError::NoConvergence {
                     rounds,
@@ -341,16 +402,20 @@ impl RunningVm {
         for t in &self.transports {
             crate::vm::lock(t).quiesce();
         }
-        let last = take_dirty(self)
-            .map_err(VmError::from)
-            .and_then(|dirty| send_dirty(&mut sender, mem, &dirty).map_err(VmError::from))
-            .and_then(|()| self.capture(owner, [0; 16]))
-            .and_then(|vm_state| {
-                let bytes = file::encode(&vm_state).map_err(SnapshotError::from)?;
-                wire::write_state(sender.out, &bytes).map_err(MigrationError::Send)?;
-                sender.out.flush().map_err(MigrationError::Send)?;
-                Ok(())
-            });
+        let last = (if precopy {
+            take_dirty(self)
+        } else {
+            Ok(Vec::new())
+        })
+        .map_err(VmError::from)
+        .and_then(|dirty| send_dirty(&mut sender, mem, &dirty).map_err(VmError::from))
+        .and_then(|()| self.capture(owner, [0; 16]))
+        .and_then(|vm_state| {
+            let bytes = file::encode(&vm_state).map_err(SnapshotError::from)?;
+            wire::write_state(sender.out, &bytes).map_err(MigrationError::Send)?;
+            sender.out.flush().map_err(MigrationError::Send)?;
+            Ok(())
+        });
         let bytes = sender.bytes;
         drop(out);
         let confirmed = last.and_then(|()| wire::read_reply(stream).map_err(VmError::from));
@@ -467,7 +532,12 @@ fn send_dirty<W: Write>(
 /// Receives a VM from the source at the other end of `stream`: its
 /// memory, written into fresh guest memory, and its state. The caller
 /// builds and starts it as a restore, then calls [`confirm`].
-pub fn receive<S: Read>(stream: &mut S) -> Result<Snapshot, MigrationError> {
+pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
+    let memfd = if stream.is_local() {
+        stream.recv_memfd().map_err(MigrationError::Receive)?
+    } else {
+        None
+    };
     let mut input = std::io::BufReader::with_capacity(1 << 20, stream);
     let layout = wire::read_hello(&mut input)?;
     let size = layout
@@ -484,7 +554,18 @@ pub fn receive<S: Read>(stream: &mut S) -> Result<Snapshot, MigrationError> {
     if layout != expected {
         return Err(MigrationError::Layout { got: layout });
     }
-    let memory = crate::memory::create(size, false)?;
+    let memory = match memfd {
+        Some(file) => {
+            let len = file.metadata().map_err(MigrationError::Receive)?.len();
+            if len != size {
+                return Err(MigrationError::Protocol(format!(
+                    "the handed over guest memory is {len} bytes, not {size}"
+                )));
+            }
+            crate::memory::from_memfd(size, file)?
+        }
+        None => crate::memory::create(size, false)?,
+    };
     let mut buf = vec![0u8; (u64::from(MAX_RUN) * PAGE) as usize];
     let zeros = vec![0u8; buf.len()];
     let out_of_range = |gpa: u64, pages: u32| {
