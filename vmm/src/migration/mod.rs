@@ -333,67 +333,11 @@ impl RunningVm {
             bytes: 0,
             wire: 0,
         };
-        let mut rounds = 0u32;
-        if precopy {
-            // Everything that holds data, the guest running. Pages it
-            // writes meanwhile show in the first dirty log.
-            take_dirty(self)?; // both logs start clean
-            for region in mem.iter() {
-                send_region(&mut sender, mem, region)?;
-            }
-        }
-        let mut drained_since: Option<Instant> = None;
-        while precopy {
-            let dirty = take_dirty(self)?;
-            let left = count(&dirty) * PAGE;
-            // The rate the link carried so far, and what it has yet to
-            // carry: what went into its buffers is not gone yet.
-            sender.out.flush().map_err(MigrationError::Send)?;
-            let queued = sender.out.get_ref().queued();
-            let elapsed = start.elapsed().as_secs_f64().max(1e-6);
-            let rate = sender.wire.saturating_sub(queued).max(1) as f64 / elapsed;
-            progress(Progress {
-                round: rounds,
-                sent: sender.bytes,
-                left,
-                bytes_per_s: rate,
-            });
-            let fits = |bytes: u64| bytes as f64 <= rate * opts.downtime.as_secs_f64();
-            if fits(left + queued) {
-                // The rest goes with the VM paused.
-                put_back(self, &dirty);
-                break;
-            }
-            if fits(left) {
-                // Only what the link has yet to carry is in the way: wait
-                // for it to drain rather than spend a round.
-                put_back(self, &dirty);
-                let waiting = drained_since.get_or_insert_with(Instant::now);
-                if waiting.elapsed() > link::IO_TIMEOUT {
-                    return Err(MigrationError::Send(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "the destination has not read {queued} bytes for {:?}",
-                            link::IO_TIMEOUT
-                        ),
-                    ))
-                    .into());
-                }
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            drained_since = None;
-            if rounds >= opts.max_rounds {
-                return Err(MigrationError::NoConvergence {
-                    rounds,
-                    left_mib: left as f64 / f64::from(1 << 20),
-                    mib_s: rate / f64::from(1 << 20),
-                }
-                .into());
-            }
-            rounds += 1;
-            send_dirty(&mut sender, mem, &dirty)?;
-        }
+        let rounds = if precopy {
+            self.precopy(&mut sender, opts, progress, start)?
+        } else {
+            0
+        };
 
         let mut state = self.lock_state();
         let was_running = *state == crate::control::RunState::Running;
@@ -486,6 +430,80 @@ fn send_region<W: Write>(
         off += n;
     }
     Ok(())
+}
+
+impl RunningVm {
+    /// Copies guest memory while the guest runs: all that holds data,
+    /// then, in rounds, what was written meanwhile, until the rest fits
+    /// the downtime (left marked dirty for the final copy); the rounds.
+    fn precopy<S: Link>(
+        &self,
+        sender: &mut Sender<'_, std::io::BufWriter<&mut S>>,
+        opts: MigrateOptions,
+        progress: &mut dyn FnMut(Progress),
+        start: Instant,
+    ) -> Result<u32, VmError> {
+        let mem = self.memory();
+        let mut rounds = 0u32;
+        // Everything that holds data, the guest running. Pages it writes
+        // meanwhile show in the first dirty log.
+        take_dirty(self)?; // both logs start clean
+        for region in mem.iter() {
+            send_region(sender, mem, region)?;
+        }
+        let mut drained_since: Option<Instant> = None;
+        loop {
+            let dirty = take_dirty(self)?;
+            let left = count(&dirty) * PAGE;
+            // The rate the link carried so far, and what it has yet to
+            // carry: what went into its buffers is not gone yet.
+            sender.out.flush().map_err(MigrationError::Send)?;
+            let queued = sender.out.get_ref().queued();
+            let elapsed = start.elapsed().as_secs_f64().max(1e-6);
+            let rate = sender.wire.saturating_sub(queued).max(1) as f64 / elapsed;
+            progress(Progress {
+                round: rounds,
+                sent: sender.bytes,
+                left,
+                bytes_per_s: rate,
+            });
+            let fits = |bytes: u64| bytes as f64 <= rate * opts.downtime.as_secs_f64();
+            if fits(left + queued) {
+                // The rest goes with the VM paused.
+                put_back(self, &dirty);
+                return Ok(rounds);
+            }
+            if fits(left) {
+                // Only what the link has yet to carry is in the way: wait
+                // for it to drain rather than spend a round.
+                put_back(self, &dirty);
+                let waiting = drained_since.get_or_insert_with(Instant::now);
+                if waiting.elapsed() > link::IO_TIMEOUT {
+                    return Err(MigrationError::Send(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the destination has not read {queued} bytes for {:?}",
+                            link::IO_TIMEOUT
+                        ),
+                    ))
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            drained_since = None;
+            if rounds >= opts.max_rounds {
+                return Err(MigrationError::NoConvergence {
+                    rounds,
+                    left_mib: left as f64 / f64::from(1 << 20),
+                    mib_s: rate / f64::from(1 << 20),
+                }
+                .into());
+            }
+            rounds += 1;
+            send_dirty(sender, mem, &dirty)?;
+        }
+    }
 }
 
 /// Marks the pages of `dirty` dirty again in vm-memory's bitmap, so that
