@@ -154,10 +154,19 @@ fn serve(a: ServeArgs) -> CliResult {
         workers: a.workers,
         max_nodes: gvfs::server::DEFAULT_MAX_NODES,
     };
+    // Signals go to the wait below, not to the server's threads.
+    gvfs::block_termination_signals();
     let server = Server::bind(cfg, a.listen)?;
     eprintln!("gvfs: serving on {}", server.local_addr());
-    server.run();
-    Ok(ExitCode::SUCCESS)
+    let handle = server.spawn();
+    let sig = loop {
+        if let Some(sig) = gvfs::wait_termination(Duration::from_secs(3600)) {
+            break sig;
+        }
+    };
+    tracing::info!(sig, "shutting down");
+    drop(handle);
+    Ok(signal_exit(Some(sig)))
 }
 
 fn mount(a: MountArgs) -> CliResult {
@@ -194,22 +203,37 @@ fn mount(a: MountArgs) -> CliResult {
     // Signals go to the wait below, not to the threads started from here on.
     gvfs::block_termination_signals();
     let fs = Arc::new(Fs::new(connect, opts)?);
+    fs.set_label(&a.mountpoint.display().to_string());
     fs.connect()?;
     let read_only = fs.read_only()?;
     let session = gvfs::fuse::mount(fs, &a.mountpoint, read_only)
         .map_err(|e| format!("cannot mount on {}: {e}", a.mountpoint.display()))?;
     eprintln!("gvfs: {} mounted on {}", a.server, a.mountpoint.display());
-    loop {
+    let signal = loop {
         if let Some(sig) = gvfs::wait_termination(Duration::from_millis(500)) {
             tracing::info!(sig, "unmounting");
-            break;
+            break Some(sig);
         }
         if session.guard.is_finished() {
-            // Unmounted from outside (fusermount3 -u / umount).
-            break;
+            // Unmounted from outside (fusermount3 -u, umount): a normal
+            // end. The kernel's mount is gone, so the session must not
+            // try to unmount it again (that fails with EINVAL).
+            std::mem::forget(session);
+            eprintln!("gvfs: {} was unmounted", a.mountpoint.display());
+            return Ok(ExitCode::SUCCESS);
         }
-    }
+    };
     session.umount_and_join()?;
     eprintln!("gvfs: unmounted {}", a.mountpoint.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(signal_exit(signal))
+}
+
+/// The exit status after a termination signal: 128 + its number, as a
+/// shell reports a process the signal killed (130 for Ctrl-C, 143 for
+/// SIGTERM); 0 without one.
+pub(super) fn signal_exit(signal: Option<i32>) -> ExitCode {
+    match signal {
+        Some(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+        None => ExitCode::SUCCESS,
+    }
 }

@@ -4,6 +4,7 @@ mod bench;
 mod gvfs;
 mod host;
 mod nic;
+mod pki;
 mod run;
 mod share;
 mod switch;
@@ -29,7 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot one guest with its serial console on standard output.
+    /// Boot one guest (its serial console on standard output), or several
+    /// on one switch from a JSON file (--config).
     Run(Box<run::RunArgs>),
     /// Control a running VM through its control socket.
     Vm(vm::VmArgs),
@@ -40,6 +42,8 @@ pub enum Command {
     Gvfs(gvfs::GvfsCommand),
     /// Print what this host's KVM offers (kind of virtualization, limits).
     Host,
+    /// Make a CA and the certificates TLS tunnels and GVFS servers need.
+    Pki(pki::PkiArgs),
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,6 +72,7 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Vnet(args) => vnet::run(args),
         Command::Gvfs(cmd) => gvfs::run(cmd),
         Command::Host => host::run(),
+        Command::Pki(args) => pki::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

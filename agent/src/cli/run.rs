@@ -31,8 +31,9 @@ pub struct RunArgs {
     /// The kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    /// Number of vCPUs (1..=254: APIC id 255 is the broadcast address;
+    /// KVM on the host may allow fewer, `vmplant host` says how many).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub vcpus: u8,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128, value_parser = crate::cli::mib)]
@@ -348,6 +349,29 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
         .collect()
 }
 
+/// Refuses a MAC given to two NICs (of one VM or of two): on one switch
+/// they would take each other's frames.
+fn check_macs(planned: &[Planned]) -> Result<(), String> {
+    let mut seen = std::collections::HashMap::new();
+    let several = planned.len() > 1;
+    for p in planned {
+        for (i, nic) in p.nets.iter().enumerate() {
+            let who = if several {
+                format!("VM {:?} NIC {i}", p.name)
+            } else {
+                format!("NIC {i}")
+            };
+            if let Some(first) = seen.insert(nic.mac, who.clone()) {
+                return Err(format!(
+                    "MAC {} is given to two NICs ({first} and {who}): each NIC on the switch needs its own",
+                    nic.mac
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let serial = args
         .serial_file
@@ -401,6 +425,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             Box::new(e)
         }
     };
+    check_macs(&planned)?;
     for path in planned.iter().filter_map(|p| p.control.as_ref()) {
         vmm::control::clear_stale(path)?;
     }
@@ -408,6 +433,14 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
     for mut p in planned {
+        // Every line logged for this VM, from any of its threads, names
+        // it when the process runs several.
+        let span = if several {
+            tracing::info_span!("vm", name = %p.name)
+        } else {
+            tracing::Span::none()
+        };
+        let _in_vm = span.enter();
         let restore = p.restore.take();
         let owner = p.device_plan();
         let mut vm = match &restore {
