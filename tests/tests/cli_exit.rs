@@ -192,7 +192,7 @@ fn run_errors_name_the_cause_and_the_remedy() {
         ],
     );
     // The real range, not clap's u8 range.
-    for n in ["300", "0"] {
+    for n in ["300", "255", "0"] {
         let out = vmplant_out(&["run", "--kernel", probe, "--vcpus", n]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
