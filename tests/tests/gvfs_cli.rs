@@ -197,3 +197,76 @@ fn cache_sizes_too_large_are_refused() {
         );
     }
 }
+
+/// A mount logs the loss of its server and its reconnect, naming its
+/// mount point.
+#[test]
+fn a_mount_logs_its_disconnects_and_reconnects() {
+    let dir = std::env::temp_dir().join(format!("vmplant-gvfs-cli-{}-rec", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (export, mnt, token) = (dir.join("export"), dir.join("mnt"), dir.join("token"));
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::write(export.join("a.txt"), "a").unwrap();
+    std::fs::write(&token, "cli-test-token\n").unwrap();
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let serve = |listen: &str| {
+        start(
+            &[
+                "serve",
+                "--plaintext",
+                "--listen",
+                listen,
+                "--export",
+                &path(&export),
+                "--token-file",
+                &path(&token),
+            ],
+            "gvfs: serving on ",
+        )
+    };
+    let (server, line, _) = serve("127.0.0.1:0");
+    let addr = line
+        .trim_start_matches("gvfs: serving on ")
+        .trim()
+        .to_string();
+    let (mut mount, _, later) = start(
+        &[
+            "mount",
+            "--server",
+            &addr,
+            "--token-file",
+            &path(&token),
+            "--plaintext",
+            "--attr-timeout",
+            "0",
+            &path(&mnt),
+        ],
+        &format!("gvfs: {addr} mounted on"),
+    );
+    let expect = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match later.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("the mount never logged {what:?}"),
+            }
+        }
+    };
+    drop(server);
+    let lost = expect("disconnected from the server");
+    assert!(lost.contains(&format!("share={}", mnt.display())), "{lost}");
+    let (_again, _, _) = serve(&addr);
+    // The next call connects again.
+    assert_eq!(std::fs::read_to_string(mnt.join("a.txt")).unwrap(), "a");
+    let back = expect("reconnected");
+    assert!(back.contains(&format!("share={}", mnt.display())), "{back}");
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(mount.0.id() as i32, libc::SIGTERM) };
+    let status = mount.0.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(!is_mounted(&mnt));
+    let _ = std::fs::remove_dir_all(&dir);
+}
