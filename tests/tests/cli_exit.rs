@@ -337,6 +337,10 @@ fn a_tap_held_by_another_process_is_named_as_such() {
             "Device or resource busy",
         ],
     );
+    fails(
+        &["vnet", "--tap", "lo"],
+        &["TUNSETIFF lo: an interface of that name exists and is not a TAP"],
+    );
     holder.signal(libc::SIGTERM);
     let (code, stderr) = wait_code(holder);
     assert_eq!(code, Some(143), "{stderr}");

@@ -26,10 +26,10 @@ pub enum TapError {
     Open(#[source] io::Error),
     #[error("{0} failed")]
     Ioctl(&'static str, #[source] io::Error),
-    #[error(
-        "TUNSETIFF {0}: another process holds this TAP (or an interface of another kind has the name): stop it, or give another name"
-    )]
+    #[error("TUNSETIFF {0}: another process holds this TAP: stop it, or give another name")]
     Busy(String, #[source] io::Error),
+    #[error("TUNSETIFF {0}: an interface of that name exists and is not a TAP: give another name")]
+    NotTap(String, #[source] io::Error),
     #[error("TUNSETIFF {0}: not allowed to create a TAP: run as root (CAP_NET_ADMIN)")]
     NotAllowed(String, #[source] io::Error),
     #[error("cannot start the TAP thread")]
@@ -109,6 +109,9 @@ fn open_tap(name: &str) -> Result<(OwnedFd, String), TapError> {
     .map_err(|e| match e {
         TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EBUSY) => {
             TapError::Busy(name.to_string(), e)
+        }
+        TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            TapError::NotTap(name.to_string(), e)
         }
         TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EPERM) => {
             TapError::NotAllowed(name.to_string(), e)
