@@ -392,6 +392,22 @@ fn a_share_whose_server_is_down_or_refuses_the_token_stops_run_before_the_guest(
     assert!(run_err.ends_with(what), "{run_err:?} vs {mount_err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
+    // With several VMs, none starts: the shares connect first.
+    let config = dir.0.join("vms.json");
+    let spec = json!({"vms": [
+        {"name": "a", "kernel": probe, "cmdline": "console=ttyS0 probe=ready"},
+        {"name": "b", "kernel": probe, "shares": [share]},
+    ]});
+    std::fs::write(&config, spec.to_string()).unwrap();
+    let out = vmplant_out(&["run", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("vmplant: VM b: share data: {what}")),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "VM a ran: {out:?}");
+
     // A live server and a wrong token.
     let export = std::env::temp_dir().join(format!("vmplant-cli-fsrv-{}", std::process::id()));
     std::fs::create_dir_all(export.join("export")).unwrap();

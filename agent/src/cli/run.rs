@@ -429,10 +429,28 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     for path in planned.iter().filter_map(|p| p.control.as_ref()) {
         vmm::control::clear_stale(path)?;
     }
+    // Every VM's file shares connect and authenticate before any guest
+    // starts: a server that is down or a wrong token stops the run here.
+    let mut servers = Vec::with_capacity(planned.len());
+    for p in &planned {
+        let connected = p
+            .shares
+            .iter()
+            .map(Share::connect)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                if several {
+                    format!("VM {}: {e}", p.name).into()
+                } else {
+                    e
+                }
+            })?;
+        servers.push(connected);
+    }
     let vnet = args.switch.start()?;
     let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
-    for mut p in planned {
+    for (mut p, servers) in planned.into_iter().zip(servers) {
         // Every line logged for this VM, from any of its threads, names
         // it when the process runs several.
         let span = if several {
@@ -459,8 +477,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 port,
             });
         }
-        for share in &p.shares {
-            let fs = Fs::new(&share.tag, share.connect()?)?;
+        for (share, server) in p.shares.iter().zip(servers) {
+            let fs = Fs::new(&share.tag, server)?;
             vm.add_virtio_device(Box::new(fs), None)?;
             devices.push(DeviceInfo::Fs {
                 tag: share.tag.clone(),
