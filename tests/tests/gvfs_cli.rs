@@ -144,12 +144,14 @@ fn mount_and_stop_with(stop: Stop) {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    match stop {
-        Stop::Signal(signal) => assert_eq!(status.code(), Some(128 + signal), "{stop:?}"),
-        Stop::Fusermount => assert_eq!(status.code(), Some(0), "{stop:?}"),
-    }
     // Standard error ends with the process; no error on the way out.
     let said: Vec<String> = later.iter().collect();
+    match stop {
+        Stop::Signal(signal) => {
+            assert_eq!(status.code(), Some(128 + signal), "{stop:?}: {said:?}")
+        }
+        Stop::Fusermount => assert_eq!(status.code(), Some(0), "{stop:?}: {said:?}"),
+    }
     assert!(
         !said
             .iter()

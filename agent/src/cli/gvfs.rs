@@ -223,9 +223,35 @@ fn mount(a: MountArgs) -> CliResult {
             return Ok(ExitCode::SUCCESS);
         }
     };
-    session.umount_and_join()?;
+    if let Err(e) = session.umount_and_join() {
+        // The FUSE session may end with an error of its own once the
+        // kernel let go; only a mount that is still there is a failure.
+        if is_mounted(&a.mountpoint) {
+            return Err(format!("cannot unmount {}: {e}", a.mountpoint.display()).into());
+        }
+        tracing::warn!(error = %e, "the FUSE session ended with an error");
+    }
     eprintln!("gvfs: unmounted {}", a.mountpoint.display());
     Ok(signal_exit(signal))
+}
+
+/// Whether something is mounted at `dir` (as /proc/self/mounts says).
+fn is_mounted(dir: &Path) -> bool {
+    // Not canonicalize: a mount whose FUSE session is gone fails stat.
+    let Ok(dir) = std::path::absolute(dir) else {
+        return false;
+    };
+    // Mount points are listed with blanks and backslashes escaped.
+    let listed = dir
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(1) == Some(listed.as_str()))
+    })
 }
 
 /// The exit status after a termination signal: 128 + its number, as a
