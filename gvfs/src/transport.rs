@@ -412,3 +412,40 @@ impl Write for TlsWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_file_errors_say_which_file_holds_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |n: &str| dir.path().join(n);
+        for name in ["a", "b"] {
+            let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            std::fs::write(f(&format!("{name}.pem")), c.cert.pem()).unwrap();
+            std::fs::write(f(&format!("{name}.key")), c.signing_key.serialize_pem()).unwrap();
+        }
+        server_tls_config(&f("a.pem"), &f("a.key")).unwrap();
+        client_tls_config(&f("a.pem")).unwrap();
+        let server = |c: &str, k: &str| {
+            server_tls_config(&f(c), &f(k))
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(server("a.key", "a.pem").contains("a.key holds a private key and no certificate"));
+        assert!(server("a.pem", "a.pem").contains("a.pem holds a certificate and no private key"));
+        let e = server("a.pem", "b.key");
+        assert!(
+            e.contains("b.key does not belong to the certificate in"),
+            "{e}"
+        );
+        assert!(server("a.pem", "none.key").starts_with("cannot read"));
+        let e = client_tls_config(&f("a.key"))
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no PEM CA certificate"), "{e}");
+    }
+}

@@ -450,3 +450,26 @@ pub fn check(resp: Response) -> Result<Response, ClientError> {
         r => Ok(r),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_need_a_port() {
+        for ok in ["127.0.0.1:7070", "files.example.org:1", "[::1]:7070"] {
+            assert!(has_port(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "127.0.0.1",
+            ":7070",
+            "::1",
+            "h:port",
+            "h:70000",
+            "",
+        ] {
+            assert!(!has_port(bad), "{bad}");
+        }
+    }
+}

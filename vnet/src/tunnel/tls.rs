@@ -175,3 +175,47 @@ impl TlsConfig {
         Ok(ServerConnection::new(self.server.clone())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes two switches' PEM files into a temporary directory.
+    fn files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, pem) in crate::testbed::pki(2).unwrap().iter().enumerate() {
+            std::fs::write(dir.path().join(format!("sw{i}.pem")), &pem.cert).unwrap();
+            std::fs::write(dir.path().join(format!("sw{i}.key")), &pem.key).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), &pem.ca).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn file_errors_say_which_file_holds_what() {
+        let dir = files();
+        let f = |n: &str| dir.path().join(n);
+        TlsConfig::from_pem_files(&f("sw0.pem"), &f("sw0.key"), &f("ca.pem")).unwrap();
+        let err = |c: &str, k: &str, a: &str| {
+            TlsConfig::from_pem_files(&f(c), &f(k), &f(a))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("sw0.key", "sw0.pem", "ca.pem")
+                .contains("sw0.key holds a private key and no certificate"),
+        );
+        assert!(
+            err("sw0.pem", "sw0.pem", "ca.pem")
+                .contains("sw0.pem holds a certificate and no private key"),
+        );
+        let e = err("sw0.pem", "sw1.key", "ca.pem");
+        assert!(
+            e.contains("sw1.key does not belong to the certificate in"),
+            "{e}"
+        );
+        let e = err("sw0.pem", "sw0.key", "sw0.key");
+        assert!(e.contains("holds no PEM CA certificate"), "{e}");
+        assert!(err("sw0.pem", "none.key", "ca.pem").starts_with("cannot read"));
+    }
+}
