@@ -266,9 +266,10 @@ impl Vm {
         }
         let host = host::info(&kvm);
         if let Some(w) = host.warning() {
-            // Once per process, however many VMs it runs.
+            // Once per process, however many VMs it runs, and about the
+            // host: outside the span of the VM being built.
             static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| tracing::warn!("{w}"));
+            WARNED.call_once(|| tracing::warn!(parent: None, "{w}"));
         }
         let limits = HostLimits {
             max_vcpus: host.max_vcpus.min(254),

@@ -88,9 +88,13 @@ pub fn init_logging(verbose: u8) {
     // Colours only on a terminal, never in files or pipes, and never
     // when NO_COLOR is set (https://no-color.org).
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // A log line that cannot be written (standard error closed, say a
+    // pipe to `head` that ended) is dropped: the subscriber's own report
+    // of it would panic in eprintln! and take a vCPU thread down.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     match std::env::var_os("RUST_LOG") {
         Some(_) => builder
             .with_env_filter(EnvFilter::from_default_env())
