@@ -168,6 +168,10 @@ fn bad_input_exits_1_for_every_command() {
         ],
         &["cannot read", "ca.key", "make a CA first", "No such file"],
     );
+    let out = vmplant_out(&["gvfs", "serve", "--listen", "localhost", "--export", "/"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("\"localhost\" is not IP:PORT"), "{stderr}");
     // A size whose bytes do not fit in 64 bits: a usage error, status 1.
     let out = vmplant_out(&["bench", "virtio-fs", "--file-mib", "17592186044544"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -24,8 +24,8 @@ pub struct ServeArgs {
     /// The directory to export; nothing outside it is reachable.
     #[arg(long, value_name = "DIR")]
     export: PathBuf,
-    /// Address to listen on, e.g. 0.0.0.0:7070.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, IP:PORT, e.g. 0.0.0.0:7070.
+    #[arg(long, value_name = "ADDR", value_parser = listen_addr)]
     listen: SocketAddr,
     /// File holding the token clients must present.
     #[arg(long, value_name = "FILE")]
@@ -117,6 +117,13 @@ pub fn run(cmd: GvfsCommand) -> CliResult {
     };
     // Print the whole cause chain ("cannot connect: connection refused").
     res.map_err(|e| super::switch::chain(e.as_ref()).into())
+}
+
+/// `--listen`: an IP address and a port (a name is not resolved here).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:7070, 0.0.0.0:7070 or [::]:7070)")
+    })
 }
 
 pub(super) fn read_token(path: &Path) -> Result<Vec<u8>, String> {
