@@ -272,3 +272,56 @@ fn a_mount_logs_its_disconnects_and_reconnects() {
     assert!(!is_mounted(&mnt));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A mount still in use when it is told to stop is detached (it goes when
+/// its last user lets go), and the process ends as for any signal.
+#[test]
+fn a_busy_mount_is_detached_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("vmplant-gvfs-cli-{}-busy", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (export, mnt, token) = (dir.join("export"), dir.join("mnt"), dir.join("token"));
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::write(export.join("a.txt"), "a").unwrap();
+    std::fs::write(&token, "cli-test-token\n").unwrap();
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (_server, line, _) = start(
+        &[
+            "serve",
+            "--plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            &path(&export),
+            "--token-file",
+            &path(&token),
+        ],
+        "gvfs: serving on ",
+    );
+    let addr = line
+        .trim_start_matches("gvfs: serving on ")
+        .trim()
+        .to_string();
+    let (mut mount, _, later) = start(
+        &[
+            "mount",
+            "--server",
+            &addr,
+            "--token-file",
+            &path(&token),
+            "--plaintext",
+            &path(&mnt),
+        ],
+        &format!("gvfs: {addr} mounted on"),
+    );
+    let held = std::fs::File::open(mnt.join("a.txt")).unwrap();
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(mount.0.id() as i32, libc::SIGTERM) };
+    let status = mount.0.wait().unwrap();
+    let said: Vec<String> = later.iter().collect();
+    assert_eq!(status.code(), Some(143), "{said:?}");
+    assert!(said.iter().any(|l| l.contains("detached")), "{said:?}");
+    assert!(!is_mounted(&mnt), "{said:?}");
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -230,16 +230,56 @@ fn mount(a: MountArgs) -> CliResult {
             return Ok(ExitCode::SUCCESS);
         }
     };
-    if let Err(e) = session.umount_and_join() {
-        // The FUSE session may end with an error of its own once the
-        // kernel let go; only a mount that is still there is a failure.
-        if is_mounted(&a.mountpoint) {
-            return Err(format!("cannot unmount {}: {e}", a.mountpoint.display()).into());
-        }
-        tracing::warn!(error = %e, "the FUSE session ended with an error");
-    }
+    unmount(&a.mountpoint, session)?;
     eprintln!("gvfs: unmounted {}", a.mountpoint.display());
     Ok(signal_exit(signal))
+}
+
+/// Unmounts `dir` and ends its FUSE session. A mount that is busy for a
+/// moment (a file still being closed) is tried again for up to 2 s, and
+/// then detached (it goes once the last user lets go); without the right
+/// to unmount it directly (not root), fuser's own way (fusermount3 -u).
+fn unmount(dir: &Path, session: gvfs::fuse::BackgroundSession) -> Result<(), String> {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    let (mut tries, mut detached) = (0, false);
+    let direct = loop {
+        match umount2(dir, MntFlags::empty()) {
+            Err(Errno::EBUSY) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(Errno::EBUSY) => {
+                tracing::warn!(mountpoint = %dir.display(), "still busy after 2 s: detached");
+                detached = true;
+                break umount2(dir, MntFlags::MNT_DETACH);
+            }
+            other => break other,
+        }
+    };
+    match direct {
+        Ok(()) => {
+            // The kernel ends the session (at once, or once a detached
+            // mount's last user lets go); its thread ends with it. The
+            // session must not unmount again (EINVAL).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !detached && !session.guard.is_finished() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::mem::forget(session);
+            Ok(())
+        }
+        Err(_) => session.umount_and_join().or_else(|e| {
+            // The FUSE session may end with an error of its own once the
+            // kernel let go; only a mount that is still there is a failure.
+            if is_mounted(dir) {
+                return Err(format!("cannot unmount {}: {e}", dir.display()));
+            }
+            tracing::warn!(error = %e, "the FUSE session ended with an error");
+            Ok(())
+        }),
+    }
 }
 
 /// Whether something is mounted at `dir` (as /proc/self/mounts says).
