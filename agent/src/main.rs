@@ -20,8 +20,10 @@ fn main() -> ExitCode {
     match cli::dispatch(args.command, process_start) {
         Ok(code) => code,
         Err(err) => {
-            // What failed, then why, down to the OS's reason.
-            eprintln!("vmplant: {}", cli::chain(err.as_ref()));
+            // What failed, then why, down to the OS's reason (not
+            // eprintln!, which panics when standard error is closed).
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "vmplant: {}", cli::chain(err.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -856,6 +856,9 @@ fn watch(fs: &Fs, io: &Weak<Mutex<IoModes>>, stop: &mpsc::Receiver<()>, every: D
     }
 }
 
+/// The session [`mount`] returns.
+pub use fuser::BackgroundSession;
+
 /// Mounts `fs` at `mountpoint`, served by background threads. Dropping
 /// the returned session (or [`fuser::BackgroundSession::umount_and_join`])
 /// unmounts it.

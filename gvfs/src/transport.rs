@@ -24,6 +24,30 @@ pub enum TransportError {
     },
     #[error("no certificate in {0}")]
     NoCert(String),
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{file} holds a {holds} and no {wants}: are the certificate (--tls-cert) and the key (--tls-key) swapped?"
+    )]
+    Swapped {
+        file: String,
+        holds: &'static str,
+        wants: &'static str,
+    },
+    #[error("{file} holds no PEM {wants} (a \"-----BEGIN {marker}-----\" block)")]
+    NoPem {
+        file: String,
+        wants: &'static str,
+        marker: &'static str,
+    },
+    #[error(
+        "the private key in {key} does not belong to the certificate in {cert}: give the key made with that certificate"
+    )]
+    KeyMismatch { cert: String, key: String },
     #[error("TLS configuration refused")]
     Tls(#[from] rustls::Error),
     #[error("TLS handshake failed")]
@@ -38,6 +62,52 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What a PEM file should hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PemKind {
+    Certificate,
+    Key,
+    CaCertificate,
+}
+
+/// Reads a PEM file and checks that it holds what it should, saying so
+/// when it holds the other thing instead (a certificate and a key given
+/// the wrong way round).
+fn read_pem(path: &Path, want: PemKind) -> Result<Vec<u8>, TransportError> {
+    let file = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|source| TransportError::Read {
+        path: file.clone(),
+        source,
+    })?;
+    let has = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    let cert = has(b"-----BEGIN CERTIFICATE-----");
+    let key = has(b"PRIVATE KEY-----");
+    let (wants, marker) = match want {
+        PemKind::Certificate => ("certificate", "CERTIFICATE"),
+        PemKind::CaCertificate => ("CA certificate", "CERTIFICATE"),
+        PemKind::Key => ("private key", "PRIVATE KEY"),
+    };
+    match want {
+        PemKind::Certificate | PemKind::CaCertificate if cert => Ok(pem),
+        PemKind::Key if key => Ok(pem),
+        PemKind::Certificate if key => Err(TransportError::Swapped {
+            file,
+            holds: "private key",
+            wants,
+        }),
+        PemKind::Key if cert => Err(TransportError::Swapped {
+            file,
+            holds: "certificate",
+            wants,
+        }),
+        _ => Err(TransportError::NoPem {
+            file,
+            wants,
+            marker,
+        }),
+    }
+}
+
 /// A server TLS configuration from PEM files: a certificate chain and its key.
 pub fn server_tls_config(
     cert: &Path,
@@ -47,29 +117,37 @@ pub fn server_tls_config(
         let p = path.display().to_string();
         move |source| TransportError::Pem { path: p, source }
     };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(pem(cert))?
+    let cert_pem = read_pem(cert, PemKind::Certificate)?;
+    let key_pem = read_pem(key, PemKind::Key)?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem(cert))?;
     if certs.is_empty() {
         return Err(TransportError::NoCert(cert.display().to_string()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(pem(key))?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, private)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TransportError::KeyMismatch {
+                    cert: cert.display().to_string(),
+                    key: key.display().to_string(),
+                }
+            }
+            e => TransportError::Tls(e),
+        })?;
     Ok(Arc::new(cfg))
 }
 
 /// A client TLS configuration that trusts the CA certificates in a PEM file.
 pub fn client_tls_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TransportError> {
     let p = ca.display().to_string();
+    let pem = read_pem(ca, PemKind::CaCertificate)?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|source| TransportError::Pem {
-        path: p.clone(),
-        source,
-    })? {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|source| TransportError::Pem {
             path: p.clone(),
             source,
@@ -332,5 +410,42 @@ impl Write for TlsWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_file_errors_say_which_file_holds_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |n: &str| dir.path().join(n);
+        for name in ["a", "b"] {
+            let c = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            std::fs::write(f(&format!("{name}.pem")), c.cert.pem()).unwrap();
+            std::fs::write(f(&format!("{name}.key")), c.signing_key.serialize_pem()).unwrap();
+        }
+        server_tls_config(&f("a.pem"), &f("a.key")).unwrap();
+        client_tls_config(&f("a.pem")).unwrap();
+        let server = |c: &str, k: &str| {
+            server_tls_config(&f(c), &f(k))
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(server("a.key", "a.pem").contains("a.key holds a private key and no certificate"));
+        assert!(server("a.pem", "a.pem").contains("a.pem holds a certificate and no private key"));
+        let e = server("a.pem", "b.key");
+        assert!(
+            e.contains("b.key does not belong to the certificate in"),
+            "{e}"
+        );
+        assert!(server("a.pem", "none.key").starts_with("cannot read"));
+        let e = client_tls_config(&f("a.key"))
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no PEM CA certificate"), "{e}");
     }
 }

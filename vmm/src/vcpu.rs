@@ -160,9 +160,10 @@ impl VcpuHandle {
         let id = vcpu.id;
         let (commands, command_rx) = mpsc::channel();
         let (ack_tx, acks) = mpsc::channel();
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(command_rx, ack_tx))
+            .spawn(move || span.in_scope(|| vcpu.run(command_rx, ack_tx)))
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
             id,

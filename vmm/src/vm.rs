@@ -278,7 +278,10 @@ impl Vm {
         }
         let host = host::info(&kvm);
         if let Some(w) = host.warning() {
-            tracing::warn!("{w}");
+            // Once per process, however many VMs it runs, and about the
+            // host: outside the span of the VM being built.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(parent: None, "{w}"));
         }
         let limits = HostLimits {
             max_vcpus: host.max_vcpus.min(254),
@@ -604,9 +607,12 @@ impl Vm {
             migrated_to: Mutex::new(None),
         };
         running.resume()?;
+        // The VM's threads log in the span they were started in (the
+        // VM's name, when a process runs several).
+        let span = tracing::Span::current();
         let events = std::thread::Builder::new()
             .name("vm-events".into())
-            .spawn(move || self.event_loop())
+            .spawn(move || span.in_scope(|| self.event_loop()))
             .map_err(VmError::Event)?;
         *running.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events);
         Ok(running)

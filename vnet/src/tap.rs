@@ -26,6 +26,12 @@ pub enum TapError {
     Open(#[source] io::Error),
     #[error("{0} failed")]
     Ioctl(&'static str, #[source] io::Error),
+    #[error("TUNSETIFF {0}: another process holds this TAP: stop it, or give another name")]
+    Busy(String, #[source] io::Error),
+    #[error("TUNSETIFF {0}: an interface of that name exists and is not a TAP: give another name")]
+    NotTap(String, #[source] io::Error),
+    #[error("TUNSETIFF {0}: not allowed to create a TAP: run as root (CAP_NET_ADMIN)")]
+    NotAllowed(String, #[source] io::Error),
     #[error("cannot start the TAP thread")]
     Thread(#[source] io::Error),
 }
@@ -99,7 +105,19 @@ fn open_tap(name: &str) -> Result<(OwnedFd, String), TapError> {
         "TUNSETIFF",
         libc::TUNSETIFF as libc::c_ulong,
         &mut req,
-    )?;
+    )
+    .map_err(|e| match e {
+        TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            TapError::Busy(name.to_string(), e)
+        }
+        TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            TapError::NotTap(name.to_string(), e)
+        }
+        TapError::Ioctl(_, e) if e.raw_os_error() == Some(libc::EPERM) => {
+            TapError::NotAllowed(name.to_string(), e)
+        }
+        e => e,
+    })?;
     let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
     // SAFETY: TUNSETOFFLOAD takes its flags by value.
     if unsafe {

@@ -24,8 +24,8 @@ pub struct ServeArgs {
     /// The directory to export; nothing outside it is reachable.
     #[arg(long, value_name = "DIR")]
     export: PathBuf,
-    /// Address to listen on, e.g. 0.0.0.0:7070.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, IP:PORT, e.g. 0.0.0.0:7070.
+    #[arg(long, value_name = "ADDR", value_parser = listen_addr)]
     listen: SocketAddr,
     /// File holding the token clients must present.
     #[arg(long, value_name = "FILE")]
@@ -119,6 +119,13 @@ pub fn run(cmd: GvfsCommand) -> CliResult {
     res.map_err(|e| super::switch::chain(e.as_ref()).into())
 }
 
+/// `--listen`: an IP address and a port (a name is not resolved here).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not IP:PORT (e.g. 127.0.0.1:7070, 0.0.0.0:7070 or [::]:7070)")
+    })
+}
+
 pub(super) fn read_token(path: &Path) -> Result<Vec<u8>, String> {
     let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let token = raw.trim_ascii().to_vec();
@@ -154,10 +161,19 @@ fn serve(a: ServeArgs) -> CliResult {
         workers: a.workers,
         max_nodes: gvfs::server::DEFAULT_MAX_NODES,
     };
+    // Signals go to the wait below, not to the server's threads.
+    gvfs::block_termination_signals();
     let server = Server::bind(cfg, a.listen)?;
     eprintln!("gvfs: serving on {}", server.local_addr());
-    server.run();
-    Ok(ExitCode::SUCCESS)
+    let handle = server.spawn();
+    let sig = loop {
+        if let Some(sig) = gvfs::wait_termination(Duration::from_secs(3600)) {
+            break sig;
+        }
+    };
+    tracing::info!(sig, "shutting down");
+    drop(handle);
+    Ok(signal_exit(Some(sig)))
 }
 
 fn mount(a: MountArgs) -> CliResult {
@@ -194,22 +210,103 @@ fn mount(a: MountArgs) -> CliResult {
     // Signals go to the wait below, not to the threads started from here on.
     gvfs::block_termination_signals();
     let fs = Arc::new(Fs::new(connect, opts)?);
+    fs.set_label(&a.mountpoint.display().to_string());
     fs.connect()?;
     let read_only = fs.read_only()?;
     let session = gvfs::fuse::mount(fs, &a.mountpoint, read_only)
         .map_err(|e| format!("cannot mount on {}: {e}", a.mountpoint.display()))?;
     eprintln!("gvfs: {} mounted on {}", a.server, a.mountpoint.display());
-    loop {
+    let signal = loop {
         if let Some(sig) = gvfs::wait_termination(Duration::from_millis(500)) {
             tracing::info!(sig, "unmounting");
-            break;
+            break Some(sig);
         }
         if session.guard.is_finished() {
-            // Unmounted from outside (fusermount3 -u / umount).
-            break;
+            // Unmounted from outside (fusermount3 -u, umount): a normal
+            // end. The kernel's mount is gone, so the session must not
+            // try to unmount it again (that fails with EINVAL).
+            std::mem::forget(session);
+            eprintln!("gvfs: {} was unmounted", a.mountpoint.display());
+            return Ok(ExitCode::SUCCESS);
         }
-    }
-    session.umount_and_join()?;
+    };
+    unmount(&a.mountpoint, session)?;
     eprintln!("gvfs: unmounted {}", a.mountpoint.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(signal_exit(signal))
+}
+
+/// Unmounts `dir` and ends its FUSE session. A mount that is busy for a
+/// moment (a file still being closed) is tried again for up to 2 s, and
+/// then detached (it goes once the last user lets go); without the right
+/// to unmount it directly (not root), fuser's own way (fusermount3 -u).
+fn unmount(dir: &Path, session: gvfs::fuse::BackgroundSession) -> Result<(), String> {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    let (mut tries, mut detached) = (0, false);
+    let direct = loop {
+        match umount2(dir, MntFlags::empty()) {
+            Err(Errno::EBUSY) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(Errno::EBUSY) => {
+                tracing::warn!(mountpoint = %dir.display(), "still busy after 2 s: detached");
+                detached = true;
+                break umount2(dir, MntFlags::MNT_DETACH);
+            }
+            other => break other,
+        }
+    };
+    match direct {
+        Ok(()) => {
+            // The kernel ends the session (at once, or once a detached
+            // mount's last user lets go); its thread ends with it. The
+            // session must not unmount again (EINVAL).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !detached && !session.guard.is_finished() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::mem::forget(session);
+            Ok(())
+        }
+        Err(_) => session.umount_and_join().or_else(|e| {
+            // The FUSE session may end with an error of its own once the
+            // kernel let go; only a mount that is still there is a failure.
+            if is_mounted(dir) {
+                return Err(format!("cannot unmount {}: {e}", dir.display()));
+            }
+            tracing::warn!(error = %e, "the FUSE session ended with an error");
+            Ok(())
+        }),
+    }
+}
+
+/// Whether something is mounted at `dir` (as /proc/self/mounts says).
+fn is_mounted(dir: &Path) -> bool {
+    // Not canonicalize: a mount whose FUSE session is gone fails stat.
+    let Ok(dir) = std::path::absolute(dir) else {
+        return false;
+    };
+    // Mount points are listed with blanks and backslashes escaped.
+    let listed = dir
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(1) == Some(listed.as_str()))
+    })
+}
+
+/// The exit status after a termination signal: 128 + its number, as a
+/// shell reports a process the signal killed (130 for Ctrl-C, 143 for
+/// SIGTERM); 0 without one.
+pub(super) fn signal_exit(signal: Option<i32>) -> ExitCode {
+    match signal {
+        Some(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+        None => ExitCode::SUCCESS,
+    }
 }

@@ -6,6 +6,7 @@ mod gvfs;
 mod host;
 mod image;
 mod nic;
+mod pki;
 mod run;
 mod share;
 mod switch;
@@ -31,7 +32,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot one guest with its serial console on standard output.
+    /// Boot one guest (its serial console on standard output), or several
+    /// on one switch from a JSON file (--config).
     Run(Box<run::RunArgs>),
     /// Control a running VM through its control socket.
     Vm(vm::VmArgs),
@@ -44,6 +46,8 @@ pub enum Command {
     Host,
     /// Manage an image store: import, commit, ls, info, rm, gc.
     Image(image::ImageArgs),
+    /// Make a CA and the certificates TLS tunnels and GVFS servers need.
+    Pki(pki::PkiArgs),
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -73,6 +77,7 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Gvfs(cmd) => gvfs::run(cmd),
         Command::Host => host::run(),
         Command::Image(args) => image::run(args),
+        Command::Pki(args) => pki::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -88,9 +93,13 @@ pub fn init_logging(verbose: u8) {
     // Colours only on a terminal, never in files or pipes, and never
     // when NO_COLOR is set (https://no-color.org).
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // A log line that cannot be written (standard error closed, say a
+    // pipe to `head` that ended) is dropped: the subscriber's own report
+    // of it would panic in eprintln! and take a vCPU thread down.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     match std::env::var_os("RUST_LOG") {
         Some(_) => builder
             .with_env_filter(EnvFilter::from_default_env())

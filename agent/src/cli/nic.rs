@@ -17,7 +17,9 @@ pub struct Nic {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NicError {
-    #[error("{0:?} is not a MAC address (like 52:54:00:12:34:56)")]
+    #[error(
+        "{0:?} is not a MAC address (six hex bytes joined by colons or dashes, like 52:54:00:12:34:56 or 52-54-00-12-34-56)"
+    )]
     Mac(String),
     #[error("unknown NIC option {0:?} (the one known is any-source)")]
     Option(String),

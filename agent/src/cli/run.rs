@@ -33,8 +33,9 @@ pub struct RunArgs {
     /// The kernel command line [default: console=ttyS0 reboot=k panic=1 pci=off].
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    /// Number of vCPUs (1..=254: APIC id 255 is the broadcast address;
+    /// KVM on the host may allow fewer, `vmplant host` says how many).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub vcpus: u8,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128, value_parser = crate::cli::mib)]
@@ -453,6 +454,29 @@ fn accept_migration(
     Ok((conn, snapshot))
 }
 
+/// Refuses a MAC given to two NICs (of one VM or of two): on one switch
+/// they would take each other's frames.
+fn check_macs(planned: &[Planned]) -> Result<(), String> {
+    let mut seen = std::collections::HashMap::new();
+    let several = planned.len() > 1;
+    for p in planned {
+        for (i, nic) in p.nets.iter().enumerate() {
+            let who = if several {
+                format!("VM {:?} NIC {i}", p.name)
+            } else {
+                format!("NIC {i}")
+            };
+            if let Some(first) = seen.insert(nic.mac, who.clone()) {
+                return Err(format!(
+                    "MAC {} is given to two NICs ({first} and {who}): each NIC on the switch needs its own",
+                    nic.mac
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
     let serial = args
         .serial_file
@@ -521,13 +545,40 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             Box::new(e)
         }
     };
+    check_macs(&planned)?;
     for path in planned.iter().filter_map(|p| p.control.as_ref()) {
         vmm::control::clear_stale(path)?;
+    }
+    // Every VM's file shares connect and authenticate before any guest
+    // starts: a server that is down or a wrong token stops the run here.
+    let mut servers = Vec::with_capacity(planned.len());
+    for p in &planned {
+        let connected = p
+            .shares
+            .iter()
+            .map(Share::connect)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> {
+                if several {
+                    format!("VM {}: {e}", p.name).into()
+                } else {
+                    e
+                }
+            })?;
+        servers.push(connected);
     }
     let vnet = args.switch.start()?;
     let switch = vnet.switch().clone();
     let mut running = Vec::with_capacity(planned.len());
-    for mut p in planned {
+    for (mut p, servers) in planned.into_iter().zip(servers) {
+        // Every line logged for this VM, from any of its threads, names
+        // it when the process runs several.
+        let span = if several {
+            tracing::info_span!("vm", name = %p.name)
+        } else {
+            tracing::Span::none()
+        };
+        let _in_vm = span.enter();
         let restore = p.restore.take();
         let owner = p.device_plan();
         let mut vm = match &restore {
@@ -546,8 +597,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 port,
             });
         }
-        for share in &p.shares {
-            let fs = Fs::new(&share.tag, share.connect()?)?;
+        for (share, server) in p.shares.iter().zip(servers) {
+            let fs = Fs::new(&share.tag, server)?;
             vm.add_virtio_device(Box::new(fs), None)?;
             devices.push(DeviceInfo::Fs {
                 tag: share.tag.clone(),

@@ -7,6 +7,7 @@
 //! - `--vhost-user-fs TAG=SOCKET` gives it one served by an external
 //!   vhost-user backend (virtiofsd) listening on SOCKET.
 
+use super::chain;
 use devices::virtio::fs::FuseServer;
 use gvfs::client::{ConnectConfig, Fs, FsOptions};
 use gvfs::fuse_proto::FuseHandler;
@@ -34,6 +35,8 @@ pub enum ShareError {
     Unknown(String, String),
     #[error("{0:?}: give tls-ca=FILE or plaintext, and not both")]
     Transport(String),
+    #[error("{0:?}: the server {1:?} is not HOST:PORT (e.g. 127.0.0.1:7070)")]
+    Server(String, String),
     #[error("{0:?}: token-file is missing")]
     NoToken(String),
     #[error("{0:?}: want TAG=SOCKET")]
@@ -63,6 +66,9 @@ impl FromStr for Share {
         if plaintext == tls_ca.is_some() {
             return Err(ShareError::Transport(s.into()));
         }
+        if !gvfs::client::conn::has_port(server) {
+            return Err(ShareError::Server(s.into(), server.into()));
+        }
         Ok(Share {
             tag: tag.into(),
             server: server.into(),
@@ -86,15 +92,19 @@ impl Share {
         }
     }
 
-    /// Connects a GVFS client to the share's server.
+    /// Connects a GVFS client to the share's server and authenticates,
+    /// so that a dead server or a wrong token fails here, before the guest
+    /// starts, as `vmplant gvfs mount` does.
     pub fn connect(&self) -> Result<Arc<dyn FuseServer>, Box<dyn std::error::Error + Send + Sync>> {
+        let named = |e: &dyn std::error::Error| format!("share {}: {}", self.tag, chain(e));
         let tls = match &self.tls_ca {
-            Some(ca) => Some(gvfs::transport::client_tls_config(ca)?),
+            Some(ca) => Some(gvfs::transport::client_tls_config(ca).map_err(|e| named(&e))?),
             None => None,
         };
         let cfg = ConnectConfig {
             addr: self.server.clone(),
-            token: super::gvfs::read_token(&self.token_file)?,
+            token: super::gvfs::read_token(&self.token_file)
+                .map_err(|e| format!("share {}: {e}", self.tag))?,
             tls,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
@@ -103,7 +113,9 @@ impl Share {
             cache_dir: self.cache_dir.clone(),
             ..Default::default()
         };
-        let fs = Fs::new(cfg, opts).map_err(|e| format!("share {}: {e}", self.tag))?;
+        let fs = Fs::new(cfg, opts).map_err(|e| named(&e))?;
+        fs.set_label(&self.tag);
+        fs.connect().map_err(|e| named(&e))?;
         Ok(Arc::new(FuseHandler::new(Arc::new(fs))))
     }
 }
@@ -171,6 +183,10 @@ mod tests {
             ShareError::Syntax(_)
         ));
         assert!(matches!(err("d=h:1,plaintext"), ShareError::NoToken(_)));
+        assert!(matches!(
+            err("d=localhost,token-file=/t,plaintext"),
+            ShareError::Server(..)
+        ));
         assert!(matches!(
             err("d=h:1,token-file=/t"),
             ShareError::Transport(_)

@@ -90,13 +90,16 @@ impl SwitchArgs {
             vnet.connect(ep.clone())
                 .map_err(|e| format!("connect {ep}: {}", chain(&e)))?;
         }
-        tracing::info!(
-            taps = self.taps.len(),
-            listen = self.listen.len(),
-            connect = self.connect.len(),
-            hub,
-            "switch running"
-        );
+        // A switch with guest NICs only says nothing: its ports are the VMs'.
+        if self.has_ports() {
+            tracing::info!(
+                taps = self.taps.len(),
+                listen = self.listen.len(),
+                connect = self.connect.len(),
+                hub,
+                "switch running"
+            );
+        }
         Ok(vnet)
     }
 }

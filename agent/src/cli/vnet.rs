@@ -1,14 +1,14 @@
 //! `vmplant vnet`: a switch with no VMs.
 //!
 //! Runs one VNET switch with TAP ports and tunnels until SIGINT or
-//! SIGTERM, then stops the tunnels and deletes the TAPs. Tunnel state
+//! SIGTERM, then stops the tunnels, deletes the TAPs and exits 128 + the
+//! signal's number (130, 143), as `run` and `gvfs` do. Tunnel state
 //! changes are logged (`-v` for more).
 
 use super::CliResult;
 use super::switch::SwitchArgs;
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -60,5 +60,6 @@ pub fn run(args: VnetArgs) -> CliResult {
     };
     tracing::info!(signal = %sig, "shutting down");
     vnet.shutdown();
-    Ok(ExitCode::SUCCESS)
+    // As a shell reports a process the signal killed: 130, 143.
+    Ok(super::gvfs::signal_exit(Some(sig as i32)))
 }

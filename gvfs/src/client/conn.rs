@@ -21,10 +21,14 @@ pub enum ClientError {
     Remote(i32),
     #[error("not connected to the server")]
     Disconnected,
-    #[error("server refused the handshake: {0:?}")]
+    #[error("server refused the handshake: {}", refused_why(*.0))]
     Refused(HelloStatus),
     #[error("cannot connect to {0}")]
     Connect(String, #[source] io::Error),
+    #[error(
+        "{0:?} is not a server address: give HOST:PORT (e.g. 127.0.0.1:7070 or files.example.org:7070)"
+    )]
+    Address(String),
     #[error("transport failed")]
     Transport(#[from] TransportError),
     #[error("protocol error")]
@@ -39,6 +43,17 @@ pub enum ClientError {
     Limit(i32),
     #[error("the server's listing passed {entries} entries or {batches} batches")]
     ListingTooLong { entries: usize, batches: usize },
+}
+
+/// What a refused handshake means, and what to do.
+fn refused_why(status: HelloStatus) -> &'static str {
+    match status {
+        HelloStatus::BadToken => {
+            "wrong token (the token file must hold what the server's --token-file holds)"
+        }
+        HelloStatus::BadVersion => "it speaks another GVFS protocol version (update one side)",
+        HelloStatus::Accepted => "accepted",
+    }
 }
 
 impl ClientError {
@@ -88,6 +103,19 @@ impl ConnectConfig {
     }
 }
 
+/// Whether `addr` ends in `:PORT` (a number), as `HOST:PORT` and
+/// `[V6]:PORT` do.
+pub fn has_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && (!host.contains(':') || host.starts_with('['))
+        }
+        None => false,
+    }
+}
+
 type Waiters = HashMap<u64, mpsc::SyncSender<Response>>;
 
 /// Log lines a server can make a client repeat (on every reconnect).
@@ -102,7 +130,28 @@ pub struct Conn {
     dead: Arc<AtomicBool>,
     socket: Arc<TcpStream>,
     request_timeout: Duration,
+    /// Says once, in the log, that the connection was lost.
+    lost: Arc<Lost>,
     pub read_only: bool,
+}
+
+/// Logs, once per connection, that it was lost: who (a share's tag or a
+/// mount point), which server, and why. A connection closed on purpose
+/// (the client ends) is not lost.
+struct Lost {
+    label: Arc<str>,
+    addr: String,
+    /// Set when the client closes the connection itself, or once the loss
+    /// was logged.
+    quiet: AtomicBool,
+}
+
+impl Lost {
+    fn report(&self, why: &str) {
+        if !self.quiet.swap(true, Ordering::SeqCst) {
+            warn!(share = %self.label, addr = %self.addr, "disconnected from the server: {why}");
+        }
+    }
 }
 
 /// An answer not yet received.
@@ -111,6 +160,7 @@ pub struct Pending {
     timeout: Duration,
     socket: Arc<TcpStream>,
     dead: Arc<AtomicBool>,
+    lost: Arc<Lost>,
 }
 
 impl Pending {
@@ -124,6 +174,7 @@ impl Pending {
                 if let Some(held_back) = NO_ANSWER_LOG.allow() {
                     warn!(timeout = ?self.timeout, held_back, "no answer from the server; dropping the connection");
                 }
+                self.lost.report("no answer within the request time-out");
                 self.dead.store(true, Ordering::SeqCst);
                 transport::shutdown(&self.socket);
                 Err(ClientError::Disconnected)
@@ -140,7 +191,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Conn {
     /// Connects, runs the TLS and GVFS handshakes, starts the reader thread.
     pub fn connect(cfg: &ConnectConfig) -> Result<Conn, ClientError> {
+        Conn::connect_as(cfg, Arc::from(cfg.addr.as_str()))
+    }
+
+    /// [`Conn::connect`] for `label` (a share's tag, a mount point), which
+    /// the log names when the connection is lost.
+    pub fn connect_as(cfg: &ConnectConfig, label: Arc<str>) -> Result<Conn, ClientError> {
         let err = |e| ClientError::Connect(cfg.addr.clone(), e);
+        if !has_port(&cfg.addr) {
+            return Err(ClientError::Address(cfg.addr.clone()));
+        }
         let addr = cfg
             .addr
             .to_socket_addrs()
@@ -183,9 +243,15 @@ impl Conn {
             .map_err(TransportError::Io)?;
         let pending: Arc<Mutex<(bool, Waiters)>> = Arc::new(Mutex::new((false, HashMap::new())));
         let dead = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(Lost {
+            label,
+            addr: cfg.addr.clone(),
+            quiet: AtomicBool::new(false),
+        });
         {
             let pending = pending.clone();
             let dead = dead.clone();
+            let lost = lost.clone();
             let sock = socket.try_clone().map_err(TransportError::Io)?;
             thread::Builder::new()
                 .name("gvfs-client-rx".into())
@@ -193,9 +259,13 @@ impl Conn {
                     loop {
                         let body = match proto::read_frame(&mut reader) {
                             Ok(Some(b)) => b,
-                            Ok(None) => break,
+                            Ok(None) => {
+                                lost.report("the server closed the connection");
+                                break;
+                            }
                             Err(e) => {
                                 debug!(error = %e, "connection lost");
+                                lost.report(&crate::limit::chain(&e));
                                 break;
                             }
                         };
@@ -210,6 +280,7 @@ impl Conn {
                                 if let Some(held_back) = MALFORMED_LOG.allow() {
                                     warn!(error = %e, held_back, "malformed answer; dropping the connection");
                                 }
+                                lost.report("malformed answer");
                                 break;
                             }
                         }
@@ -229,6 +300,7 @@ impl Conn {
             dead,
             socket: Arc::new(socket),
             request_timeout: cfg.request_timeout,
+            lost,
             read_only: welcome.read_only,
         })
     }
@@ -250,8 +322,9 @@ impl Conn {
         }
         let frame = proto::request_frame(id, req);
         let res = proto::write_whole_frame(&mut *lock(&self.writer), &frame);
-        if res.is_err() {
+        if let Err(e) = res {
             lock(&self.pending).1.remove(&id);
+            self.lost.report(&format!("cannot send: {e}"));
             self.close();
             return Err(ClientError::Disconnected);
         }
@@ -260,6 +333,7 @@ impl Conn {
             timeout: self.request_timeout,
             socket: self.socket.clone(),
             dead: self.dead.clone(),
+            lost: self.lost.clone(),
         })
     }
 
@@ -275,7 +349,9 @@ impl Conn {
 }
 
 impl Drop for Conn {
+    /// The client is done with the connection: closing it is no loss.
     fn drop(&mut self) {
+        self.lost.quiet.store(true, Ordering::SeqCst);
         self.close();
     }
 }
@@ -293,15 +369,29 @@ pub struct Remote {
     cfg: ConnectConfig,
     current: Mutex<Option<Session>>,
     epoch: AtomicU64,
+    /// Who the log names: a share's tag, a mount point (the server's
+    /// address until [`Remote::set_label`]).
+    label: Mutex<Arc<str>>,
+    /// Failed reconnects, logged thinly.
+    reconnect_log: LogLimiter,
 }
 
 impl Remote {
     pub fn new(cfg: ConnectConfig) -> Remote {
+        let label = Mutex::new(Arc::from(cfg.addr.as_str()));
         Remote {
             cfg,
             current: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            label,
+            reconnect_log: LogLimiter::new(),
         }
+    }
+
+    /// Names this client in the log (its connects, disconnects and
+    /// reconnects).
+    pub fn set_label(&self, label: &str) {
+        *lock(&self.label) = Arc::from(label);
     }
 
     /// The live session, connecting (once) if there is none.
@@ -311,9 +401,25 @@ impl Remote {
             return Ok(s.clone());
         }
         *cur = None;
-        let conn = Conn::connect(&self.cfg)?;
+        let label = lock(&self.label).clone();
+        let was = self.epoch.load(Ordering::SeqCst);
+        let conn = match Conn::connect_as(&self.cfg, label.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                if was > 0
+                    && let Some(held_back) = self.reconnect_log.allow()
+                {
+                    warn!(share = %label, addr = %self.cfg.addr, held_back, "cannot reconnect: {}", crate::limit::chain(&e));
+                }
+                return Err(e);
+            }
+        };
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        info!(addr = %self.cfg.addr, epoch, "connected");
+        if epoch == 1 {
+            info!(share = %label, addr = %self.cfg.addr, "connected");
+        } else {
+            info!(share = %label, addr = %self.cfg.addr, epoch, "reconnected");
+        }
         let s = Session {
             conn: Arc::new(conn),
             epoch,
@@ -342,5 +448,28 @@ pub fn check(resp: Response) -> Result<Response, ClientError> {
     match resp {
         Response::Error(e) => Err(ClientError::Remote(e)),
         r => Ok(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_need_a_port() {
+        for ok in ["127.0.0.1:7070", "files.example.org:1", "[::1]:7070"] {
+            assert!(has_port(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "127.0.0.1",
+            ":7070",
+            "::1",
+            "h:port",
+            "h:70000",
+            "",
+        ] {
+            assert!(!has_port(bad), "{bad}");
+        }
     }
 }

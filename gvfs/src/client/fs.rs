@@ -512,6 +512,12 @@ impl Fs {
         }
     }
 
+    /// Names this client in the log lines of its connection (connected,
+    /// disconnected, reconnected): a share's tag, a mount point.
+    pub fn set_label(&self, label: &str) {
+        self.remote.set_label(label);
+    }
+
     /// Connects now (to fail early on a bad address or token).
     pub fn connect(&self) -> Result<(), ClientError> {
         self.remote.session().map(drop)

@@ -173,9 +173,10 @@ impl VirtioDevice for Fs {
             events: ctx.queue_events,
             epoll,
         };
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name(format!("virtio-fs-{}", self.tag()))
-            .spawn(move || serve.run())
+            .spawn(move || span.in_scope(|| serve.run()))
             .map_err(ActivateError::Events)?;
         self.worker = Some(Worker {
             stop,
@@ -417,9 +418,11 @@ impl Serve {
         let handlers: Vec<JoinHandle<()>> = (0..HANDLERS)
             .filter_map(|n| {
                 let (shared, rx) = (self.shared.clone(), rx.clone());
+                let span = tracing::Span::current();
                 std::thread::Builder::new()
                     .name(format!("virtio-fs-h{n}"))
                     .spawn(move || {
+                        let _span = span.entered();
                         loop {
                             let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             match next {

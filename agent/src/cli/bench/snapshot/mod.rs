@@ -288,7 +288,7 @@ pub fn run(args: SnapshotBenchArgs) -> CliResult {
         Ok(()) => {}
         Err(SnapshotBenchError::Interrupted) => {
             eprintln!("vmplant: bench snapshot interrupted; every VM it started has ended");
-            return Ok(ExitCode::from(130));
+            return Ok(ExitCode::from(procs::interrupted_status()));
         }
         Err(e) => return Err(e.into()),
     }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// Set by the signal thread; every wait of the bench looks at it.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that stopped the bench, for its exit status (128 + it).
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it
 /// starts) and takes them in a thread of their own: the first asks the
@@ -29,9 +31,10 @@ pub(super) fn watch_signals() -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             while let Ok(sig) = set.wait() {
+                let _ = SIGNAL.compare_exchange(0, sig as i32, Ordering::SeqCst, Ordering::SeqCst);
                 if INTERRUPTED.swap(true, Ordering::SeqCst) {
                     eprintln!("vmplant: {sig} again: exiting now");
-                    std::process::exit(130);
+                    std::process::exit(128 + sig as i32);
                 }
                 eprintln!("vmplant: {sig}: ending every VM the bench started");
             }
@@ -46,6 +49,12 @@ pub(super) fn watch_signals() -> Result<()> {
 /// Whether SIGINT, SIGTERM or SIGHUP asked the bench to stop.
 pub(super) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The exit status after the signal that interrupted the bench: 128 + its
+/// number (130 for Ctrl-C).
+pub(super) fn interrupted_status() -> u8 {
+    128u8.saturating_add(SIGNAL.load(Ordering::SeqCst).clamp(1, 127) as u8)
 }
 
 pub(super) fn check_interrupt() -> Result<()> {
