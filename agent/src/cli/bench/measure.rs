@@ -161,6 +161,17 @@ impl Measured {
         }
     }
 
+    /// Waits up to `wait` for output and appends what there is (at most
+    /// one read): for a caller that timestamps what comes as it comes.
+    pub fn read_once(&mut self, wait: Duration) -> Result<(), MeasureError> {
+        self.read_some(wait)
+    }
+
+    /// Whether standard output has ended.
+    pub fn at_eof(&self) -> bool {
+        self.eof
+    }
+
     /// Waits up to `wait` for output and appends what there is.
     fn read_some(&mut self, wait: Duration) -> Result<(), MeasureError> {
         // Round up so that a sub-millisecond wait does not spin.

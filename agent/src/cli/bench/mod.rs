@@ -5,6 +5,7 @@ mod boot;
 mod guests;
 mod gvfs;
 mod measure;
+mod migrate;
 mod snapshot;
 mod virtio_fs;
 mod vnet;
@@ -31,6 +32,10 @@ pub enum BenchCommand {
     /// start many clones of one snapshot: vmplant and Firecracker side by
     /// side (time, disk use, RSS, PSS per clone, host memory).
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// Move a running test guest to another process over loopback TCP
+    /// (idle, after filling 200 MiB, while rewriting memory): vmplant and
+    /// QEMU side by side, then what Cloud Hypervisor does.
+    Migrate(migrate::MigrateBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -40,5 +45,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Gvfs(args) => gvfs::run(args),
         BenchCommand::VirtioFs(args) => virtio_fs::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
+        BenchCommand::Migrate(args) => migrate::run(args),
     }
 }
