@@ -17,6 +17,19 @@ use vmplant_tests::{tick_n, ticks_after};
 /// from the next n on the destination, its memory verifies there, the
 /// source exits 0 saying where the VM went.
 fn moves_and_goes_on(vcpus: &str, smp: &str) {
+    // Which kind of host this ran on: the VMM saves only the state that
+    // host's KVM has (no nested state on PVM), on either kind.
+    let host = std::process::Command::new(vmplant_tests::vmplant())
+        .arg("host")
+        .output()
+        .unwrap();
+    let host: Value = serde_json::from_slice(&host.stdout).unwrap();
+    let kind = host["virtualization"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(["pvm", "vmx", "svm"].contains(&kind.as_str()), "{host}");
+    eprintln!("migrating on a {kind} host");
     let tmp = tempfile::tempdir().unwrap();
     let control = tmp.path().join("vm.sock");
     let (dest, to) = destination();

@@ -462,6 +462,38 @@ fn a_guest_uses_its_file_share_after_restore() {
 
 /// A vhost-user-fs share keeps its state in its backend: the snapshot
 /// fails saying so, and the guest runs on.
+/// The same guest moved live to another process (`vmplant vm migrate`):
+/// the destination connects the share again from the migrated state, and
+/// the guest reads and writes through it there.
+#[test]
+fn a_guest_uses_its_file_share_after_migration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let content = random_bytes(SHARED, 0x5eed ^ u64::from(std::process::id()) ^ 7);
+    let crc = format!("{:08x}", crc32fast::hash(&content));
+    let export = tmp.path().join("gvfs/export");
+    std::fs::create_dir_all(&export).unwrap();
+    std::fs::write(export.join("data.bin"), &content).unwrap();
+    let server = vmplant_tests::GvfsServer::start(&tmp.path().join("gvfs"));
+    let control = tmp.path().join("vm.sock");
+    let (dest, to) = vmplant_tests::migration::destination();
+    let mut vmm = probe_with_control(
+        &control,
+        "fs-read:/data.bin+tick:100:12+fs-read:/data.bin+fs-write:/out.bin:100000+shutdown",
+        &["--mem", "64", "--fs", &server.share("data")],
+    );
+    vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    let out = vmplant_tests::migration::migrate(&control, &to, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = vmm.wait(Duration::from_secs(10));
+    assert_eq!(before.status.code(), Some(0), "{}", before.stderr);
+    let done = dest.wait(Duration::from_secs(60));
+    check_restored_share_io(&done, &before.lines, &export, &crc);
+}
+
 #[test]
 fn a_vm_with_a_vhost_user_share_is_refused_and_runs_on() {
     use std::process::Stdio;

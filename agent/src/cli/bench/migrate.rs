@@ -221,7 +221,10 @@ pub fn run(args: MigrateBenchArgs) -> CliResult {
         if let [Some(ours), Some(qemu)] = medians[..] {
             let gap = match (ours.gap_ms, qemu.gap_ms) {
                 (Some(a), Some(b)) => {
-                    format!(", guest paused {a:.1} vs {b:.1} ms ({:.2}x)", a / b.max(0.001))
+                    format!(
+                        ", guest paused {a:.1} vs {b:.1} ms ({:.2}x)",
+                        a / b.max(0.001)
+                    )
                 }
                 _ => String::new(),
             };
@@ -236,16 +239,23 @@ pub fn run(args: MigrateBenchArgs) -> CliResult {
             ));
         }
     }
-    let anchors = args.anchors.or_else(|| {
-        super::boot::repo_root().map(|r| r.join("../shared/anchors"))
-    });
+    let anchors = args
+        .anchors
+        .or_else(|| super::boot::repo_root().map(|r| r.join("../shared/anchors")));
     let ch = match anchors {
         Some(a) => bench.cloud_hypervisor(&a),
         None => "no anchors directory".into(),
     };
-    println!("{}", json!({"bench": "migrate", "vmm": "cloud-hypervisor", "result": ch}));
-    println!("migrate ({} MiB guest, loopback TCP, downtime target {} ms): {} | cloud-hypervisor: {ch}",
-        bench.mem, bench.downtime_ms, summary.join(" | "));
+    println!(
+        "{}",
+        json!({"bench": "migrate", "vmm": "cloud-hypervisor", "result": ch})
+    );
+    println!(
+        "migrate ({} MiB guest, loopback TCP, downtime target {} ms): {} | cloud-hypervisor: {ch}",
+        bench.mem,
+        bench.downtime_ms,
+        summary.join(" | ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -293,7 +303,10 @@ fn wait_listening(port: u16, timeout: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Err(failed("the destination", format!("does not listen on {port}")))
+    Err(failed(
+        "the destination",
+        format!("does not listen on {port}"),
+    ))
 }
 
 impl Bench {
@@ -321,7 +334,13 @@ impl Bench {
                     Command::new(&self.exe)
                         .args(["run", "--no-stdin", "--kernel"])
                         .arg(&self.probe)
-                        .args(["--cmdline", &cmdline, "--mem", &self.mem.to_string(), "--control"])
+                        .args([
+                            "--cmdline",
+                            &cmdline,
+                            "--mem",
+                            &self.mem.to_string(),
+                            "--control",
+                        ])
                         .arg(&control)
                         .env("NO_COLOR", "1")
                         .stderr(Stdio::null()),
@@ -335,7 +354,11 @@ impl Bench {
                 };
                 let done = vmm::control::call(&control, &request)
                     .map_err(|e| failed("vmplant vm migrate", crate::cli::chain(&e)))?;
-                let ms = |k: &str| done[k].as_f64().ok_or_else(|| failed("vmplant's answer", &done));
+                let ms = |k: &str| {
+                    done[k]
+                        .as_f64()
+                        .ok_or_else(|| failed("vmplant's answer", &done))
+                };
                 let sample = Sample {
                     total_ms: ms("total_ms")?,
                     downtime_ms: ms("downtime_ms")?,
@@ -346,14 +369,26 @@ impl Bench {
             Vmm::Qemu => {
                 let qemu = |extra: &[&str], qmp: &Path| {
                     let mut cmd = Command::new("qemu-system-x86_64");
-                    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
-                        .args(["-m", &format!("{}M", self.mem), "-kernel"])
-                        .arg(&self.probe)
-                        .args(["-append", &cmdline, "-nographic", "-no-reboot", "-nodefaults"])
-                        .args(["-serial", "stdio", "-qmp"])
-                        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-                        .args(extra)
-                        .stderr(Stdio::null());
+                    cmd.args([
+                        "-M",
+                        "microvm",
+                        "-enable-kvm",
+                        "-cpu",
+                        "host,-arch-capabilities",
+                    ])
+                    .args(["-m", &format!("{}M", self.mem), "-kernel"])
+                    .arg(&self.probe)
+                    .args([
+                        "-append",
+                        &cmdline,
+                        "-nographic",
+                        "-no-reboot",
+                        "-nodefaults",
+                    ])
+                    .args(["-serial", "stdio", "-qmp"])
+                    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+                    .args(extra)
+                    .stderr(Stdio::null());
                     cmd
                 };
                 let (src_qmp, dst_qmp) = (self.path("qemu-src.qmp"), self.path("qemu-dst.qmp"));
@@ -445,14 +480,22 @@ impl Bench {
                 .arg(&src_api)
                 .arg("--kernel")
                 .arg(&self.probe)
-                .args(["--cmdline", cmdline, "--memory", &format!("size={}M", self.mem)])
+                .args([
+                    "--cmdline",
+                    cmdline,
+                    "--memory",
+                    &format!("size={}M", self.mem),
+                ])
                 .args(["--serial", "tty", "--console", "off"])
                 .stderr(Stdio::null()),
         );
         let Ok(mut source) = source else {
             return "cannot start cloud-hypervisor".into();
         };
-        if source.wait_for(r#""n":2}"#, Duration::from_secs(30)).is_err() {
+        if source
+            .wait_for(r#""n":2}"#, Duration::from_secs(30))
+            .is_err()
+        {
             return "its guest did not tick".into();
         }
         let dest = Measured::spawn(
@@ -479,7 +522,10 @@ impl Bench {
             .arg("--api-socket")
             .arg(&src_api)
             .arg("send-migration")
-            .arg(format!("destination_url={url},downtime_ms={}", self.downtime_ms))
+            .arg(format!(
+                "destination_url={url},downtime_ms={}",
+                self.downtime_ms
+            ))
             .output();
         let took = t.elapsed();
         // The call may return before the migration is done: watch both
@@ -490,7 +536,8 @@ impl Bench {
             let _ = source.drain_for(Duration::from_millis(50));
             let _ = dest.drain_for(Duration::from_millis(50));
         }
-        let lines = |p: &Measured, from: usize| p.output()[from..].iter().filter(|&&b| b == b'\n').count();
+        let lines =
+            |p: &Measured, from: usize| p.output()[from..].iter().filter(|&&b| b == b'\n').count();
         let (src_lines, dst_lines) = (lines(&source, src_before), lines(&dest, dst_before));
         let mut receive = receive.ok();
         let received = receive.as_mut().and_then(|r| r.try_wait().ok().flatten());
@@ -511,7 +558,11 @@ impl Bench {
             }
             Ok(out) => {
                 let err = String::from_utf8_lossy(&out.stderr);
-                let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+                let last = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
                 format!(
                     "send-migration failed after {took:.0?} ({}): {}; {after}",
                     describe_status(out.status),
@@ -542,7 +593,9 @@ impl Qmp {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| failed("qemu's QMP socket", e))?;
-        let out = stream.try_clone().map_err(|e| failed("qemu's QMP socket", e))?;
+        let out = stream
+            .try_clone()
+            .map_err(|e| failed("qemu's QMP socket", e))?;
         let mut qmp = Qmp {
             out,
             input: BufReader::new(stream),
