@@ -417,3 +417,28 @@ pub fn tick_n(line: &str) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     (v["probe"] == "tick").then(|| v["n"].as_u64())?
 }
+
+/// Checks that a guest saved or moved while it ticked went on where it
+/// was in `after` (a restore's or a migration's destination): its ticks
+/// from the one after the last in `before` up to `until`, its `verify`
+/// ok, and no new boot (no `ready` line).
+#[track_caller]
+pub fn assert_went_on(before: &[String], after: &Finished, until: u64, what: &str) {
+    let (last, ticks) = ticks_after(before, &after.lines);
+    assert_eq!(
+        ticks,
+        (last + 1..=until).collect::<Vec<_>>(),
+        "{what}: ticks go on from {last}"
+    );
+    let verify = after
+        .events()
+        .into_iter()
+        .find(|v| v["probe"] == "verify")
+        .unwrap_or_else(|| panic!("{what}: no verify line: {:?}", after.lines));
+    assert_eq!(verify["ok"], true, "{what}: {verify}");
+    assert!(
+        !after.lines.iter().any(|l| l.contains(r#""probe":"ready""#)),
+        "{what}: the guest booted again: {:?}",
+        after.lines
+    );
+}

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
-use vmplant_tests::{Vmm, tick_n, ticks_after, vmplant};
+use vmplant_tests::{Vmm, assert_went_on, tick_n, ticks_after, vmplant};
 
 /// Counts for minutes, printing every 3 * 10^8 counts (about 0.1 s).
 const EVERY: u64 = 300_000_000;
@@ -107,20 +107,7 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
     let done =
         Vmm::start(&["run", "--restore", dir.to_str().unwrap()]).wait(Duration::from_secs(30));
     done.assert_success();
-    let (last, ticks) = ticks_after(&before.lines, &done.lines);
-    let expected: Vec<u64> = (last + 1..=12).collect();
-    assert_eq!(ticks, expected, "ticks go on from {last}");
-    let verify = done
-        .events()
-        .into_iter()
-        .find(|v| v["probe"] == "verify")
-        .expect("verify");
-    assert_eq!(verify["ok"], true, "{verify}");
-    assert!(
-        !done.lines.iter().any(|l| l.contains(r#""probe":"ready""#)),
-        "the restored guest booted again: {:?}",
-        done.lines
-    );
+    assert_went_on(&before.lines, &done, 12, "restored");
 }
 
 #[test]

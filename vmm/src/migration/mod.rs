@@ -217,6 +217,25 @@ impl<W: Write> Sender<'_, W> {
     }
 }
 
+/// The runs of consecutive pages below `pages` for which `set` holds:
+/// (first page, pages).
+fn runs(pages: u64, set: impl Fn(u64) -> bool) -> impl Iterator<Item = (u64, u64)> {
+    let mut p = 0;
+    std::iter::from_fn(move || {
+        while p < pages && !set(p) {
+            p += 1;
+        }
+        if p >= pages {
+            return None;
+        }
+        let first = p;
+        while p < pages && set(p) {
+            p += 1;
+        }
+        Some((first, p - first))
+    })
+}
+
 fn is_zero(buf: &[u8], page: u64) -> bool {
     let page = &buf[(page * PAGE) as usize..((page + 1) * PAGE) as usize];
     page.iter().all(|&b| b == 0)
@@ -271,17 +290,7 @@ impl RunningVm {
         opts: MigrateOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Migrated, VmError> {
-        for (index, t) in self.transports.iter().enumerate() {
-            let t = crate::vm::lock(t);
-            if let Err(why) = t.can_snapshot() {
-                return Err(SnapshotError::Device {
-                    index,
-                    device_type: t.device_type(),
-                    why,
-                }
-                .into());
-            }
-        }
+        self.check_can_save()?;
         let start = Instant::now();
         // A local destination is handed the memfd guest memory lives in,
         // if it does: nothing to copy, nothing to track.
@@ -413,18 +422,8 @@ fn send_region<W: Write>(
         } else {
             let present =
                 |p: u64| entries[p as usize] & (memory::PM_PRESENT | memory::PM_SWAPPED) != 0;
-            let mut p = 0;
-            while p < pages {
-                if !present(p) {
-                    p += 1;
-                    continue;
-                }
-                let mut q = p + 1;
-                while q < pages && present(q) {
-                    q += 1;
-                }
-                sender.send_pages(mem, start + off + p * PAGE, q - p)?;
-                p = q;
+            for (p, n) in runs(pages, present) {
+                sender.send_pages(mem, start + off + p * PAGE, n)?;
             }
         }
         off += n;
@@ -530,18 +529,8 @@ fn send_dirty<W: Write>(
     for (region, bits) in mem.iter().zip(dirty) {
         let pages = region.len() / PAGE;
         let set = |p: u64| bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
-        let mut p = 0;
-        while p < pages {
-            if !set(p) {
-                p += 1;
-                continue;
-            }
-            let mut q = p + 1;
-            while q < pages && set(q) {
-                q += 1;
-            }
-            sender.send_pages(mem, region.start_addr().0 + p * PAGE, q - p)?;
-            p = q;
+        for (p, n) in runs(pages, set) {
+            sender.send_pages(mem, region.start_addr().0 + p * PAGE, n)?;
         }
     }
     Ok(())
@@ -626,4 +615,18 @@ pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
 /// Tells the source whether this VMM now runs the VM it sent.
 pub fn confirm<W: Write>(stream: &mut W, result: Result<(), &str>) -> std::io::Result<()> {
     wire::write_reply(stream, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_the_stretches_of_set_pages() {
+        let set = [false, true, true, false, true, false, false, true];
+        let got: Vec<_> = runs(set.len() as u64, |p| set[p as usize]).collect();
+        assert_eq!(got, vec![(1, 2), (4, 1), (7, 1)]);
+        assert_eq!(runs(4, |_| false).count(), 0);
+        assert_eq!(runs(3, |_| true).collect::<Vec<_>>(), vec![(0, 3)]);
+    }
 }

@@ -151,17 +151,7 @@ impl RunningVm {
     /// again unless `stay_paused`. `owner` is kept as it is, for the
     /// restore. No other pause, resume or snapshot runs meanwhile.
     pub fn snapshot(&self, dir: &Path, owner: &str, stay_paused: bool) -> Result<Saved, VmError> {
-        for (index, t) in self.transports.iter().enumerate() {
-            let t = crate::vm::lock(t);
-            if let Err(why) = t.can_snapshot() {
-                return Err(SnapshotError::Device {
-                    index,
-                    device_type: t.device_type(),
-                    why,
-                }
-                .into());
-            }
-        }
+        self.check_can_save()?;
         prepare_dir(dir)?;
         let mut state = self.lock_state();
         let was_running = *state == RunState::Running;
@@ -186,6 +176,22 @@ impl RunningVm {
             self.resume_locked(&mut state)?;
         }
         saved
+    }
+
+    /// Refuses, naming it, a device whose state cannot be saved (before
+    /// the VM is paused for a snapshot or a migration).
+    pub(crate) fn check_can_save(&self) -> Result<(), SnapshotError> {
+        for (index, t) in self.transports.iter().enumerate() {
+            let t = crate::vm::lock(t);
+            if let Err(why) = t.can_snapshot() {
+                return Err(SnapshotError::Device {
+                    index,
+                    device_type: t.device_type(),
+                    why,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The state of the paused VM with its devices quiesced: everything
