@@ -1,6 +1,8 @@
 //! Command-line parsing and dispatch: one module per subcommand.
 
+mod agent;
 mod bench;
+mod ctl;
 mod disk;
 mod gvfs;
 mod host;
@@ -44,6 +46,11 @@ pub enum Command {
     Host,
     /// Manage an image store: import, commit, ls, info, rm, gc.
     Image(image::ImageArgs),
+    /// Run the host's VM agent: a REST API, records in a state dir, one
+    /// VMM process per VM.
+    Agent(agent::AgentArgs),
+    /// A client of the agent's API.
+    Ctl(ctl::CtlArgs),
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +81,8 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Host => host::run(),
         Command::Image(args) => image::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Agent(args) => agent::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

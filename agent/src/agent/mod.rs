@@ -1,0 +1,179 @@
+//! The agent daemon (`vmplant agent`): a REST API on a unix socket,
+//! records in the state dir, and one VMM process per VM.
+//!
+//! - `api.rs`: routes, handlers, authentication, the OpenAPI document;
+//! - `vms.rs`: the VMs' lifecycle, restart policies, adoption at start;
+//! - `process.rs`: VMM processes (detached start, liveness, console logs);
+//! - `store.rs`: the records (redb);
+//! - `tokens.rs`: tenants, roles and quotas;
+//! - `model.rs`: the API's bodies and the records; `error.rs`: API errors.
+//!
+//! State dir layout: `agent.redb` (the records), `vms/ID/` (each VM's
+//! `control.sock`, `console.log` and `vmm.log`), `snapshots/` (snapshots
+//! taken without a directory of their own).
+
+pub mod api;
+mod error;
+pub mod model;
+mod process;
+mod store;
+pub mod tokens;
+mod vms;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create the state dir {path:?}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the records in {path:?} (is another agent using this state dir?)")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokensError),
+    #[error("{0:?} is not a listen address: use unix:PATH")]
+    Listen(String),
+    #[error("another agent serves {0:?}")]
+    InUse(PathBuf),
+    #[error("cannot serve {path:?}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the state dir {0:?} is too long for the VMs' control socket paths (at most 60 bytes)")]
+    PathTooLong(PathBuf),
+    #[error("cannot find this program to start VMMs with")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("re-adopting the recorded VMs failed: {0}")]
+    Adopt(String),
+    #[error("the API server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// What `vmplant agent` was given.
+pub struct Options {
+    pub state_dir: PathBuf,
+    pub listen: Vec<String>,
+    pub tokens: PathBuf,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. VMs keep running after it.
+pub fn run(opts: Options) -> Result<(), AgentError> {
+    let state_dir =
+        std::path::absolute(&opts.state_dir).map_err(|source| AgentError::StateDir {
+            path: opts.state_dir.clone(),
+            source,
+        })?;
+    // vms/vm-XXXXXXXXXXXX/control.sock must fit sun_path (108 bytes).
+    if state_dir.as_os_str().len() > 60 {
+        return Err(AgentError::PathTooLong(state_dir));
+    }
+    for dir in [state_dir.clone(), state_dir.join("vms")] {
+        vms::create_private_dir(&dir).map_err(|e| AgentError::StateDir {
+            path: dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    let tokens = tokens::Tokens::load(&opts.tokens)?;
+    let db = state_dir.join("agent.redb");
+    let store = store::Store::open(&db).map_err(|source| AgentError::Store { path: db, source })?;
+    let exe = std::env::current_exe().map_err(AgentError::Exe)?;
+    let sockets = opts
+        .listen
+        .iter()
+        .map(|l| {
+            l.strip_prefix("unix:")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .ok_or_else(|| AgentError::Listen(l.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(async move {
+        let vms = vms::Vms::new(store, state_dir.clone(), exe);
+        vms.adopt()
+            .await
+            .map_err(|e| AgentError::Adopt(crate::cli::chain(&e)))?;
+        vms.trim_consoles();
+        let app = Arc::new(api::App { vms, tokens });
+        let mut servers = tokio::task::JoinSet::new();
+        for path in &sockets {
+            let listener = bind_unix(path)?;
+            tracing::info!(
+                "agent: serving on unix:{} (state dir {})",
+                path.display(),
+                state_dir.display()
+            );
+            eprintln!("agent: serving on unix:{}", path.display());
+            let router = api::router(app.clone());
+            servers.spawn(async move { axum::serve(listener, router).await });
+        }
+        let signal = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let result = tokio::select! {
+            () = signal => {
+                tracing::info!("agent: stopping; the VMs run on");
+                Ok(())
+            }
+            Some(done) = servers.join_next() => match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(AgentError::Serve(e)),
+                Err(e) => Err(AgentError::Serve(std::io::Error::other(e))),
+            },
+        };
+        for path in &sockets {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    })?;
+    // Do not wait for streams still open (event watchers).
+    runtime.shutdown_background();
+    Ok(())
+}
+
+/// Binds the API socket, replacing a stale one (nobody answers on it),
+/// refusing one another agent serves; readable and writable by its
+/// owner and group.
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, AgentError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AgentError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind = |source| AgentError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind)?;
+    Ok(listener)
+}

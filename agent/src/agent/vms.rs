@@ -1,0 +1,873 @@
+//! The VMs: their lifecycle, carried out on their VMM processes through
+//! the control sockets, each change recorded before it is acted on.
+//!
+//! Every operation on one VM holds that VM's lock from its first record
+//! to its last, so that operations, process exits and restarts on one VM
+//! happen one after another.
+
+use super::error::ApiError;
+use super::model::{
+    CloneReq, CreateVm, Created, Event, Restart, SnapshotRecord, SnapshotTaken, VmConfig, VmRecord,
+    VmState,
+};
+use super::process::{self, Pid};
+use super::store::Store;
+use super::tokens::{Caller, Role};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use vmm::control::{self, Request};
+
+/// How long a new VMM has to answer on its control socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopped VMM has to end before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the restart policy waits before starting a VM again, and how
+/// many restarts it makes in a row before it gives up.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+const MAX_RESTARTS: u32 = 5;
+/// How much of each console log is kept.
+pub const CONSOLE_KEEP: u64 = 1 << 20;
+
+/// The agent's VMs.
+pub struct Vms {
+    pub store: Store,
+    pub state_dir: PathBuf,
+    exe: PathBuf,
+    pub events: broadcast::Sender<Event>,
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held from a create's quota check to its record.
+    create: tokio::sync::Mutex<()>,
+}
+
+/// How a VMM process ended: its status if the agent is its parent.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Status(std::process::ExitStatus),
+    /// Watched by pid after an agent restart: no status.
+    Unknown,
+}
+
+impl Vms {
+    pub fn new(store: Store, state_dir: PathBuf, exe: PathBuf) -> Arc<Vms> {
+        Arc::new(Vms {
+            store,
+            state_dir,
+            exe,
+            events: broadcast::channel(1024).0,
+            locks: Default::default(),
+            create: Default::default(),
+        })
+    }
+
+    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn emit(&self, rec: &VmRecord, event: &str, reason: Option<&str>) {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        tracing::info!(vm = %rec.id, tenant = %rec.tenant, reason, "{event}");
+        let _ = self.events.send(Event {
+            event: event.into(),
+            id: rec.id.clone(),
+            tenant: rec.tenant.clone(),
+            reason: reason.map(String::from),
+            time_ms,
+        });
+    }
+
+    /// The record of VM `id` if `caller` may see it (others are 404).
+    pub fn visible(&self, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
+        match self.store.get_vm(id)? {
+            Some(rec) if caller.sees(&rec.tenant) => Ok(rec),
+            _ => Err(ApiError::no_vm(id)),
+        }
+    }
+
+    pub fn list(&self, caller: &Caller) -> Result<Vec<VmRecord>, ApiError> {
+        let mut vms: Vec<VmRecord> = self
+            .store
+            .vms()?
+            .into_iter()
+            .filter(|v| caller.sees(&v.tenant))
+            .collect();
+        vms.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(vms)
+    }
+
+    // ---- create ----
+
+    pub async fn create(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: CreateVm,
+    ) -> Result<Created, ApiError> {
+        let config = match &req.snapshot {
+            Some(dir) => {
+                let snap = self.snapshot_for(caller, Path::new(dir))?;
+                if req.kernel.is_some() || req.initrd.is_some() || req.cmdline.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "a VM restored from a snapshot takes no kernel, initrd or cmdline".into(),
+                    ));
+                }
+                VmConfig {
+                    kernel: None,
+                    cmdline: String::new(),
+                    initrd: None,
+                    nets: req.nets.clone().unwrap_or_default(),
+                    snapshot: Some(snap.dir.clone()),
+                    ..snap.config
+                }
+            }
+            None => {
+                let Some(kernel) = &req.kernel else {
+                    return Err(ApiError::BadRequest(
+                        "a VM needs a \"kernel\" (or a \"snapshot\" to restore)".into(),
+                    ));
+                };
+                VmConfig {
+                    kernel: Some(existing_file("kernel", kernel)?),
+                    cmdline: req
+                        .cmdline
+                        .clone()
+                        .unwrap_or_else(|| "console=ttyS0".into()),
+                    vcpus: req.vcpus.unwrap_or(1),
+                    mem_mib: req.mem_mib.unwrap_or(128),
+                    initrd: req
+                        .initrd
+                        .as_deref()
+                        .map(|i| existing_file("initrd", i))
+                        .transpose()?,
+                    nets: req.nets.clone().unwrap_or_default(),
+                    snapshot: None,
+                }
+            }
+        };
+        if req.snapshot.is_some() && (req.vcpus.is_some() || req.mem_mib.is_some()) {
+            return Err(ApiError::BadRequest(
+                "a VM restored from a snapshot has its snapshot's vcpus and mem_mib".into(),
+            ));
+        }
+        self.create_with(
+            caller,
+            config,
+            req.restart.unwrap_or_default(),
+            req.start.unwrap_or(true),
+        )
+        .await
+    }
+
+    pub async fn clone_vm(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+        req: CloneReq,
+    ) -> Result<Created, ApiError> {
+        let src = self.visible(caller, id)?;
+        let dir = match &req.snapshot {
+            Some(d) => {
+                let d = PathBuf::from(d);
+                if !src.snapshots.contains(&d) {
+                    return Err(ApiError::BadRequest(format!(
+                        "{d:?} is not a snapshot of VM {id}"
+                    )));
+                }
+                d
+            }
+            None => src.snapshots.last().cloned().ok_or_else(|| {
+                ApiError::Conflict(format!("VM {id} has no snapshot to clone (take one first)"))
+            })?,
+        };
+        let snap = self.snapshot_for(caller, &dir)?;
+        let config = VmConfig {
+            kernel: None,
+            cmdline: String::new(),
+            initrd: None,
+            nets: Vec::new(),
+            snapshot: Some(snap.dir),
+            ..snap.config
+        };
+        self.create_with(
+            caller,
+            config,
+            req.restart.unwrap_or_default(),
+            req.start.unwrap_or(true),
+        )
+        .await
+    }
+
+    fn snapshot_for(&self, caller: &Caller, dir: &Path) -> Result<SnapshotRecord, ApiError> {
+        match self.store.get_snapshot(dir)? {
+            Some(s) if caller.sees(&s.tenant) => Ok(s),
+            _ => Err(ApiError::NotFound(format!(
+                "no snapshot {dir:?} taken by this agent for tenant {:?}",
+                caller.tenant
+            ))),
+        }
+    }
+
+    async fn create_with(
+        self: &Arc<Self>,
+        caller: &Caller,
+        config: VmConfig,
+        restart: Restart,
+        start: bool,
+    ) -> Result<Created, ApiError> {
+        check_config(&config)?;
+        let rec = {
+            let _quota = self.create.lock().await;
+            self.check_quota(caller, &config)?;
+            let rec = VmRecord::new(
+                new_id(),
+                caller.tenant.clone(),
+                config,
+                restart,
+                &self.state_dir,
+            );
+            self.store.put_vm(&rec)?;
+            rec
+        };
+        self.emit(&rec, "created", None);
+        if !start {
+            return Ok(Created {
+                id: rec.id,
+                state: VmState::Created,
+            });
+        }
+        let lock = self.lock_of(&rec.id);
+        let _held = lock.lock().await;
+        let rec = self.start_locked(rec).await?;
+        Ok(Created {
+            id: rec.id,
+            state: rec.state,
+        })
+    }
+
+    fn check_quota(&self, caller: &Caller, config: &VmConfig) -> Result<(), ApiError> {
+        let q = caller.quota;
+        if q == Default::default() {
+            return Ok(());
+        }
+        let mine: Vec<VmRecord> = self
+            .store
+            .vms()?
+            .into_iter()
+            .filter(|v| v.tenant == caller.tenant)
+            .collect();
+        let vms = mine.len() as u64 + 1;
+        let vcpus =
+            mine.iter().map(|v| u64::from(v.config.vcpus)).sum::<u64>() + u64::from(config.vcpus);
+        let mem = mine.iter().map(|v| v.config.mem_mib).sum::<u64>() + config.mem_mib;
+        let over = |what: &str, limit: u64, would: u64| {
+            ApiError::Quota(format!(
+                "quota exceeded: tenant {:?} may have {what} {limit}, this VM would make it {would}",
+                caller.tenant
+            ))
+        };
+        if let Some(limit) = q.vms.map(u64::from).filter(|l| vms > *l) {
+            return Err(over("vms", limit, vms));
+        }
+        if let Some(limit) = q.vcpus.filter(|l| vcpus > *l) {
+            return Err(over("vcpus", limit, vcpus));
+        }
+        if let Some(limit) = q.mem_mib.filter(|l| mem > *l) {
+            return Err(over("mem_mib", limit, mem));
+        }
+        Ok(())
+    }
+
+    // ---- start ----
+
+    pub async fn start(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut rec = self.visible(caller, id)?;
+        if !matches!(
+            rec.state,
+            VmState::Created | VmState::Stopped | VmState::Crashed
+        ) {
+            return Err(ApiError::Conflict(format!(
+                "VM {id} is {}: only a created, stopped or crashed VM starts",
+                rec.state.as_str()
+            )));
+        }
+        rec.restarts = 0;
+        self.start_locked(rec).await
+    }
+
+    fn vmm_args(&self, rec: &VmRecord) -> Vec<std::ffi::OsString> {
+        let c = &rec.config;
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into()];
+        match &c.snapshot {
+            Some(dir) => {
+                args.push("--restore".into());
+                args.push(dir.into());
+            }
+            None => {
+                if let Some(k) = &c.kernel {
+                    args.push("--kernel".into());
+                    args.push(k.into());
+                }
+                if let Some(i) = &c.initrd {
+                    args.push("--initrd".into());
+                    args.push(i.into());
+                }
+                args.push("--cmdline".into());
+                args.push(c.cmdline.clone().into());
+                args.push("--vcpus".into());
+                args.push(c.vcpus.to_string().into());
+                args.push("--mem".into());
+                args.push(c.mem_mib.to_string().into());
+            }
+        }
+        for mac in &c.nets {
+            args.push("--net".into());
+            args.push(mac.into());
+        }
+        args.push("--control".into());
+        args.push(rec.control.clone().into());
+        args.push("--serial-file".into());
+        args.push(rec.console.clone().into());
+        args.push("--no-stdin".into());
+        args
+    }
+
+    /// Starts the VMM of `rec` (whose lock the caller holds) and waits for
+    /// its control socket. (Boxed: a start may end in a restart, which
+    /// starts again.)
+    fn start_locked(
+        self: &Arc<Self>,
+        rec: VmRecord,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<VmRecord, ApiError>> + Send + '_>> {
+        Box::pin(self.start_inner(rec))
+    }
+
+    async fn start_inner(self: &Arc<Self>, mut rec: VmRecord) -> Result<VmRecord, ApiError> {
+        rec.state = VmState::Starting;
+        rec.pid = None;
+        rec.pid_start = None;
+        rec.reason = None;
+        self.store.put_vm(&rec)?;
+        let log = rec.dir().join("vmm.log");
+        // The VMM truncates its console file: keep the previous boot's
+        // (a crash's last words) beside it.
+        if std::fs::metadata(&rec.console).is_ok_and(|m| m.len() > 0) {
+            let _ = std::fs::rename(&rec.console, rec.dir().join("console.log.prev"));
+        }
+        let (mut child, pid) = match process::spawn(&self.exe, &self.vmm_args(&rec), &log) {
+            Ok(x) => x,
+            Err(e) => {
+                rec.state = VmState::Crashed;
+                rec.last_exit = Some(crate::cli::chain(&e));
+                self.store.put_vm(&rec)?;
+                return Err(ApiError::Failed(crate::cli::chain(&e)));
+            }
+        };
+        rec.pid = Some(pid.pid);
+        rec.pid_start = Some(pid.start);
+        rec.started_at = Some(super::model::now());
+        self.store.put_vm(&rec)?;
+        // Reap it, and learn how it ended.
+        let vms = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                vms.ended(&id, pid, Exit::Status(status)).await;
+            }
+        });
+        match wait_ready(&rec.control, pid).await {
+            Ok(()) => {
+                rec.state = VmState::Running;
+                self.store.put_vm(&rec)?;
+                self.emit(&rec, "started", None);
+                Ok(rec)
+            }
+            Err(e) => {
+                pid.kill();
+                pid.wait_gone(STOP_TIMEOUT).await;
+                rec.state = VmState::Crashed;
+                rec.pid = None;
+                rec.pid_start = None;
+                let why = format!("{}: {}", crate::cli::chain(&e), process::log_tail(&log));
+                rec.last_exit = Some(why.clone());
+                rec.reason = Some("crashed".into());
+                self.store.put_vm(&rec)?;
+                Err(ApiError::Failed(format!(
+                    "VM {} did not start: {why}",
+                    rec.id
+                )))
+            }
+        }
+    }
+
+    /// A VMM process ended: record how, and apply the restart policy.
+    async fn ended(self: &Arc<Self>, id: &str, pid: Pid, exit: Exit) {
+        let lock = self.lock_of(id);
+        let held = lock.lock().await;
+        let Ok(Some(mut rec)) = self.store.get_vm(id) else {
+            return;
+        };
+        if rec.pid != Some(pid.pid) || rec.pid_start != Some(pid.start) || !rec.state.has_process()
+        {
+            // An operation that ended it has recorded it already.
+            return;
+        }
+        let (clean, how) = match exit {
+            Exit::Status(s) => (s.success(), process::describe(s)),
+            // A VMM that ends by itself removes its control socket; one
+            // that was killed leaves it behind.
+            Exit::Unknown if !rec.control.exists() => (
+                true,
+                "ended while the agent was away (its control socket was removed)".into(),
+            ),
+            Exit::Unknown => (
+                false,
+                "ended while the agent was away, leaving its control socket (killed?)".into(),
+            ),
+        };
+        let asked = rec.state == VmState::Stopping;
+        let reason = if clean || asked {
+            "shutdown"
+        } else {
+            "crashed"
+        };
+        let log = process::log_tail(&rec.dir().join("vmm.log"));
+        rec.last_exit = Some(if log.is_empty() || clean {
+            how
+        } else {
+            format!("{how}: {log}")
+        });
+        rec.state = if reason == "crashed" {
+            VmState::Crashed
+        } else {
+            VmState::Stopped
+        };
+        rec.reason = Some(reason.into());
+        rec.pid = None;
+        rec.pid_start = None;
+        if let Err(e) = self.store.put_vm(&rec) {
+            tracing::error!(
+                vm = id,
+                "cannot record the end of the VM: {}",
+                crate::cli::chain(&e)
+            );
+            return;
+        }
+        self.emit(&rec, "stopped", Some(reason));
+        let again = !asked
+            && match rec.restart {
+                Restart::Never => false,
+                Restart::OnFailure => reason == "crashed",
+                Restart::Always => true,
+            };
+        if !again {
+            return;
+        }
+        if rec.restarts >= MAX_RESTARTS {
+            tracing::warn!(
+                vm = id,
+                "not restarted: it ended {MAX_RESTARTS} times in a row"
+            );
+            return;
+        }
+        drop(held);
+        let vms = self.clone();
+        let id = id.to_owned();
+        let restarts = rec.restarts;
+        tokio::spawn(async move {
+            tokio::time::sleep(RESTART_DELAY).await;
+            let lock = vms.lock_of(&id);
+            let _held = lock.lock().await;
+            let Ok(Some(mut rec)) = vms.store.get_vm(&id) else {
+                return;
+            };
+            // Unless someone started, stopped or deleted it meanwhile.
+            if !matches!(rec.state, VmState::Stopped | VmState::Crashed) || rec.restarts != restarts
+            {
+                return;
+            }
+            rec.restarts += 1;
+            tracing::info!(vm = %id, restarts = rec.restarts, "restarting ({:?} policy)", rec.restart);
+            if let Err(e) = vms.start_locked(rec).await {
+                tracing::warn!(vm = %id, "restart failed: {}", crate::cli::chain(&e));
+            }
+        });
+    }
+
+    // ---- pause, resume, stop, snapshot ----
+
+    /// Runs a control request on VM `id`'s VMM.
+    async fn control(rec: &VmRecord, request: Request) -> Result<serde_json::Value, ApiError> {
+        let path = rec.control.clone();
+        tokio::task::spawn_blocking(move || control::call(&path, &request))
+            .await
+            .map_err(|e| ApiError::Failed(e.to_string()))?
+            .map_err(|e| ApiError::Failed(format!("VM {}: {}", rec.id, crate::cli::chain(&e))))
+    }
+
+    fn need(rec: &VmRecord, states: &[VmState], op: &str) -> Result<(), ApiError> {
+        if states.contains(&rec.state) {
+            Ok(())
+        } else {
+            Err(ApiError::Conflict(format!(
+                "VM {} is {}: cannot {op} it",
+                rec.id,
+                rec.state.as_str()
+            )))
+        }
+    }
+
+    pub async fn pause(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pause: bool,
+    ) -> Result<VmRecord, ApiError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut rec = self.visible(caller, id)?;
+        let (op, req, to, event) = if pause {
+            ("pause", Request::Pause, VmState::Paused, "paused")
+        } else {
+            ("resume", Request::Resume, VmState::Running, "resumed")
+        };
+        Self::need(&rec, &[VmState::Running, VmState::Paused], op)?;
+        // The VMM holds the truth about pausing (adoption asks it), so
+        // the record follows the act.
+        Self::control(&rec, req).await?;
+        if rec.state != to {
+            rec.state = to;
+            self.store.put_vm(&rec)?;
+            self.emit(&rec, event, None);
+        }
+        Ok(rec)
+    }
+
+    pub async fn stop(&self, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut rec = self.visible(caller, id)?;
+        Self::need(
+            &rec,
+            &[VmState::Running, VmState::Paused, VmState::Stopping],
+            "stop",
+        )?;
+        rec.state = VmState::Stopping;
+        self.store.put_vm(&rec)?;
+        self.end_process(&rec).await;
+        rec.state = VmState::Stopped;
+        rec.reason = Some("shutdown".into());
+        rec.last_exit = Some("stopped through the API".into());
+        rec.pid = None;
+        rec.pid_start = None;
+        self.store.put_vm(&rec)?;
+        self.emit(&rec, "stopped", Some("shutdown"));
+        Ok(rec)
+    }
+
+    /// Ends the VMM of `rec`: a stop request, then SIGKILL if it does
+    /// not end in time (or does not answer).
+    async fn end_process(&self, rec: &VmRecord) {
+        let Some(pid) = recorded_pid(rec).or_else(|| process::find_by_control(&rec.control)) else {
+            return;
+        };
+        if !pid.alive() {
+            return;
+        }
+        if Self::control(rec, Request::Stop).await.is_err() || !pid.wait_gone(STOP_TIMEOUT).await {
+            tracing::warn!(vm = %rec.id, "the VMM did not stop: killing it");
+            pid.kill();
+            pid.wait_gone(STOP_TIMEOUT).await;
+        }
+        // A killed VMM leaves its socket.
+        let _ = std::fs::remove_file(&rec.control);
+    }
+
+    pub async fn destroy(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut rec = self.visible(caller, id)?;
+        let had_process = rec.state.has_process();
+        rec.state = VmState::Destroying;
+        self.store.put_vm(&rec)?;
+        self.finish_destroy(&rec).await?;
+        if had_process {
+            self.emit(&rec, "stopped", Some("destroyed"));
+        }
+        self.emit(&rec, "deleted", None);
+        Ok(())
+    }
+
+    async fn finish_destroy(&self, rec: &VmRecord) -> Result<(), ApiError> {
+        self.end_process(rec).await;
+        match std::fs::remove_dir_all(rec.dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ApiError::Failed(format!(
+                    "cannot remove {:?}: {e}",
+                    rec.dir()
+                )));
+            }
+        }
+        self.store.delete_vm(&rec.id)?;
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.remove(&rec.id);
+        Ok(())
+    }
+
+    pub async fn snapshot(
+        &self,
+        caller: &Caller,
+        id: &str,
+        dir: Option<String>,
+    ) -> Result<SnapshotTaken, ApiError> {
+        let dir = match dir {
+            Some(d) if caller.role == Role::Admin => {
+                let d = PathBuf::from(d);
+                if !d.is_absolute() {
+                    return Err(ApiError::BadRequest(format!(
+                        "{d:?} is not an absolute path"
+                    )));
+                }
+                d
+            }
+            Some(_) => {
+                return Err(ApiError::Forbidden(
+                    "only an admin chooses a snapshot's directory".into(),
+                ));
+            }
+            None => {
+                let base = self.state_dir.join("snapshots");
+                create_private_dir(&base)?;
+                base.join(format!("{id}-{}", new_id().trim_start_matches("vm-")))
+            }
+        };
+        let lock = self.lock_of(id);
+        let _held = lock.lock().await;
+        let mut rec = self.visible(caller, id)?;
+        Self::need(&rec, &[VmState::Running, VmState::Paused], "snapshot")?;
+        let saved = Self::control(
+            &rec,
+            Request::Snapshot {
+                dir: dir.clone(),
+                stop: false,
+            },
+        )
+        .await?;
+        let num = |k: &str| saved.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        self.store.put_snapshot(&SnapshotRecord {
+            dir: dir.clone(),
+            tenant: rec.tenant.clone(),
+            vm: rec.id.clone(),
+            config: rec.config.clone(),
+        })?;
+        rec.snapshots.push(dir.clone());
+        self.store.put_vm(&rec)?;
+        Ok(SnapshotTaken {
+            dir: dir.display().to_string(),
+            state_bytes: num("state_bytes"),
+            memory_bytes: num("memory_bytes"),
+            memory_data_bytes: num("memory_data_bytes"),
+            ms: saved.get("ms").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        })
+    }
+
+    // ---- adoption ----
+
+    /// Reconciles the records with the VMM processes there are, at
+    /// start: a recorded VM whose process lives and answers is adopted
+    /// (and watched by pid), one whose process is gone has ended (and its
+    /// restart policy applies), a destroy cut short is finished.
+    pub async fn adopt(self: &Arc<Self>) -> Result<(), ApiError> {
+        for mut rec in self.store.vms()? {
+            let lock = self.lock_of(&rec.id);
+            let held = lock.lock().await;
+            if rec.state == VmState::Destroying {
+                tracing::info!(vm = %rec.id, "finishing a destroy cut short");
+                self.finish_destroy(&rec).await?;
+                continue;
+            }
+            if !rec.state.has_process() {
+                continue;
+            }
+            let found = recorded_pid(&rec)
+                .filter(Pid::alive)
+                .or_else(|| process::find_by_control(&rec.control));
+            let Some(pid) = found else {
+                // Make the exit handler see it as this process's end.
+                let pid = recorded_pid(&rec).unwrap_or(Pid { pid: 0, start: 0 });
+                rec.pid = Some(pid.pid);
+                rec.pid_start = Some(pid.start);
+                self.store.put_vm(&rec)?;
+                drop(held);
+                self.ended(&rec.id, pid, Exit::Unknown).await;
+                continue;
+            };
+            rec.pid = Some(pid.pid);
+            rec.pid_start = Some(pid.start);
+            if rec.state == VmState::Stopping {
+                self.store.put_vm(&rec)?;
+                self.end_process(&rec).await;
+                rec.state = VmState::Stopped;
+                rec.reason = Some("shutdown".into());
+                rec.pid = None;
+                rec.pid_start = None;
+                self.store.put_vm(&rec)?;
+                self.emit(&rec, "stopped", Some("shutdown"));
+                continue;
+            }
+            match Self::control(&rec, Request::Info).await {
+                Ok(info) => {
+                    rec.state = match info.get("state").and_then(|s| s.as_str()) {
+                        Some("paused") => VmState::Paused,
+                        _ => VmState::Running,
+                    };
+                    tracing::info!(vm = %rec.id, pid = pid.pid, state = rec.state.as_str(), "adopted");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %rec.id, pid = pid.pid, "adopted, but its control socket does not answer: {e}");
+                }
+            }
+            self.store.put_vm(&rec)?;
+            drop(held);
+            self.watch(rec.id.clone(), pid);
+        }
+        Ok(())
+    }
+
+    /// Watches a VMM the agent is not the parent of, by pid.
+    fn watch(self: &Arc<Self>, id: String, pid: Pid) {
+        let vms = self.clone();
+        tokio::spawn(async move {
+            while pid.alive() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            vms.ended(&id, pid, Exit::Unknown).await;
+        });
+    }
+
+    /// Trims the console logs of VMs with a process, every few seconds.
+    pub fn trim_consoles(self: &Arc<Self>) {
+        let vms = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if let Ok(all) = vms.store.vms() {
+                    for rec in all.iter().filter(|r| r.state.has_process()) {
+                        process::trim_console(&rec.console, CONSOLE_KEEP);
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn recorded_pid(rec: &VmRecord) -> Option<Pid> {
+    Some(Pid {
+        pid: rec.pid?,
+        start: rec.pid_start?,
+    })
+}
+
+/// Waits until the VMM answers on its control socket (or ends).
+async fn wait_ready(control: &Path, pid: Pid) -> Result<(), process::ProcessError> {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if control.exists() {
+            let path = control.to_owned();
+            let answered =
+                tokio::task::spawn_blocking(move || control::call(&path, &Request::Info).is_ok())
+                    .await
+                    .unwrap_or(false);
+            if answered {
+                return Ok(());
+            }
+        }
+        if !pid.alive() {
+            return Err(process::ProcessError::EndedAtStart("see its log".into()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(process::ProcessError::NotReady(READY_TIMEOUT));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn check_config(c: &VmConfig) -> Result<(), ApiError> {
+    if c.vcpus == 0 {
+        return Err(ApiError::BadRequest("vcpus must be at least 1".into()));
+    }
+    if c.mem_mib < 16 || c.mem_mib > (1 << 22) {
+        return Err(ApiError::BadRequest(format!(
+            "mem_mib must be 16..={}, not {}",
+            1u64 << 22,
+            c.mem_mib
+        )));
+    }
+    for mac in &c.nets {
+        let ok = mac.len() == 17
+            && mac
+                .split(':')
+                .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
+        if !ok {
+            return Err(ApiError::BadRequest(format!(
+                "{mac:?} is not a MAC address"
+            )));
+        }
+    }
+    if c.cmdline.len() > 2048 || c.cmdline.contains('\0') {
+        return Err(ApiError::BadRequest(
+            "cmdline is too long or holds a NUL".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn existing_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
+    let p = PathBuf::from(path);
+    if !p.is_absolute() {
+        return Err(ApiError::BadRequest(format!(
+            "the {what} {path:?} is not an absolute path"
+        )));
+    }
+    if !p.is_file() {
+        return Err(ApiError::BadRequest(format!(
+            "the {what} {path:?} is not a file"
+        )));
+    }
+    Ok(p)
+}
+
+pub fn create_private_dir(path: &Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(ApiError::Failed(format!("cannot create {path:?}: {e}"))),
+    }
+}
+
+/// A new VM id: `vm-` and 12 random hex digits.
+pub fn new_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    let got = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if got.is_err() {
+        // Time and a counter still make ids unique in one agent.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = super::model::now() ^ n.rotate_left(32);
+        b.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("vm-{hex}")
+}

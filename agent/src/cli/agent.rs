@@ -1,0 +1,29 @@
+//! `vmplant agent`: the host's VM agent daemon (see `crate::agent`).
+
+use super::CliResult;
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where the agent keeps its records, the VMs' sockets and console
+    /// logs, and snapshots (created, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Where to serve the API: unix:PATH (may be given more than once).
+    #[arg(long, value_name = "unix:PATH", required = true)]
+    listen: Vec<String>,
+    /// The tokens file: {"tokens":[{"token","tenant","role":"admin|tenant|reader","quota":{"vms","vcpus","mem_mib"}}]}.
+    #[arg(long, value_name = "FILE")]
+    tokens: PathBuf,
+}
+
+pub fn run(args: AgentArgs) -> CliResult {
+    crate::agent::run(crate::agent::Options {
+        state_dir: args.state_dir,
+        listen: args.listen,
+        tokens: args.tokens,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
