@@ -450,6 +450,13 @@ impl Vms {
         rec.reason = Some(reason.into());
         rec.pid = None;
         rec.pid_start = None;
+        // Restarts count in a row: one that ran a minute is a fresh start.
+        if rec
+            .started_at
+            .is_some_and(|t| super::model::now().saturating_sub(t) >= 60)
+        {
+            rec.restarts = 0;
+        }
         if let Err(e) = self.store.put_vm(&rec) {
             tracing::error!(
                 vm = id,
