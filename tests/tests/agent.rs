@@ -25,10 +25,16 @@ const TOKENS: &str = r#"{"tokens":[
 struct Agent {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More `vmplant agent` flags.
+    extra: Vec<String>,
 }
 
 impl Agent {
     fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tokens.json"), TOKENS).unwrap();
         for who in ["admin", "a", "b", "ra"] {
@@ -40,7 +46,11 @@ impl Agent {
         }
         std::fs::write(dir.path().join("none.token"), "").unwrap();
         std::fs::write(dir.path().join("bad.token"), "tok-nobody\n").unwrap();
-        let mut agent = Agent { dir, child: None };
+        let mut agent = Agent {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         agent.spawn();
         agent
     }
@@ -68,6 +78,7 @@ impl Agent {
             .arg(format!("unix:{}", self.socket().display()))
             .arg("--tokens")
             .arg(self.dir.path().join("tokens.json"))
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -644,4 +655,85 @@ fn concurrent_creates_and_destroys_leave_nothing_behind() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "left in vms/: {left:?}");
+}
+
+#[test]
+fn the_api_is_served_over_tls_on_tcp() {
+    let certs = tempfile::tempdir().unwrap();
+    let write_cert = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certs.path().join(format!("{name}.pem"));
+        let key = certs.path().join(format!("{name}.key"));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        (cert, key)
+    };
+    let (cert, key) = write_cert("agent");
+    let (other, _) = write_cert("other");
+    let agent = Agent::start_with(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        let log = agent.log();
+        if let Some(port) = log
+            .lines()
+            .find_map(|l| l.strip_prefix("agent: serving on tcp:127.0.0.1:"))
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            break port.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no tcp listener: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let url = format!("https://localhost:{port}");
+    let over_tls = |who: &str, ca: &Path, args: &[&str]| {
+        Command::new(vmplant())
+            .args(["ctl", "--agent", &url, "--ca"])
+            .arg(ca)
+            .arg("--token-file")
+            .arg(agent.dir.path().join(format!("{who}.token")))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let k = probe_elf();
+    let out = over_tls(
+        "a",
+        &cert,
+        &[
+            "--json",
+            "create",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--no-start",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The same VM over the unix socket.
+    assert_eq!(agent.show(id["id"].as_str().unwrap())["tenant"], "a");
+    let out = over_tls("a", &cert, &["--json", "ls"]);
+    assert!(out.status.success());
+    let ls: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ls["vms"][0]["id"], id["id"]);
+    // Tokens hold over TLS too.
+    let out = over_tls("bad", &cert, &["ls"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"));
+    // A client that does not trust the agent's certificate stops.
+    let out = over_tls("a", &other, &["ls"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("certificate"),
+        "{err}"
+    );
 }

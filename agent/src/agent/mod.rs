@@ -1,11 +1,12 @@
-//! The agent daemon (`vmplant agent`): a REST API on a unix socket,
+//! The agent daemon (`vmplant agent`): a REST API on a unix socket (and
+//! TLS on TCP),
 //! records in the state dir, and one VMM process per VM.
 //!
 //! - `api.rs`: routes, handlers, authentication, the OpenAPI document;
 //! - `vms.rs`: the VMs' lifecycle, restart policies, adoption at start;
 //! - `process.rs`: VMM processes (detached start, liveness, console logs);
 //! - `store.rs`: the records (redb);
-//! - `tokens.rs`: tenants, roles and quotas;
+//! - `tokens.rs`: tenants, roles and quotas; `tls.rs`: the API over TLS;
 //! - `model.rs`: the API's bodies and the records; `error.rs`: API errors.
 //!
 //! State dir layout: `agent.redb` (the records), `vms/ID/` (each VM's
@@ -17,6 +18,7 @@ mod error;
 pub mod model;
 mod process;
 mod store;
+mod tls;
 pub mod tokens;
 mod vms;
 
@@ -39,8 +41,14 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Tokens(#[from] tokens::TokensError),
-    #[error("{0:?} is not a listen address: use unix:PATH")]
+    #[error("{0:?} is not a listen address: use unix:PATH or tcp:ADDR:PORT")]
     Listen(String),
+    #[error(
+        "a tcp: listener needs --tls-cert and --tls-key (the API is not served in plaintext over TCP)"
+    )]
+    NoTls,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("another agent serves {0:?}")]
     InUse(PathBuf),
     #[error("cannot serve {path:?}")]
@@ -66,6 +74,15 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub listen: Vec<String>,
     pub tokens: PathBuf,
+    /// The certificate chain and key for `tcp:` listeners (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Where the API is served.
+enum Listen {
+    Unix(PathBuf),
+    /// TLS on TCP.
+    Tcp(String),
 }
 
 /// Runs the agent until SIGTERM or SIGINT. VMs keep running after it.
@@ -89,16 +106,29 @@ pub fn run(opts: Options) -> Result<(), AgentError> {
     let db = state_dir.join("agent.redb");
     let store = store::Store::open(&db).map_err(|source| AgentError::Store { path: db, source })?;
     let exe = std::env::current_exe().map_err(AgentError::Exe)?;
-    let sockets = opts
+    let listens = opts
         .listen
         .iter()
-        .map(|l| {
-            l.strip_prefix("unix:")
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-                .ok_or_else(|| AgentError::Listen(l.clone()))
+        .map(|l| match l.split_once(':') {
+            Some(("unix", p)) if !p.is_empty() => Ok(Listen::Unix(PathBuf::from(p))),
+            Some(("tcp", a)) if !a.is_empty() => Ok(Listen::Tcp(a.to_owned())),
+            _ => Err(AgentError::Listen(l.clone())),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let acceptor = match &opts.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None if listens.iter().any(|l| matches!(l, Listen::Tcp(_))) => {
+            return Err(AgentError::NoTls);
+        }
+        None => None,
+    };
+    let sockets: Vec<PathBuf> = listens
+        .iter()
+        .filter_map(|l| match l {
+            Listen::Unix(p) => Some(p.clone()),
+            Listen::Tcp(_) => None,
+        })
+        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,16 +142,27 @@ pub fn run(opts: Options) -> Result<(), AgentError> {
         vms.trim_consoles();
         let app = Arc::new(api::App { vms, tokens });
         let mut servers = tokio::task::JoinSet::new();
-        for path in &sockets {
-            let listener = bind_unix(path)?;
-            tracing::info!(
-                "agent: serving on unix:{} (state dir {})",
-                path.display(),
-                state_dir.display()
-            );
-            eprintln!("agent: serving on unix:{}", path.display());
-            let router = api::router(app.clone());
-            servers.spawn(async move { axum::serve(listener, router).await });
+        tracing::info!("agent: state dir {}", state_dir.display());
+        // Bind them all before serving any, so that a client that finds
+        // one finds them all.
+        let router = api::router(app);
+        for listen in &listens {
+            let router = router.clone();
+            match (listen, &acceptor) {
+                (Listen::Unix(path), _) => {
+                    let listener = bind_unix(path)?;
+                    eprintln!("agent: serving on unix:{}", path.display());
+                    servers.spawn(async move { axum::serve(listener, router).await });
+                }
+                (Listen::Tcp(addr), Some(acceptor)) => {
+                    let listener = tls::TlsListener::bind(addr, acceptor.clone()).await?;
+                    use axum::serve::Listener;
+                    let local = listener.local_addr().map_err(AgentError::Serve)?;
+                    eprintln!("agent: serving on tcp:{local} (TLS)");
+                    servers.spawn(async move { axum::serve(listener, router).await });
+                }
+                (Listen::Tcp(_), None) => return Err(AgentError::NoTls),
+            }
         }
         let signal = async {
             use tokio::signal::unix::{SignalKind, signal};

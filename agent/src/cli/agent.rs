@@ -11,9 +11,16 @@ pub struct AgentArgs {
     /// logs, and snapshots (created, mode 0700).
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
-    /// Where to serve the API: unix:PATH (may be given more than once).
-    #[arg(long, value_name = "unix:PATH", required = true)]
+    /// Where to serve the API: unix:PATH, or tcp:ADDR:PORT (TLS, with
+    /// --tls-cert and --tls-key); may be given more than once.
+    #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT", required = true)]
     listen: Vec<String>,
+    /// The certificate chain (PEM) for tcp: listeners.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The tokens file: {"tokens":[{"token","tenant","role":"admin|tenant|reader","quota":{"vms","vcpus","mem_mib"}}]}.
     #[arg(long, value_name = "FILE")]
     tokens: PathBuf,
@@ -24,6 +31,7 @@ pub fn run(args: AgentArgs) -> CliResult {
         state_dir: args.state_dir,
         listen: args.listen,
         tokens: args.tokens,
+        tls: args.tls_cert.zip(args.tls_key),
     })?;
     Ok(ExitCode::SUCCESS)
 }

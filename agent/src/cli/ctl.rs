@@ -1,29 +1,47 @@
 //! `vmplant ctl`: a client of the agent's API, one subcommand per call;
 //! a table (or plain text) by default, the API's JSON with `--json`.
 //!
-//! It speaks HTTP/1.1 over the agent's unix socket itself (one request
-//! per connection), so the command line needs no async runtime.
+//! It speaks HTTP/1.1 itself (one request per connection), over the
+//! agent's unix socket or TLS on TCP (`https://HOST:PORT`, the agent's
+//! certificate checked against `--ca`), so the command line needs no
+//! async runtime.
 
 use super::CliResult;
 use clap::{Args, Subcommand};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use tokio_rustls::rustls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("{0:?} is not an agent address: use unix:PATH")]
+    #[error("{0:?} is not an agent address: use unix:PATH or https://HOST:PORT")]
     Address(String),
+    #[error("https:// needs --ca FILE (the CA certificate that signs the agent's)")]
+    NoCa,
+    #[error("cannot read the CA certificate {path:?}")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0:?} holds no usable PEM certificate")]
+    BadCa(PathBuf),
+    #[error("TLS to the agent")]
+    Tls(#[from] rustls::Error),
+    #[error("{0:?} is not a host name for TLS")]
+    ServerName(String),
     #[error("cannot read the token file {path:?}")]
     Token {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot reach the agent at {path:?}")]
+    #[error("cannot reach the agent at {at}")]
     Connect {
-        path: PathBuf,
+        at: String,
         #[source]
         source: std::io::Error,
     },
@@ -41,9 +59,12 @@ pub enum CtlError {
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The agent: unix:PATH.
-    #[arg(long, value_name = "unix:PATH")]
+    /// The agent: unix:PATH, or https://HOST:PORT (with --ca).
+    #[arg(long, value_name = "unix:PATH|https://HOST:PORT")]
     agent: String,
+    /// For https://: the CA certificate(s) that sign the agent's (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// A file holding the bearer token.
     #[arg(long, value_name = "FILE")]
     token_file: PathBuf,
@@ -134,17 +155,50 @@ struct Reply {
     body: Vec<u8>,
 }
 
+/// Where the agent is.
+enum Target {
+    Unix(PathBuf),
+    Https {
+        host: String,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+    },
+}
+
+/// A connection to the agent.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+type Reader = BufReader<Box<dyn Conn>>;
+
 struct Client {
-    path: PathBuf,
+    target: Target,
     token: String,
 }
 
 impl Client {
-    fn connect(&self) -> Result<UnixStream, CtlError> {
-        UnixStream::connect(&self.path).map_err(|source| CtlError::Connect {
-            path: self.path.clone(),
-            source,
-        })
+    fn connect(&self) -> Result<Box<dyn Conn>, CtlError> {
+        match &self.target {
+            Target::Unix(path) => UnixStream::connect(path)
+                .map(|s| Box::new(s) as Box<dyn Conn>)
+                .map_err(|source| CtlError::Connect {
+                    at: format!("unix:{}", path.display()),
+                    source,
+                }),
+            Target::Https { host, port, tls } => {
+                let tcp =
+                    std::net::TcpStream::connect((host.as_str(), *port)).map_err(|source| {
+                        CtlError::Connect {
+                            at: format!("https://{host}:{port}"),
+                            source,
+                        }
+                    })?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|_| CtlError::ServerName(host.clone()))?;
+                let conn = rustls::ClientConnection::new(tls.clone(), name)?;
+                Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
+            }
+        }
     }
 
     fn send(
@@ -152,7 +206,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&serde_json::Value>,
-    ) -> Result<BufReader<UnixStream>, CtlError> {
+    ) -> Result<Reader, CtlError> {
         let mut stream = self.connect()?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let head = format!(
@@ -168,12 +222,13 @@ impl Client {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
             r => r?,
         }
+        stream.flush()?;
         Ok(BufReader::new(stream))
     }
 
     /// Reads the status line and headers; returns the status and whether
     /// the body is chunked.
-    fn head(reader: &mut BufReader<UnixStream>) -> Result<(u16, bool, Option<usize>), CtlError> {
+    fn head(reader: &mut Reader) -> Result<(u16, bool, Option<usize>), CtlError> {
         let mut line = String::new();
         reader.read_line(&mut line)?;
         let status = line
@@ -213,7 +268,13 @@ impl Client {
         } else if let Some(n) = length {
             reader.take(n as u64).read_to_end(&mut body)?;
         } else {
-            reader.read_to_end(&mut body)?;
+            match reader.read_to_end(&mut body) {
+                // A TLS peer that closes without close_notify.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                r => {
+                    r?;
+                }
+            }
         }
         if status >= 400 {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -245,7 +306,7 @@ impl Client {
 }
 
 /// One chunk of a chunked body (None at the end).
-fn read_chunk(reader: &mut BufReader<UnixStream>) -> Result<Option<Vec<u8>>, CtlError> {
+fn read_chunk(reader: &mut Reader) -> Result<Option<Vec<u8>>, CtlError> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
@@ -267,18 +328,13 @@ fn path_arg(p: &std::path::Path) -> Result<String, std::io::Error> {
 }
 
 pub fn run(args: CtlArgs) -> CliResult {
-    let path = args
-        .agent
-        .strip_prefix("unix:")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| CtlError::Address(args.agent.clone()))?;
+    let target = target(&args.agent, args.ca.as_deref())?;
     let token = std::fs::read_to_string(&args.token_file).map_err(|source| CtlError::Token {
         path: args.token_file.clone(),
         source,
     })?;
     let client = Client {
-        path,
+        target,
         token: token.trim().to_owned(),
     };
     let json = args.json;
@@ -427,6 +483,49 @@ pub fn run(args: CtlArgs) -> CliResult {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn target(agent: &str, ca: Option<&Path>) -> Result<Target, CtlError> {
+    if let Some(path) = agent.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        return Ok(Target::Unix(PathBuf::from(path)));
+    }
+    let bad = || CtlError::Address(agent.to_owned());
+    let rest = agent.strip_prefix("https://").ok_or_else(bad)?;
+    let (host, port) = rest
+        .trim_end_matches('/')
+        .rsplit_once(':')
+        .ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let ca = ca.ok_or(CtlError::NoCa)?;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(ca).map_err(|source| CtlError::Ca {
+        path: ca.to_owned(),
+        source,
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|_| CtlError::BadCa(ca.to_owned()))?;
+        roots
+            .add(cert)
+            .map_err(|_| CtlError::BadCa(ca.to_owned()))?;
+    }
+    if roots.is_empty() {
+        return Err(CtlError::BadCa(ca.to_owned()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Target::Https {
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+        tls: Arc::new(tls),
+    })
 }
 
 fn lifecycle(client: &Client, id: &str, op: &str, json: bool) -> Result<(), CtlError> {
