@@ -27,6 +27,8 @@ struct Agent {
     child: Option<Child>,
     /// More `vmplant agent` flags.
     extra: Vec<String>,
+    /// Where the agent kills itself (VMPLANT_AGENT_CRASH_AT).
+    crash_at: Option<String>,
 }
 
 impl Agent {
@@ -50,6 +52,7 @@ impl Agent {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            crash_at: None,
         };
         agent.spawn();
         agent
@@ -70,7 +73,11 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(vmplant())
+        let mut cmd = Command::new(vmplant());
+        if let Some(point) = &self.crash_at {
+            cmd.env("VMPLANT_AGENT_CRASH_AT", point);
+        }
+        let child = cmd
             .arg("agent")
             .arg("--state-dir")
             .arg(self.state())
@@ -101,6 +108,14 @@ impl Agent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent again (after killing it if it runs), set to kill
+    /// itself at `crash_at`.
+    fn restart(&mut self, crash_at: Option<&str>) {
+        self.kill();
+        self.crash_at = crash_at.map(String::from);
+        self.spawn();
     }
 
     /// SIGKILLs the agent (its VMs run on).
@@ -736,4 +751,79 @@ fn the_api_is_served_over_tls_on_tcp() {
         !out.status.success() && err.contains("certificate"),
         "{err}"
     );
+}
+
+#[test]
+fn records_and_processes_agree_after_the_agent_dies_mid_operation() {
+    let mut agent = Agent::start();
+    let probe = probe_elf();
+    let k = probe.to_str().unwrap();
+    let create = [
+        "create",
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0 probe=tick:100",
+        "--mem",
+        "64",
+    ];
+
+    // Killed once the VMM is spawned, before its pid is recorded: the
+    // next agent finds it by its control socket and adopts it.
+    agent.restart(Some("create:spawned"));
+    let out = agent.ctl("admin", &create);
+    assert!(!out.status.success(), "the agent did not die in the create");
+    agent.restart(None);
+    let vms = agent.json("admin", &["ls"]);
+    let id = vms["vms"][0]["id"]
+        .as_str()
+        .expect("the VM's record")
+        .to_owned();
+    let vm = agent.wait_state(&id, "running", |v| v["state"] == "running");
+    let vmms = agent.vmms();
+    assert_eq!(vmms, vec![vm["pid"].as_u64().unwrap() as u32], "{vm}");
+    agent.wait_tick_past(&id, 2, Duration::from_secs(20));
+
+    // Killed once the VMM saved a snapshot, before it is recorded: the
+    // next agent finds the files and completes the record.
+    agent.restart(Some("snapshot:saved"));
+    let out = agent.ctl("admin", &["snapshot", &id]);
+    assert!(
+        !out.status.success(),
+        "the agent did not die in the snapshot"
+    );
+    agent.restart(None);
+    let vm = agent.show(&id);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let snaps = vm["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{vm}");
+    assert!(
+        Path::new(snaps[0].as_str().unwrap())
+            .join("state")
+            .is_file()
+    );
+    // It clones like any other.
+    let clone = agent.json("admin", &["clone", &id])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    agent.wait_tick_past(&clone, 2, Duration::from_secs(20));
+    agent.json("admin", &["rm", &clone]);
+
+    // Killed once a destroy is recorded, before the VMM is stopped: the
+    // next agent finishes it.
+    agent.restart(Some("destroy:recorded"));
+    let out = agent.ctl("admin", &["rm", &id]);
+    assert!(
+        !out.status.success(),
+        "the agent did not die in the destroy"
+    );
+    assert_eq!(agent.vmms().len(), 1, "the VMM ended with the agent");
+    agent.restart(None);
+    assert_eq!(agent.json("admin", &["ls"])["vms"], serde_json::json!([]));
+    assert!(agent.vmms().is_empty(), "VMMs left: {:?}", agent.vmms());
+    let left: Vec<_> = std::fs::read_dir(agent.state().join("vms"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "left in vms/: {left:?}");
 }

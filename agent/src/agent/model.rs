@@ -184,6 +184,13 @@ pub struct SnapshotRecord {
     pub vm: String,
     /// The source VM's configuration (a clone has its vCPUs and memory).
     pub config: VmConfig,
+    /// False from before the VMM is asked until it has saved it.
+    #[serde(default = "yes")]
+    pub complete: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Unix time in seconds.

@@ -108,6 +108,25 @@ impl Store {
         Ok(())
     }
 
+    pub fn delete_snapshot(&self, dir: &Path) -> Result<(), StoreError> {
+        let key = dir.to_string_lossy();
+        let txn = self.db.begin_write()?;
+        txn.open_table(SNAPSHOTS)?.remove(key.as_ref())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            out.push(serde_json::from_slice(v.value())?);
+        }
+        Ok(out)
+    }
+
     pub fn get_snapshot(&self, dir: &Path) -> Result<Option<SnapshotRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SNAPSHOTS)?;

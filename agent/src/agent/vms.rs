@@ -31,6 +31,21 @@ const MAX_RESTARTS: u32 = 5;
 /// How much of each console log is kept.
 pub const CONSOLE_KEEP: u64 = 1 << 20;
 
+/// For tests of the reconciliation: `VMPLANT_AGENT_CRASH_AT=POINT` makes
+/// the agent SIGKILL itself at POINT: `create:spawned`
+/// (a VMM started, its pid not yet recorded), `snapshot:saved` (the VMM
+/// saved a snapshot, not yet recorded as done), `destroy:recorded` (a
+/// destroy recorded, the VMM not yet asked to stop).
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("VMPLANT_AGENT_CRASH_AT").ok());
+    if at.as_deref() == Some(point) {
+        tracing::warn!("VMPLANT_AGENT_CRASH_AT={point}: killing the agent");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
+    }
+}
+
 /// The agent's VMs.
 pub struct Vms {
     pub store: Store,
@@ -203,7 +218,7 @@ impl Vms {
 
     fn snapshot_for(&self, caller: &Caller, dir: &Path) -> Result<SnapshotRecord, ApiError> {
         match self.store.get_snapshot(dir)? {
-            Some(s) if caller.sees(&s.tenant) => Ok(s),
+            Some(s) if s.complete && caller.sees(&s.tenant) => Ok(s),
             _ => Err(ApiError::NotFound(format!(
                 "no snapshot {dir:?} taken by this agent for tenant {:?}",
                 caller.tenant
@@ -368,6 +383,7 @@ impl Vms {
                 return Err(ApiError::Failed(crate::cli::chain(&e)));
             }
         };
+        crash_point("create:spawned");
         rec.pid = Some(pid.pid);
         rec.pid_start = Some(pid.start);
         rec.started_at = Some(super::model::now());
@@ -602,6 +618,7 @@ impl Vms {
         let had_process = rec.state.has_process();
         rec.state = VmState::Destroying;
         self.store.put_vm(&rec)?;
+        crash_point("destroy:recorded");
         self.finish_destroy(&rec).await?;
         if had_process {
             self.emit(&rec, "stopped", Some("destroyed"));
@@ -659,21 +676,33 @@ impl Vms {
         let _held = lock.lock().await;
         let mut rec = self.visible(caller, id)?;
         Self::need(&rec, &[VmState::Running, VmState::Paused], "snapshot")?;
-        let saved = Self::control(
+        let mut snap = SnapshotRecord {
+            dir: dir.clone(),
+            tenant: rec.tenant.clone(),
+            vm: rec.id.clone(),
+            config: rec.config.clone(),
+            complete: false,
+        };
+        self.store.put_snapshot(&snap)?;
+        let saved = match Self::control(
             &rec,
             Request::Snapshot {
                 dir: dir.clone(),
                 stop: false,
             },
         )
-        .await?;
+        .await
+        {
+            Ok(saved) => saved,
+            Err(e) => {
+                self.store.delete_snapshot(&dir)?;
+                return Err(e);
+            }
+        };
+        crash_point("snapshot:saved");
         let num = |k: &str| saved.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        self.store.put_snapshot(&SnapshotRecord {
-            dir: dir.clone(),
-            tenant: rec.tenant.clone(),
-            vm: rec.id.clone(),
-            config: rec.config.clone(),
-        })?;
+        snap.complete = true;
+        self.store.put_snapshot(&snap)?;
         rec.snapshots.push(dir.clone());
         self.store.put_vm(&rec)?;
         Ok(SnapshotTaken {
@@ -692,6 +721,7 @@ impl Vms {
     /// (and watched by pid), one whose process is gone has ended (and its
     /// restart policy applies), a destroy cut short is finished.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.finish_snapshots()?;
         for mut rec in self.store.vms()? {
             let lock = self.lock_of(&rec.id);
             let held = lock.lock().await;
@@ -706,6 +736,14 @@ impl Vms {
             let found = recorded_pid(&rec)
                 .filter(Pid::alive)
                 .or_else(|| process::find_by_control(&rec.control));
+            if found.is_none() && rec.state == VmState::Starting && rec.pid.is_none() {
+                tracing::warn!(vm = %rec.id, "its start was cut short: no VMM runs");
+                rec.state = VmState::Crashed;
+                rec.reason = Some("crashed".into());
+                rec.last_exit = Some("the agent ended before its VMM was started".into());
+                self.store.put_vm(&rec)?;
+                continue;
+            }
             let Some(pid) = found else {
                 // Make the exit handler see it as this process's end.
                 let pid = recorded_pid(&rec).unwrap_or(Pid { pid: 0, start: 0 });
@@ -737,6 +775,14 @@ impl Vms {
                     };
                     tracing::info!(vm = %rec.id, pid = pid.pid, state = rec.state.as_str(), "adopted");
                 }
+                Err(e) if rec.state == VmState::Starting => {
+                    tracing::info!(vm = %rec.id, pid = pid.pid, "adopted while starting: {e}");
+                    self.store.put_vm(&rec)?;
+                    drop(held);
+                    self.watch(rec.id.clone(), pid);
+                    self.finish_start(rec.id.clone(), pid);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(vm = %rec.id, pid = pid.pid, "adopted, but its control socket does not answer: {e}");
                 }
@@ -744,6 +790,67 @@ impl Vms {
             self.store.put_vm(&rec)?;
             drop(held);
             self.watch(rec.id.clone(), pid);
+        }
+        Ok(())
+    }
+
+    /// A VMM adopted before it answered: running once it does.
+    fn finish_start(self: &Arc<Self>, id: String, pid: Pid) {
+        let vms = self.clone();
+        tokio::spawn(async move {
+            let Ok(Some(rec)) = vms.store.get_vm(&id) else {
+                return;
+            };
+            let ready = wait_ready(&rec.control, pid).await;
+            let lock = vms.lock_of(&id);
+            let _held = lock.lock().await;
+            let Ok(Some(mut rec)) = vms.store.get_vm(&id) else {
+                return;
+            };
+            if rec.state != VmState::Starting || rec.pid != Some(pid.pid) {
+                return;
+            }
+            match ready {
+                Ok(()) => {
+                    rec.state = VmState::Running;
+                    if vms.store.put_vm(&rec).is_ok() {
+                        vms.emit(&rec, "started", None);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %id, "the adopted VMM never answered: {e}; killing it");
+                    pid.kill();
+                }
+            }
+        });
+    }
+
+    /// Snapshots cut short by an agent that died: one whose files are
+    /// both there is done (the VMM renames them into place, memory
+    /// first, so `state` is there only once all is); one without is
+    /// removed.
+    fn finish_snapshots(&self) -> Result<(), ApiError> {
+        for mut snap in self.store.snapshots()? {
+            if snap.complete {
+                continue;
+            }
+            if snap.dir.join("state").is_file() && snap.dir.join("memory").is_file() {
+                tracing::info!(dir = %snap.dir.display(), vm = %snap.vm, "completing a snapshot record cut short");
+                if let Some(mut rec) = self.store.get_vm(&snap.vm)?
+                    && !rec.snapshots.contains(&snap.dir)
+                {
+                    rec.snapshots.push(snap.dir.clone());
+                    self.store.put_vm(&rec)?;
+                }
+                snap.complete = true;
+                self.store.put_snapshot(&snap)?;
+            } else {
+                tracing::info!(dir = %snap.dir.display(), "removing a snapshot cut short");
+                if snap.dir.starts_with(self.state_dir.join("snapshots")) {
+                    let _ = std::fs::remove_dir_all(&snap.dir);
+                }
+                self.store.delete_snapshot(&snap.dir)?;
+            }
         }
         Ok(())
     }
