@@ -605,6 +605,22 @@ fn tenants_see_only_their_vms_readers_change_nothing_and_quotas_hold() {
     );
     assert_eq!(agent.json("b", &["ls"])["vms"].as_array().unwrap().len(), 1);
     assert_eq!(agent.json("a", &["ls"])["vms"].as_array().unwrap().len(), 3);
+    // A file that is no kernel: the VMM refuses it (status 1), a client
+    // error; the VM stays, crashed, saying why.
+    let not_a_kernel = agent.dir.path().join("tokens.json");
+    let e = agent.fails("b", &["create", "--kernel", not_a_kernel.to_str().unwrap()]);
+    assert!(e.contains("HTTP 400") && e.contains("did not start"), "{e}");
+    let vms = agent.json("b", &["ls"]);
+    let crashed = vms["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["state"] == "crashed");
+    assert!(
+        crashed.is_some_and(|v| v["last_exit"].as_str().unwrap().contains("exit status 1")),
+        "{vms}"
+    );
+    agent.json("b", &["rm", crashed.unwrap()["id"].as_str().unwrap()]);
 
     // Errors are JSON with a code; unknown fields and large bodies are
     // refused; the served OpenAPI document is the checked-in one.

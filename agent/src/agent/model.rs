@@ -206,21 +206,28 @@ pub fn now() -> u64 {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
-    /// The kernel to boot (required unless `snapshot` is given).
+    /// The kernel to boot, an absolute path (required unless `snapshot`
+    /// is given).
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub kernel: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
     /// vCPUs (default 1; a clone has its snapshot's).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub vcpus: Option<u8>,
     /// Guest memory in MiB (default 128; a clone has its snapshot's).
     #[serde(default)]
+    #[schema(minimum = 16, maximum = 4194304)]
     pub mem_mib: Option<u64>,
+    /// An initrd, an absolute path.
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub initrd: Option<String>,
-    /// MACs of virtio-net NICs.
+    /// MACs of virtio-net NICs (`52:54:00:12:34:56`).
     #[serde(default)]
+    #[schema(inline, value_type = Option<Vec<Mac>>)]
     pub nets: Option<Vec<String>>,
     #[serde(default)]
     pub restart: Option<Restart>,
@@ -229,8 +236,15 @@ pub struct CreateVm {
     pub start: Option<bool>,
     /// A snapshot (taken by this agent) to restore the VM from.
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub snapshot: Option<String>,
 }
+
+/// A MAC address.
+#[derive(ToSchema)]
+#[schema(pattern = "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
+#[allow(dead_code)]
+pub struct Mac(String);
 
 /// `POST /vms/{id}/snapshot`.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -239,6 +253,7 @@ pub struct SnapshotReq {
     /// Where to save it (an absolute path; admins only). Default: a new
     /// directory under the state dir's `snapshots/`.
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub dir: Option<String>,
 }
 
@@ -248,6 +263,7 @@ pub struct SnapshotReq {
 pub struct CloneReq {
     /// One of the VM's snapshots (default: its latest).
     #[serde(default)]
+    #[schema(pattern = "^/")]
     pub snapshot: Option<String>,
     #[serde(default)]
     pub restart: Option<Restart>,

@@ -388,37 +388,53 @@ impl Vms {
         rec.pid_start = Some(pid.start);
         rec.started_at = Some(super::model::now());
         self.store.put_vm(&rec)?;
-        // Reap it, and learn how it ended.
-        let vms = self.clone();
-        let id = rec.id.clone();
-        tokio::spawn(async move {
-            if let Ok(status) = child.wait().await {
-                vms.ended(&id, pid, Exit::Status(status)).await;
-            }
-        });
-        match wait_ready(&rec.control, pid).await {
-            Ok(()) => {
+        // Until it answers, an exit is a failed start (whose status tells
+        // bad input, 1, from the rest).
+        let ready = tokio::select! {
+            status = child.wait() => Err(status.ok()),
+            ready = wait_ready(&rec.control, pid) => Ok(ready),
+        };
+        let failure = match ready {
+            Ok(Ok(())) => {
+                // Reap it, and learn how it ends.
+                let vms = self.clone();
+                let id = rec.id.clone();
+                tokio::spawn(async move {
+                    if let Ok(status) = child.wait().await {
+                        vms.ended(&id, pid, Exit::Status(status)).await;
+                    }
+                });
                 rec.state = VmState::Running;
                 self.store.put_vm(&rec)?;
                 self.emit(&rec, "started", None);
-                Ok(rec)
+                return Ok(rec);
             }
-            Err(e) => {
-                pid.kill();
-                pid.wait_gone(STOP_TIMEOUT).await;
-                rec.state = VmState::Crashed;
-                rec.pid = None;
-                rec.pid_start = None;
-                let why = format!("{}: {}", crate::cli::chain(&e), process::log_tail(&log));
-                rec.last_exit = Some(why.clone());
-                rec.reason = Some("crashed".into());
-                self.store.put_vm(&rec)?;
-                Err(ApiError::Failed(format!(
-                    "VM {} did not start: {why}",
-                    rec.id
-                )))
+            Ok(Err(e)) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                (None, crate::cli::chain(&e))
             }
-        }
+            Err(status) => (
+                status,
+                status.map_or_else(|| "it ended".into(), process::describe),
+            ),
+        };
+        let (status, how) = failure;
+        rec.state = VmState::Crashed;
+        rec.pid = None;
+        rec.pid_start = None;
+        let why = format!("{how}: {}", process::log_tail(&log));
+        rec.last_exit = Some(why.clone());
+        rec.reason = Some("crashed".into());
+        self.store.put_vm(&rec)?;
+        let msg = format!("VM {} did not start: {why}", rec.id);
+        // vmplant run exits 1 on bad input (a file that is no kernel, a
+        // snapshot that does not load).
+        Err(if status.and_then(|s| s.code()) == Some(1) {
+            ApiError::BadRequest(msg)
+        } else {
+            ApiError::Failed(msg)
+        })
     }
 
     /// A VMM process ended: record how, and apply the restart policy.
@@ -651,6 +667,7 @@ impl Vms {
         id: &str,
         dir: Option<String>,
     ) -> Result<SnapshotTaken, ApiError> {
+        self.visible(caller, id)?;
         let dir = match dir {
             Some(d) if caller.role == Role::Admin => {
                 let d = PathBuf::from(d);
