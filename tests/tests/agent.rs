@@ -85,6 +85,8 @@ impl Agent {
             .arg(format!("unix:{}", self.socket().display()))
             .arg("--tokens")
             .arg(self.dir.path().join("tokens.json"))
+            .arg("--kernel-dir")
+            .arg(probe_elf().parent().unwrap())
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -483,8 +485,23 @@ fn vms_outlive_a_killed_agent_and_are_adopted_again() {
     // shows as crashed too.
     kill9(pid_a);
     agent.wait_state(&a, "crashed", |v| v["state"] == "crashed");
-    agent.json("admin", &["rm", &a]);
-    agent.json("admin", &["rm", &b]);
+
+    // A VM whose restart was due when the agent died is restarted by
+    // the next one.
+    let c = agent.create("admin", "tick:100", &["--restart", "on-failure"]);
+    let pid_c = agent.show(&c)["pid"].as_u64().unwrap();
+    kill9(pid_c);
+    std::thread::sleep(Duration::from_millis(100));
+    agent.kill();
+    agent.spawn();
+    let vc = agent.wait_state(&c, "restarted", |v| {
+        v["state"] == "running" && v["pid"] != pid_c
+    });
+    assert_eq!(vc["restarts"], 1, "{vc}");
+    agent.wait_tick_past(&c, 1, Duration::from_secs(20));
+    for id in [&a, &b, &c] {
+        agent.json("admin", &["rm", id]);
+    }
     assert!(agent.vmms().is_empty());
 }
 
@@ -605,12 +622,24 @@ fn tenants_see_only_their_vms_readers_change_nothing_and_quotas_hold() {
     );
     assert_eq!(agent.json("b", &["ls"])["vms"].as_array().unwrap().len(), 1);
     assert_eq!(agent.json("a", &["ls"])["vms"].as_array().unwrap().len(), 3);
-    // A file that is no kernel: the VMM refuses it (status 1), a client
-    // error; the VM stays, crashed, saying why.
+    // A tenant boots kernels from the agent's kernel directories only.
     let not_a_kernel = agent.dir.path().join("tokens.json");
-    let e = agent.fails("b", &["create", "--kernel", not_a_kernel.to_str().unwrap()]);
+    let not_a_kernel = not_a_kernel.to_str().unwrap();
+    for path in [not_a_kernel, "/etc/hostname", "/nonexistent"] {
+        let e = agent.fails("b", &["create", "--kernel", path]);
+        assert!(
+            e.contains("HTTP 403") && e.contains("kernel directories"),
+            "{e}"
+        );
+    }
+    let outside = format!("{}/../../README.md", probe.parent().unwrap().display());
+    let e = agent.fails("b", &["create", "--kernel", &outside]);
+    assert!(e.contains("HTTP 403"), "{e}");
+    // A file that is no kernel (an admin may name any): the VMM refuses
+    // it (status 1), a client error; the VM stays, crashed, saying why.
+    let e = agent.fails("admin", &["create", "--kernel", not_a_kernel]);
     assert!(e.contains("HTTP 400") && e.contains("did not start"), "{e}");
-    let vms = agent.json("b", &["ls"]);
+    let vms = agent.json("admin", &["ls"]);
     let crashed = vms["vms"]
         .as_array()
         .unwrap()
@@ -620,7 +649,7 @@ fn tenants_see_only_their_vms_readers_change_nothing_and_quotas_hold() {
         crashed.is_some_and(|v| v["last_exit"].as_str().unwrap().contains("exit status 1")),
         "{vms}"
     );
-    agent.json("b", &["rm", crashed.unwrap()["id"].as_str().unwrap()]);
+    agent.json("admin", &["rm", crashed.unwrap()["id"].as_str().unwrap()]);
 
     // Errors are JSON with a code; unknown fields and large bodies are
     // refused; the served OpenAPI document is the checked-in one.

@@ -59,6 +59,12 @@ pub enum AgentError {
     },
     #[error("the state dir {0:?} is too long for the VMs' control socket paths (at most 60 bytes)")]
     PathTooLong(PathBuf),
+    #[error("the kernel directory {path:?} is not there")]
+    KernelDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot find this program to start VMMs with")]
     Exe(#[source] std::io::Error),
     #[error("cannot start the async runtime")]
@@ -76,6 +82,8 @@ pub struct Options {
     pub tokens: PathBuf,
     /// The certificate chain and key for `tcp:` listeners (PEM).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where tenants' kernels and initrds may be.
+    pub kernel_dirs: Vec<PathBuf>,
 }
 
 /// Where the API is served.
@@ -106,6 +114,16 @@ pub fn run(opts: Options) -> Result<(), AgentError> {
     let db = state_dir.join("agent.redb");
     let store = store::Store::open(&db).map_err(|source| AgentError::Store { path: db, source })?;
     let exe = std::env::current_exe().map_err(AgentError::Exe)?;
+    let kernel_dirs = opts
+        .kernel_dirs
+        .iter()
+        .map(|d| {
+            std::fs::canonicalize(d).map_err(|source| AgentError::KernelDir {
+                path: d.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let listens = opts
         .listen
         .iter()
@@ -135,7 +153,7 @@ pub fn run(opts: Options) -> Result<(), AgentError> {
         .build()
         .map_err(AgentError::Runtime)?;
     runtime.block_on(async move {
-        let vms = vms::Vms::new(store, state_dir.clone(), exe);
+        let vms = vms::Vms::new(store, state_dir.clone(), exe, kernel_dirs);
         vms.adopt()
             .await
             .map_err(|e| AgentError::Adopt(crate::cli::chain(&e)))?;

@@ -113,6 +113,10 @@ pub struct VmRecord {
     /// Restarts by the restart policy since the last API start.
     #[serde(default)]
     pub restarts: u32,
+    /// The restart policy will start it again (survives an agent
+    /// restart).
+    #[serde(default)]
+    pub restart_pending: bool,
     /// Snapshots taken of this VM, oldest first.
     #[serde(default)]
     pub snapshots: Vec<PathBuf>,
@@ -142,6 +146,7 @@ impl VmRecord {
             created_at: now(),
             started_at: None,
             restarts: 0,
+            restart_pending: false,
             snapshots: Vec::new(),
         }
     }
@@ -215,7 +220,7 @@ pub struct CreateVm {
     pub cmdline: Option<String>,
     /// vCPUs (default 1; a clone has its snapshot's).
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 255)]
     pub vcpus: Option<u8>,
     /// Guest memory in MiB (default 128; a clone has its snapshot's).
     #[serde(default)]

@@ -129,6 +129,9 @@ pub fn spawn(
     let err = out.try_clone().map_err(ProcessError::Spawn)?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(args)
+        // Its relative paths (none today) land in its own directory, and
+        // it keeps no other directory busy.
+        .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

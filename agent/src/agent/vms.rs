@@ -51,6 +51,9 @@ pub struct Vms {
     pub store: Store,
     pub state_dir: PathBuf,
     exe: PathBuf,
+    /// Where tenants' kernels and initrds must be (admins' may be
+    /// anywhere), canonical.
+    kernel_dirs: Vec<PathBuf>,
     pub events: broadcast::Sender<Event>,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Held from a create's quota check to its record.
@@ -66,11 +69,17 @@ enum Exit {
 }
 
 impl Vms {
-    pub fn new(store: Store, state_dir: PathBuf, exe: PathBuf) -> Arc<Vms> {
+    pub fn new(
+        store: Store,
+        state_dir: PathBuf,
+        exe: PathBuf,
+        kernel_dirs: Vec<PathBuf>,
+    ) -> Arc<Vms> {
         Arc::new(Vms {
             store,
             state_dir,
             exe,
+            kernel_dirs,
             events: broadcast::channel(1024).0,
             locks: Default::default(),
             create: Default::default(),
@@ -146,7 +155,7 @@ impl Vms {
                     ));
                 };
                 VmConfig {
-                    kernel: Some(existing_file("kernel", kernel)?),
+                    kernel: Some(self.boot_file(caller, "kernel", kernel)?),
                     cmdline: req
                         .cmdline
                         .clone()
@@ -156,7 +165,7 @@ impl Vms {
                     initrd: req
                         .initrd
                         .as_deref()
-                        .map(|i| existing_file("initrd", i))
+                        .map(|i| self.boot_file(caller, "initrd", i))
                         .transpose()?,
                     nets: req.nets.clone().unwrap_or_default(),
                     snapshot: None,
@@ -263,6 +272,40 @@ impl Vms {
         })
     }
 
+    /// A kernel or initrd the caller may boot: an existing file, for a
+    /// tenant inside one of the agent's `--kernel-dir`s (resolved, so no
+    /// `..` or symlink leads out), so that no tenant hands its guest a
+    /// host file it should not read.
+    fn boot_file(&self, caller: &Caller, what: &str, path: &str) -> Result<PathBuf, ApiError> {
+        let p = PathBuf::from(path);
+        if !p.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "the {what} {path:?} is not an absolute path"
+            )));
+        }
+        let inside = |real: &Path| self.kernel_dirs.iter().any(|d| real.starts_with(d));
+        match std::fs::canonicalize(&p) {
+            Ok(real) if !caller.is_admin() && !inside(&real) => Err(ApiError::Forbidden(format!(
+                "a tenant's {what} must be in one of the agent's kernel directories ({})",
+                self.kernel_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            Ok(real) if real.is_file() => Ok(p),
+            _ if !caller.is_admin() && !self.kernel_dirs.iter().any(|d| p.starts_with(d)) => {
+                // Say nothing of what exists outside.
+                Err(ApiError::Forbidden(format!(
+                    "a tenant's {what} must be in one of the agent's kernel directories"
+                )))
+            }
+            _ => Err(ApiError::BadRequest(format!(
+                "the {what} {path:?} is not a file"
+            ))),
+        }
+    }
+
     fn check_quota(&self, caller: &Caller, config: &VmConfig) -> Result<(), ApiError> {
         let q = caller.quota;
         if q == Default::default() {
@@ -312,6 +355,7 @@ impl Vms {
             )));
         }
         rec.restarts = 0;
+        rec.restart_pending = false;
         self.start_locked(rec).await
     }
 
@@ -514,10 +558,22 @@ impl Vms {
             );
             return;
         }
+        rec.restart_pending = true;
+        if let Err(e) = self.store.put_vm(&rec) {
+            tracing::error!(
+                vm = id,
+                "cannot record the restart: {}",
+                crate::cli::chain(&e)
+            );
+        }
         drop(held);
+        self.restart_later(id.to_owned(), rec.restarts);
+    }
+
+    /// Starts VM `id` again after [`RESTART_DELAY`], unless someone
+    /// started, stopped or deleted it meanwhile.
+    fn restart_later(self: &Arc<Self>, id: String, restarts: u32) {
         let vms = self.clone();
-        let id = id.to_owned();
-        let restarts = rec.restarts;
         tokio::spawn(async move {
             tokio::time::sleep(RESTART_DELAY).await;
             let lock = vms.lock_of(&id);
@@ -526,11 +582,14 @@ impl Vms {
                 return;
             };
             // Unless someone started, stopped or deleted it meanwhile.
-            if !matches!(rec.state, VmState::Stopped | VmState::Crashed) || rec.restarts != restarts
+            if !matches!(rec.state, VmState::Stopped | VmState::Crashed)
+                || rec.restarts != restarts
+                || !rec.restart_pending
             {
                 return;
             }
             rec.restarts += 1;
+            rec.restart_pending = false;
             tracing::info!(vm = %id, restarts = rec.restarts, "restarting ({:?} policy)", rec.restart);
             if let Err(e) = vms.start_locked(rec).await {
                 tracing::warn!(vm = %id, "restart failed: {}", crate::cli::chain(&e));
@@ -748,6 +807,10 @@ impl Vms {
                 continue;
             }
             if !rec.state.has_process() {
+                if rec.restart_pending {
+                    tracing::info!(vm = %rec.id, "a restart was pending: restarting");
+                    self.restart_later(rec.id.clone(), rec.restarts);
+                }
                 continue;
             }
             let found = recorded_pid(&rec)
@@ -958,21 +1021,6 @@ fn check_config(c: &VmConfig) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-fn existing_file(what: &str, path: &str) -> Result<PathBuf, ApiError> {
-    let p = PathBuf::from(path);
-    if !p.is_absolute() {
-        return Err(ApiError::BadRequest(format!(
-            "the {what} {path:?} is not an absolute path"
-        )));
-    }
-    if !p.is_file() {
-        return Err(ApiError::BadRequest(format!(
-            "the {what} {path:?} is not a file"
-        )));
-    }
-    Ok(p)
 }
 
 pub fn create_private_dir(path: &Path) -> Result<(), ApiError> {

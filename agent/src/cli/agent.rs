@@ -24,6 +24,10 @@ pub struct AgentArgs {
     /// The tokens file: {"tokens":[{"token","tenant","role":"admin|tenant|reader","quota":{"vms","vcpus","mem_mib"}}]}.
     #[arg(long, value_name = "FILE")]
     tokens: PathBuf,
+    /// A directory tenants' kernels and initrds may come from (may be
+    /// given more than once; admins may boot any file).
+    #[arg(long, value_name = "DIR")]
+    kernel_dir: Vec<PathBuf>,
 }
 
 pub fn run(args: AgentArgs) -> CliResult {
@@ -32,6 +36,7 @@ pub fn run(args: AgentArgs) -> CliResult {
         listen: args.listen,
         tokens: args.tokens,
         tls: args.tls_cert.zip(args.tls_key),
+        kernel_dirs: args.kernel_dir,
     })?;
     Ok(ExitCode::SUCCESS)
 }
