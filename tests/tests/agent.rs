@@ -415,7 +415,8 @@ fn lifecycle_through_ctl_follows_the_guest_console() {
     assert_eq!(agent.show(&clone)["config"]["snapshot"], snap_dir.as_str());
     let ticks = agent.wait_tick_past(&clone, at_snapshot, Duration::from_secs(20));
     assert!(
-        ticks[0] > 1 && ticks[0] <= at_snapshot + 1,
+        // (+2: a line the snapshot's pause cut is not a whole tick)
+        ticks[0] > 1 && ticks[0] <= at_snapshot + 2,
         "the clone rebooted or skipped: {ticks:?} (snapshot at {at_snapshot})"
     );
     // The source goes on too.
