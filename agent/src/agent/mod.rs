@@ -3,7 +3,9 @@
 //! records in the state dir, and one VMM process per VM.
 //!
 //! - `api.rs`: routes, handlers, authentication, the OpenAPI document;
-//! - `vms.rs`: the VMs' lifecycle, restart policies, adoption at start;
+//! - `vms/`: the VMs' lifecycle (`mod.rs`: create, clone, pause, stop,
+//!   snapshot, destroy, quotas), their VMM processes' starts, ends and
+//!   restart policies (`run.rs`), reconciliation at start (`adopt.rs`);
 //! - `process.rs`: VMM processes (detached start, liveness, console logs);
 //! - `store.rs`: the records (redb);
 //! - `tokens.rs`: tenants, roles and quotas; `tls.rs`: the API over TLS;

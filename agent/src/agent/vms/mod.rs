@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use vmm::control::{self, Request};
 
+mod adopt;
+mod run;
+
 /// How long a new VMM has to answer on its control socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a stopped VMM has to end before it is killed.
@@ -103,6 +106,20 @@ impl Vms {
             reason: reason.map(String::from),
             time_ms,
         });
+    }
+
+    /// VM `id`'s lock, held, and its record, if `caller` may see it
+    /// (others are 404). No lock is made for an id that has no record.
+    async fn locked(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), ApiError> {
+        self.visible(caller, id)?;
+        let held = self.lock_of(id).lock_owned().await;
+        // It may have been deleted while we waited.
+        let rec = self.visible(caller, id)?;
+        Ok((held, rec))
     }
 
     /// The record of VM `id` if `caller` may see it (others are 404).
@@ -339,264 +356,6 @@ impl Vms {
         Ok(())
     }
 
-    // ---- start ----
-
-    pub async fn start(self: &Arc<Self>, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
-        let mut rec = self.visible(caller, id)?;
-        if !matches!(
-            rec.state,
-            VmState::Created | VmState::Stopped | VmState::Crashed
-        ) {
-            return Err(ApiError::Conflict(format!(
-                "VM {id} is {}: only a created, stopped or crashed VM starts",
-                rec.state.as_str()
-            )));
-        }
-        rec.restarts = 0;
-        rec.restart_pending = false;
-        self.start_locked(rec).await
-    }
-
-    fn vmm_args(&self, rec: &VmRecord) -> Vec<std::ffi::OsString> {
-        let c = &rec.config;
-        let mut args: Vec<std::ffi::OsString> = vec!["run".into()];
-        match &c.snapshot {
-            Some(dir) => {
-                args.push("--restore".into());
-                args.push(dir.into());
-            }
-            None => {
-                if let Some(k) = &c.kernel {
-                    args.push("--kernel".into());
-                    args.push(k.into());
-                }
-                if let Some(i) = &c.initrd {
-                    args.push("--initrd".into());
-                    args.push(i.into());
-                }
-                args.push("--cmdline".into());
-                args.push(c.cmdline.clone().into());
-                args.push("--vcpus".into());
-                args.push(c.vcpus.to_string().into());
-                args.push("--mem".into());
-                args.push(c.mem_mib.to_string().into());
-            }
-        }
-        for mac in &c.nets {
-            args.push("--net".into());
-            args.push(mac.into());
-        }
-        args.push("--control".into());
-        args.push(rec.control.clone().into());
-        args.push("--serial-file".into());
-        args.push(rec.console.clone().into());
-        args.push("--no-stdin".into());
-        args
-    }
-
-    /// Starts the VMM of `rec` (whose lock the caller holds) and waits for
-    /// its control socket. (Boxed: a start may end in a restart, which
-    /// starts again.)
-    fn start_locked(
-        self: &Arc<Self>,
-        rec: VmRecord,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<VmRecord, ApiError>> + Send + '_>> {
-        Box::pin(self.start_inner(rec))
-    }
-
-    async fn start_inner(self: &Arc<Self>, mut rec: VmRecord) -> Result<VmRecord, ApiError> {
-        rec.state = VmState::Starting;
-        rec.pid = None;
-        rec.pid_start = None;
-        rec.reason = None;
-        self.store.put_vm(&rec)?;
-        let log = rec.dir().join("vmm.log");
-        // The VMM truncates its console file: keep the previous boot's
-        // (a crash's last words) beside it.
-        if std::fs::metadata(&rec.console).is_ok_and(|m| m.len() > 0) {
-            let _ = std::fs::rename(&rec.console, rec.dir().join("console.log.prev"));
-        }
-        let (mut child, pid) = match process::spawn(&self.exe, &self.vmm_args(&rec), &log) {
-            Ok(x) => x,
-            Err(e) => {
-                rec.state = VmState::Crashed;
-                rec.last_exit = Some(crate::cli::chain(&e));
-                self.store.put_vm(&rec)?;
-                return Err(ApiError::Failed(crate::cli::chain(&e)));
-            }
-        };
-        crash_point("create:spawned");
-        rec.pid = Some(pid.pid);
-        rec.pid_start = Some(pid.start);
-        rec.started_at = Some(super::model::now());
-        self.store.put_vm(&rec)?;
-        // Until it answers, an exit is a failed start (whose status tells
-        // bad input, 1, from the rest).
-        let ready = tokio::select! {
-            status = child.wait() => Err(status.ok()),
-            ready = wait_ready(&rec.control, pid) => Ok(ready),
-        };
-        let failure = match ready {
-            Ok(Ok(())) => {
-                // Reap it, and learn how it ends.
-                let vms = self.clone();
-                let id = rec.id.clone();
-                tokio::spawn(async move {
-                    if let Ok(status) = child.wait().await {
-                        vms.ended(&id, pid, Exit::Status(status)).await;
-                    }
-                });
-                rec.state = VmState::Running;
-                self.store.put_vm(&rec)?;
-                self.emit(&rec, "started", None);
-                return Ok(rec);
-            }
-            Ok(Err(e)) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                (None, crate::cli::chain(&e))
-            }
-            Err(status) => (
-                status,
-                status.map_or_else(|| "it ended".into(), process::describe),
-            ),
-        };
-        let (status, how) = failure;
-        rec.state = VmState::Crashed;
-        rec.pid = None;
-        rec.pid_start = None;
-        let why = format!("{how}: {}", process::log_tail(&log));
-        rec.last_exit = Some(why.clone());
-        rec.reason = Some("crashed".into());
-        self.store.put_vm(&rec)?;
-        let msg = format!("VM {} did not start: {why}", rec.id);
-        // vmplant run exits 1 on bad input (a file that is no kernel, a
-        // snapshot that does not load).
-        Err(if status.and_then(|s| s.code()) == Some(1) {
-            ApiError::BadRequest(msg)
-        } else {
-            ApiError::Failed(msg)
-        })
-    }
-
-    /// A VMM process ended: record how, and apply the restart policy.
-    async fn ended(self: &Arc<Self>, id: &str, pid: Pid, exit: Exit) {
-        let lock = self.lock_of(id);
-        let held = lock.lock().await;
-        let Ok(Some(mut rec)) = self.store.get_vm(id) else {
-            return;
-        };
-        if rec.pid != Some(pid.pid) || rec.pid_start != Some(pid.start) || !rec.state.has_process()
-        {
-            // An operation that ended it has recorded it already.
-            return;
-        }
-        let (clean, how) = match exit {
-            Exit::Status(s) => (s.success(), process::describe(s)),
-            // A VMM that ends by itself removes its control socket; one
-            // that was killed leaves it behind.
-            Exit::Unknown if !rec.control.exists() => (
-                true,
-                "ended while the agent was away (its control socket was removed)".into(),
-            ),
-            Exit::Unknown => (
-                false,
-                "ended while the agent was away, leaving its control socket (killed?)".into(),
-            ),
-        };
-        let asked = rec.state == VmState::Stopping;
-        let reason = if clean || asked {
-            "shutdown"
-        } else {
-            "crashed"
-        };
-        let log = process::log_tail(&rec.dir().join("vmm.log"));
-        rec.last_exit = Some(if log.is_empty() || clean {
-            how
-        } else {
-            format!("{how}: {log}")
-        });
-        rec.state = if reason == "crashed" {
-            VmState::Crashed
-        } else {
-            VmState::Stopped
-        };
-        rec.reason = Some(reason.into());
-        rec.pid = None;
-        rec.pid_start = None;
-        // Restarts count in a row: one that ran a minute is a fresh start.
-        if rec
-            .started_at
-            .is_some_and(|t| super::model::now().saturating_sub(t) >= 60)
-        {
-            rec.restarts = 0;
-        }
-        if let Err(e) = self.store.put_vm(&rec) {
-            tracing::error!(
-                vm = id,
-                "cannot record the end of the VM: {}",
-                crate::cli::chain(&e)
-            );
-            return;
-        }
-        self.emit(&rec, "stopped", Some(reason));
-        let again = !asked
-            && match rec.restart {
-                Restart::Never => false,
-                Restart::OnFailure => reason == "crashed",
-                Restart::Always => true,
-            };
-        if !again {
-            return;
-        }
-        if rec.restarts >= MAX_RESTARTS {
-            tracing::warn!(
-                vm = id,
-                "not restarted: it ended {MAX_RESTARTS} times in a row"
-            );
-            return;
-        }
-        rec.restart_pending = true;
-        if let Err(e) = self.store.put_vm(&rec) {
-            tracing::error!(
-                vm = id,
-                "cannot record the restart: {}",
-                crate::cli::chain(&e)
-            );
-        }
-        drop(held);
-        self.restart_later(id.to_owned(), rec.restarts);
-    }
-
-    /// Starts VM `id` again after [`RESTART_DELAY`], unless someone
-    /// started, stopped or deleted it meanwhile.
-    fn restart_later(self: &Arc<Self>, id: String, restarts: u32) {
-        let vms = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RESTART_DELAY).await;
-            let lock = vms.lock_of(&id);
-            let _held = lock.lock().await;
-            let Ok(Some(mut rec)) = vms.store.get_vm(&id) else {
-                return;
-            };
-            // Unless someone started, stopped or deleted it meanwhile.
-            if !matches!(rec.state, VmState::Stopped | VmState::Crashed)
-                || rec.restarts != restarts
-                || !rec.restart_pending
-            {
-                return;
-            }
-            rec.restarts += 1;
-            rec.restart_pending = false;
-            tracing::info!(vm = %id, restarts = rec.restarts, "restarting ({:?} policy)", rec.restart);
-            if let Err(e) = vms.start_locked(rec).await {
-                tracing::warn!(vm = %id, "restart failed: {}", crate::cli::chain(&e));
-            }
-        });
-    }
-
     // ---- pause, resume, stop, snapshot ----
 
     /// Runs a control request on VM `id`'s VMM.
@@ -626,9 +385,7 @@ impl Vms {
         id: &str,
         pause: bool,
     ) -> Result<VmRecord, ApiError> {
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
-        let mut rec = self.visible(caller, id)?;
+        let (_held, mut rec) = self.locked(caller, id).await?;
         let (op, req, to, event) = if pause {
             ("pause", Request::Pause, VmState::Paused, "paused")
         } else {
@@ -647,9 +404,7 @@ impl Vms {
     }
 
     pub async fn stop(&self, caller: &Caller, id: &str) -> Result<VmRecord, ApiError> {
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
-        let mut rec = self.visible(caller, id)?;
+        let (_held, mut rec) = self.locked(caller, id).await?;
         Self::need(
             &rec,
             &[VmState::Running, VmState::Paused, VmState::Stopping],
@@ -687,9 +442,7 @@ impl Vms {
     }
 
     pub async fn destroy(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
-        let mut rec = self.visible(caller, id)?;
+        let (_held, mut rec) = self.locked(caller, id).await?;
         let had_process = rec.state.has_process();
         rec.state = VmState::Destroying;
         self.store.put_vm(&rec)?;
@@ -748,9 +501,7 @@ impl Vms {
                 base.join(format!("{id}-{}", new_id().trim_start_matches("vm-")))
             }
         };
-        let lock = self.lock_of(id);
-        let _held = lock.lock().await;
-        let mut rec = self.visible(caller, id)?;
+        let (_held, mut rec) = self.locked(caller, id).await?;
         Self::need(&rec, &[VmState::Running, VmState::Paused], "snapshot")?;
         let mut snap = SnapshotRecord {
             dir: dir.clone(),
@@ -788,162 +539,6 @@ impl Vms {
             memory_data_bytes: num("memory_data_bytes"),
             ms: saved.get("ms").and_then(|v| v.as_f64()).unwrap_or(0.0),
         })
-    }
-
-    // ---- adoption ----
-
-    /// Reconciles the records with the VMM processes there are, at
-    /// start: a recorded VM whose process lives and answers is adopted
-    /// (and watched by pid), one whose process is gone has ended (and its
-    /// restart policy applies), a destroy cut short is finished.
-    pub async fn adopt(self: &Arc<Self>) -> Result<(), ApiError> {
-        self.finish_snapshots()?;
-        for mut rec in self.store.vms()? {
-            let lock = self.lock_of(&rec.id);
-            let held = lock.lock().await;
-            if rec.state == VmState::Destroying {
-                tracing::info!(vm = %rec.id, "finishing a destroy cut short");
-                self.finish_destroy(&rec).await?;
-                continue;
-            }
-            if !rec.state.has_process() {
-                if rec.restart_pending {
-                    tracing::info!(vm = %rec.id, "a restart was pending: restarting");
-                    self.restart_later(rec.id.clone(), rec.restarts);
-                }
-                continue;
-            }
-            let found = recorded_pid(&rec)
-                .filter(Pid::alive)
-                .or_else(|| process::find_by_control(&rec.control));
-            if found.is_none() && rec.state == VmState::Starting && rec.pid.is_none() {
-                tracing::warn!(vm = %rec.id, "its start was cut short: no VMM runs");
-                rec.state = VmState::Crashed;
-                rec.reason = Some("crashed".into());
-                rec.last_exit = Some("the agent ended before its VMM was started".into());
-                self.store.put_vm(&rec)?;
-                continue;
-            }
-            let Some(pid) = found else {
-                // Make the exit handler see it as this process's end.
-                let pid = recorded_pid(&rec).unwrap_or(Pid { pid: 0, start: 0 });
-                rec.pid = Some(pid.pid);
-                rec.pid_start = Some(pid.start);
-                self.store.put_vm(&rec)?;
-                drop(held);
-                self.ended(&rec.id, pid, Exit::Unknown).await;
-                continue;
-            };
-            rec.pid = Some(pid.pid);
-            rec.pid_start = Some(pid.start);
-            if rec.state == VmState::Stopping {
-                self.store.put_vm(&rec)?;
-                self.end_process(&rec).await;
-                rec.state = VmState::Stopped;
-                rec.reason = Some("shutdown".into());
-                rec.pid = None;
-                rec.pid_start = None;
-                self.store.put_vm(&rec)?;
-                self.emit(&rec, "stopped", Some("shutdown"));
-                continue;
-            }
-            match Self::control(&rec, Request::Info).await {
-                Ok(info) => {
-                    rec.state = match info.get("state").and_then(|s| s.as_str()) {
-                        Some("paused") => VmState::Paused,
-                        _ => VmState::Running,
-                    };
-                    tracing::info!(vm = %rec.id, pid = pid.pid, state = rec.state.as_str(), "adopted");
-                }
-                Err(e) if rec.state == VmState::Starting => {
-                    tracing::info!(vm = %rec.id, pid = pid.pid, "adopted while starting: {e}");
-                    self.store.put_vm(&rec)?;
-                    drop(held);
-                    self.watch(rec.id.clone(), pid);
-                    self.finish_start(rec.id.clone(), pid);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %rec.id, pid = pid.pid, "adopted, but its control socket does not answer: {e}");
-                }
-            }
-            self.store.put_vm(&rec)?;
-            drop(held);
-            self.watch(rec.id.clone(), pid);
-        }
-        Ok(())
-    }
-
-    /// A VMM adopted before it answered: running once it does.
-    fn finish_start(self: &Arc<Self>, id: String, pid: Pid) {
-        let vms = self.clone();
-        tokio::spawn(async move {
-            let Ok(Some(rec)) = vms.store.get_vm(&id) else {
-                return;
-            };
-            let ready = wait_ready(&rec.control, pid).await;
-            let lock = vms.lock_of(&id);
-            let _held = lock.lock().await;
-            let Ok(Some(mut rec)) = vms.store.get_vm(&id) else {
-                return;
-            };
-            if rec.state != VmState::Starting || rec.pid != Some(pid.pid) {
-                return;
-            }
-            match ready {
-                Ok(()) => {
-                    rec.state = VmState::Running;
-                    if vms.store.put_vm(&rec).is_ok() {
-                        vms.emit(&rec, "started", None);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(vm = %id, "the adopted VMM never answered: {e}; killing it");
-                    pid.kill();
-                }
-            }
-        });
-    }
-
-    /// Snapshots cut short by an agent that died: one whose files are
-    /// both there is done (the VMM renames them into place, memory
-    /// first, so `state` is there only once all is); one without is
-    /// removed.
-    fn finish_snapshots(&self) -> Result<(), ApiError> {
-        for mut snap in self.store.snapshots()? {
-            if snap.complete {
-                continue;
-            }
-            if snap.dir.join("state").is_file() && snap.dir.join("memory").is_file() {
-                tracing::info!(dir = %snap.dir.display(), vm = %snap.vm, "completing a snapshot record cut short");
-                if let Some(mut rec) = self.store.get_vm(&snap.vm)?
-                    && !rec.snapshots.contains(&snap.dir)
-                {
-                    rec.snapshots.push(snap.dir.clone());
-                    self.store.put_vm(&rec)?;
-                }
-                snap.complete = true;
-                self.store.put_snapshot(&snap)?;
-            } else {
-                tracing::info!(dir = %snap.dir.display(), "removing a snapshot cut short");
-                if snap.dir.starts_with(self.state_dir.join("snapshots")) {
-                    let _ = std::fs::remove_dir_all(&snap.dir);
-                }
-                self.store.delete_snapshot(&snap.dir)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Watches a VMM the agent is not the parent of, by pid.
-    fn watch(self: &Arc<Self>, id: String, pid: Pid) {
-        let vms = self.clone();
-        tokio::spawn(async move {
-            while pid.alive() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            vms.ended(&id, pid, Exit::Unknown).await;
-        });
     }
 
     /// Trims the console logs of VMs with a process, every few seconds.
