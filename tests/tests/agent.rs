@@ -120,6 +120,15 @@ impl Agent {
         self.spawn();
     }
 
+    /// Stops the agent with SIGTERM (its VMs run on); it must exit 0.
+    fn term(&mut self) {
+        let mut c = self.child.take().expect("the agent runs");
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = c.wait().unwrap();
+        assert!(status.success(), "the agent ended {status}: {}", self.log());
+    }
+
     /// SIGKILLs the agent (its VMs run on).
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -500,6 +509,13 @@ fn vms_outlive_a_killed_agent_and_are_adopted_again() {
     });
     assert_eq!(vc["restarts"], 1, "{vc}");
     agent.wait_tick_past(&c, 1, Duration::from_secs(20));
+    // A SIGTERM (systemctl stop) ends the agent, not its VMs.
+    let pid_c = vc["pid"].as_u64().unwrap() as u32;
+    agent.term();
+    assert!(!agent.socket().exists(), "the API socket is left behind");
+    assert!(alive(pid_c));
+    agent.spawn();
+    assert_eq!(agent.show(&c)["pid"], u64::from(pid_c));
     for id in [&a, &b, &c] {
         agent.json("admin", &["rm", id]);
     }
