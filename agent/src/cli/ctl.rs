@@ -171,12 +171,20 @@ impl<T: Read + Write> Conn for T {}
 
 type Reader = BufReader<Box<dyn Conn>>;
 
-struct Client {
+pub(crate) struct Client {
     target: Target,
     token: String,
 }
 
 impl Client {
+    /// A client of the agent at the unix socket `path`.
+    pub(crate) fn unix(path: &Path, token: &str) -> Client {
+        Client {
+            target: Target::Unix(path.to_owned()),
+            token: token.to_owned(),
+        }
+    }
+
     fn connect(&self) -> Result<Box<dyn Conn>, CtlError> {
         match &self.target {
             Target::Unix(path) => UnixStream::connect(path)
@@ -289,7 +297,7 @@ impl Client {
         Ok(Reply { status, body })
     }
 
-    fn json(
+    pub(crate) fn json(
         &self,
         method: &str,
         path: &str,

@@ -2,7 +2,7 @@
 
 mod agent;
 mod bench;
-mod ctl;
+pub(crate) mod ctl;
 mod disk;
 mod gvfs;
 mod host;

@@ -260,16 +260,25 @@ impl Vms {
         start: bool,
     ) -> Result<Created, ApiError> {
         check_config(&config)?;
+        // The new VM's lock is held from before its record exists, so
+        // that nothing else acts on it before it has started.
+        let id = new_id();
+        let held = self.lock_of(&id).lock_owned().await;
         let rec = {
             let _quota = self.create.lock().await;
-            self.check_quota(caller, &config)?;
-            let rec = VmRecord::new(
-                new_id(),
-                caller.tenant.clone(),
-                config,
-                restart,
-                &self.state_dir,
-            );
+            if let Err(e) = self.check_quota(caller, &config) {
+                drop(held);
+                self.locks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                return Err(e);
+            }
+            let mut rec =
+                VmRecord::new(id, caller.tenant.clone(), config, restart, &self.state_dir);
+            if start {
+                rec.state = VmState::Starting;
+            }
             self.store.put_vm(&rec)?;
             rec
         };
@@ -280,9 +289,8 @@ impl Vms {
                 state: VmState::Created,
             });
         }
-        let lock = self.lock_of(&rec.id);
-        let _held = lock.lock().await;
         let rec = self.start_locked(rec).await?;
+        drop(held);
         Ok(Created {
             id: rec.id,
             state: rec.state,
@@ -584,7 +592,7 @@ async fn wait_ready(control: &Path, pid: Pid) -> Result<(), process::ProcessErro
         if std::time::Instant::now() > deadline {
             return Err(process::ProcessError::NotReady(READY_TIMEOUT));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -72,11 +72,17 @@ impl Vms {
     }
 
     async fn start_inner(self: &Arc<Self>, mut rec: VmRecord) -> Result<VmRecord, ApiError> {
-        rec.state = VmState::Starting;
-        rec.pid = None;
-        rec.pid_start = None;
-        rec.reason = None;
-        self.store.put_vm(&rec)?;
+        // Recorded before the VMM is spawned (a create records its VM as
+        // starting already). Its pid is recorded with its start once it
+        // answers: an agent that dies before finds it by its control
+        // socket's path.
+        if rec.state != VmState::Starting || rec.pid.is_some() || rec.reason.is_some() {
+            rec.state = VmState::Starting;
+            rec.pid = None;
+            rec.pid_start = None;
+            rec.reason = None;
+            self.store.put_vm(&rec)?;
+        }
         let log = rec.dir().join("vmm.log");
         // The VMM truncates its console file: keep the previous boot's
         // (a crash's last words) beside it.
@@ -96,7 +102,6 @@ impl Vms {
         rec.pid = Some(pid.pid);
         rec.pid_start = Some(pid.start);
         rec.started_at = Some(crate::agent::model::now());
-        self.store.put_vm(&rec)?;
         // Until it answers, an exit is a failed start (whose status tells
         // bad input, 1, from the rest).
         let ready = tokio::select! {

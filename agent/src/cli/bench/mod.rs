@@ -1,6 +1,7 @@
 //! `vmplant bench`: benchmarks that print JSON lines and a summary line,
 //! side by side with the anchors in ../shared/anchors.
 
+mod agent;
 mod boot;
 mod guests;
 mod gvfs;
@@ -31,6 +32,9 @@ pub enum BenchCommand {
     /// start many clones of one snapshot: vmplant and Firecracker side by
     /// side (time, disk use, RSS, PSS per clone, host memory).
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// The agent: API latency, POST /vms to the guest's first line (and
+    /// Firecracker's API path to it), clones started through the API.
+    Agent(agent::AgentBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -40,5 +44,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Gvfs(args) => gvfs::run(args),
         BenchCommand::VirtioFs(args) => virtio_fs::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
+        BenchCommand::Agent(args) => agent::run(args),
     }
 }
