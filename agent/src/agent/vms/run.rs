@@ -123,10 +123,18 @@ impl Vms {
                 self.emit(&rec, "started", None);
                 return Ok(rec);
             }
+            // It ended (seen by pid before the reaper saw it), or it
+            // did not answer in time and is killed.
             Ok(Err(e)) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                (None, crate::cli::chain(&e))
+                let ended = matches!(e, process::ProcessError::EndedAtStart(_));
+                if !ended {
+                    let _ = child.start_kill();
+                }
+                let status = child.wait().await.ok();
+                match status {
+                    Some(s) if ended => (Some(s), process::describe(s)),
+                    _ => (None, crate::cli::chain(&e)),
+                }
             }
             Err(status) => (
                 status,
