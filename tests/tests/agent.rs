@@ -343,14 +343,28 @@ impl Events {
                 }
             }
         });
-        // The stream is subscribed once its response head is out; give it
-        // a moment.
-        std::thread::sleep(Duration::from_millis(300));
-        Events {
+        let mut events = Events {
             child,
             lines,
             seen: Vec::new(),
+        };
+        // Subscribed once a VM created now is seen (that VM is deleted).
+        let probe = probe_elf();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = agent.json(
+                "admin",
+                &["create", "--kernel", probe.to_str().unwrap(), "--no-start"],
+            );
+            let id = v["id"].as_str().unwrap().to_owned();
+            agent.json("admin", &["rm", &id]);
+            if let Ok(v) = events.lines.recv_timeout(Duration::from_millis(500)) {
+                events.seen.push(v);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the event stream says nothing");
         }
+        events
     }
 
     /// Waits for event `event` (with `reason`, if given) of VM `id`.
