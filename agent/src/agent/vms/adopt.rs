@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use vmm::control::Request;
 
+/// How long a VMM found running has to answer `info` at adoption.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Vms {
     /// Reconciles the records with the VMM processes there are, at
     /// start: a recorded VM whose process lives and answers is adopted
@@ -65,7 +68,16 @@ impl Vms {
                 self.emit(&rec, "stopped", Some("shutdown"));
                 continue;
             }
-            match Self::control(&rec, Request::Info).await {
+            // A hung VMM must not hold up the others' adoption (nor the
+            // API, which is served once all are adopted).
+            let info = tokio::time::timeout(ADOPT_TIMEOUT, Self::control(&rec, Request::Info))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ApiError::Failed(format!(
+                        "no answer within {ADOPT_TIMEOUT:?}"
+                    )))
+                });
+            match info {
                 Ok(info) => {
                     rec.state = match info.get("state").and_then(|s| s.as_str()) {
                         Some("paused") => VmState::Paused,
