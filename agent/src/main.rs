@@ -1,5 +1,6 @@
 //! `vmplant`: the VM host agent and its command line.
 
+mod agent;
 mod cli;
 
 use clap::Parser;

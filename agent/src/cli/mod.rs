@@ -1,6 +1,8 @@
 //! Command-line parsing and dispatch: one module per subcommand.
 
+mod agent;
 mod bench;
+pub(crate) mod ctl;
 mod disk;
 mod gvfs;
 mod host;
@@ -48,6 +50,11 @@ pub enum Command {
     Image(image::ImageArgs),
     /// Make a CA and the certificates TLS tunnels and GVFS servers need.
     Pki(pki::PkiArgs),
+    /// Run the host's VM agent: a REST API, records in a state dir, one
+    /// VMM process per VM.
+    Agent(agent::AgentArgs),
+    /// A client of the agent's API.
+    Ctl(ctl::CtlArgs),
     /// Benchmarks, side by side with Firecracker and Cloud Hypervisor.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -79,6 +86,8 @@ pub fn dispatch(command: Command, process_start: std::time::Instant) -> CliResul
         Command::Image(args) => image::run(args),
         Command::Pki(args) => pki::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Agent(args) => agent::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `vmplant bench`: benchmarks that print JSON lines and a summary line,
 //! side by side with the anchors in ../shared/anchors.
 
+mod agent;
 mod boot;
 mod guests;
 mod gvfs;
@@ -36,6 +37,9 @@ pub enum BenchCommand {
     /// (idle, after filling 200 MiB, while rewriting memory): vmplant and
     /// QEMU side by side, then what Cloud Hypervisor does.
     Migrate(migrate::MigrateBenchArgs),
+    /// The agent: API latency, POST /vms to the guest's first line (and
+    /// Firecracker's API path to it), clones started through the API.
+    Agent(agent::AgentBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -46,5 +50,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::VirtioFs(args) => virtio_fs::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
+        BenchCommand::Agent(args) => agent::run(args),
     }
 }
