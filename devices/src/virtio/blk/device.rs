@@ -325,6 +325,11 @@ impl VirtioDevice for Blk {
         {
             return Err("a virtio-blk disk is not quiesced".into());
         }
+        // What the guest wrote is on the disk for the restore to find: an
+        // overlay's bitmap, above all, lives in memory until a flush.
+        self.disk
+            .flush()
+            .map_err(|e| format!("virtio-blk: cannot flush the disk: {e}"))?;
         bitcode::serialize(&self.save()).map_err(|e| format!("virtio-blk: {e}"))
     }
 
