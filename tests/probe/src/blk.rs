@@ -12,6 +12,7 @@ use crate::net::crc::Crc32;
 use crate::net::hal::ProbeHal;
 use crate::net::mmio::{self, MmioDevice};
 use crate::net::pool;
+use crate::net::transport::Linuxish;
 use crate::net::time::{self, per_sec};
 use crate::serial::{self, Json};
 use core::ptr::NonNull;
@@ -25,7 +26,9 @@ const MAX_DEVICES: usize = 4;
 /// The largest request the steps send, and the buffer they use.
 const BUF: usize = 1 << 20;
 
-type Disk = VirtIOBlk<ProbeHal, MmioTransport<'static>>;
+/// Status bits set one at a time, as Linux does: Firecracker refuses
+/// virtio-drivers' ACKNOWLEDGE|DRIVER in one write.
+type Disk = VirtIOBlk<ProbeHal, Linuxish<MmioTransport<'static>>>;
 
 /// One parsed block step; `dev` is the device index.
 #[derive(Clone, Copy)]
@@ -353,7 +356,8 @@ fn up(cmdline: &str, index: u32) -> Result<&'static mut Up, &'static str> {
     // it lives for the rest of the run.
     let transport = unsafe { MmioTransport::new(header, dev.size as usize) }
         .map_err(|_| "not a virtio-mmio device")?;
-    let mut disk = Disk::new(transport).map_err(|_| "the driver could not set the device up")?;
+    let mut disk = Disk::new(Linuxish::stepwise_status(transport, dev.base))
+        .map_err(|_| "the driver could not set the device up")?;
     // The probe polls.
     disk.disable_interrupts();
     pool::place(Up { disk, features }).ok_or("DMA pool exhausted")

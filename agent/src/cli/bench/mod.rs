@@ -1,6 +1,7 @@
 //! `vmplant bench`: benchmarks that print JSON lines and a summary line,
 //! side by side with the anchors in ../shared/anchors.
 
+mod blk;
 mod boot;
 mod guests;
 mod gvfs;
@@ -31,6 +32,11 @@ pub enum BenchCommand {
     /// start many clones of one snapshot: vmplant and Firecracker side by
     /// side (time, disk use, RSS, PSS per clone, host memory).
     Snapshot(snapshot::SnapshotBenchArgs),
+    /// The test guest's 4 KiB random and 1 MiB sequential reads of a raw
+    /// image through virtio-blk in vmplant and Firecracker, and fio on the
+    /// host as the ceiling; the chunks a first read of 100 scattered
+    /// sectors fetches from an image store on a GVFS server.
+    Blk(blk::BlkBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -40,5 +46,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Gvfs(args) => gvfs::run(args),
         BenchCommand::VirtioFs(args) => virtio_fs::run(args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
+        BenchCommand::Blk(args) => blk::run(args),
     }
 }
