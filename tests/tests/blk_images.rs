@@ -371,3 +371,62 @@ fn an_image_on_a_gvfs_server_is_fetched_a_chunk_at_a_time_and_cached() {
     eprintln!("second VM: fetched {bytes} bytes");
     assert_eq!(bytes, 0, "nothing fetched: {}", second.stderr);
 }
+
+/// `vmplant vm --control CONTROL ARGS...`, which must succeed.
+fn vm(control: &Path, args: &[&str]) -> String {
+    let out = Command::new(vmplant())
+        .args(["vm", "--control"])
+        .arg(control)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A `--config` VM on a base under an overlay (relative paths, the
+/// file's), saved while it runs: the snapshot's device plan names the
+/// disk with its overlay, and the restored guest reads what it wrote
+/// before (the overlay was flushed for the snapshot).
+#[test]
+fn a_config_vm_on_an_overlay_is_saved_and_restored_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = disk(dir.path(), "base.img");
+    let before = std::fs::read(&base).unwrap();
+    let control = dir.path().join("vm.sock");
+    let snap = dir.path().join("snap");
+    let config = dir.path().join("vms.json");
+    let vms = serde_json::json!({"vms": [{
+        "name": "a",
+        "kernel": vmplant_tests::probe_elf(),
+        "cmdline": "console=ttyS0 probe=blk-write:16:8:5+tick:100:8+blk-read:16:8+shutdown",
+        "disks": ["base.img,overlay=a.ovl"],
+        "control": "vm.sock",
+    }]});
+    std::fs::write(&config, vms.to_string()).unwrap();
+    let mut vmm = Vmm::start(&["run", "--config", config.to_str().unwrap()]);
+    vmm.expect_line("a tick", Duration::from_secs(30), |l| {
+        l.contains(r#""probe":"tick""#)
+    });
+    let info: Value = serde_json::from_str(&vm(&control, &["info"])).unwrap();
+    let dev = &info["devices"][0];
+    assert_eq!(dev["path"], base.to_str().unwrap(), "{info}");
+    assert_eq!(
+        dev["overlay"],
+        dir.path().join("a.ovl").to_str().unwrap(),
+        "{info}"
+    );
+    vm(&control, &["snapshot", snap.to_str().unwrap(), "--stop"]);
+    vmm.wait(Duration::from_secs(10)).assert_success();
+
+    let done =
+        Vmm::start(&["run", "--restore", snap.to_str().unwrap()]).wait(Duration::from_secs(30));
+    done.assert_success();
+    let read = &lines(&done, "blk-read")[0];
+    assert_eq!(read["crc32"], crc(&pattern(5, 8)), "{read}\n{}", done.stderr);
+    assert_eq!(std::fs::read(&base).unwrap(), before, "the base is untouched");
+}

@@ -278,6 +278,8 @@ fn fio(dir: &Path, image: &Path, secs: u64) -> Result<Figures> {
                 "--iodepth=1",
                 "--numjobs=1",
                 "--readonly",
+                // fio drops the file's pages first by default: keep them.
+                "--invalidate=0",
                 "--time_based",
                 &format!("--runtime={secs}"),
                 "--output-format=json",
