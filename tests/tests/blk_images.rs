@@ -344,7 +344,25 @@ fn an_image_on_a_gvfs_server_is_fetched_a_chunk_at_a_time_and_cached() {
     mark[..8].copy_from_slice(&1000u64.to_le_bytes());
     mark[8..64].copy_from_slice(&pattern(1001, 1)[..56]);
 
-    let first = run(steps, &[&spec("a.ovl")]);
+    // The first VM ticks once its reads are done: `vm info` then shows
+    // what its disk fetched so far.
+    let control = dir.path().join("vm.sock");
+    let a = spec("a.ovl");
+    let mut vmm = Vmm::probe(
+        &format!("{steps}+tick:100:3+shutdown"),
+        &["--disk", &a, "--control", control.to_str().unwrap()],
+    );
+    vmm.expect_line("a tick", Duration::from_secs(60), |l| {
+        l.contains(r#""probe":"tick""#)
+    });
+    let info: Value = serde_json::from_str(&vm(&control, &["info"])).unwrap();
+    let dev = &info["devices"][0];
+    assert_eq!(dev["path"], "image=big", "{info}");
+    assert_eq!(dev["store"], format!("gvfs://{}", server.addr), "{info}");
+    let live = dev["fetched_bytes"].as_u64().unwrap();
+    let first = vmm.wait(Duration::from_secs(30));
+    first.assert_success();
+    assert_eq!(live, logged(&first.stderr, "fetched_bytes"), "{info}");
     assert_eq!(lines(&first, "blk-info")[0]["sectors"], 1u64 << 21);
     assert_eq!(lines(&first, "blk-read")[0]["crc32"], crc(&mark));
     let bytes = logged(&first.stderr, "fetched_bytes");
@@ -427,6 +445,15 @@ fn a_config_vm_on_an_overlay_is_saved_and_restored_with_it() {
         Vmm::start(&["run", "--restore", snap.to_str().unwrap()]).wait(Duration::from_secs(30));
     done.assert_success();
     let read = &lines(&done, "blk-read")[0];
-    assert_eq!(read["crc32"], crc(&pattern(5, 8)), "{read}\n{}", done.stderr);
-    assert_eq!(std::fs::read(&base).unwrap(), before, "the base is untouched");
+    assert_eq!(
+        read["crc32"],
+        crc(&pattern(5, 8)),
+        "{read}\n{}",
+        done.stderr
+    );
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        before,
+        "the base is untouched"
+    );
 }

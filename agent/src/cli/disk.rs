@@ -112,6 +112,7 @@ pub enum OpenError {
 }
 
 /// What the VMM keeps of an opened disk, to flush and report at exit.
+#[derive(Clone)]
 pub struct DiskHandle {
     pub image: Option<Arc<ImageBackend>>,
     pub remote: Option<Arc<GvfsStore>>,

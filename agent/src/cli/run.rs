@@ -597,6 +597,8 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 sectors: blk.capacity_sectors(),
                 overlay: disk.overlay().map(|o| o.display().to_string()),
                 store: disk.store(),
+                fetched_bytes: handle.remote.as_ref().map(|_| 0),
+                fetched_chunks: handle.remote.as_ref().map(|_| 0),
             });
             vm.add_virtio_device(Box::new(blk), None)?;
             disks.push(handle);
@@ -621,8 +623,29 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
         let control = match &p.control {
             Some(path) => {
+                let remotes: Vec<_> = disks.iter().map(|d| d.remote.clone()).collect();
                 let handler =
-                    VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices, owner);
+                    VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices, owner)
+                        .with_refresh(Box::new(move |devices| {
+                            let blks = devices
+                                .iter_mut()
+                                .filter(|d| matches!(d, DeviceInfo::Blk { .. }));
+                            for (d, remote) in blks.zip(&remotes) {
+                                if let (
+                                    DeviceInfo::Blk {
+                                        fetched_bytes,
+                                        fetched_chunks,
+                                        ..
+                                    },
+                                    Some(r),
+                                ) = (d, remote)
+                                {
+                                    let f = r.fetched();
+                                    *fetched_bytes = Some(f.bytes);
+                                    *fetched_chunks = Some(f.chunks);
+                                }
+                            }
+                        }));
                 Some(ControlServer::serve(path, Arc::new(handler))?)
             }
             None => None,
