@@ -60,18 +60,21 @@ pub enum DiskKind {
 pub struct Disk {
     pub kind: DiskKind,
     pub limit: RateLimit,
+    /// `poll=MICROSECONDS`: the device polls the queue that long after
+    /// each request ([`Blk::with_poll`]).
+    pub poll_us: Option<u64>,
 }
 
 const FORMS: &str = "PATH[,ro], PATH,overlay=FILE, image=NAME,store=DIR,overlay=FILE or \
      image=NAME,store=gvfs://HOST:PORT,token-file=F,(tls-ca=F|plaintext)[,cache-dir=D],overlay=FILE, \
-     each with [,bps=N][,iops=N]";
+     each with [,bps=N][,iops=N][,poll=MICROSECONDS]";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DiskError {
     #[error("{0:?}: want {FORMS}")]
     Syntax(String),
     #[error(
-        "{0:?}: unknown disk option {1:?} (known: ro, overlay=FILE, image=NAME, store=DIR|gvfs://HOST:PORT, token-file=F, tls-ca=F, plaintext, cache-dir=D, bps=N, iops=N)"
+        "{0:?}: unknown disk option {1:?} (known: ro, overlay=FILE, image=NAME, store=DIR|gvfs://HOST:PORT, token-file=F, tls-ca=F, plaintext, cache-dir=D, bps=N, iops=N, poll=US)"
     )]
     Option(String, String),
     #[error("{0:?}: {1:?} wants a whole number above 0")]
@@ -149,6 +152,7 @@ impl FromStr for Disk {
             None => path = Some(PathBuf::from(first)),
         }
         let mut limit = RateLimit::default();
+        let mut poll_us = None;
         let mut read_only = false;
         let (mut overlay, mut store, mut token_file, mut tls_ca, mut cache_dir) =
             (None, None, None, None, None);
@@ -168,6 +172,12 @@ impl FromStr for Disk {
                 None if o == "plaintext" => plaintext = true,
                 Some(("bps", v)) => limit.bytes_per_sec = rate(o, v)?,
                 Some(("iops", v)) => limit.ops_per_sec = rate(o, v)?,
+                Some(("poll", v)) => {
+                    poll_us = rate(o, v)?;
+                    if poll_us > Some(1_000_000) {
+                        return Err(DiskError::Value(s.into(), o.into()));
+                    }
+                }
                 Some(("overlay", v)) => overlay = Some(file(v).ok_or_else(bad)?),
                 Some(("store", v)) if !v.is_empty() => store = Some(v.to_string()),
                 Some(("token-file", v)) => token_file = Some(file(v).ok_or_else(bad)?),
@@ -241,7 +251,11 @@ impl FromStr for Disk {
             }
             (None, None) => return Err(DiskError::Syntax(s.into())),
         };
-        Ok(Disk { kind, limit })
+        Ok(Disk {
+            kind,
+            limit,
+            poll_us,
+        })
     }
 }
 
@@ -291,6 +305,9 @@ impl Disk {
         if let Some(n) = self.limit.ops_per_sec {
             spec.push_str(&format!(",iops={n}"));
         }
+        if let Some(n) = self.poll_us {
+            spec.push_str(&format!(",poll={n}"));
+        }
         spec
     }
 
@@ -331,6 +348,7 @@ impl Disk {
         Disk {
             kind,
             limit: self.limit,
+            poll_us: self.poll_us,
         }
     }
 
@@ -411,10 +429,9 @@ impl Disk {
                     (b.clone(), Some(b), remote)
                 }
             };
-        Ok((
-            Blk::with_rate_limit(backend, self.limit),
-            DiskHandle { image, remote },
-        ))
+        let blk = Blk::with_rate_limit(backend, self.limit)
+            .with_poll(Duration::from_micros(self.poll_us.unwrap_or(0)));
+        Ok((blk, DiskHandle { image, remote }))
     }
 }
 
@@ -519,7 +536,7 @@ mod tests {
     fn overlays_and_images_parse_and_print_back() {
         for spec in [
             "base.img,overlay=vm.ovl",
-            "image=web,store=/s,overlay=o,iops=10",
+            "image=web,store=/s,overlay=o,iops=10,poll=50",
             "image=web,store=gvfs://h:7000,token-file=/t,plaintext,overlay=/o",
             "image=web,store=gvfs://h:7000,token-file=/t,tls-ca=/ca,cache-dir=/c,overlay=/o",
         ] {
