@@ -70,7 +70,8 @@ pub struct RunArgs {
     /// (an image of a local store); image=NAME,store=gvfs://HOST:PORT,token-file=F,(tls-ca=F|plaintext)[,cache-dir=D],overlay=FILE
     /// (an image of a store a GVFS server serves, fetched as the guest
     /// reads it). `,bps=N` and `,iops=N` limit its bytes and requests
-    /// per second.
+    /// per second; `,poll=US` has the device poll the queue for US
+    /// microseconds after each request.
     #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<Disk>,
     /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
