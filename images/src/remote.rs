@@ -11,7 +11,8 @@
 //! the disk's other threads, and two reads of one chunk not yet there
 //! wait for one fetch (the client keeps one fetch per block in flight).
 //! Chunks the guest never touches are never fetched. [`GvfsStore::fetched`]
-//! counts the bytes that came from the server.
+//! counts the bytes that came from the server. A chunk read whole is
+//! checked against its hash before the guest sees any of it.
 
 use crate::chunk::{ChunkError, ChunkHash, ChunkSource};
 use crate::store::{self, ResolvedImage, StoreError, StoreFiles};
@@ -278,6 +279,14 @@ impl ChunkSource for GvfsStore {
                     offset: data.len() as u64,
                 });
             };
+            // Whole, so checked: what comes over the network (or out of
+            // the cache directory) is the chunk its name says.
+            if data.len() != self.chunk_size as usize || ChunkHash::of(&data) != *hash {
+                return Err(ChunkError::Damaged {
+                    hash: *hash,
+                    from: self.url(),
+                });
+            }
             buf.copy_from_slice(part);
             lock(&self.warm).insert(*hash);
             return Ok(());

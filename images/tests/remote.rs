@@ -152,6 +152,14 @@ fn a_damaged_or_absent_remote_store_is_a_clear_error() {
     let mut b = [0u8; 512];
     let e = remote.read_chunk_at(&h, 0, &mut b).unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
+    // A chunk whose bytes changed on the server (same size) is refused.
+    let h = resolved.chunks[5].unwrap();
+    let path = store_dir.join("chunks").join(h.to_hex());
+    let mut data = std::fs::read(&path).unwrap();
+    data[100] ^= 1;
+    std::fs::write(&path, &data).unwrap();
+    let e = remote.read_chunk_at(&h, 0, &mut b).unwrap_err();
+    assert!(e.to_string().contains("damaged"), "{e}");
     // Not a store at all; a server that is not there.
     let (_other, other) = serve(dir.path());
     let e = connect(&other, None).err().unwrap();
