@@ -29,6 +29,8 @@ pub enum ChunkError {
     },
     #[error("{0:?} is not a chunk hash (64 hex digits)")]
     BadHash(String),
+    #[error("chunk {hash} from {from} is damaged: its bytes do not match its hash")]
+    Damaged { hash: ChunkHash, from: String },
 }
 
 /// The blake3 hash of a chunk's bytes.

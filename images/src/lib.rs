@@ -8,12 +8,14 @@ pub mod chunk;
 pub mod disk;
 mod fsutil;
 pub mod overlay;
+pub mod remote;
 pub mod store;
 
 pub use chunk::{ChunkError, ChunkHash, ChunkSource, CountingSource, LocalChunks, SourceStats};
 pub use disk::{Disk, DiskError, ImageBase, OverlayDisk};
 pub use overlay::{BaseIdentity, BaseKind, OverlayError};
-pub use store::{DEFAULT_CHUNK_SIZE, ResolvedImage, Store, StoreError};
+pub use remote::{FetchStats, GvfsStore, RemoteError};
+pub use store::{DEFAULT_CHUNK_SIZE, ResolvedImage, Store, StoreError, StoreFiles};
 
 /// An error and its causes, one after the other
 /// ("cannot read the base: chunk ... is missing from ...").

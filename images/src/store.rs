@@ -279,35 +279,202 @@ fn is_zero(buf: &[u8]) -> bool {
         && blocks.remainder().iter().all(|&b| b == 0)
 }
 
-impl Store {
-    /// Opens an existing store.
-    pub fn open(dir: &Path) -> Result<Store> {
-        let path = dir.join("store.json");
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NotAStore(dir.to_path_buf()));
-            }
-            Err(e) => return Err(io(&path)(e)),
+/// Reads the metadata files of a store by their path below its root:
+/// the local directory ([`Store`]), or the same files on a GVFS server
+/// (`crate::remote`).
+pub trait StoreFiles {
+    /// The whole file at `rel`; `Ok(None)` if there is none.
+    fn read_file(&self, rel: &Path) -> std::io::Result<Option<Vec<u8>>>;
+    /// Where `rel` is, for messages.
+    fn describe(&self, rel: &Path) -> PathBuf;
+}
+
+/// A store's directory on this host.
+struct LocalFiles<'a>(&'a Path);
+
+impl StoreFiles for LocalFiles<'_> {
+    fn read_file(&self, rel: &Path) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.0.join(rel)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn describe(&self, rel: &Path) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+/// Reads `store.json` through `files`: the store's chunk size.
+pub fn read_config(files: &dyn StoreFiles) -> Result<u32> {
+    let rel = Path::new("store.json");
+    let path = files.describe(rel);
+    let Some(bytes) = files.read_file(rel).map_err(io(&path))? else {
+        return Err(StoreError::NotAStore(files.describe(Path::new(""))));
+    };
+    let cfg: StoreConfig =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
+            path: path.clone(),
+            source,
+        })?;
+    if cfg.format != FORMAT {
+        return Err(StoreError::Corrupt {
+            path,
+            what: format!("format {} (this vmplant reads {FORMAT})", cfg.format),
+        });
+    }
+    check_chunk_size(u64::from(cfg.chunk_size)).map_err(|_| StoreError::Corrupt {
+        path: path.clone(),
+        what: format!("bad chunk size {}", cfg.chunk_size),
+    })?;
+    Ok(cfg.chunk_size)
+}
+
+/// Image `name` of the store `files` reads (chunk size `chunk_size`, from
+/// [`read_config`]), resolved to one chunk per index: what a disk on a
+/// remote store needs.
+pub fn resolve_in(files: &dyn StoreFiles, chunk_size: u32, name: &str) -> Result<ResolvedImage> {
+    Meta { files, chunk_size }.resolve(name)
+}
+
+/// The reading half of a store, over any [`StoreFiles`].
+struct Meta<F: StoreFiles> {
+    files: F,
+    chunk_size: u32,
+}
+
+impl<F: StoreFiles> Meta<F> {
+    fn image_layer(&self, name: &str) -> Result<String> {
+        check_name(name)?;
+        let rel = PathBuf::from("images").join(format!("{name}.json"));
+        let path = self.files.describe(&rel);
+        let Some(bytes) = self.files.read_file(&rel).map_err(io(&path))? else {
+            return Err(StoreError::NoImage(name.to_string()));
         };
-        let cfg: StoreConfig =
+        let img: ImageFile =
             serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
                 path: path.clone(),
                 source,
             })?;
-        if cfg.format != FORMAT {
+        if img.format != FORMAT || ChunkHash::from_hex(&img.layer).is_err() {
             return Err(StoreError::Corrupt {
                 path,
-                what: format!("format {} (this vmplant reads {FORMAT})", cfg.format),
+                what: "bad format or layer id".into(),
             });
         }
-        check_chunk_size(u64::from(cfg.chunk_size)).map_err(|_| StoreError::Corrupt {
-            path: path.clone(),
-            what: format!("bad chunk size {}", cfg.chunk_size),
+        Ok(img.layer)
+    }
+
+    fn layer(&self, id: &str) -> Result<Layer> {
+        let rel = PathBuf::from("layers").join(format!("{id}.json"));
+        let path = self.files.describe(&rel);
+        // An id is a hash: anything else names no layer (and no path).
+        if ChunkHash::from_hex(id).is_err() {
+            return Err(StoreError::MissingLayer(id.to_string()));
+        }
+        let Some(bytes) = self.files.read_file(&rel).map_err(io(&path))? else {
+            return Err(StoreError::MissingLayer(id.to_string()));
+        };
+        if ChunkHash::of(&bytes).to_hex() != id {
+            return Err(StoreError::Corrupt {
+                path,
+                what: "its contents do not match its id (damaged or truncated)".into(),
+            });
+        }
+        let layer: Layer =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
+                path: path.clone(),
+                source,
+            })?;
+        let chunks = layer.size.div_ceil(u64::from(layer.chunk_size.max(1)));
+        if layer.format != FORMAT
+            || layer.chunk_size != self.chunk_size
+            || chunks > MAX_CHUNKS
+            || layer
+                .chunks
+                .keys()
+                .next_back()
+                .is_some_and(|&i| i >= chunks)
+        {
+            return Err(StoreError::Corrupt {
+                path,
+                what: "bad format, chunk size, size or chunk index".into(),
+            });
+        }
+        Ok(layer)
+    }
+
+    fn chain(&self, top: &str) -> Result<Chain> {
+        let mut out = Vec::new();
+        let mut next = Some(top.to_string());
+        while let Some(id) = next {
+            if out.len() >= MAX_DEPTH {
+                return Err(StoreError::Corrupt {
+                    path: self
+                        .files
+                        .describe(&PathBuf::from("layers").join(format!("{top}.json"))),
+                    what: format!("more than {MAX_DEPTH} layers under it"),
+                });
+            }
+            let layer = self.layer(&id)?;
+            next = layer.parent.clone();
+            out.push((id, layer));
+        }
+        Ok(out)
+    }
+
+    fn resolve(&self, name: &str) -> Result<ResolvedImage> {
+        let top = self.image_layer(name)?;
+        let chain = self.chain(&top)?;
+        let size = chain.first().map_or(0, |(_, l)| l.size);
+        let n = size.div_ceil(u64::from(self.chunk_size)) as usize;
+        let mut chunks: Vec<Option<ChunkHash>> = vec![None; n];
+        let mut set = vec![false; n];
+        for (_, layer) in &chain {
+            for (&i, r) in &layer.chunks {
+                let Some(slot) = set.get_mut(i as usize) else {
+                    continue;
+                };
+                if !*slot {
+                    *slot = true;
+                    chunks[i as usize] = match r {
+                        ChunkRef::Zero => None,
+                        ChunkRef::Data(h) => Some(*h),
+                    };
+                }
+            }
+        }
+        Ok(ResolvedImage {
+            name: name.to_string(),
+            top,
+            size,
+            chunk_size: self.chunk_size,
+            chunks,
+        })
+    }
+}
+
+impl<F: StoreFiles + ?Sized> StoreFiles for &F {
+    fn read_file(&self, rel: &Path) -> std::io::Result<Option<Vec<u8>>> {
+        (**self).read_file(rel)
+    }
+
+    fn describe(&self, rel: &Path) -> PathBuf {
+        (**self).describe(rel)
+    }
+}
+
+impl Store {
+    /// Opens an existing store.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let chunk_size = read_config(&LocalFiles(dir)).map_err(|e| match e {
+            StoreError::NotAStore(_) => StoreError::NotAStore(dir.to_path_buf()),
+            e => e,
         })?;
         Ok(Store {
             dir: dir.to_path_buf(),
-            chunk_size: cfg.chunk_size,
+            chunk_size,
         })
     }
 
@@ -386,66 +553,19 @@ impl Store {
 
     /// The top layer of image `name`.
     pub fn image_layer(&self, name: &str) -> Result<String> {
-        check_name(name)?;
-        let path = self.image_path(name);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::NoImage(name.to_string()));
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let img: ImageFile =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
-                path: path.clone(),
-                source,
-            })?;
-        if img.format != FORMAT || ChunkHash::from_hex(&img.layer).is_err() {
-            return Err(StoreError::Corrupt {
-                path,
-                what: "bad format or layer id".into(),
-            });
-        }
-        Ok(img.layer)
+        self.meta().image_layer(name)
     }
 
     /// Loads a layer, checking that its contents match its id.
     pub fn layer(&self, id: &str) -> Result<Layer> {
-        let path = self.layer_path(id);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::MissingLayer(id.to_string()));
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        if ChunkHash::of(&bytes).to_hex() != id {
-            return Err(StoreError::Corrupt {
-                path,
-                what: "its contents do not match its id (damaged or truncated)".into(),
-            });
+        self.meta().layer(id)
+    }
+
+    fn meta(&self) -> Meta<LocalFiles<'_>> {
+        Meta {
+            files: LocalFiles(&self.dir),
+            chunk_size: self.chunk_size,
         }
-        let layer: Layer =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::BadJson {
-                path: path.clone(),
-                source,
-            })?;
-        let chunks = layer.size.div_ceil(u64::from(layer.chunk_size.max(1)));
-        if layer.format != FORMAT
-            || layer.chunk_size != self.chunk_size
-            || chunks > MAX_CHUNKS
-            || layer
-                .chunks
-                .keys()
-                .next_back()
-                .is_some_and(|&i| i >= chunks)
-        {
-            return Err(StoreError::Corrupt {
-                path,
-                what: "bad format, chunk size, size or chunk index".into(),
-            });
-        }
-        Ok(layer)
     }
 
     /// Writes a layer and returns its id.
@@ -477,51 +597,12 @@ impl Store {
 
     /// Layers from `top` down to the base layer, top first.
     pub fn chain(&self, top: &str) -> Result<Chain> {
-        let mut out = Vec::new();
-        let mut next = Some(top.to_string());
-        while let Some(id) = next {
-            if out.len() >= MAX_DEPTH {
-                return Err(StoreError::Corrupt {
-                    path: self.layer_path(top),
-                    what: format!("more than {MAX_DEPTH} layers under it"),
-                });
-            }
-            let layer = self.layer(&id)?;
-            next = layer.parent.clone();
-            out.push((id, layer));
-        }
-        Ok(out)
+        self.meta().chain(top)
     }
 
     /// Image `name` resolved to one chunk per index.
     pub fn resolve(&self, name: &str) -> Result<ResolvedImage> {
-        let top = self.image_layer(name)?;
-        let chain = self.chain(&top)?;
-        let size = chain.first().map_or(0, |(_, l)| l.size);
-        let n = size.div_ceil(u64::from(self.chunk_size)) as usize;
-        let mut chunks: Vec<Option<ChunkHash>> = vec![None; n];
-        let mut set = vec![false; n];
-        for (_, layer) in &chain {
-            for (&i, r) in &layer.chunks {
-                let Some(slot) = set.get_mut(i as usize) else {
-                    continue;
-                };
-                if !*slot {
-                    *slot = true;
-                    chunks[i as usize] = match r {
-                        ChunkRef::Zero => None,
-                        ChunkRef::Data(h) => Some(*h),
-                    };
-                }
-            }
-        }
-        Ok(ResolvedImage {
-            name: name.to_string(),
-            top,
-            size,
-            chunk_size: self.chunk_size,
-            chunks,
-        })
+        self.meta().resolve(name)
     }
 
     /// Names of the images, sorted.

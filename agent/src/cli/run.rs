@@ -5,7 +5,7 @@
 //! JSON file (`--config`), each console on standard output behind its
 //! name or in a file of its own.
 
-use super::disk::Disk;
+use super::disk::{Disk, DiskHandle};
 use super::nic::Nic;
 use super::share::{Share, VhostUserShare};
 use super::switch::SwitchArgs;
@@ -65,10 +65,15 @@ pub struct RunArgs {
     /// Guest memory is then a memfd the backend maps.
     #[arg(long = "vhost-user-fs", value_name = "TAG=SOCKET")]
     pub vhost_user_shares: Vec<VhostUserShare>,
-    /// Give the guest a virtio-blk disk on a raw file (repeatable): PATH
-    /// (read-write) or PATH,ro; `,bps=N` and `,iops=N` limit its bytes
-    /// and requests per second.
-    #[arg(long = "disk", value_name = "PATH[,ro][,bps=N][,iops=N]")]
+    /// Give the guest a virtio-blk disk (repeatable): PATH (a raw file,
+    /// read-write) or PATH,ro; PATH,overlay=FILE (PATH read-only, the
+    /// writes in the copy-on-write overlay FILE); image=NAME,store=DIR,overlay=FILE
+    /// (an image of a local store); image=NAME,store=gvfs://HOST:PORT,token-file=F,(tls-ca=F|plaintext)[,cache-dir=D],overlay=FILE
+    /// (an image of a store a GVFS server serves, fetched as the guest
+    /// reads it). `,bps=N` and `,iops=N` limit its bytes and requests
+    /// per second; `,poll=US` has the device poll the queue for US
+    /// microseconds after each request.
+    #[arg(long = "disk", value_name = "DISK")]
     pub disks: Vec<Disk>,
     /// Restore the VM saved in DIR (`vmplant vm snapshot DIR`) instead of
     /// booting a kernel: it goes on where it was paused. Its vCPUs, memory
@@ -97,7 +102,7 @@ pub struct RunArgs {
     /// Run the VMs a JSON file describes, all on one switch, instead of
     /// one from flags: {"vms": [{"name", "kernel", "initrd", "cmdline",
     /// "vcpus", "mem_mib", "boot", "nets": [MAC[,any-source]...], "shares": [SHARE...], "vhost_user_shares": [TAG=SOCKET...],
-    /// "disks": [PATH[,ro][,bps=N][,iops=N]...], "serial_file", "control"}]}.
+    /// "disks": [DISK...], "serial_file", "control"}]}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "serial_file", "nets", "shares", "vhost_user_shares", "disks", "control"])]
     pub config: Option<PathBuf>,
     /// The switch the VMs' NICs are on: its TAP ports and tunnels.
@@ -345,10 +350,7 @@ fn read_run_file(path: &Path) -> Result<Vec<Planned>, Box<dyn std::error::Error 
                 .iter()
                 .map(|d| {
                     // Like the kernel's, a relative disk path is the file's.
-                    d.parse().map(|d: Disk| Disk {
-                        path: base.join(&d.path),
-                        ..d
-                    })
+                    d.parse().map(|d: Disk| d.relative_to(base))
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("VM {:?}: {e}", vm.name))?;
@@ -475,6 +477,34 @@ fn check_macs(planned: &[Planned]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Makes the VM's overlays durable as it ends, and logs what its image
+/// disks read, and fetched from their servers.
+fn close_disks(who: &str, disks: &[DiskHandle]) {
+    for (i, d) in disks.iter().enumerate() {
+        if let Err(e) = d.flush() {
+            tracing::warn!("{who}disk {}: cannot flush its overlay: {e}", i + 1);
+        }
+        match d.report() {
+            Some((read, Some(fetched))) => tracing::info!(
+                "{who}disk {}: fetched_bytes={} fetch_requests={} fetched_chunks={} chunks_read={} from {}",
+                i + 1,
+                fetched.bytes,
+                fetched.requests,
+                fetched.chunks,
+                read.chunks,
+                d.remote.as_ref().map_or_else(String::new, |r| r.url()),
+            ),
+            Some((read, None)) => tracing::info!(
+                "{who}disk {}: chunks_read={} bytes_read={} from the local store",
+                i + 1,
+                read.chunks,
+                read.bytes
+            ),
+            None => {}
+        }
+    }
 }
 
 pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
@@ -613,14 +643,22 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
                 socket: share.socket.display().to_string(),
             });
         }
-        for disk in &p.disks {
-            let blk = disk.open()?;
+        let mut disks = Vec::new();
+        for (i, disk) in p.disks.iter().enumerate() {
+            let (blk, handle) = disk
+                .open()
+                .map_err(|e| format!("disk {}: {}", i + 1, chain(&e)))?;
             devices.push(DeviceInfo::Blk {
-                path: disk.path.display().to_string(),
-                read_only: disk.read_only,
+                path: disk.describe(),
+                read_only: disk.read_only(),
                 sectors: blk.capacity_sectors(),
+                overlay: disk.overlay().map(|o| o.display().to_string()),
+                store: disk.store(),
+                fetched_bytes: handle.remote.as_ref().map(|_| 0),
+                fetched_chunks: handle.remote.as_ref().map(|_| 0),
             });
             vm.add_virtio_device(Box::new(blk), None)?;
+            disks.push(handle);
         }
         let started = match &restore {
             Some(s) => vm.start_restored(&s.state),
@@ -642,17 +680,38 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
         let control = match &p.control {
             Some(path) => {
+                let remotes: Vec<_> = disks.iter().map(|d| d.remote.clone()).collect();
                 let handler =
-                    VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices, owner);
+                    VmControl::new(vm.clone(), p.config.vcpus, p.config.mem_mib, devices, owner)
+                        .with_refresh(Box::new(move |devices| {
+                            let blks = devices
+                                .iter_mut()
+                                .filter(|d| matches!(d, DeviceInfo::Blk { .. }));
+                            for (d, remote) in blks.zip(&remotes) {
+                                if let (
+                                    DeviceInfo::Blk {
+                                        fetched_bytes,
+                                        fetched_chunks,
+                                        ..
+                                    },
+                                    Some(r),
+                                ) = (d, remote)
+                                {
+                                    let f = r.fetched();
+                                    *fetched_bytes = Some(f.bytes);
+                                    *fetched_chunks = Some(f.chunks);
+                                }
+                            }
+                        }));
                 Some(ControlServer::serve(path, Arc::new(handler))?)
             }
             None => None,
         };
-        running.push((p.name.clone(), vm, control));
+        running.push((p.name.clone(), vm, control, disks));
     }
     release_startup_heap();
     let mut code = 0;
-    for (name, vm, control) in running {
+    for (name, vm, control, disks) in running {
         let exit = vm.wait()?;
         drop(control);
         let who = if several {
@@ -660,6 +719,7 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         } else {
             String::new()
         };
+        close_disks(&who, &disks);
         match &exit {
             VmExit::GuestShutdown | VmExit::Stopped | VmExit::Migrated { .. } => {
                 tracing::info!("{who}{exit}")

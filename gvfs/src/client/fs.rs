@@ -417,6 +417,9 @@ pub struct Fs {
     copies: Option<Copies>,
     /// Whether copies are made and handed out (the mount's choice).
     copies_on: AtomicBool,
+    /// File content read from the server: bytes, and read requests.
+    fetched_bytes: AtomicU64,
+    fetch_requests: AtomicU64,
 }
 
 /// What [`Fs::new`] can fail with.
@@ -461,6 +464,8 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             cache,
             inflight: Mutex::new(HashMap::new()),
+            fetched_bytes: AtomicU64::new(0),
+            fetch_requests: AtomicU64::new(0),
             stale_gen: AtomicU64::new(0),
             copies_on: AtomicBool::new(opts.whole_copy_bytes > 0),
             copies: (opts.whole_copy_bytes > 0).then(|| {
@@ -477,6 +482,16 @@ impl Fs {
 
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// File content this client read from the server (not from its
+    /// caches) so far: bytes and read requests. What on-demand users (a
+    /// disk image's chunks) count as fetched.
+    pub fn fetched(&self) -> (u64, u64) {
+        (
+            self.fetched_bytes.load(Ordering::Relaxed),
+            self.fetch_requests.load(Ordering::Relaxed),
+        )
     }
 
     /// Bytes held by whole-file copies.

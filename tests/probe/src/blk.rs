@@ -12,6 +12,7 @@ use crate::net::crc::Crc32;
 use crate::net::hal::ProbeHal;
 use crate::net::mmio::{self, MmioDevice};
 use crate::net::pool;
+use crate::net::transport::Linuxish;
 use crate::net::time::{self, per_sec};
 use crate::serial::{self, Json};
 use core::ptr::NonNull;
@@ -25,7 +26,9 @@ const MAX_DEVICES: usize = 4;
 /// The largest request the steps send, and the buffer they use.
 const BUF: usize = 1 << 20;
 
-type Disk = VirtIOBlk<ProbeHal, MmioTransport<'static>>;
+/// Status bits set one at a time, as Linux does: Firecracker refuses
+/// virtio-drivers' ACKNOWLEDGE|DRIVER in one write.
+type Disk = VirtIOBlk<ProbeHal, Linuxish<MmioTransport<'static>>>;
 
 /// One parsed block step; `dev` is the device index.
 #[derive(Clone, Copy)]
@@ -53,6 +56,14 @@ pub enum Cmd {
         mib: u64,
         dev: u32,
     },
+    /// `blk-write-loop:SECTOR:COUNT:N`: the `blk-write` of seeds 1 to N
+    /// in turn over the same sectors, each flushed, then reported.
+    WriteLoop {
+        sector: u64,
+        count: u64,
+        n: u64,
+        dev: u32,
+    },
 }
 
 /// Parses block step `name`: `None` if it is not one, `Err(arg)` for a
@@ -67,12 +78,13 @@ pub fn parse<'a>(
     Some(parse_args(name, args))
 }
 
-const KNOWN: [&str; 5] = [
+const KNOWN: [&str; 6] = [
     "blk-info",
     "blk-write",
     "blk-read",
     "blk-rand-read",
     "blk-seq-read",
+    "blk-write-loop",
 ];
 
 fn parse_args<'a>(name: &str, args: &mut impl Iterator<Item = &'a str>) -> Result<Cmd, &'a str> {
@@ -101,6 +113,12 @@ fn parse_args<'a>(name: &str, args: &mut impl Iterator<Item = &'a str>) -> Resul
         "blk-read" => Cmd::Read {
             sector: num()?,
             count: nonzero(num()?)?,
+            dev: dev(num())?,
+        },
+        "blk-write-loop" => Cmd::WriteLoop {
+            sector: num()?,
+            count: nonzero(num()?)?,
+            n: nonzero(num()?)?,
             dev: dev(num())?,
         },
         "blk-rand-read" => {
@@ -152,13 +170,14 @@ impl<'a> Ctx<'a> {
             Cmd::Read { dev, .. } => ("blk-read", dev),
             Cmd::RandRead { dev, .. } => ("blk-rand-read", dev),
             Cmd::SeqRead { dev, .. } => ("blk-seq-read", dev),
+            Cmd::WriteLoop { dev, .. } => ("blk-write-loop", dev),
         };
         // The messages (the probe's and virtio-drivers' errors) hold no
         // quote or backslash: they go into the JSON string as they are.
         let range = match cmd {
-            Cmd::Write { sector, count, .. } | Cmd::Read { sector, count, .. } => {
-                Some((sector, count))
-            }
+            Cmd::Write { sector, count, .. }
+            | Cmd::Read { sector, count, .. }
+            | Cmd::WriteLoop { sector, count, .. } => Some((sector, count)),
             _ => None,
         };
         let fail = |e: &dyn core::fmt::Display| match range {
@@ -229,6 +248,28 @@ impl<'a> Ctx<'a> {
                     count,
                     crc.value()
                 ));
+            }
+            Cmd::WriteLoop {
+                sector, count, n, ..
+            } => {
+                let bytes = count as usize * SECTOR_SIZE;
+                if bytes > BUF {
+                    return fail(&"at most 1 MiB");
+                }
+                for seed in 1..=n {
+                    let chunk = &mut buf[..bytes];
+                    Pattern::new(seed).fill(chunk);
+                    if let Err(e) = disk.write_blocks(sector as usize, chunk) {
+                        return fail(&e);
+                    }
+                    if let Err(e) = disk.flush() {
+                        return fail(&e);
+                    }
+                    serial::line(format_args!(
+                        r#"{{"probe":"blk-write-loop","dev":{},"seed":{}}}"#,
+                        dev, seed
+                    ));
+                }
             }
             Cmd::Read { sector, count, .. } => {
                 let mut crc = Crc32::new();
@@ -315,7 +356,8 @@ fn up(cmdline: &str, index: u32) -> Result<&'static mut Up, &'static str> {
     // it lives for the rest of the run.
     let transport = unsafe { MmioTransport::new(header, dev.size as usize) }
         .map_err(|_| "not a virtio-mmio device")?;
-    let mut disk = Disk::new(transport).map_err(|_| "the driver could not set the device up")?;
+    let mut disk = Disk::new(Linuxish::stepwise_status(transport, dev.base))
+        .map_err(|_| "the driver could not set the device up")?;
     // The probe polls.
     disk.disable_interrupts();
     pool::place(Up { disk, features }).ok_or("DMA pool exhausted")

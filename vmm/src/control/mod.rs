@@ -56,9 +56,15 @@ pub struct VmControl {
     vcpus: u8,
     mem_mib: u64,
     devices: Vec<DeviceInfo>,
+    /// Brings the devices' figures up to date for an info request.
+    refresh: Option<DeviceRefresh>,
     /// What a snapshot keeps for the owner to build the devices again.
     owner: String,
 }
+
+/// Fills in what changes as the VM runs (a remote disk's bytes fetched)
+/// in the devices an info request reports.
+pub type DeviceRefresh = Box<dyn Fn(&mut [DeviceInfo]) + Send + Sync>;
 
 impl VmControl {
     pub fn new(
@@ -73,8 +79,16 @@ impl VmControl {
             vcpus,
             mem_mib,
             devices,
+            refresh: None,
             owner,
         }
+    }
+
+    /// The same, the devices' figures brought up to date by `refresh`
+    /// for each info request.
+    pub fn with_refresh(mut self, refresh: DeviceRefresh) -> Self {
+        self.refresh = Some(refresh);
+        self
     }
 }
 
@@ -103,11 +117,15 @@ impl Handler for VmControl {
         };
         match request {
             Request::Info => {
+                let mut devices = self.devices.clone();
+                if let Some(refresh) = &self.refresh {
+                    refresh(&mut devices);
+                }
                 let info = Info {
                     state: self.vm.state(),
                     vcpus: self.vcpus,
                     mem_mib: self.mem_mib,
-                    devices: self.devices.clone(),
+                    devices,
                     protocol: VERSION,
                 };
                 json(serde_json::to_value(info)).map(Reply::from)

@@ -218,11 +218,22 @@ pub enum DeviceInfo {
     Fs { tag: String, server: String },
     /// A file share served by an external vhost-user backend.
     VhostUserFs { tag: String, socket: String },
-    /// A disk on a file: its size in 512-byte sectors.
+    /// A disk: its file (or `image=NAME`), its size in 512-byte
+    /// sectors, and, on an image or a base under an overlay, the overlay
+    /// and the image's store; on a remote store, what it fetched.
     Blk {
         path: String,
         read_only: bool,
         sectors: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        overlay: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        store: Option<String>,
+        /// An image on a GVFS server: the bytes and chunks fetched so far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fetched_bytes: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fetched_chunks: Option<u64>,
     },
 }
 

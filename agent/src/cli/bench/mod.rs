@@ -2,6 +2,7 @@
 //! side by side with the anchors in ../shared/anchors.
 
 mod agent;
+mod blk;
 mod boot;
 mod guests;
 mod gvfs;
@@ -40,6 +41,11 @@ pub enum BenchCommand {
     /// The agent: API latency, POST /vms to the guest's first line (and
     /// Firecracker's API path to it), clones started through the API.
     Agent(agent::AgentBenchArgs),
+    /// The test guest's 4 KiB random and 1 MiB sequential reads of a raw
+    /// image through virtio-blk in vmplant and Firecracker, and fio on the
+    /// host as the ceiling; the chunks a first read of 100 scattered
+    /// sectors fetches from an image store on a GVFS server.
+    Blk(blk::BlkBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> CliResult {
@@ -51,5 +57,6 @@ pub fn run(cmd: BenchCommand) -> CliResult {
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Migrate(args) => migrate::run(args),
         BenchCommand::Agent(args) => agent::run(args),
+        BenchCommand::Blk(args) => blk::run(args),
     }
 }

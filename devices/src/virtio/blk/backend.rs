@@ -45,6 +45,12 @@ pub trait BlockBackend: Send + Sync {
     /// The disk's ID (its serial number), at most [`ID_LEN`] bytes of
     /// ASCII; a longer one is cut.
     fn id(&self) -> String;
+    /// A file whose bytes are the disk's at the same offsets, if the disk
+    /// is one: the device then reads from it straight into guest memory
+    /// (one copy, not two). Writes still go through [`Self::write_at`].
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +220,10 @@ impl BlockBackend for RawFile {
 
     fn id(&self) -> String {
         self.id.clone()
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

@@ -1,7 +1,9 @@
 //! The virtio-blk device: a guest disk on a [`BlockBackend`] (a raw
-//! file, [`RawFile`], or, later, a layered image from the images crate).
+//! file, [`RawFile`], or a layered image of the images crate under a
+//! copy-on-write overlay, [`ImageBackend`]).
 //!
 //! - `backend.rs`: the [`BlockBackend`] trait and the raw-file backend;
+//! - `image.rs`: the adapter of the images crate's disks;
 //! - `queue.rs`: request chains to backend calls and back, every guest
 //!   address and length checked, testable with the mock driver;
 //! - `device.rs`: the [`Blk`] device (features, config space) and the
@@ -18,6 +20,7 @@
 
 mod backend;
 mod device;
+mod image;
 mod metrics;
 pub mod persist;
 pub mod queue;
@@ -25,6 +28,7 @@ mod rate_limit;
 
 pub use backend::{BackendError, BlockBackend, RawFile};
 pub use device::Blk;
+pub use image::{ImageBackend, ImageBackendError};
 pub use metrics::{BlkCounterSnapshot, BlkCounters};
 pub use rate_limit::RateLimit;
 

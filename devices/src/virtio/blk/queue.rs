@@ -441,6 +441,17 @@ fn copy_in(
     offset: u64,
     len: u64,
 ) -> Result<(), RequestError> {
+    if let Some(file) = disk.file() {
+        // Straight from the file into each segment of guest memory.
+        return job.writable.walk(0, len as usize, |addr, r| {
+            let mut src = FileAt {
+                file,
+                offset: offset + r.start as u64,
+            };
+            mem.read_exact_volatile_from(addr, &mut src, r.len())
+                .map_err(|e| RequestError::Backend(e.to_string()))
+        });
+    }
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(CHUNK as u64) as usize;
@@ -451,6 +462,62 @@ fn copy_in(
         done += n as u64;
     }
     Ok(())
+}
+
+/// A file read from `offset` on with `pread`, into guest memory (the
+/// pages written marked dirty, for a migration's dirty log).
+struct FileAt<'a> {
+    file: &'a std::fs::File,
+    offset: u64,
+}
+
+impl vm_memory::ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        use std::os::fd::AsRawFd;
+        let guard = buf.ptr_guard_mut();
+        let dst = guard.as_ptr();
+        let mut done = 0usize;
+        // Whole or to the end of the file (a regular file's pread is
+        // short only there, or on a signal).
+        while done < buf.len() {
+            let Ok(at) = libc::off_t::try_from(self.offset) else {
+                return Err(vm_memory::VolatileMemoryError::IOError(
+                    std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                ));
+            };
+            // SAFETY: `dst` points to `buf.len()` bytes of guest memory
+            // that the VolatileSlice (from the guest memory map, checked
+            // against its regions) guarantees valid for writes while the
+            // guard lives; pread writes at most `buf.len() - done` bytes
+            // from `done` on, and the descriptor is the disk's open file.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    dst.wrapping_add(done).cast::<libc::c_void>(),
+                    buf.len() - done,
+                    at,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                buf.bitmap().mark_dirty(0, buf.len());
+                return Err(vm_memory::VolatileMemoryError::IOError(e));
+            }
+            if n == 0 {
+                break;
+            }
+            done += n as usize;
+            self.offset += n as u64;
+        }
+        buf.bitmap().mark_dirty(0, done);
+        Ok(done)
+    }
 }
 
 /// A write: from the chain's readable side (after the header) to the disk.

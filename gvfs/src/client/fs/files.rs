@@ -394,10 +394,19 @@ impl Fs {
                 offset,
                 len: (end - offset) as u32,
             })?)? {
-                Response::Data(d) => Ok(d),
+                Response::Data(d) => {
+                    self.count_fetch(d.len(), 1);
+                    Ok(d)
+                }
                 _ => Err(ClientError::Unexpected),
             }
         })
+    }
+
+    fn count_fetch(&self, bytes: usize, requests: u64) {
+        self.fetched_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.fetch_requests.fetch_add(requests, Ordering::Relaxed);
     }
 
     fn fetch(&self, f: &OpenFile, blocks: &[u64]) -> Result<Vec<Vec<u8>>, ClientError> {
@@ -414,7 +423,10 @@ impl Fs {
             let mut out = Vec::with_capacity(blocks.len());
             for p in pending {
                 match check(p.wait()?)? {
-                    Response::Data(d) => out.push(d),
+                    Response::Data(d) => {
+                        self.count_fetch(d.len(), 1);
+                        out.push(d)
+                    }
                     _ => return Err(ClientError::Unexpected),
                 }
             }

@@ -18,7 +18,7 @@ mod raw;
 mod stack;
 mod tcp;
 pub mod time;
-mod transport;
+pub mod transport;
 
 use crate::serial::{self, Json};
 use core::net::Ipv4Addr;

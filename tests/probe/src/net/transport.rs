@@ -73,6 +73,8 @@ const GENERATION_TRIES: u32 = 1000;
 pub struct Linuxish<T> {
     inner: T,
     stepwise: bool,
+    /// Whether the net queues' kicks are batched (with `stepwise`).
+    batch: bool,
     /// The virtio-mmio registers (for held-back kicks).
     base: u64,
 }
@@ -82,6 +84,18 @@ impl<T: Transport> Linuxish<T> {
         Linuxish {
             inner,
             stepwise,
+            batch: stepwise,
+            base,
+        }
+    }
+
+    /// Status bits one write at a time, and every kick written as the
+    /// driver asks (the block device's transport).
+    pub fn stepwise_status(inner: T, base: u64) -> Self {
+        Linuxish {
+            inner,
+            stepwise: true,
+            batch: false,
             base,
         }
     }
@@ -105,12 +119,12 @@ impl<T: Transport> Transport for Linuxish<T> {
     }
 
     fn notify(&mut self, queue: u16) {
-        if queue == 0 && self.stepwise {
+        if queue == 0 && self.batch {
             // Held back until the ring is drained (see `flush_rx`).
             RX_DEFERRED.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if queue == 1 && self.stepwise {
+        if queue == 1 && self.batch {
             // Held back until the sender is done for now (see `flush_tx`).
             if TX_DEFERRED.fetch_add(1, Ordering::Relaxed) + 1 >= TX_BATCH {
                 flush_tx(self.base);
