@@ -450,8 +450,10 @@ fn a_guest_uses_its_file_share_after_restore() {
 /// A vhost-user-fs share keeps its state in its backend: the snapshot
 /// fails saying so, and the guest runs on.
 /// The same guest moved live to another process (`vmplant vm migrate`):
-/// the destination connects the share again from the migrated state, and
-/// the guest reads and writes through it there.
+/// the destination connects the share again (given with `--fs`: over
+/// plain tcp: it takes no host files from the sender, and refuses a VM
+/// with a share without it), and the guest reads and writes through it
+/// there, its session and open files as they were.
 #[test]
 fn a_guest_uses_its_file_share_after_migration() {
     let tmp = tempfile::tempdir().unwrap();
@@ -462,13 +464,28 @@ fn a_guest_uses_its_file_share_after_migration() {
     std::fs::write(export.join("data.bin"), &content).unwrap();
     let server = vmplant_tests::GvfsServer::start(&tmp.path().join("gvfs"));
     let control = tmp.path().join("vm.sock");
-    let (dest, to) = vmplant_tests::migration::destination();
     let mut vmm = probe_with_control(
         &control,
         "fs-read:/data.bin+tick:100:12+fs-read:/data.bin+fs-write:/out.bin:100000+shutdown",
         &["--mem", "64", "--fs", &server.share("data")],
     );
     vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    // Over plain tcp:, a destination takes no host files from the sender:
+    // without --fs it refuses the VM, which runs on at the source.
+    let (refusing, to) = vmplant_tests::migration::destination();
+    let out = vmplant_tests::migration::migrate(&control, &to, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = vmplant_tests::migration::report(&out);
+    assert!(
+        said["error"].as_str().unwrap_or_default().contains("--fs"),
+        "{said}"
+    );
+    assert_ne!(
+        refusing.wait(Duration::from_secs(10)).status.code(),
+        Some(0)
+    );
+    let share = server.share("data");
+    let (dest, to) = vmplant_tests::migration::destination_with("tcp", &["--fs", &share]);
     let out = vmplant_tests::migration::migrate(&control, &to, &[]);
     assert!(
         out.status.success(),

@@ -20,6 +20,8 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("the guest memory handed over ({size} bytes) cannot be used: {why}")]
+    Handover { size: u64, why: String },
 }
 
 /// The RAM ranges for `size` bytes of guest memory: below the MMIO gap
@@ -47,15 +49,38 @@ pub fn create(size: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
 
 /// Maps `size` bytes of guest RAM from `file` (another VMM's memfd, laid
 /// out as [`create`] lays it out), shared: the same pages as that VMM's.
+/// The memfd must be `size` bytes and sealed against shrinking and
+/// growing, so that no one can take pages from under the guest.
 pub fn from_memfd(size: u64, file: File) -> Result<GuestMemoryMmap, MemoryError> {
+    let bad = |why: String| MemoryError::Handover { size, why };
+    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if len != size {
+        return Err(bad(format!("it is {len} bytes")));
+    }
+    if seals(&file).is_none_or(|s| s & FIXED_SIZE != FIXED_SIZE) {
+        return Err(bad("it is not a memfd sealed at its size".into()));
+    }
     map(size, Some(std::sync::Arc::new(file)))
 }
 
-/// The memfd `mem` lives in, if it is one file with the ranges side by
-/// side as [`create`] makes it.
+/// The seals a memfd may not lose: its size is fixed.
+const FIXED_SIZE: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// The seals of `file`, if it is a memfd (other files have none to ask).
+fn seals(file: &File) -> Option<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GET_SEALS only reads the descriptor's seals; the
+    // descriptor is open for as long as `file` is borrowed.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    (r >= 0).then_some(r)
+}
+
+/// The memfd `mem` lives in, if it is one with the ranges side by side as
+/// [`create`] makes it (not a snapshot file a restored VM maps).
 pub fn memfd_of(mem: &GuestMemoryMmap) -> Option<&File> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let first = mem.iter().next()?.file_offset()?.file();
+    seals(first)?;
     let mut offset = 0;
     for region in mem.iter() {
         let fo = region.file_offset()?;
@@ -84,12 +109,21 @@ fn map(size: u64, file: Option<std::sync::Arc<File>>) -> Result<GuestMemoryMmap,
 }
 
 fn memfd(size: u64) -> std::io::Result<std::sync::Arc<File>> {
+    use std::os::fd::AsRawFd;
     let fd = nix::sys::memfd::memfd_create(
         c"vmplant-guest-ram",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
     )?;
     let file = File::from(fd);
     file.set_len(size)?;
+    // Sealed at its size: a process it is handed to (a vhost-user
+    // backend, a local migration's destination) cannot shrink it under
+    // the guest.
+    // SAFETY: F_ADD_SEALS only changes the descriptor's seals; the
+    // descriptor is open for as long as `file` lives.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, FIXED_SIZE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(std::sync::Arc::new(file))
 }
 

@@ -574,12 +574,12 @@ impl Vm {
     /// thread of its own until the VM ends.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         self.load_guest()?;
-        self.launch()
+        self.launch(true)
     }
 
-    /// Starts the vCPUs created so far (their registers set), and the
-    /// event loop on a thread of its own.
-    pub(crate) fn launch(mut self) -> Result<RunningVm, VmError> {
+    /// Starts the vCPUs created so far (their registers set), running or
+    /// paused, and the event loop on a thread of its own.
+    pub(crate) fn launch(mut self, run: bool) -> Result<RunningVm, VmError> {
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (id, fd) in self.vcpu_fds.drain(..).enumerate() {
             let vcpu = Vcpu {
@@ -605,8 +605,11 @@ impl Vm {
             transports: self.transports.clone(),
             config: self.config.clone(),
             migrated_to: Mutex::new(None),
+            migrating: std::sync::atomic::AtomicBool::new(false),
         };
-        running.resume()?;
+        if run {
+            running.resume()?;
+        }
         // The VM's threads log in the span they were started in (the
         // VM's name, when a process runs several).
         let span = tracing::Span::current();
@@ -657,6 +660,8 @@ pub struct RunningVm {
     pub(crate) config: VmConfig,
     /// Where the VM went, once another VMM confirmed that it runs it.
     pub(crate) migrated_to: Mutex<Option<String>>,
+    /// A migration is under way (there is one at a time).
+    pub(crate) migrating: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -777,6 +782,15 @@ pub(crate) fn set_memory_flags(
     mem: &GuestMemoryMmap,
     flags: u32,
 ) -> Result<(), VmError> {
+    let set = set_memory_flags_each(fd, mem, flags);
+    if set.is_err() && flags != 0 {
+        // No slot keeps a flag the caller was told did not take.
+        let _ = set_memory_flags_each(fd, mem, 0);
+    }
+    set
+}
+
+fn set_memory_flags_each(fd: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,

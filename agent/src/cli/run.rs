@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm::control::{ControlServer, DeviceInfo, VmControl};
 use vmm::migration::link::{self, Conn};
+use vmm::snapshot::Restore;
 use vmm::{BootProtocol, SerialOutput, Vm, VmConfig, VmExit};
 
 #[derive(Debug, Args)]
@@ -203,6 +204,26 @@ struct DevicePlan {
     /// As `--disk` takes them, with absolute paths.
     #[serde(default)]
     disks: Vec<String>,
+}
+
+impl DevicePlan {
+    /// A VM that came over plain TCP, from whoever connected first, does
+    /// not decide which host files this process opens: its disks and
+    /// shares must be given here (`--disk`, `--fs`). Over TLS (a peer the
+    /// CA signed) and a unix socket (this host's), they may come with it.
+    fn check_trusted(&self, at: &str, disks: &[Disk], shares: &[Share]) -> Result<(), String> {
+        let plain = at.starts_with("tcp:");
+        let untrusted = (!self.disks.is_empty() && disks.is_empty())
+            || (!self.shares.is_empty() && shares.is_empty());
+        if plain && untrusted {
+            return Err(format!(
+                "the VM migrated over {at} has {} disks and {} file shares: over plain tcp: their host files are not taken from the sender; give them here with --disk and --fs, or migrate over tls: or unix:",
+                self.disks.len(),
+                self.shares.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Planned {
@@ -530,6 +551,15 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
         (Some(path), _) => read_run_file(path)?,
         (None, Some(snapshot)) => {
             let plan = DevicePlan::of(&snapshot)?;
+            if let Some(at) = &args.incoming
+                && let Err(why) = plan.check_trusted(at, &args.disks, &args.shares)
+            {
+                // The source hears why, and runs the VM on.
+                if let Some(source) = incoming.as_mut() {
+                    let _ = vmm::migration::ready(source, Err(&why));
+                }
+                return Err(why.into());
+            }
             vec![Planned {
                 name: "vm".into(),
                 config: VmConfig {
@@ -660,22 +690,35 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             vm.add_virtio_device(Box::new(blk), None)?;
             disks.push(handle);
         }
+        let how = if incoming.is_some() {
+            Restore::Migration
+        } else {
+            Restore::Snapshot
+        };
         let started = match &restore {
-            Some(s) => vm.start_restored(&s.state),
+            Some(s) => vm.start_restored(&s.state, how),
             None => vm.start(),
         };
         if let Some(mut source) = incoming.take() {
+            // Built and paused: it runs here only once the source has let
+            // it go (and stopped it there), so that it never runs twice.
             let why = started.as_ref().err().map(|e| chain(e));
-            if let Err(e) = vmm::migration::confirm(&mut source, why.as_deref().map_or(Ok(()), Err))
-            {
-                // The source runs the VM on unless it hears that this one
-                // does: both must not.
-                return Err(format!(
-                    "cannot tell the migration's source that the VM runs here: {e}"
-                )
-                .into());
+            let run = vmm::migration::ready(&mut source, why.as_deref().map_or(Ok(()), Err))
+                .map_err(|e| {
+                    format!(
+                        "the migration did not complete, the VM does not run here: {}",
+                        chain(&e)
+                    )
+                })?;
+            // (`ready` failed above if the VM could not be built.)
+            if let Ok(vm) = &started {
+                vm.resume_migrated(run).map_err(|e| named(&p.name, e))?;
+                if let Err(e) = vmm::migration::running(&mut source) {
+                    // The source stays paused and says why: the VM is here.
+                    tracing::warn!("cannot tell the migration's source that the VM runs here: {e}");
+                }
+                tracing::info!("the migrated VM runs here");
             }
-            tracing::info!("the migrated VM runs here");
         }
         let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
         let control = match &p.control {

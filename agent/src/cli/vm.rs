@@ -79,7 +79,11 @@ pub fn run(args: VmArgs) -> CliResult {
             tls_key,
             tls_ca,
         } => Request::Migrate {
-            to,
+            // The VMM may run in another directory.
+            to: match to.strip_prefix("unix:") {
+                Some(path) => format!("unix:{}", std::path::absolute(path)?.display()),
+                None => to,
+            },
             downtime_ms,
             tls: match (tls_cert, tls_key, tls_ca) {
                 // The VMM may run in another directory.

@@ -265,9 +265,16 @@ impl MmioTransport {
             if !self.activated {
                 return refuse("the device did not start again".into());
             }
-            self.device.restored();
         }
         Ok(())
+    }
+
+    /// See [`VirtioDevice::restored`]: once the restored VM runs (or is
+    /// about to), for a device the driver had started.
+    pub fn announce(&mut self) {
+        if self.activated {
+            self.device.restored();
+        }
     }
 
     /// See [`VirtioDevice::quiesce`].

@@ -36,10 +36,12 @@ pub enum Request {
         stop: bool,
     },
     /// Moves the VM to the VMM waiting at `to` (`tcp:HOST:PORT`,
-    /// `tls:HOST:PORT` or `unix:PATH`: a `vmplant run --incoming`),
-    /// pausing it for at most about
-    /// `downtime_ms`; answers [`Migrated`] once that VMM runs it, and the
-    /// VM ends here. On failure the VM runs on here.
+    /// `tls:HOST:PORT` or `unix:PATH`: a `vmplant run --incoming`); the
+    /// copy aims to leave no more than `downtime_ms` of memory for the
+    /// pause, which also holds the state's transfer and the destination's
+    /// start. Answers [`Migrated`] once that VMM runs it, and the VM ends
+    /// here. On failure the VM runs on here, except once the destination
+    /// took it without saying it runs it: then it stays paused.
     Migrate {
         to: String,
         #[serde(default)]

@@ -32,6 +32,10 @@ pub enum LinkError {
     Tls(String, #[source] std::io::Error),
     #[error(transparent)]
     TlsSetup(#[from] vnet::tunnel::tls::TlsError),
+    #[error(
+        "a process of user {uid}, not this one ({me}), connected to migrate a VM here: refused"
+    )]
+    Stranger { uid: u32, me: u32 },
 }
 
 /// Where a migration goes or comes from.
@@ -266,10 +270,14 @@ impl Listener {
                     Some(tls),
                 ))
             }
-            Address::Unix(p) => Ok(Listener::Unix(
-                UnixListener::bind(p).map_err(|e| LinkError::Listen(p.display().to_string(), e))?,
-                p.clone(),
-            )),
+            Address::Unix(p) => {
+                use std::os::unix::fs::PermissionsExt;
+                let err = |e| LinkError::Listen(p.display().to_string(), e);
+                let l = UnixListener::bind(p).map_err(err)?;
+                // This user's processes only (the peer is checked too).
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+                Ok(Listener::Unix(l, p.clone()))
+            }
         }
     }
 
@@ -312,6 +320,16 @@ impl Listener {
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().map_err(|e| LinkError::Accept(here.clone(), e))?;
+                let peer =
+                    nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+                        .map_err(|e| LinkError::Accept(here.clone(), e.into()))?;
+                let me = nix::unistd::geteuid().as_raw();
+                if peer.uid() != me {
+                    return Err(LinkError::Stranger {
+                        uid: peer.uid(),
+                        me,
+                    });
+                }
                 s.set_read_timeout(Some(IO_TIMEOUT))
                     .map_err(|e| LinkError::Accept(here.clone(), e))?;
                 Ok((Conn::Unix(s), "a local VMM".into()))

@@ -47,6 +47,12 @@ pub enum MigrationError {
     Confirm(#[source] std::io::Error),
     #[error("the destination refused the VM: {0}")]
     Refused(String),
+    #[error("a migration of this VM is under way")]
+    Busy,
+    #[error(
+        "the destination took the VM but did not say that it runs it: the VM stays paused here and must not be resumed unless the destination does not run it"
+    )]
+    Unconfirmed(#[source] Box<MigrationError>),
     #[error("bad migration stream: {0}")]
     Protocol(String),
     #[error(
@@ -134,11 +140,6 @@ pub trait Link: Read + Write {
     fn recv_memfd(&mut self) -> std::io::Result<Option<std::fs::File>> {
         Ok(None)
     }
-}
-
-/// The memfd guest memory lives in, if any.
-fn memory_memfd(mem: &GuestMemoryMmap) -> Option<&std::fs::File> {
-    crate::memory::memfd_of(mem)
 }
 
 impl Link for std::net::TcpStream {
@@ -253,15 +254,13 @@ fn take_dirty(vm: &RunningVm) -> Result<Vec<Vec<u64>>, MigrationError> {
                 .fd
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(MigrationError::DirtyLog)?;
-            // The region's own bitmap (the trait's `bitmap` is a view).
+            // The region's own bitmap (the trait's `bitmap` is a view),
+            // taken and cleared word by word, atomically: a page a device
+            // marks meanwhile is in this round or the next.
             let vmm: &AtomicBitmap = vm_memory::mmap::MmapRegion::bitmap(region);
-            let pages = (region.len() / PAGE) as usize;
-            for page in 0..pages {
-                if vmm.is_bit_set(page) {
-                    bits[page / 64] |= 1 << (page % 64);
-                }
+            for (word, taken) in bits.iter_mut().zip(vmm.get_and_reset()) {
+                *word |= taken;
             }
-            vmm.reset();
             Ok(bits)
         })
         .collect()
@@ -292,25 +291,45 @@ impl RunningVm {
     ) -> Result<Migrated, VmError> {
         self.check_can_save()?;
         let start = Instant::now();
+        if self
+            .migrating
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(MigrationError::Busy.into());
+        }
+        let result = self.migrate_once(stream, to, owner, opts, progress, start);
+        self.migrating
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+
+    fn migrate_once<S: Link>(
+        &self,
+        stream: &mut S,
+        to: &str,
+        owner: &str,
+        opts: MigrateOptions,
+        progress: &mut dyn FnMut(Progress),
+        start: Instant,
+    ) -> Result<Migrated, VmError> {
         // A local destination is handed the memfd guest memory lives in,
         // if it does: nothing to copy, nothing to track.
         let handover = if stream.is_local() {
-            let memfd = memory_memfd(self.memory());
+            let memfd = crate::memory::memfd_of(self.memory());
             stream.send_memfd(memfd).map_err(MigrationError::Send)?;
             memfd.is_some()
         } else {
             false
         };
-        if handover {
-            return self.migrate_logged(stream, to, owner, opts, progress, start, false);
+        if !handover {
+            crate::vm::set_memory_flags(
+                &self.fd,
+                self.memory(),
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+            )?;
         }
-        crate::vm::set_memory_flags(
-            &self.fd,
-            self.memory(),
-            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
-        )?;
-        let result = self.migrate_logged(stream, to, owner, opts, progress, start, true);
-        if result.is_err() {
+        let result = self.migrate_logged(stream, to, owner, opts, progress, start, !handover);
+        if result.is_err() && !handover {
             // The VM runs on here, without the cost of dirty logging.
             if let Err(e) = crate::vm::set_memory_flags(&self.fd, self.memory(), 0) {
                 tracing::warn!("cannot turn dirty logging off again: {e}");
@@ -335,17 +354,29 @@ impl RunningVm {
     ) -> Result<Migrated, VmError> {
         let mem = self.memory();
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut *stream);
-        wire::write_hello(&mut out, &memory::layout(mem)).map_err(MigrationError::Send)?;
         let mut sender = Sender {
             out: &mut out,
             buf: Vec::new(),
             bytes: 0,
             wire: 0,
         };
-        let rounds = if precopy {
-            self.precopy(&mut sender, opts, progress, start)?
-        } else {
-            0
+        let copied = wire::write_hello(sender.out, &memory::layout(mem))
+            .map_err(|e| VmError::from(MigrationError::Send(e)))
+            .and_then(|()| {
+                if precopy {
+                    self.precopy(&mut sender, opts, progress, start)
+                } else {
+                    Ok(0)
+                }
+            });
+        let rounds = match copied {
+            Ok(rounds) => rounds,
+            Err(e) => {
+                // What is buffered is dropped, not sent: a failed
+                // migration ends now, not after another write timeout.
+                let _ = out.into_parts();
+                return Err(e);
+            }
         };
 
         let mut state = self.lock_state();
@@ -370,12 +401,29 @@ impl RunningVm {
             Ok(())
         });
         let bytes = sender.bytes;
-        drop(out);
-        let confirmed = last.and_then(|()| wire::read_reply(stream).map_err(VmError::from));
-        match confirmed {
+        let _ = out.into_parts();
+        // The destination has built the VM, paused: let it go. Once the
+        // go is sent, the VM must not run here again, whatever happens.
+        let let_go = last
+            .and_then(|()| wire::expect(stream, "ready").map_err(VmError::from))
+            .and_then(|()| {
+                wire::write_line(stream, &serde_json::json!({"go": true, "run": was_running}))
+                    .map_err(|e| MigrationError::Send(e).into())
+            });
+        if let Err(e) = let_go {
+            for t in &self.transports {
+                crate::vm::lock(t).unquiesce();
+            }
+            if was_running {
+                self.resume_locked(&mut state)?;
+            }
+            return Err(e);
+        }
+        // Paused here for good: no request makes it run here again.
+        *state = crate::control::RunState::Stopping;
+        drop(state);
+        match wire::expect(stream, "running") {
             Ok(()) => {
-                // The destination runs the VM: it stays paused here until
-                // the caller ends it.
                 *crate::vm::lock(&self.migrated_to) = Some(to.to_owned());
                 Ok(Migrated {
                     total: start.elapsed(),
@@ -385,28 +433,28 @@ impl RunningVm {
                 })
             }
             Err(e) => {
-                for t in &self.transports {
-                    crate::vm::lock(t).unquiesce();
-                }
-                if was_running {
-                    self.resume_locked(&mut state)?;
-                }
-                Err(e)
+                // Paused, not ended: its owner decides, once it knows
+                // whether the destination runs it.
+                *self.lock_state() = crate::control::RunState::Paused;
+                Err(MigrationError::Unconfirmed(Box::new(e)).into())
             }
         }
     }
 }
 
-/// Sends the pages of `region` that may hold data: of anonymous memory,
-/// those the kernel gave a frame (the page map says which without
-/// touching the others, which read as zeros and the destination has as
-/// zeros); of memory mapped from a file (a restored VM), all.
+/// Sends the pages of `region` that may hold data: of anonymous memory or
+/// a memfd, those mapped here (the page map says which without touching
+/// the others, which read as zeros and the destination has as zeros); of
+/// memory mapped from a snapshot file (a restored VM), all.
 fn send_region<W: Write>(
     sender: &mut Sender<'_, W>,
     mem: &GuestMemoryMmap,
     region: &vm_memory::GuestRegionMmap<AtomicBitmap>,
 ) -> Result<(), MigrationError> {
     const CHUNK: u64 = 2 << 20;
+    // A memfd's pages the guest touched are mapped here: the page map
+    // tells them too (reading the others would allocate them).
+    let shared = crate::memory::memfd_of(mem).is_some();
     let start = region.start_addr().0;
     let len = region.len();
     let mut entries = Vec::new();
@@ -415,7 +463,7 @@ fn send_region<W: Write>(
         let n = CHUNK.min(len - off);
         let pages = n / PAGE;
         let host = region.as_ptr().wrapping_add(off as usize);
-        let mapped = region.file_offset().is_none()
+        let mapped = (region.file_offset().is_none() || shared)
             && memory::page_map(host, pages as usize, &mut entries).is_ok();
         if !mapped {
             sender.send_pages(mem, start + off, pages)?;
@@ -460,15 +508,16 @@ impl RunningVm {
             let queued = sender.out.get_ref().queued();
             let elapsed = start.elapsed().as_secs_f64().max(1e-6);
             let rate = sender.wire.saturating_sub(queued).max(1) as f64 / elapsed;
-            progress(Progress {
+            let fits = |bytes: u64| bytes as f64 <= rate * opts.downtime.as_secs_f64();
+            let report = Progress {
                 round: rounds,
                 sent: sender.bytes,
                 left,
                 bytes_per_s: rate,
-            });
-            let fits = |bytes: u64| bytes as f64 <= rate * opts.downtime.as_secs_f64();
+            };
             if fits(left + queued) {
                 // The rest goes with the VM paused.
+                progress(report);
                 put_back(self, &dirty);
                 return Ok(rounds);
             }
@@ -491,6 +540,7 @@ impl RunningVm {
                 continue;
             }
             drained_since = None;
+            progress(report);
             if rounds >= opts.max_rounds {
                 return Err(MigrationError::NoConvergence {
                     rounds,
@@ -561,20 +611,19 @@ pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
     if layout != expected {
         return Err(MigrationError::Layout { got: layout });
     }
+    // A stream claims a size; nothing is allocated for more than the host
+    // has.
+    let host = crate::host::mem_total_bytes();
+    if size > host {
+        return Err(MigrationError::Protocol(format!(
+            "a VM of {size} bytes of memory, more than this host's {host}"
+        )));
+    }
     let memory = match memfd {
-        Some(file) => {
-            let len = file.metadata().map_err(MigrationError::Receive)?.len();
-            if len != size {
-                return Err(MigrationError::Protocol(format!(
-                    "the handed over guest memory is {len} bytes, not {size}"
-                )));
-            }
-            crate::memory::from_memfd(size, file)?
-        }
+        Some(file) => crate::memory::from_memfd(size, file)?,
         None => crate::memory::create(size, false)?,
     };
     let mut buf = vec![0u8; (u64::from(MAX_RUN) * PAGE) as usize];
-    let zeros = vec![0u8; buf.len()];
     let out_of_range = |gpa: u64, pages: u32| {
         MigrationError::Protocol(format!("{pages} pages at {gpa:#x} are not guest memory"))
     };
@@ -588,12 +637,7 @@ pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
                     .map_err(|_| out_of_range(gpa, pages))?;
             }
             Header::Zeros { gpa, pages } => {
-                memory
-                    .write_slice(
-                        &zeros[..(u64::from(pages) * PAGE) as usize],
-                        GuestAddress(gpa),
-                    )
-                    .map_err(|_| out_of_range(gpa, pages))?;
+                zero_pages(&memory, gpa, pages).map_err(|_| out_of_range(gpa, pages))?;
             }
             Header::State { len } => {
                 let mut bytes = vec![0u8; len as usize];
@@ -612,9 +656,69 @@ pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
     }
 }
 
-/// Tells the source whether this VMM now runs the VM it sent.
-pub fn confirm<W: Write>(stream: &mut W, result: Result<(), &str>) -> std::io::Result<()> {
-    wire::write_reply(stream, result)
+/// Makes `pages` pages of guest memory at `gpa` read as zeros, giving
+/// back the host pages rather than writing zeros into them (fresh
+/// memory's untouched pages stay untouched).
+fn zero_pages(memory: &GuestMemoryMmap, gpa: u64, pages: u32) -> Result<(), ()> {
+    let len = u64::from(pages) * PAGE;
+    let anonymous = memory
+        .find_region(GuestAddress(gpa))
+        .is_some_and(|r| r.file_offset().is_none());
+    if !anonymous {
+        return memory
+            .write_slice(&vec![0u8; len as usize], GuestAddress(gpa))
+            .map_err(|_| ());
+    }
+    // The whole range must be guest memory, in one region.
+    let host = memory
+        .get_slice(GuestAddress(gpa), len as usize)
+        .map_err(|_| ())?
+        .ptr_guard_mut()
+        .as_ptr();
+    // SAFETY: `host..host + len` is guest memory of one region (checked
+    // just above), page-aligned (gpa and the region's mapping are), and
+    // MADV_DONTNEED on it only drops pages the kernel refills with zeros
+    // (private anonymous memory, checked above): no
+    // Rust object lives there, and the guest is not running yet.
+    let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    if r == 0 {
+        return Ok(());
+    }
+    // Where the kernel will not, zeros are written.
+    memory
+        .write_slice(&vec![0u8; len as usize], GuestAddress(gpa))
+        .map_err(|_| ())
+}
+
+/// Tells the source whether this VMM has built the VM it sent (paused,
+/// [`crate::snapshot::Restore::Migration`]); if so, waits for the source
+/// to let it go and returns whether the VM was running there (then it
+/// runs here: [`RunningVm::resume_migrated`]). An error means the VM
+/// must not run here.
+pub fn ready<S: Read + Write>(
+    stream: &mut S,
+    built: Result<(), &str>,
+) -> Result<bool, MigrationError> {
+    let line = match built {
+        Ok(()) => serde_json::json!({"ready": true}),
+        Err(why) => serde_json::json!({"error": why}),
+    };
+    wire::write_line(stream, &line).map_err(MigrationError::Send)?;
+    if let Err(why) = built {
+        return Err(MigrationError::Refused(why.to_string()));
+    }
+    let go = wire::read_line(stream).map_err(MigrationError::Receive)?;
+    if go["go"] != true {
+        return Err(MigrationError::Protocol(format!(
+            "the source sent {go} instead of go"
+        )));
+    }
+    Ok(go["run"] != false)
+}
+
+/// Tells the source that the VM runs here now.
+pub fn running<W: Write>(stream: &mut W) -> std::io::Result<()> {
+    wire::write_line(stream, &serde_json::json!({"running": true}))
 }
 
 #[cfg(test)]

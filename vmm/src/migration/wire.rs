@@ -9,14 +9,16 @@
 //!         holds it (magic, version, checksum around the body)
 //! ```
 //!
-//! then, destination to source, one JSON line: `{"running":true}` once
-//! the destination runs the VM, or `{"error":"..."}`. All integers are
-//! little-endian. Every length is bounded before anything is allocated
+//! then a handshake of JSON lines: the destination's `{"ready":true}` once
+//! it has built the VM (paused) or `{"error":"..."}`; the source's
+//! `{"go":true,"run":BOOL}` once it has let the VM go (paused for good);
+//! the destination's `{"running":true}` once the VM is its own. All
+//! integers are little-endian. Every length is bounded before anything is allocated
 //! for it, and every page range is checked against guest memory by the
 //! receiver.
 
 use super::MigrationError;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 8] = *b"VMPLMIGR";
 pub const VERSION: u32 = 1;
@@ -133,36 +135,49 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, MigrationError> {
     })
 }
 
-/// The destination's answer once it has the whole VM.
-pub fn write_reply(w: &mut impl Write, result: Result<(), &str>) -> std::io::Result<()> {
-    let line = match result {
-        Ok(()) => serde_json::json!({ "running": true }),
-        Err(why) => serde_json::json!({ "error": why }),
-    };
+/// Writes one line of the handshake after the state (see the module
+/// docs).
+pub fn write_line(w: &mut impl Write, line: &serde_json::Value) -> std::io::Result<()> {
     writeln!(w, "{line}")?;
     w.flush()
 }
 
-/// Reads the destination's answer: `Ok` if it runs the VM.
-pub fn read_reply(r: &mut impl Read) -> Result<(), MigrationError> {
+/// Reads one line of the handshake, a byte at a time (nothing after it is
+/// taken from the stream).
+pub fn read_line(r: &mut impl Read) -> std::io::Result<serde_json::Value> {
     let mut line = Vec::new();
-    std::io::BufReader::new(r.take(MAX_REPLY))
-        .read_until(b'\n', &mut line)
-        .map_err(MigrationError::Confirm)?;
-    if line.is_empty() {
-        return Err(MigrationError::Confirm(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the destination closed the connection",
-        )));
+    let mut byte = [0u8; 1];
+    while line.len() < MAX_REPLY as usize {
+        if r.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the other end closed the connection",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return serde_json::from_slice(&line)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        }
+        line.push(byte[0]);
     }
-    let v: serde_json::Value = serde_json::from_slice(&line)
-        .map_err(|e| MigrationError::Protocol(format!("the destination's answer: {e}")))?;
-    if v["running"] == true {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "a handshake line longer than 4 KiB",
+    ))
+}
+
+/// Reads the destination's answer, `{"WHAT":true}` or `{"error":".."}`.
+pub fn expect(r: &mut impl Read, what: &str) -> Result<(), MigrationError> {
+    let v = read_line(r).map_err(MigrationError::Confirm)?;
+    if v[what] == true {
         return Ok(());
     }
-    Err(MigrationError::Refused(
-        v["error"].as_str().unwrap_or("no reason given").to_string(),
-    ))
+    match v["error"].as_str() {
+        Some(why) => Err(MigrationError::Refused(why.to_string())),
+        None => Err(MigrationError::Protocol(format!(
+            "the destination answered {v} instead of {what}"
+        ))),
+    }
 }
 
 fn read_u32(r: &mut (impl Read + ?Sized)) -> Result<u32, MigrationError> {
@@ -237,15 +252,24 @@ mod tests {
     }
 
     #[test]
-    fn the_reply_says_running_or_why_not() {
+    fn the_handshake_says_ready_running_or_why_not() {
         let mut ok = Vec::new();
-        write_reply(&mut ok, Ok(())).unwrap();
-        read_reply(&mut &ok[..]).unwrap();
+        write_line(&mut ok, &serde_json::json!({"ready": true})).unwrap();
+        write_line(&mut ok, &serde_json::json!({"running": true})).unwrap();
+        let mut r = &ok[..];
+        expect(&mut r, "ready").unwrap();
+        expect(&mut r, "running").unwrap();
         let mut no = Vec::new();
-        write_reply(&mut no, Err("no room")).unwrap();
-        let e = read_reply(&mut &no[..]).unwrap_err().to_string();
+        write_line(&mut no, &serde_json::json!({"error": "no room"})).unwrap();
+        let e = expect(&mut &no[..], "ready").unwrap_err().to_string();
         assert!(e.contains("no room"), "{e}");
-        let e = read_reply(&mut &b""[..]).unwrap_err().to_string();
+        let e = expect(&mut &b""[..], "ready").unwrap_err().to_string();
         assert!(e.contains("confirm"), "{e}");
+        let e = expect(&mut &b"{\"running\":true}\n"[..], "ready")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("instead of ready"), "{e}");
+        let long = vec![b'x'; 5000];
+        assert!(read_line(&mut &long[..]).is_err());
     }
 }

@@ -381,11 +381,27 @@ impl SnapshotState {
     }
 }
 
+/// What a restore is, which decides how the VM comes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    /// From a snapshot, maybe one of many clones: a new VM generation ID
+    /// (and the event that tells the guest), NICs announced, running.
+    Snapshot,
+    /// The end of a live migration: the same VM, so the same generation
+    /// ID; left paused until the source lets go
+    /// ([`RunningVm::resume_migrated`]).
+    Migration,
+}
+
 impl Vm {
     /// Starts a VM built on a snapshot's memory
     /// ([`Vm::build_with_memory`]) from the snapshot's state instead of
     /// booting its kernel. The owner adds the same devices first.
-    pub fn start_restored(mut self, state: &SnapshotState) -> Result<RunningVm, VmError> {
+    pub fn start_restored(
+        mut self,
+        state: &SnapshotState,
+        how: Restore,
+    ) -> Result<RunningVm, VmError> {
         let types: Vec<u32> = self
             .transports
             .iter()
@@ -420,18 +436,55 @@ impl Vm {
         crate::vm::lock(&self.serial)
             .set_state(&state.serial)
             .map_err(SnapshotError::Serial)?;
-        // Every restore may be a clone: each gets its own generation ID.
-        crate::vmgenid::renew(&self.mem)?;
+        // Every restore of a snapshot may be a clone: each gets its own
+        // generation ID. A migrated VM is the same VM and keeps its own.
+        if how == Restore::Snapshot {
+            crate::vmgenid::renew(&self.mem)?;
+        }
         for (index, (t, saved)) in self.transports.iter().zip(&state.devices).enumerate() {
             let mut t = crate::vm::lock(t);
             t.restore_device(&saved.device)
                 .and_then(|()| t.restore(&saved.transport))
                 .map_err(|source| SnapshotError::RestoreDevice { index, source })?;
         }
+        if how == Restore::Migration {
+            // Until the source lets go, the devices leave guest memory
+            // alone too (with a handed-over memfd it is the source's).
+            for t in &self.transports {
+                crate::vm::lock(t).quiesce();
+            }
+            return self.launch(false);
+        }
         // With the interrupt controllers restored, the generic event
         // device's interrupt is pending when the vCPUs start: the guest
         // learns that its generation ID changed.
         self.genid_changed.write(1).map_err(VmError::Event)?;
-        self.launch()
+        let running = self.launch(true)?;
+        running.announce();
+        Ok(running)
+    }
+}
+
+impl RunningVm {
+    /// Lets a migrated VM ([`Restore::Migration`]) run here once its
+    /// source has let it go (paused if it was paused there), and
+    /// announces its NICs where they are now.
+    pub fn resume_migrated(&self, run: bool) -> Result<(), VmError> {
+        for t in &self.transports {
+            crate::vm::lock(t).unquiesce();
+        }
+        if run {
+            self.resume()?;
+        }
+        self.announce();
+        Ok(())
+    }
+
+    /// Tells each device that the VM was restored or moved here (a NIC
+    /// announces its MAC).
+    pub(crate) fn announce(&self) {
+        for t in &self.transports {
+            crate::vm::lock(t).announce();
+        }
     }
 }
