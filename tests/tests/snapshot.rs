@@ -110,6 +110,44 @@ fn restore_goes_on(vcpus: &str, smp: &str) {
     assert_went_on(&before.lines, &done, 12, "restored");
 }
 
+/// The first restore that runs for a second records the pages its guest
+/// touched as the snapshot's working set (REAP): a small file naming a few
+/// runs of pages, for this snapshot, which later restores read ahead; a
+/// later restore goes on as well.
+#[test]
+fn a_restore_records_the_working_set_that_later_restores_read_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    let control = tmp.path().join("vm.sock");
+    let mut vmm = probe_with_control(&control, "fill:8:3+tick:100", &["--mem", "64"]);
+    vmm.expect_line("tick 2", Duration::from_secs(30), |l| tick_n(l) == Some(2));
+    snapshot_stop(&control, &dir);
+    vmm.wait(Duration::from_secs(10));
+    let ws = dir.join("working-set");
+    assert!(!ws.exists());
+    let mut restored = Vmm::start(&["run", "--restore", dir.to_str().unwrap()]);
+    restored.expect_line("tick 15", Duration::from_secs(30), |l| {
+        tick_n(l) == Some(15)
+    });
+    restored.kill();
+    let bytes = std::fs::read(&ws).expect("a working set after a second of running");
+    assert_eq!(&bytes[..8], b"VMPLWSET");
+    let runs = u32::from_le_bytes(bytes[24..28].try_into().unwrap()) as usize;
+    assert_eq!(bytes.len(), 28 + 8 * runs);
+    let pages: u64 = bytes[28..]
+        .chunks_exact(8)
+        .map(|c| u64::from(u32::from_le_bytes(c[4..8].try_into().unwrap())))
+        .sum();
+    // The ticking guest's code, stacks and tables: not the 8 MiB it filled.
+    assert!(
+        (1..512).contains(&pages),
+        "{pages} pages in the working set"
+    );
+    let mut again = Vmm::start(&["run", "--restore", dir.to_str().unwrap()]);
+    again.expect_line("a tick", Duration::from_secs(30), |l| tick_n(l).is_some());
+    again.kill();
+}
+
 #[test]
 fn a_ticking_guest_goes_on_after_restore() {
     restore_goes_on("1", "");
@@ -618,10 +656,13 @@ fn a_restored_vm_snapshotted_into_its_own_dir_runs_on() {
         .find(|v| v["probe"] == "verify")
         .expect("verify");
     assert_eq!(verify["ok"], true, "{verify}");
-    // Nothing half-written is left behind.
-    let names: Vec<String> = std::fs::read_dir(&dir)
+    // Nothing half-written is left behind: the state, the memory, and the
+    // working set a restore recorded.
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "working-set")
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    names.sort();
+    assert_eq!(names, ["memory", "state"]);
 }

@@ -721,6 +721,9 @@ pub fn run(args: RunArgs, process_start: Instant) -> CliResult {
             }
         }
         let vm = Arc::new(started.map_err(|e| named(&p.name, e))?);
+        if let (Some(s), Restore::Snapshot) = (&restore, how) {
+            s.record_working_set_later(vm.clone());
+        }
         let control = match &p.control {
             Some(path) => {
                 let remotes: Vec<_> = disks.iter().map(|d| d.remote.clone()).collect();

@@ -650,7 +650,11 @@ pub fn receive<S: Link>(stream: &mut S) -> Result<Snapshot, MigrationError> {
                 if state.memory != expected {
                     return Err(MigrationError::Layout { got: state.memory });
                 }
-                return Ok(Snapshot { state, memory });
+                return Ok(Snapshot {
+                    state,
+                    memory,
+                    dir: None,
+                });
             }
         }
     }

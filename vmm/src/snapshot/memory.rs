@@ -234,6 +234,17 @@ pub(crate) fn page_map(addr: *const u8, pages: usize, out: &mut Vec<u64>) -> std
     Ok(())
 }
 
+/// The snapshot id in the trailer of the memory file at `path`, if it is
+/// one.
+pub fn file_id(path: &Path) -> Option<[u8; 16]> {
+    let file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut trailer = [0u8; 24];
+    file.read_exact_at(&mut trailer, len.checked_sub(TRAILER)?)
+        .ok()?;
+    (trailer[..8] == TRAILER_MAGIC).then(|| trailer[8..].try_into().ok())?
+}
+
 /// Maps the memory file at `path` as guest RAM laid out as `layout`,
 /// private and copy-on-write, checking that it is the snapshot `id`'s.
 pub fn map(

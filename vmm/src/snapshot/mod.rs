@@ -22,6 +22,7 @@
 pub mod file;
 pub mod memory;
 pub mod vm_state;
+pub mod working_set;
 
 use crate::config::VmConfig;
 use crate::control::RunState;
@@ -261,6 +262,9 @@ impl RunningVm {
             .map_err(SnapshotError::from)?;
         mem_tmp.rename_to(&dir.join(MEMORY_FILE))?;
         state_tmp.rename_to(&dir.join(STATE_FILE))?;
+        // The old snapshot's working set is not this one's (its id says
+        // so too): the next restore records this one's.
+        let _ = std::fs::remove_file(dir.join(working_set::FILE));
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -340,6 +344,8 @@ impl Drop for NewFile {
 pub struct Snapshot {
     pub state: SnapshotState,
     pub memory: devices::virtio::GuestMemoryMmap,
+    /// The snapshot directory it came from (none for a migration).
+    pub dir: Option<PathBuf>,
 }
 
 impl Snapshot {
@@ -348,7 +354,12 @@ impl Snapshot {
         let state: SnapshotState = file::read(&dir.join(STATE_FILE))?;
         state.check()?;
         let memory = memory::map(&dir.join(MEMORY_FILE), &state.memory, &state.memory_id)?;
-        Ok(Snapshot { state, memory })
+        working_set::prefetch(dir, &memory, &state.memory_id);
+        Ok(Snapshot {
+            state,
+            memory,
+            dir: Some(dir.to_owned()),
+        })
     }
 }
 
@@ -462,6 +473,24 @@ impl Vm {
         let running = self.launch(true)?;
         running.announce();
         Ok(running)
+    }
+}
+
+impl Snapshot {
+    /// Once the VM restored from this snapshot has run for a second,
+    /// records the pages it touched as the snapshot's working set (if the
+    /// snapshot has none yet and its directory can be written), on a
+    /// thread of its own.
+    pub fn record_working_set_later(&self, vm: std::sync::Arc<RunningVm>) {
+        let (Some(dir), id) = (self.dir.clone(), self.state.memory_id) else {
+            return;
+        };
+        let _ = std::thread::Builder::new()
+            .name("working-set".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                working_set::record(&dir, vm.memory(), &id);
+            });
     }
 }
 

@@ -135,7 +135,16 @@ struct LineTimes {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Lines seen so far.
     lines: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    thread: std::thread::JoinHandle<(Measured, Vec<Instant>)>,
+    thread: Option<std::thread::JoinHandle<(Measured, Vec<Instant>)>>,
+}
+
+impl Drop for LineTimes {
+    /// The thread ends within a read's wait, and with it the process
+    /// (killed when its `Measured` goes), even when a measurement gives up
+    /// half way.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl LineTimes {
@@ -162,7 +171,7 @@ impl LineTimes {
         LineTimes {
             stop,
             lines,
-            thread,
+            thread: Some(thread),
         }
     }
 
@@ -170,9 +179,11 @@ impl LineTimes {
         self.lines.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn finish(self) -> Result<(Measured, Vec<Instant>)> {
+    fn finish(mut self) -> Result<(Measured, Vec<Instant>)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread
+            .take()
+            .ok_or_else(|| failed("reading a VMM's console", "already finished"))?
             .join()
             .map_err(|_| failed("reading a VMM's console", "the thread panicked"))
     }
@@ -436,7 +447,7 @@ impl Bench {
         };
         // The guest goes on in the destination: a line it prints there.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !dest.thread.is_finished() && Instant::now() < deadline {
+        while !dest.thread.as_ref().is_none_or(|t| t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
             if dest.lines() > 0 {
                 break;
