@@ -90,8 +90,9 @@ fn run(block: &Block) -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // SAFETY: kill(2) on the block's own process group (its pid, made
+    // kill(2) on the block's own process group (its pid, made
     // leader above) has no memory effects.
+    // SAFETY: sound for the reasons just given.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     let _ = child.wait();
     let output = std::fs::read_to_string(&log).unwrap_or_default();

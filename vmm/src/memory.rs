@@ -69,8 +69,9 @@ const FIXED_SIZE: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 /// The seals of `file`, if it is a memfd (other files have none to ask).
 fn seals(file: &File) -> Option<libc::c_int> {
     use std::os::fd::AsRawFd;
-    // SAFETY: F_GET_SEALS only reads the descriptor's seals; the
+    // F_GET_SEALS only reads the descriptor's seals; the
     // descriptor is open for as long as `file` is borrowed.
+    // SAFETY: sound for the reasons just given.
     let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     (r >= 0).then_some(r)
 }
@@ -119,8 +120,9 @@ fn memfd(size: u64) -> std::io::Result<std::sync::Arc<File>> {
     // Sealed at its size: a process it is handed to (a vhost-user
     // backend, a local migration's destination) cannot shrink it under
     // the guest.
-    // SAFETY: F_ADD_SEALS only changes the descriptor's seals; the
+    // F_ADD_SEALS only changes the descriptor's seals; the
     // descriptor is open for as long as `file` lives.
+    // SAFETY: sound for the reasons just given.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, FIXED_SIZE) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

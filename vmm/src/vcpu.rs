@@ -114,10 +114,11 @@ thread_local! {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let flag = IMMEDIATE_EXIT.with(Cell::get);
     if !flag.is_null() {
-        // SAFETY: the pointer is set by this same thread to a byte of its
+        // The pointer is set by this same thread to a byte of its
         // own mmapped kvm_run, which outlives the registration (it is
         // cleared before the VcpuFd is dropped). A volatile byte store is
         // async-signal-safe.
+        // SAFETY: sound for the reasons just given.
         unsafe { flag.write_volatile(1) };
     }
 }
@@ -434,8 +435,9 @@ impl Vcpu {
             StopReason::TripleFault { .. } => StopReason::TripleFault { rip },
             StopReason::InternalError { .. } => {
                 let run = self.fd.get_kvm_run();
-                // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, for which
+                // The last exit was KVM_EXIT_INTERNAL_ERROR, for which
                 // KVM fills the `internal` member of the exit union.
+                // SAFETY: sound for the reasons just given.
                 let internal = unsafe { run.__bindgen_anon_1.internal };
                 let n = (internal.ndata as usize).min(internal.data.len());
                 StopReason::InternalError {

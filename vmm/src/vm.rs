@@ -799,9 +799,10 @@ fn set_memory_flags_each(fd: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result
             userspace_addr: region.as_ptr() as u64,
             flags,
         };
-        // SAFETY: the region is a live mapping of exactly `memory_size`
+        // The region is a live mapping of exactly `memory_size`
         // bytes owned by `mem`, which the VM keeps for as long as the KVM
         // VM exists; slots do not overlap because regions do not.
+        // SAFETY: sound for the reasons just given.
         unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("a guest memory region"))?;
     }
     Ok(())

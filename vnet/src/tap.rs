@@ -54,8 +54,9 @@ fn ioctl(
     req: libc::c_ulong,
     ifr: &mut libc::ifreq,
 ) -> Result<(), TapError> {
-    // SAFETY: every request used here reads or writes one ifreq, which
+    // Every request used here reads or writes one ifreq, which
     // `ifr` points to for the duration of the call.
+    // SAFETY: sound for the reasons just given.
     let r = unsafe { libc::ioctl(fd, req as _, ifr as *mut libc::ifreq) };
     if r < 0 {
         return Err(TapError::Ioctl(what, io::Error::last_os_error()));
@@ -166,8 +167,9 @@ fn write_frame(fd: RawFd, hdr: &[u8; NetHdr::LEN], b: &[u8]) -> Result<(), DropR
             iov_len: b.len(),
         },
     ];
-    // SAFETY: both iovecs point to live buffers of the given lengths,
+    // Both iovecs point to live buffers of the given lengths,
     // which the kernel only reads.
+    // SAFETY: sound for the reasons just given.
     let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
     if n == (hdr.len() + b.len()) as isize {
         return Ok(());

@@ -138,9 +138,10 @@ pub fn spawn(
         .kill_on_drop(false)
         // The VMM logs without colours to its file.
         .env("NO_COLOR", "1");
-    // SAFETY: the closure runs in the child between fork and exec and
+    // The closure runs in the child between fork and exec and
     // only calls setsid(2), which is async-signal-safe and touches no
     // memory of the parent.
+    // SAFETY: sound for the reasons just given.
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(std::io::Error::from)?;

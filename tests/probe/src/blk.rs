@@ -350,10 +350,11 @@ fn up(cmdline: &str, index: u32) -> Result<&'static mut Up, &'static str> {
         .ok_or("no such virtio-blk device (id 2) on the command line")?;
     let features = dev.features_lo();
     let header = NonNull::new(dev.base as *mut VirtIOHeader).ok_or("device at address 0")?;
-    // SAFETY: `dev.base` is a virtio-mmio register block (its magic and
+    // `dev.base` is a virtio-mmio register block (its magic and
     // device id were checked) of `dev.size` bytes inside the identity map;
     // nothing else in the probe touches it while the transport lives, and
     // it lives for the rest of the run.
+    // SAFETY: sound for the reasons just given.
     let transport = unsafe { MmioTransport::new(header, dev.size as usize) }
         .map_err(|_| "not a virtio-mmio device")?;
     let mut disk = Disk::new(Linuxish::stepwise_status(transport, dev.base))

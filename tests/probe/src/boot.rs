@@ -524,10 +524,11 @@ global_asm!(
 /// descriptors that `ltr` marked busy are marked available. Only while every
 /// AP is halted (or not started).
 pub fn reset_ap_slots() {
-    // SAFETY: AP_NEXT is the 4-byte counter in `.boot` that only the APs'
+    // AP_NEXT is the 4-byte counter in `.boot` that only the APs'
     // CPL0 entry touches (all halted now); the identity map makes it
     // user-writable; an atomic view of it is sound as no Rust reference to
     // it exists.
+    // SAFETY: sound for the reasons just given.
     let next = unsafe { AtomicU32::from_ptr(AP_NEXT as *mut u32) };
     next.store(1, Ordering::SeqCst);
     for cpu in 1..MAX_CPUS {
@@ -545,9 +546,10 @@ pub fn reset_ap_slots() {
 /// loop, so the vCPU sleeps in the hypervisor instead of spinning.
 pub fn halt() -> ! {
     loop {
-        // SAFETY: `hlt` at CPL3 only raises #GP, which the `.boot` handler
+        // `hlt` at CPL3 only raises #GP, which the `.boot` handler
         // turns into a halt loop (EAX = 0 is not the sleep magic); it never
         // returns and touches no memory.
+        // SAFETY: sound for the reasons just given.
         unsafe { asm!("hlt", in("eax") 0u32, options(nomem, nostack)) };
     }
 }
@@ -558,20 +560,22 @@ pub fn halt() -> ! {
 /// IF=0 again. An interrupt that became pending before the call wakes it at
 /// once; without any interrupt it sleeps for good, so arm a timer first.
 pub fn sleep() {
-    // SAFETY: `hlt` at CPL3 only raises #GP; with EAX = SLEEP_MAGIC the
+    // `hlt` at CPL3 only raises #GP; with EAX = SLEEP_MAGIC the
     // `.boot` handler halts with interrupts enabled (on its kernel stack;
     // the interrupt handlers there touch only the APIC's EOI register) and
     // `iretq`s to the instruction after the `hlt` with our RFLAGS. It
     // clobbers RCX, declared here; no memory Rust knows is touched. Not
     // `nomem`: the caller's MMIO writes that arm the timer must come first.
+    // SAFETY: sound for the reasons just given.
     unsafe { asm!("hlt", in("eax") SLEEP_MAGIC, out("rcx") _, options(nostack)) };
 }
 
 /// How many generic event device interrupts (vector [`GED_VECTOR`]) this
 /// VM has taken.
 pub fn ged_interrupts() -> u32 {
-    // SAFETY: GED_COUNT is an aligned u32 in the `.boot` section, mapped
+    // GED_COUNT is an aligned u32 in the `.boot` section, mapped
     // user-readable; only the vector 34 handler writes it (`lock inc`).
+    // SAFETY: sound for the reasons just given.
     unsafe { core::ptr::read_volatile(GED_COUNT as *const u32) }
 }
 
@@ -580,9 +584,10 @@ pub fn ged_interrupts() -> u32 {
 /// (#UD -> #GP -> #DF -> shutdown).
 pub fn triple_fault() -> ! {
     loop {
-        // SAFETY: `lidt` at CPL3 only raises #GP (the `.boot` handler turns
+        // `lidt` at CPL3 only raises #GP (the `.boot` handler turns
         // it into a triple fault); the operand is the valid, empty IDT
         // pointer in `.boot`, read-only here.
+        // SAFETY: sound for the reasons just given.
         unsafe { asm!("lidt [{p}]", p = const NULL_IDT_PTR, options(readonly, nostack)) };
     }
 }

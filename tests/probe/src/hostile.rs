@@ -255,18 +255,20 @@ struct Failure {
 
 /// Writes a 16-bit value to ring memory.
 fn w16(addr: u64, v: u16) {
-    // SAFETY: `addr` is an even offset inside a page the pool handed to
+    // `addr` is an even offset inside a page the pool handed to
     // one `Dev` (ring memory only the device and this module use);
     // volatile because the device reads it.
+    // SAFETY: sound for the reasons just given.
     unsafe { core::ptr::write_volatile(addr as *mut u16, v) };
 }
 
 /// Writes descriptor `i` of the queue whose page is `ring`.
 fn desc(ring: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
     let at = ring + DESC + 16 * i;
-    // SAFETY: descriptor `i` < QSIZE lies in the first 0x80 bytes of the
+    // Descriptor `i` < QSIZE lies in the first 0x80 bytes of the
     // queue's pool page, 16-byte aligned, in memory only the device and
     // this module use; volatile because the device reads it.
+    // SAFETY: sound for the reasons just given.
     unsafe { core::ptr::write_volatile(at as *mut u64, addr) };
     // SAFETY: as above (8 bytes further, 4-aligned).
     unsafe { core::ptr::write_volatile((at + 8) as *mut u32, len) };
@@ -345,8 +347,9 @@ fn repost(cmdline: &str, id: u32, index: u32) {
 
 /// Reads a 32-bit value the device wrote to ring memory.
 fn r32(addr: u64) -> u32 {
-    // SAFETY: `addr` is a 4-aligned offset inside a page the pool handed
+    // `addr` is a 4-aligned offset inside a page the pool handed
     // to one `Dev`; volatile because the device writes it.
+    // SAFETY: sound for the reasons just given.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 

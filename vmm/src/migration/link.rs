@@ -180,9 +180,10 @@ impl super::Link for Conn {
         for cmsg in msg.cmsgs()? {
             if let ControlMessageOwned::ScmRights(fds) = cmsg {
                 for fd in fds {
-                    // SAFETY: the kernel just installed `fd` in this
+                    // The kernel just installed `fd` in this
                     // process for this message; nothing else owns it, and
                     // the File takes ownership (closing any extra ones).
+                    // SAFETY: sound for the reasons just given.
                     let file = unsafe { std::fs::File::from_raw_fd(fd) };
                     if memfd.is_none() {
                         memfd = Some(file);

@@ -157,9 +157,10 @@ impl Link for std::os::unix::net::UnixStream {
 /// The bytes in a socket's send queue (SIOCOUTQ), 0 if it cannot tell.
 fn send_queue(socket: &impl std::os::fd::AsRawFd) -> u64 {
     let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer,
+    // SIOCOUTQ (TIOCOUTQ) writes one int through the pointer,
     // which points at `queued`, alive for the call; the descriptor is the
     // socket's own, open while it is borrowed.
+    // SAFETY: sound for the reasons just given.
     let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
     if r == 0 { queued.max(0) as u64 } else { 0 }
 }
@@ -679,11 +680,12 @@ fn zero_pages(memory: &GuestMemoryMmap, gpa: u64, pages: u32) -> Result<(), ()> 
         .map_err(|_| ())?
         .ptr_guard_mut()
         .as_ptr();
-    // SAFETY: `host..host + len` is guest memory of one region (checked
+    // `host..host + len` is guest memory of one region (checked
     // just above), page-aligned (gpa and the region's mapping are), and
     // MADV_DONTNEED on it only drops pages the kernel refills with zeros
     // (private anonymous memory, checked above): no
     // Rust object lives there, and the guest is not running yet.
+    // SAFETY: sound for the reasons just given.
     let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
     if r == 0 {
         return Ok(());

@@ -120,12 +120,13 @@ pub fn save(
             let pages = n.div_ceil(PAGE);
             let base = region.as_ptr().wrapping_add(off);
             let mapped = anonymous && page_map(base, pages, &mut entries).is_ok();
-            // SAFETY: `base` is `off` bytes into the region's live mapping
+            // `base` is `off` bytes into the region's live mapping
             // and `off + n` is within the region's length, so the slice
             // lies in mapped memory that the region keeps alive while
             // `mem` is borrowed; the caller guarantees that neither the
             // vCPUs (paused) nor the devices (quiesced) write to it
             // meanwhile, so it does not change while the slice lives.
+            // SAFETY: sound for the reasons just given.
             let chunk: &[u8] = unsafe { std::slice::from_raw_parts(base, n) };
             // Runs of pages with data, written one pwrite each, straight
             // from guest memory.

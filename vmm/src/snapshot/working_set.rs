@@ -42,10 +42,11 @@ pub fn prefetch(dir: &Path, memory: &GuestMemoryMmap, id: &[u8; 16]) {
         let Some((host, len)) = host_range(memory, first * PAGE, u64::from(n) * PAGE) else {
             continue;
         };
-        // SAFETY: `host..host + len` lies within one region's live
+        // `host..host + len` lies within one region's live
         // mapping (checked by host_range); MADV_WILLNEED only starts
         // reading the file's pages into the page cache, changing no
         // memory contents.
+        // SAFETY: sound for the reasons just given.
         unsafe { libc::madvise(host.cast(), len, libc::MADV_WILLNEED) };
         pages += u64::from(n);
     }

@@ -140,8 +140,9 @@ impl RawFile {
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
-        // SAFETY: fallocate on a file descriptor this struct owns; it
+        // fallocate on a file descriptor this struct owns; it
         // touches no memory of ours.
+        // SAFETY: sound for the reasons just given.
         let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
         if r == 0 {
             return Ok(true);

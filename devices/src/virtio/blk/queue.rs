@@ -488,11 +488,12 @@ impl vm_memory::ReadVolatile for FileAt<'_> {
                     std::io::Error::from(std::io::ErrorKind::InvalidInput),
                 ));
             };
-            // SAFETY: `dst` points to `buf.len()` bytes of guest memory
+            // `dst` points to `buf.len()` bytes of guest memory
             // that the VolatileSlice (from the guest memory map, checked
             // against its regions) guarantees valid for writes while the
             // guard lives; pread writes at most `buf.len() - done` bytes
             // from `done` on, and the descriptor is the disk's open file.
+            // SAFETY: sound for the reasons just given.
             let n = unsafe {
                 libc::pread(
                     self.file.as_raw_fd(),

@@ -68,9 +68,10 @@ pub(super) fn check_interrupt() -> Result<()> {
 /// Makes the process `cmd` starts receive SIGKILL when the thread that
 /// starts it (the bench's main thread) ends, however it ends.
 pub(super) fn die_with_us(cmd: &mut Command) -> &mut Command {
-    // SAFETY: the closure runs in the child between fork and exec; it makes
+    // The closure runs in the child between fork and exec; it makes
     // one prctl system call, which is async-signal-safe, allocates nothing
     // and touches no lock.
+    // SAFETY: sound for the reasons just given.
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
