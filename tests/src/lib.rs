@@ -13,6 +13,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// The workspace root.
+pub mod blk;
 pub mod migration;
 
 pub fn root() -> PathBuf {

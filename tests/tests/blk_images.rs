@@ -12,54 +12,10 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use vmplant_tests::{Finished, GvfsServer, Vmm, vmplant};
+use vmplant_tests::blk::{SECTORS, crc, disk, lines, pattern, run};
+use vmplant_tests::{GvfsServer, Vmm, vmplant};
 
-/// Sectors of the small test disks (4 MiB: 8 chunks of 512 KiB).
-const SECTORS: u64 = 8192;
 const CHUNK: u64 = 512 * 1024;
-
-/// A 4 MiB disk file whose byte `i` is `i % 253`.
-fn disk(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let bytes: Vec<u8> = (0..SECTORS * 512).map(|i| (i % 253) as u8).collect();
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// The probe's `blk-write` bytes for SEED (tests/probe/src/blk.rs).
-fn pattern(seed: u64, sectors: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(sectors as usize * 512);
-    while out.len() < sectors as usize * 512 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-fn crc(bytes: &[u8]) -> String {
-    format!("{:08x}", crc32fast::hash(bytes))
-}
-
-/// Boots the probe with `steps` on `disks` and waits for it to power off.
-fn run(steps: &str, disks: &[&str]) -> Finished {
-    let mut extra = Vec::new();
-    for d in disks {
-        extra.extend(["--disk", d]);
-    }
-    let done = Vmm::probe(&format!("{steps}+shutdown"), &extra).wait(Duration::from_secs(60));
-    done.assert_success();
-    done
-}
-
-fn lines(done: &Finished, kind: &str) -> Vec<Value> {
-    done.events()
-        .into_iter()
-        .filter(|v| v["probe"] == kind)
-        .collect()
-}
 
 /// `vmplant image --store STORE ARGS...`, which must succeed: its output.
 fn image(store: &Path, args: &[&str]) -> String {

@@ -206,6 +206,27 @@ struct DevicePlan {
     disks: Vec<String>,
 }
 
+/// The devices of a restored VM: `saved`, or `given` on the command line
+/// in their place, one for one.
+fn replacing<T: Clone>(
+    saved: &[T],
+    given: Vec<T>,
+    what: &str,
+    flags: &str,
+) -> Result<Vec<T>, String> {
+    if given.is_empty() {
+        return Ok(saved.to_vec());
+    }
+    if given.len() != saved.len() {
+        return Err(format!(
+            "the snapshot's VM has {} {what}, and {} {flags} were given",
+            saved.len(),
+            given.len()
+        ));
+    }
+    Ok(given)
+}
+
 impl DevicePlan {
     /// A VM that came over plain TCP, from whoever connected first, does
     /// not decide which host files this process opens: its disks and
@@ -253,16 +274,7 @@ impl DevicePlan {
             .map(|n| n.parse::<Nic>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the snapshot's device plan: {e}"))?;
-        if given.is_empty() {
-            return Ok(saved);
-        }
-        if given.len() != saved.len() {
-            return Err(format!(
-                "the snapshot's VM has {} NIC(s), and {} --net MAC(s) were given",
-                saved.len(),
-                given.len()
-            ));
-        }
+        let given = replacing(&saved, given, "NIC(s)", "--net MAC(s)")?;
         for (i, (saved, new)) in saved.iter().map(|n| n.mac).zip(&given).enumerate() {
             if saved != new.mac && !new.any_source {
                 tracing::warn!(
@@ -281,16 +293,7 @@ impl DevicePlan {
     /// of the saved ones, in order (another server, token or cache for
     /// the same tag), or the saved ones.
     fn shares(&self, given: Vec<Share>) -> Result<Vec<Share>, String> {
-        if given.is_empty() {
-            return Ok(self.shares.clone());
-        }
-        if given.len() != self.shares.len() {
-            return Err(format!(
-                "the snapshot's VM has {} file share(s), and {} --fs share(s) were given",
-                self.shares.len(),
-                given.len()
-            ));
-        }
+        let given = replacing(&self.shares, given, "file share(s)", "--fs share(s)")?;
         for (i, (saved, new)) in self.shares.iter().zip(&given).enumerate() {
             if saved.tag != new.tag {
                 return Err(format!(
@@ -316,17 +319,7 @@ impl DevicePlan {
             .map(|d| d.parse::<Disk>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the snapshot's device plan: {e}"))?;
-        if given.is_empty() {
-            return Ok(saved);
-        }
-        if given.len() != saved.len() {
-            return Err(format!(
-                "the snapshot's VM has {} disk(s), and {} --disk(s) were given",
-                saved.len(),
-                given.len()
-            ));
-        }
-        Ok(given)
+        replacing(&saved, given, "disk(s)", "--disk(s)")
     }
 }
 
